@@ -1,0 +1,172 @@
+"""Throughput of the vectorized engine vs ``model.fit`` on the seed study, in one process.
+
+Measures, for the seed study (examples/bn_yes_or_no.toml):
+  * engine runs/s at 10,000 seeds for `plain` (no BN) and `bn`, compile excluded
+    (compile is reported separately), chunked as `ablab run` chunks them;
+  * `model.fit` runs/s on the same machine in the same process, the way a user
+    trains one seed: build + compile + fit a fresh model per seed (the seed
+    question's workflow); also the warm figure (one compiled model, weights reset
+    and fit again), which excludes Keras' per-model tracing;
+  * initialization time for 10,000 seeds after compile; compile time; peak RSS.
+
+The last line printed is JSON:
+{"engine_runs_per_s", "engine_bn_runs_per_s", "fit_runs_per_s", "speedup", "init_10k_s",
+ "compile_s", "peak_rss_mb", ...}
+Usage: python bench/throughput.py [--seeds 10000] [--fit-runs 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import time
+from pathlib import Path
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+import jax
+import keras
+import numpy as np
+
+import ablab
+from ablab._data import load_dataset, split
+from ablab._engine import VariantProgram, choose_chunk_size, seed_chunks
+from ablab._model import prepare_model
+
+STUDY = Path(__file__).resolve().parents[1] / "examples" / "bn_yes_or_no.toml"
+
+
+def _program(study: ablab.Study, variant: str) -> VariantProgram:
+    parts = split(load_dataset(study), study.train.validation_split)
+    bs = study.train.batch_size
+    prepared = prepare_model(study, variant, parts.x_train[:bs], parts.y_train[:bs])
+    return VariantProgram(prepared, parts)
+
+
+def engine_figures(study: ablab.Study, variant: str, seeds: int) -> dict[str, float]:
+    program = _program(study, variant)
+    chunk = choose_chunk_size(program, seeds, study.engine.memory_budget_mb)
+    compile_s = program.compile(chunk)
+    chunks = list(seed_chunks(0, seeds, chunk))
+    program.train(chunks[0][1])  # warm-up (first call allocates)
+    t0 = time.perf_counter()
+    for _, ids, _ in chunks:
+        program.train(ids)
+    train_s = time.perf_counter() - t0
+    ids = np.arange(seeds, dtype=np.uint32)
+    program.initial_weights(ids)  # compile the init program for this size
+    t0 = time.perf_counter()
+    tv, ntv = program.initial_weights(ids)
+    jax.block_until_ready((tv, ntv))
+    init_s = time.perf_counter() - t0
+    return {
+        "runs_per_s": seeds / train_s,
+        "train_s": train_s,
+        "compile_s": compile_s,
+        "init_s": init_s,
+        "chunk": chunk,
+    }
+
+
+def fit_figures(study: ablab.Study, variant: str, runs: int) -> dict[str, float]:
+    parts = split(load_dataset(study), 0.0)
+    t = study.train
+    layers = study.variant_layers(variant)
+    assert layers is not None
+
+    def fresh() -> keras.Model:
+        model = keras.Sequential(
+            [keras.Input((12,))]
+            + [
+                getattr(keras.layers, s["layer"])(**{k: v for k, v in s.items() if k != "layer"})
+                for s in layers
+            ]
+        )
+        model.compile(optimizer=t.optimizer_config()["class_name"], loss=t.loss)
+        return model
+
+    def fit(model: keras.Model) -> None:
+        model.fit(
+            parts.x_train,
+            parts.y_train,
+            epochs=t.epochs,
+            batch_size=t.batch_size,
+            validation_split=t.validation_split,
+            shuffle=t.shuffle,
+            verbose=0,
+        )
+
+    fit(fresh())  # warm-up: first-use costs of Keras/JAX in this process
+    t0 = time.perf_counter()
+    for _ in range(runs):
+        fit(fresh())
+    cold = runs / (time.perf_counter() - t0)
+    model = fresh()
+    fit(model)
+    weights = model.get_weights()
+    t0 = time.perf_counter()
+    for _ in range(runs):
+        model.set_weights(weights)  # timing only: the optimizer state carries over
+        fit(model)
+    warm = runs / (time.perf_counter() - t0)
+    return {"runs_per_s": cold, "warm_runs_per_s": warm}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=10_000)
+    parser.add_argument("--fit-runs", type=int, default=5)
+    args = parser.parse_args()
+
+    study = ablab.load_study(STUDY)
+    eng = engine_figures(study, "plain", args.seeds)
+    eng_bn = engine_figures(study, "bn", args.seeds)
+    fit = fit_figures(study, "plain", args.fit_runs)
+    fit_bn = fit_figures(study, "bn", args.fit_runs)
+    rows = [
+        ("engine plain (runs/s)", eng["runs_per_s"]),
+        ("engine bn (runs/s)", eng_bn["runs_per_s"]),
+        ("model.fit plain, fresh model per seed (runs/s)", fit["runs_per_s"]),
+        ("model.fit bn, fresh model per seed (runs/s)", fit_bn["runs_per_s"]),
+        ("model.fit plain, warm compiled model (runs/s)", fit["warm_runs_per_s"]),
+        ("model.fit bn, warm compiled model (runs/s)", fit_bn["warm_runs_per_s"]),
+        (f"init {args.seeds} seeds after compile (s)", eng["init_s"]),
+        ("compile plain / bn (s)", f"{eng['compile_s']:.2f} / {eng_bn['compile_s']:.2f}"),
+        ("chunk (seeds per program call)", eng["chunk"]),
+    ]
+    print(
+        f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"jax {jax.__version__} ({jax.devices()[0].platform}), keras {keras.__version__}"
+    )
+    for label, value in rows:
+        text = f"{value:,.3f}" if isinstance(value, float) else str(value)
+        print(f"{label:<52} {text:>14}")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    print(
+        json.dumps(
+            {
+                "seeds": args.seeds,
+                "engine_runs_per_s": round(eng["runs_per_s"], 1),
+                "engine_bn_runs_per_s": round(eng_bn["runs_per_s"], 1),
+                "fit_runs_per_s": round(fit["runs_per_s"], 3),
+                "fit_bn_runs_per_s": round(fit_bn["runs_per_s"], 3),
+                "fit_warm_runs_per_s": round(fit["warm_runs_per_s"], 3),
+                "fit_bn_warm_runs_per_s": round(fit_bn["warm_runs_per_s"], 3),
+                "speedup": round(eng["runs_per_s"] / fit["runs_per_s"], 1),
+                "speedup_bn": round(eng_bn["runs_per_s"] / fit_bn["runs_per_s"], 1),
+                "speedup_vs_warm_fit": round(eng["runs_per_s"] / fit["warm_runs_per_s"], 1),
+                "init_10k_s": round(eng["init_s"], 4),
+                "compile_s": round(eng["compile_s"], 2),
+                "compile_bn_s": round(eng_bn["compile_s"], 2),
+                "peak_rss_mb": round(peak, 1),
+                "device": jax.devices()[0].platform,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

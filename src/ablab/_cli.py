@@ -1,0 +1,145 @@
+"""The ``ablab`` command line: a thin layer over the library (``main(argv)`` returns the exit code).
+
+Exit codes: 0 ok, 1 failure, 2 bad input (nothing written), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.markup import escape
+
+from ablab._errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED, AblabError
+
+_runs_dir_option = click.option(
+    "--runs-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Where runs are stored (default: $ABLAB_RUNS_DIR or ./runs).",
+)
+_json_option = click.option(
+    "--json", "as_json", is_flag=True, help="Print exactly one JSON document on stdout."
+)
+
+
+def _runs_dir(runs_dir: Path | None) -> Path:
+    from ablab._run import default_runs_dir
+
+    return runs_dir if runs_dir is not None else default_runs_dir()
+
+
+def _stdout() -> Console:
+    return Console(highlight=False)
+
+
+def _dump(doc: Any) -> None:
+    sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ablab")
+def cli() -> None:
+    """Does this layer / setting actually help my network? Many seeds, paired, vectorized."""
+
+
+@cli.command("run")
+@click.argument("study", type=click.Path(path_type=Path))
+@click.option(
+    "--seeds", type=int, default=None, help="Seeds per variant (overrides [seeds] count)."
+)
+@_runs_dir_option
+@_json_option
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def run_cmd(
+    study: Path, seeds: int | None, runs_dir: Path | None, as_json: bool, quiet: bool
+) -> None:
+    """Train every variant of STUDY over many seeds; print a summary; store everything."""
+    from ablab._run import run
+    from ablab._terminal import RichProgress, print_run
+
+    err = Console(stderr=True)
+    if not (quiet or as_json) and err.is_terminal:
+        with RichProgress(err) as bars:
+            result = run(study, seeds=seeds, runs_dir=_runs_dir(runs_dir), progress=bars)
+    else:
+        result = run(study, seeds=seeds, runs_dir=_runs_dir(runs_dir))
+    doc = result.to_json()
+    if as_json:
+        _dump(doc)
+    else:
+        print_run(_stdout(), doc)
+
+
+@cli.command("show")
+@click.argument("run_ref", metavar="[RUN]", required=False)
+@_runs_dir_option
+@_json_option
+def show_cmd(run_ref: str | None, runs_dir: Path | None, as_json: bool) -> None:
+    """List stored runs, or summarise RUN (id, unique prefix, path or 'latest')."""
+    from ablab._run import load_result
+    from ablab._store import list_runs, resolve_run
+    from ablab._terminal import print_show, runs_table
+
+    root = _runs_dir(runs_dir)
+    if run_ref is None:
+        rows = list_runs(root)
+        if as_json:
+            _dump({"runs": rows})
+        elif rows:
+            _stdout().print(runs_table(rows))
+        else:
+            _stdout().print(f"no runs under {root}")
+        return
+    doc = load_result(resolve_run(root, run_ref))
+    if as_json:
+        _dump(doc)
+    else:
+        print_show(_stdout(), doc)
+
+
+@cli.command("query")
+@click.argument("sql")
+@_runs_dir_option
+@_json_option
+def query_cmd(sql: str, runs_dir: Path | None, as_json: bool) -> None:
+    """Run SQL (DuckDB) over every stored run: tables `runs` and `history`."""
+    from ablab._store import query
+    from ablab._terminal import query_table
+
+    columns, rows = query(_runs_dir(runs_dir), sql)
+    if as_json:
+        _dump({"columns": columns, "rows": [list(r) for r in rows]})
+    else:
+        _stdout().print(query_table(columns, rows))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI with ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
+    err = Console(stderr=True, highlight=False)
+    try:
+        rv = cli.main(args=argv, prog_name="ablab", standalone_mode=False)
+    except AblabError as exc:
+        text = escape(str(exc))
+        if exc.exit_code == EXIT_INTERRUPTED:
+            err.print(f"[yellow]{text}[/yellow]", soft_wrap=True)
+        else:
+            err.print(f"[bold red]error:[/bold red] {text}", soft_wrap=True)
+        return exc.exit_code
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        err.print("[yellow]interrupted[/yellow]")
+        return EXIT_INTERRUPTED
+    except click.exceptions.ClickException as exc:
+        exc.show(file=sys.stderr)
+        return EXIT_BAD_INPUT if isinstance(exc, click.exceptions.UsageError) else EXIT_FAILURE
+    return rv if isinstance(rv, int) else 0
+
+
+def run_main() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""The vectorized engine: one compiled program trains a chunk of seeds of one variant.
+
+Inside the program, per seed: ``lax.scan`` over epochs, and inside each epoch
+``lax.scan`` over the full batches (plus one call for a last partial batch), each
+step being the model's own ``JAXTrainer.train_step`` -- the very function
+``model.fit`` runs on the JAX backend (stateless_call + compute_loss +
+optimizer.stateless_apply + metric updates). Metrics are reset at each epoch
+start, validation runs ``test_step`` over the validation rows in inference mode
+at each epoch end, exactly as ``fit`` -> ``evaluate`` does. ``jax.vmap`` maps this
+over seeds and ``jax.jit`` compiles it once per variant and chunk size.
+
+Data order follows ``fit``: the validation rows are the last fraction (cut before
+any shuffling); ``shuffle=True`` draws a fresh permutation of the training rows
+every epoch from the seed's own key (shared by every variant: paired); the last
+partial batch is kept; the epoch ``loss`` is the batch-size-weighted mean of the
+pre-update batch losses (Keras' loss tracker).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ablab._data import Split
+from ablab._init import SHUFFLE_STREAM, initial_state, stream_key
+from ablab._model import PreparedModel
+
+# Largest chunk the engine compiles by default, measured on the seed study (2-core CPU):
+# throughput is flat from ~512 seeds up, and larger chunks only raise peak memory.
+DEFAULT_MAX_CHUNK = 2048
+
+# XLA's CPU backend at optimization level 1 compiles the seed study's program in ~2 s
+# instead of ~7 s and runs it as fast (measured with bench/throughput.py; the results
+# are identical to the bit on the seed study).
+COMPILER_OPTIONS: dict[str, Any] = {"xla_backend_optimization_level": 1}
+
+
+def epoch_permutation(seed_id: int | jax.Array, epoch: int | jax.Array, n: int) -> jax.Array:
+    """The training-row order seed ``seed_id`` uses in ``epoch`` when ``shuffle=True``: (n,)."""
+    key = jax.random.fold_in(stream_key(jnp.asarray(seed_id, jnp.uint32), SHUFFLE_STREAM), epoch)
+    return jax.random.permutation(key, n)
+
+
+def _batches(n: int, batch_size: int) -> tuple[int, int]:
+    """(number of full batches, rows in the last partial batch)."""
+    return n // batch_size, n % batch_size
+
+
+@dataclass(frozen=True)
+class EpochLayout:
+    """Static shape facts of one training program."""
+
+    n_train: int
+    n_val: int
+    batch_size: int
+    val_batch_size: int
+    epochs: int
+    shuffle: bool
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.n_train / self.batch_size)
+
+
+class VariantProgram:
+    """Trains any number of seeds of one prepared variant on one split.
+
+    ``train(seed_ids)`` returns ``{log name: (seeds, epochs) float32}`` with the
+    same names ``model.fit`` puts in its History (``loss``, metrics,
+    ``val_loss``, ``val_<metric>``).
+    """
+
+    def __init__(self, prepared: PreparedModel, split: Split) -> None:
+        self.prepared = prepared
+        self.split = split
+        train = prepared.train
+        self.layout = EpochLayout(
+            n_train=split.n_train,
+            n_val=split.n_val,
+            batch_size=train.batch_size,
+            val_batch_size=train.validation_batch_size or train.batch_size,
+            epochs=train.epochs,
+            shuffle=train.shuffle,
+        )
+        model = prepared.model
+        self._optimizer0 = [np.asarray(v.value) for v in model.optimizer.variables]
+        self._metrics0 = [np.asarray(v.value) for v in model.metrics_variables]
+        self._data = (
+            jnp.asarray(split.x_train),
+            jnp.asarray(split.y_train),
+            None if split.x_val is None else jnp.asarray(split.x_val),
+            None if split.y_val is None else jnp.asarray(split.y_val),
+        )
+        self._jitted = jax.jit(self._train_all)
+        self._compiled: dict[int, Any] = {}
+        self.compile_seconds: dict[int, float] = {}
+        self._init_jitted = jax.jit(lambda ids: initial_state(self.prepared, ids))
+        self._init_compiled: dict[int, Any] = {}
+
+    # -- the traced program --------------------------------------------------------------
+    def _train_seed(self, seed_id: jax.Array, tv: list, ntv: list, data: tuple) -> dict:
+        model = self.prepared.model
+        lay = self.layout
+        x_tr, y_tr, x_va, y_va = data
+        nfull, rem = _batches(lay.n_train, lay.batch_size)
+        vfull, vrem = _batches(lay.n_val, lay.val_batch_size)
+        metrics0 = self._metrics0
+
+        def run_batches(
+            step: Callable, state: Any, x: jax.Array, y: jax.Array, full: int, part: int, bs: int
+        ) -> tuple[Any, dict]:
+            logs = None
+            if full:
+                xb = x[: full * bs].reshape(full, bs, *x.shape[1:])
+                yb = y[: full * bs].reshape(full, bs, *y.shape[1:])
+
+                def body(st: Any, batch: tuple) -> tuple[Any, dict]:
+                    out_logs, st = step(st, batch)
+                    return st, out_logs
+
+                state, stacked = jax.lax.scan(body, state, (xb, yb))
+                logs = jax.tree.map(lambda a: a[-1], stacked)
+            if part:
+                logs, state = step(state, (x[full * bs :], y[full * bs :]))
+            return state, logs
+
+        def epoch(carry: tuple, epoch_index: jax.Array) -> tuple[tuple, dict]:
+            tv, ntv, ov = carry
+            if lay.shuffle:
+                perm = epoch_permutation(seed_id, epoch_index, lay.n_train)
+                x_ep, y_ep = x_tr[perm], y_tr[perm]
+            else:
+                x_ep, y_ep = x_tr, y_tr
+            state = (tv, ntv, ov, metrics0)
+            state, logs = run_batches(
+                model.train_step, state, x_ep, y_ep, nfull, rem, lay.batch_size
+            )
+            tv, ntv, ov, _ = state
+            out = dict(logs)
+            if lay.n_val:
+                _, val_logs = run_batches(
+                    model.test_step,
+                    (tv, ntv, metrics0),
+                    x_va,
+                    y_va,
+                    vfull,
+                    vrem,
+                    lay.val_batch_size,
+                )
+                out.update({f"val_{k}": v for k, v in val_logs.items()})
+            return (tv, ntv, ov), out
+
+        carry0 = (tv, ntv, self._optimizer0)
+        _, history = jax.lax.scan(epoch, carry0, jnp.arange(lay.epochs))
+        return {k: jnp.asarray(v, jnp.float32) for k, v in history.items()}
+
+    def _train_all(self, seed_ids: jax.Array, data: tuple) -> dict:
+        tv, ntv = initial_state(self.prepared, seed_ids)
+        return jax.vmap(self._train_seed, in_axes=(0, 0, 0, None))(seed_ids, tv, ntv, data)
+
+    # -- public -----------------------------------------------------------------------
+    def compile(self, chunk_size: int) -> float:
+        """Compile the program for ``chunk_size`` seeds ahead of time; returns seconds spent."""
+        if chunk_size not in self._compiled:
+            t0 = time.perf_counter()
+            ids = jax.ShapeDtypeStruct((chunk_size,), jnp.uint32)
+            self._compiled[chunk_size] = self._jitted.lower(ids, self._data).compile(
+                compiler_options=COMPILER_OPTIONS
+            )
+            self.compile_seconds[chunk_size] = time.perf_counter() - t0
+        return self.compile_seconds[chunk_size]
+
+    def train(self, seed_ids: np.ndarray) -> dict[str, np.ndarray]:
+        """Train seeds ``seed_ids`` (seeds,) in one program call: ``{name: (seeds, epochs)}``."""
+        ids = np.asarray(seed_ids, dtype=np.uint32)
+        self.compile(len(ids))
+        out = self._compiled[len(ids)](jnp.asarray(ids), self._data)
+        return {k: np.asarray(v) for k, v in out.items()}
+
+    def initial_weights(self, seed_ids: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """The initial (trainable, non-trainable) values of every seed: each (seeds, *shape)."""
+        ids = jnp.asarray(seed_ids, dtype=jnp.uint32)
+        if len(ids) not in self._init_compiled:
+            self._init_compiled[len(ids)] = self._init_jitted.lower(ids).compile(
+                compiler_options=COMPILER_OPTIONS
+            )
+        tv, ntv = self._init_compiled[len(ids)](ids)
+        return [np.asarray(a) for a in tv], [np.asarray(a) for a in ntv]
+
+    def per_seed_bytes(self) -> int:
+        """A conservative estimate of the memory one seed needs inside the program."""
+        model = self.prepared.model
+        params = sum(int(np.prod(v.shape)) for v in model.variables)
+        opt = sum(int(np.prod(v.shape)) for v in model.optimizer.variables)
+        acts = 0
+        for layer in model.layers:
+            try:
+                shape = layer.output.shape
+            except (AttributeError, ValueError):
+                continue
+            acts += int(np.prod([d for d in shape[1:] if d is not None]))
+        acts = max(acts, int(np.prod(self.split.x_train.shape[1:])))
+        lay = self.layout
+        elems = 4 * params + opt + 4 * acts * max(lay.batch_size, lay.val_batch_size)
+        if lay.shuffle:  # a per-seed permuted copy of the training rows
+            elems += (
+                2
+                * lay.n_train
+                * (
+                    int(np.prod(self.split.x_train.shape[1:]))
+                    + int(np.prod(self.split.y_train.shape[1:]))
+                )
+            )
+        elems += 16 * lay.epochs * lay.steps_per_epoch  # logs
+        return 4 * elems
+
+
+def choose_chunk_size(
+    program: VariantProgram,
+    n_seeds: int,
+    memory_budget_mb: float,
+    chunk_size: int | None = None,
+    max_chunk: int = DEFAULT_MAX_CHUNK,
+) -> int:
+    """Seeds per compiled call: the explicit ``chunk_size``, else what fits the memory budget.
+
+    Capped at ``max_chunk`` (measured: bigger chunks do not run faster) and at ``n_seeds``,
+    then evened out so the last chunk carries little padding.
+    """
+    if chunk_size is not None:
+        return max(1, min(chunk_size, n_seeds))
+    fit = int(memory_budget_mb * 2**20 // max(1, program.per_seed_bytes()))
+    cap = max(1, min(fit, max_chunk, n_seeds))
+    # Balance the chunks (10,000 seeds at cap 2,048 -> 5 x 2,000, not 5 x 2,048 with padding).
+    n_chunks = math.ceil(n_seeds / cap)
+    return math.ceil(n_seeds / n_chunks)
+
+
+def seed_chunks(base: int, count: int, chunk: int) -> Iterator[tuple[int, np.ndarray, int]]:
+    """Yield ``(chunk index, seed ids padded to chunk, number of real seeds)``.
+
+    Every chunk has the same length so one compiled program serves them all; the
+    last one is padded with extra seed ids whose results are dropped.
+    """
+    n_chunks = math.ceil(count / chunk)
+    for k in range(n_chunks):
+        start = base + k * chunk
+        real = min(chunk, base + count - start)
+        yield k, np.arange(start, start + chunk, dtype=np.uint32), real
+
+
+def first_non_finite_epoch(history: dict[str, np.ndarray]) -> np.ndarray:
+    """Per seed, the first epoch (0-based) whose loss or any metric is non-finite; -1 if none.
+
+    history: ``{name: (seeds, epochs)}``. Returns (seeds,) int.
+    """
+    stacked = np.stack(list(history.values()), axis=0)  # (names, seeds, epochs)
+    bad = ~np.isfinite(stacked).all(axis=0)  # (seeds, epochs)
+    first = np.argmax(bad, axis=1)
+    return np.where(bad.any(axis=1), first, -1)

@@ -1,0 +1,75 @@
+"""Records: per (variant, seed, epoch) rows as Arrow tables, and back to (seed, epoch) arrays.
+
+Table ``history`` columns: ``variant`` (string), ``seed`` (int64, the global seed id),
+``epoch`` (int32, 1-based like Keras' "Epoch 1/20"), ``diverged_epoch`` (int32, the
+1-based first epoch with a non-finite value for that seed, null if none), then one
+float64 column per History name (``loss``, metrics, ``val_loss``, ``val_<metric>``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from ablab._engine import first_non_finite_epoch
+
+KEY_COLUMNS = ("variant", "seed", "epoch", "diverged_epoch")
+
+
+@dataclass
+class VariantHistory:
+    """One variant's history: ``values[name]`` is (seeds, epochs), rows ordered as ``seeds``."""
+
+    seeds: np.ndarray
+    values: dict[str, np.ndarray]
+
+    @property
+    def diverged_epoch(self) -> np.ndarray:
+        """(seeds,) 1-based first non-finite epoch, 0 where the seed never diverged."""
+        return first_non_finite_epoch(self.values) + 1
+
+    @property
+    def n_seeds(self) -> int:
+        return int(self.seeds.shape[0])
+
+
+def history_table(variant: str, seeds: np.ndarray, values: dict[str, np.ndarray]) -> pa.Table:
+    """Rows (seed, epoch) of one chunk. seeds: (S,); values: {name: (S, E)}."""
+    n_seeds, n_epochs = next(iter(values.values())).shape
+    div = first_non_finite_epoch(values) + 1  # 0 = never
+    cols: dict[str, pa.Array] = {
+        "variant": pa.array([variant] * (n_seeds * n_epochs), pa.string()),
+        "seed": pa.array(np.repeat(seeds.astype(np.int64), n_epochs)),
+        "epoch": pa.array(np.tile(np.arange(1, n_epochs + 1, dtype=np.int32), n_seeds)),
+        "diverged_epoch": pa.array(
+            np.repeat(div.astype(np.int32), n_epochs), mask=np.repeat(div == 0, n_epochs)
+        ),
+    }
+    for name, arr in values.items():
+        cols[name] = pa.array(np.asarray(arr, dtype=np.float64).reshape(-1))
+    return pa.table(cols)
+
+
+def variant_histories(table: pa.Table) -> dict[str, VariantHistory]:
+    """Invert :func:`history_table` over a whole run: {variant: VariantHistory}, seeds sorted."""
+    out: dict[str, VariantHistory] = {}
+    if table.num_rows == 0:
+        return out
+    names = [c for c in table.column_names if c not in (*KEY_COLUMNS, "run_id")]
+    variants = table.column("variant").to_numpy(zero_copy_only=False)
+    seeds_all = table.column("seed").to_numpy()
+    epochs_all = table.column("epoch").to_numpy()
+    for variant in dict.fromkeys(variants):  # first-seen order
+        mask = variants == variant
+        seeds, seed_index = np.unique(seeds_all[mask], return_inverse=True)
+        n_epochs = int(epochs_all[mask].max())
+        values = {}
+        for name in names:
+            arr = np.full((len(seeds), n_epochs), np.nan)
+            col = table.column(name).to_numpy(zero_copy_only=False)[mask]
+            arr[seed_index, epochs_all[mask] - 1] = col
+            values[name] = arr
+        out[str(variant)] = VariantHistory(seeds=seeds, values=values)
+    return out

@@ -1,0 +1,216 @@
+"""Run a study: plan cells (variant x seed chunk), train them, store each as it finishes.
+
+Everything that can be wrong with the input is checked before the run folder is
+created: the study, the data, the split, and every variant's model (built,
+compiled and shape-checked against the target). Each finished cell is written
+atomically; Ctrl-C marks the run ``interrupted`` and keeps every finished cell.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pyarrow as pa
+
+from ablab._data import load_dataset, split
+from ablab._engine import VariantProgram, choose_chunk_size, seed_chunks
+from ablab._env import environment
+from ablab._errors import RunInterrupted
+from ablab._model import prepare_model
+from ablab._records import VariantHistory, history_table, variant_histories
+from ablab._store import RunDir
+from ablab._study import Study, load_study
+from ablab._summary import summarize
+
+DEFAULT_RUNS_DIR = "runs"
+
+
+def default_runs_dir() -> Path:
+    """``$ABLAB_RUNS_DIR`` if set, else ``./runs``."""
+    return Path(os.environ.get("ABLAB_RUNS_DIR", DEFAULT_RUNS_DIR))
+
+
+class Progress(Protocol):
+    """What a run tells whoever is watching (the CLI's progress bars; tests)."""
+
+    def variant_started(self, variant: str, chunks: int, chunk_size: int) -> None: ...
+    def compiled(self, variant: str, seconds: float) -> None: ...
+    def chunk_done(self, variant: str, chunk: int, seeds: int) -> None: ...
+
+
+class _Silent:
+    def variant_started(self, variant: str, chunks: int, chunk_size: int) -> None:
+        pass
+
+    def compiled(self, variant: str, seconds: float) -> None:
+        pass
+
+    def chunk_done(self, variant: str, chunk: int, seeds: int) -> None:
+        pass
+
+
+@dataclass
+class RunResult:
+    """What a run produced. ``histories[variant].values[name]`` is (seeds, epochs)."""
+
+    run_id: str
+    run_dir: Path
+    study: Study
+    state: str
+    wall_s: float
+    runs_per_s: float
+    summary: dict[str, dict[str, Any]]
+    histories: dict[str, VariantHistory]
+    compile_s: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def history(self) -> pa.Table:
+        """Every stored history row (variant, seed, epoch, ...) as an Arrow table."""
+        return RunDir(self.run_dir).history()
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``ablab run --json`` document."""
+        return {
+            "run_id": self.run_id,
+            "run_dir": str(self.run_dir),
+            "state": self.state,
+            "wall_s": self.wall_s,
+            "runs_per_s": self.runs_per_s,
+            "baseline": self.study.baseline,
+            "variants": self.summary,
+        }
+
+
+@dataclass
+class _Cell:
+    variant: str
+    chunk: int
+    seed_ids: np.ndarray
+    real: int
+
+
+def _plan(study: Study) -> tuple[dict[str, VariantProgram], list[_Cell], dict[str, int]]:
+    """Validate everything and return the programs and the cells, without writing anything."""
+    data = load_dataset(study)
+    programs: dict[str, VariantProgram] = {}
+    cells: list[_Cell] = []
+    chunk_sizes: dict[str, int] = {}
+    for variant in study.variants:
+        train = study.variant_train(variant)
+        parts = split(data, train.validation_split, where=study.source)
+        probe = min(train.batch_size, parts.n_train)
+        prepared = prepare_model(study, variant, parts.x_train[:probe], parts.y_train[:probe])
+        program = VariantProgram(prepared, parts)
+        chunk = choose_chunk_size(
+            program, study.seeds.count, study.engine.memory_budget_mb, study.engine.chunk_size
+        )
+        programs[variant] = program
+        chunk_sizes[variant] = chunk
+        for k, ids, real in seed_chunks(study.seeds.base, study.seeds.count, chunk):
+            cells.append(_Cell(variant, k, ids, real))
+    return programs, cells, chunk_sizes
+
+
+def run(
+    study: Study | str | Path,
+    *,
+    seeds: int | None = None,
+    runs_dir: str | Path | None = None,
+    progress: Progress | None = None,
+    on_cell: Callable[[int, int], None] | None = None,
+) -> RunResult:
+    """Train every variant of ``study`` over its seeds and store the results.
+
+    study: a :class:`Study` or the path of a study TOML file. seeds: overrides
+    ``[seeds] count``. runs_dir: where the run folder goes (default ``./runs`` or
+    ``$ABLAB_RUNS_DIR``). on_cell(done, total) is called after each stored cell.
+    Raises StudyError (nothing written) on bad input, RunInterrupted on Ctrl-C.
+    """
+    if not isinstance(study, Study):
+        study = load_study(study)
+    if seeds is not None:
+        study = study.with_seeds(count=seeds)
+    progress = progress or _Silent()
+    runs_root = Path(runs_dir) if runs_dir is not None else default_runs_dir()
+
+    t0 = time.perf_counter()
+    programs, cells, chunk_sizes = _plan(study)
+    run_dir = RunDir.create(runs_root, study.name, study.resolved(), environment(), len(cells))
+
+    done = 0
+    parts: dict[str, list[tuple[np.ndarray, dict[str, np.ndarray]]]] = {v: [] for v in programs}
+    compile_s: dict[str, float] = {}
+    try:
+        for variant, program in programs.items():
+            mine = [c for c in cells if c.variant == variant]
+            progress.variant_started(variant, len(mine), chunk_sizes[variant])
+            compile_s[variant] = program.compile(chunk_sizes[variant])
+            progress.compiled(variant, compile_s[variant])
+            for cell in mine:
+                out = program.train(cell.seed_ids)
+                seed_ids = cell.seed_ids[: cell.real].astype(np.int64)
+                values = {k: v[: cell.real] for k, v in out.items()}
+                run_dir.write_cell(variant, cell.chunk, history_table(variant, seed_ids, values))
+                parts[variant].append((seed_ids, values))
+                done += 1
+                run_dir.write_status("running", done, len(cells))
+                progress.chunk_done(variant, cell.chunk, cell.real)
+                if on_cell is not None:
+                    on_cell(done, len(cells))
+    except KeyboardInterrupt as exc:
+        run_dir.finish("interrupted", done, len(cells), None)
+        raise RunInterrupted(str(run_dir.path), done, len(cells)) from exc
+    except BaseException:
+        run_dir.finish("failed", done, len(cells), None)
+        raise
+
+    wall = time.perf_counter() - t0
+    histories = {
+        v: VariantHistory(
+            seeds=np.concatenate([s for s, _ in chunks]),
+            values={k: np.concatenate([vals[k] for _, vals in chunks]) for k in chunks[0][1]},
+        )
+        for v, chunks in parts.items()
+    }
+    total_runs = study.seeds.count * len(programs)
+    result = RunResult(
+        run_id=run_dir.run_id,
+        run_dir=run_dir.path,
+        study=study,
+        state="complete",
+        wall_s=wall,
+        runs_per_s=total_runs / wall,
+        summary=summarize(histories),
+        histories=histories,
+        compile_s=compile_s,
+    )
+    run_dir.finish("complete", done, len(cells), result.to_json())
+    return result
+
+
+def load_result(run_dir: RunDir) -> dict[str, Any]:
+    """What ``ablab show RUN`` shows: metadata, state and a summary recomputed from the cells."""
+    meta = run_dir.read_json("study.json")
+    status = run_dir.read_json("status.json")
+    histories = variant_histories(run_dir.history())
+    saved = run_dir.read_json("summary.json") if (run_dir.path / "summary.json").exists() else {}
+    return {
+        "run_id": run_dir.run_id,
+        "run_dir": str(run_dir.path),
+        "name": meta["study"].get("name"),
+        "created_at": meta.get("created_at"),
+        "state": status["state"],
+        "cells_done": status["cells_done"],
+        "cells_total": status["cells_total"],
+        "wall_s": saved.get("wall_s"),
+        "runs_per_s": saved.get("runs_per_s"),
+        "baseline": meta["study"].get("baseline"),
+        "environment": meta["environment"],
+        "variants": summarize(histories),
+    }

@@ -1,0 +1,284 @@
+"""Run directories (Parquet cells, JSON metadata) and the DuckDB catalog across runs.
+
+Layout under a runs directory (default ``runs/``)::
+
+    catalog.duckdb                      table `runs`: one row per run
+    <run_id>/study.json                 resolved study + environment (versioned)
+    <run_id>/status.json                state, cells done / total (versioned)
+    <run_id>/cells/<variant>/chunk-<k>.parquet   history rows of one cell
+    <run_id>/summary.json               the run's JSON summary (when it ended)
+
+Every file is written atomically (temp file in the same folder + ``os.replace``),
+so an interrupted run leaves only whole files: each finished cell is readable.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+import secrets
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ablab._errors import BadInput, StudyError
+
+FORMAT_VERSION = 1
+CATALOG = "catalog.duckdb"
+
+_RUNS_DDL = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id VARCHAR PRIMARY KEY,
+    name VARCHAR,
+    source VARCHAR,
+    created_at TIMESTAMP,
+    finished_at TIMESTAMP,
+    state VARCHAR,
+    variants VARCHAR[],
+    baseline VARCHAR,
+    seeds INTEGER,
+    cells_done INTEGER,
+    cells_total INTEGER,
+    wall_s DOUBLE,
+    runs_per_s DOUBLE,
+    run_dir VARCHAR
+)
+"""
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: dict[str, Any]) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
+
+
+def atomic_write_parquet(path: Path, table: pa.Table) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def new_run_id(name: str) -> str:
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "study"
+    return f"{_now():%Y%m%d-%H%M%S}-{slug}-{secrets.token_hex(2)}"
+
+
+@contextmanager
+def catalog(runs_dir: Path, *, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A connection to ``runs_dir``'s catalog, with the ``runs`` table ensured."""
+    path = runs_dir / CATALOG
+    if read_only and not path.exists():
+        con = duckdb.connect(":memory:")
+    else:
+        runs_dir.mkdir(parents=True, exist_ok=True)
+        con = duckdb.connect(str(path), read_only=read_only)
+    try:
+        if not read_only or not path.exists():
+            con.execute(_RUNS_DDL)
+        yield con
+    finally:
+        con.close()
+
+
+@dataclass
+class RunDir:
+    """One run's folder."""
+
+    path: Path
+
+    @property
+    def run_id(self) -> str:
+        return self.path.name
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.path.parent
+
+    def cell_path(self, variant: str, chunk: int) -> Path:
+        return self.path / "cells" / variant / f"chunk-{chunk:05d}.parquet"
+
+    def cell_files(self) -> list[Path]:
+        return sorted((self.path / "cells").glob("*/chunk-*.parquet"))
+
+    # -- writing -------------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        runs_dir: Path,
+        name: str,
+        study: dict[str, Any],
+        environment: dict[str, Any],
+        cells_total: int,
+    ) -> RunDir:
+        run_id = new_run_id(name)
+        run = cls(runs_dir / run_id)
+        run.path.mkdir(parents=True)
+        created = _now()
+        atomic_write_json(
+            run.path / "study.json",
+            {
+                "version": FORMAT_VERSION,
+                "run_id": run_id,
+                "created_at": created.isoformat(),
+                "study": study,
+                "environment": environment,
+            },
+        )
+        run.write_status("running", 0, cells_total)
+        with catalog(runs_dir) as con:
+            con.execute(
+                "INSERT INTO runs (run_id, name, source, created_at, state, variants, baseline,"
+                " seeds, cells_done, cells_total, run_dir)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    run_id,
+                    name,
+                    study.get("source"),
+                    created,
+                    "running",
+                    list(study.get("variants", {})),
+                    study.get("baseline"),
+                    study.get("seeds", {}).get("count"),
+                    0,
+                    cells_total,
+                    str(run.path.resolve()),
+                ],
+            )
+        return run
+
+    def write_status(self, state: str, cells_done: int, cells_total: int) -> None:
+        atomic_write_json(
+            self.path / "status.json",
+            {
+                "version": FORMAT_VERSION,
+                "state": state,
+                "cells_done": cells_done,
+                "cells_total": cells_total,
+                "updated_at": _now().isoformat(),
+            },
+        )
+
+    def write_cell(self, variant: str, chunk: int, table: pa.Table) -> None:
+        run_col = pa.array([self.run_id] * table.num_rows, pa.string())
+        atomic_write_parquet(self.cell_path(variant, chunk), table.add_column(0, "run_id", run_col))
+
+    def finish(
+        self, state: str, cells_done: int, cells_total: int, summary: dict[str, Any] | None
+    ) -> None:
+        self.write_status(state, cells_done, cells_total)
+        if summary is not None:
+            atomic_write_json(self.path / "summary.json", {"version": FORMAT_VERSION, **summary})
+        with catalog(self.runs_dir) as con:
+            con.execute(
+                "UPDATE runs SET state = ?, finished_at = ?, cells_done = ?, wall_s = ?,"
+                " runs_per_s = ? WHERE run_id = ?",
+                [
+                    state,
+                    _now(),
+                    cells_done,
+                    (summary or {}).get("wall_s"),
+                    (summary or {}).get("runs_per_s"),
+                    self.run_id,
+                ],
+            )
+
+    # -- reading -------------------------------------------------------------------------
+    def read_json(self, name: str) -> dict[str, Any]:
+        return json.loads((self.path / name).read_text())
+
+    def history(self) -> pa.Table:
+        """Every stored history row of this run (all finished cells)."""
+        files = self.cell_files()
+        if not files:
+            return pa.table({})
+        return pa.concat_tables([pq.read_table(f) for f in files], promote_options="default")
+
+
+def resolve_run(runs_dir: Path, ref: str) -> RunDir:
+    """A run by path, id, unique id prefix, or ``latest``."""
+    as_path = Path(ref)
+    if (as_path / "study.json").is_file():
+        return RunDir(as_path)
+    runs = sorted(p for p in runs_dir.glob("*/study.json")) if runs_dir.is_dir() else []
+    ids = [p.parent.name for p in runs]
+    if ref == "latest" and ids:
+        return RunDir(runs_dir / max(ids))
+    matches = [i for i in ids if i == ref] or [i for i in ids if i.startswith(ref)]
+    if len(matches) == 1:
+        return RunDir(runs_dir / matches[0])
+    raise StudyError(
+        where=str(runs_dir),
+        key="RUN",
+        expected="a run directory, a run id or a unique prefix of one, or 'latest'",
+        got=f"{ref!r} ({'ambiguous: ' + ', '.join(matches) if matches else 'no such run'})",
+        fix="list runs with `ablab show`",
+    )
+
+
+def list_runs(runs_dir: Path) -> list[dict[str, Any]]:
+    """Rows of the catalog's ``runs`` table, newest first."""
+    with catalog(runs_dir, read_only=True) as con:
+        cur = con.execute("SELECT * FROM runs ORDER BY created_at DESC")
+        cols = [d[0] for d in cur.description]
+        return [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
+
+
+def query(runs_dir: Path, sql: str) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """Run ``sql`` over every stored run.
+
+    Tables: ``runs`` (the catalog) and ``history`` (every history row of every run,
+    columns of all runs unioned by name).
+    """
+    files = sorted(runs_dir.glob("*/cells/*/chunk-*.parquet")) if runs_dir.is_dir() else []
+    with catalog(runs_dir, read_only=True) as con:
+        if files:
+            glob = str(runs_dir.resolve() / "*" / "cells" / "*" / "chunk-*.parquet")
+            con.execute(
+                "CREATE TEMP VIEW history AS SELECT * FROM "
+                f"read_parquet('{glob.replace(chr(39), chr(39) * 2)}', union_by_name = true)"
+            )
+        else:
+            con.execute(
+                "CREATE TEMP TABLE history (run_id VARCHAR, variant VARCHAR, seed BIGINT,"
+                " epoch INTEGER, diverged_epoch INTEGER, loss DOUBLE, val_loss DOUBLE)"
+            )
+        try:
+            cur = con.execute(sql)
+        except duckdb.Error as exc:
+            raise BadInput(f"query failed: {exc}") from exc
+        if cur.description is None:
+            return [], []
+        cols = [d[0] for d in cur.description]
+        return cols, cur.fetchall()

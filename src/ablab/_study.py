@@ -1,0 +1,385 @@
+"""The study: a validated description of what to train, how, in which variants, over which seeds.
+
+A study comes from a TOML file (:func:`load_study`) or is built in code
+(``Study(...)``); in code a builder may be a Python callable. Names, meanings
+and defaults of ``[train]`` follow ``keras.Model.compile`` / ``keras.Model.fit``.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from ablab._errors import StudyError, short_repr
+
+SECTIONS = ("data", "model", "train", "variants", "seeds", "engine")
+
+# Keras defaults (keras.Model.compile / keras.Model.fit, Keras 3.15).
+FIT_DEFAULT_BATCH_SIZE = 32
+
+
+class _KeyedError(ValueError):
+    """A cross-field problem that knows its key, its offending value and its fix."""
+
+    def __init__(self, key: str, expected: str, got: str, fix: str) -> None:
+        self.key, self.expected, self.got, self.fix = key, expected, got, fix
+        super().__init__(f"[{key}] expected {expected}; got {got}")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, frozen=False)
+
+
+class SyntheticData(_Strict):
+    """Generated data, drawn exactly like ``np.random.seed(seed); np.random.<kind>(...)``."""
+
+    kind: Literal["normal", "uniform"] = "normal"
+    shape: tuple[PositiveInt, ...]
+    seed: int = 0
+    mean: float = 0.0
+    std: float = Field(1.0, gt=0)
+    low: float = 0.0
+    high: float = 1.0
+
+    @field_validator("shape")
+    @classmethod
+    def _rank(cls, shape: tuple[int, ...]) -> tuple[int, ...]:
+        if len(shape) < 2:
+            msg = "a shape of at least 2 dimensions (rows, features...), e.g. [100, 12]"
+            raise ValueError(msg)
+        return shape
+
+
+class DataSpec(_Strict):
+    """Where the rows come from and what the target is.
+
+    ``target``: ``"input"`` (autoencoder: target = input), a column name (csv /
+    parquet) or an array name (npz). ``target_path``: a second file holding the
+    target (npy / npz / csv / parquet).
+    """
+
+    synthetic: SyntheticData | None = None
+    path: str | None = None
+    target: str = "input"
+    target_path: str | None = None
+    features: list[str] | None = None
+    x_key: str = "x"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSpec:
+        if (self.synthetic is None) == (self.path is None):
+            both = "both" if self.path is not None else "neither"
+            raise _KeyedError(
+                "data",
+                "exactly one of `synthetic` or `path`",
+                both,
+                'keep one data source: synthetic = {...} or path = "file"',
+            )
+        return self
+
+
+class OptimizerSpec(_Strict):
+    """``{name = "adam", learning_rate = 1e-3, ...}``: a keras.optimizers name and its kwargs."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+
+class TrainSpec(_Strict):
+    """``model.compile`` / ``model.fit`` arguments, with Keras' own defaults."""
+
+    optimizer: str | OptimizerSpec = "rmsprop"
+    loss: str
+    metrics: list[str] = Field(default_factory=list)
+    epochs: PositiveInt = 1
+    batch_size: PositiveInt = FIT_DEFAULT_BATCH_SIZE
+    validation_split: float = Field(0.0, ge=0.0, lt=1.0)
+    validation_batch_size: PositiveInt | None = None
+    shuffle: bool = True
+
+    def optimizer_config(self) -> dict[str, Any]:
+        """The optimizer as ``keras.optimizers.get`` takes it."""
+        if isinstance(self.optimizer, str):
+            return {"class_name": self.optimizer, "config": {}}
+        kwargs = dict(self.optimizer.model_extra or {})
+        return {"class_name": self.optimizer.name, "config": kwargs}
+
+
+class ModelSpec(_Strict):
+    """The model: an inline layer list, or a builder ``file.py:function`` / ``module:function``.
+
+    A builder is called with ``params`` (updated by the variant's ``params``) as
+    keyword arguments and returns an uncompiled ``keras.Model``.
+    """
+
+    layers: list[dict[str, Any]] | None = None
+    builder: str | Callable[..., Any] | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ModelSpec:
+        if self.layers is not None and self.builder is not None:
+            raise _KeyedError("model", "either `layers` or `builder`", "both", "remove one of them")
+        return self
+
+
+class VariantSpec(_Strict):
+    """One variant: its own layer list, or builder parameters, and optional train overrides."""
+
+    layers: list[dict[str, Any]] | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    train: dict[str, Any] = Field(default_factory=dict)
+    description: str = ""
+
+
+class SeedSpec(_Strict):
+    """Seeds ``base, base + 1, ..., base + count - 1``; seed i is paired across variants."""
+
+    count: PositiveInt = 1000
+    base: int = Field(0, ge=0, lt=2**31)
+
+
+class EngineSpec(_Strict):
+    """How the vectorized engine splits seeds into chunks (one compiled program per variant)."""
+
+    memory_budget_mb: float = Field(2048.0, gt=0)
+    chunk_size: PositiveInt | None = None
+
+
+class Study(_Strict):
+    """A validated study. Build in code or load with :func:`load_study`."""
+
+    name: str = "study"
+    description: str = ""
+    data: DataSpec
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    train: TrainSpec
+    variants: dict[str, VariantSpec] = Field(default_factory=lambda: {"default": VariantSpec()})
+    baseline: str | None = None
+    seeds: SeedSpec = Field(default_factory=SeedSpec)
+    engine: EngineSpec = Field(default_factory=EngineSpec)
+    source: str = "<in code>"
+    """Where the study came from: its file, or ``<in code>``."""
+    root: str = "."
+    """Directory that relative paths (data, builder files) are resolved against."""
+
+    @model_validator(mode="after")
+    def _check(self) -> Study:
+        if not self.variants:
+            raise _KeyedError(
+                "variants", "at least one variant", "none", "add a [variants.NAME] table"
+            )
+        if self.baseline is None:
+            self.baseline = next(iter(self.variants))
+        if self.baseline not in self.variants:
+            raise _KeyedError(
+                "variants.baseline",
+                f"one of the variants {list(self.variants)}",
+                repr(self.baseline),
+                "name an existing variant",
+            )
+        for name, variant in self.variants.items():
+            if self.model.builder is None and self.model.layers is None and variant.layers is None:
+                raise _KeyedError(
+                    f"variants.{name}.layers",
+                    "a layer list",
+                    "nothing",
+                    "give the variant `layers = [...]`, or [model] layers / builder",
+                )
+            if self.model.builder is not None and variant.layers is not None:
+                raise _KeyedError(
+                    f"variants.{name}",
+                    "`params` for the builder",
+                    "`layers`",
+                    "a builder study varies builder params; drop `layers`",
+                )
+        return self
+
+    # -- resolution -----------------------------------------------------------------
+    def variant_train(self, variant: str) -> TrainSpec:
+        """The train spec of ``variant``: ``[train]`` updated with the variant's overrides."""
+        overrides = self.variants[variant].train
+        if not overrides:
+            return self.train
+        merged = {**self.train.model_dump(exclude_unset=False), **overrides}
+        try:
+            return TrainSpec.model_validate(merged)
+        except ValidationError as exc:
+            raise _to_study_error(exc, self.source, prefix=f"variants.{variant}.train") from exc
+
+    def variant_layers(self, variant: str) -> list[dict[str, Any]] | None:
+        spec = self.variants[variant]
+        return spec.layers if spec.layers is not None else self.model.layers
+
+    def variant_params(self, variant: str) -> dict[str, Any]:
+        return {**self.model.params, **self.variants[variant].params}
+
+    def with_seeds(self, count: int | None = None, base: int | None = None) -> Study:
+        """A copy with the seed count / base replaced (``--seeds N``)."""
+        if count is not None and count <= 0:
+            raise StudyError(
+                where=self.source,
+                key="seeds.count",
+                expected="a positive number of seeds",
+                got=repr(count),
+                fix="pass --seeds N with N >= 1",
+            )
+        seeds = self.seeds.model_copy(
+            update={k: v for k, v in {"count": count, "base": base}.items() if v is not None}
+        )
+        return self.model_copy(update={"seeds": seeds})
+
+    def resolved(self) -> dict[str, Any]:
+        """A JSON-able dict of the whole resolved study (callables named by qualname)."""
+        data = self.model_dump(mode="python")
+        builder = self.model.builder
+        if callable(builder):
+            data["model"]["builder"] = f"<callable {builder.__module__}.{builder.__qualname__}>"
+        return data
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _to_study_error(exc: ValidationError, source: str, prefix: str = "") -> StudyError:
+    """The first pydantic error as one StudyError (file, key, expected, got, fix)."""
+    err = exc.errors()[0]
+    keyed = (err.get("ctx") or {}).get("error")
+    if isinstance(keyed, _KeyedError):
+        key = f"{prefix}.{keyed.key}" if prefix else keyed.key
+        return StudyError(
+            where=source, key=key, expected=keyed.expected, got=keyed.got, fix=keyed.fix
+        )
+    loc = tuple(p for p in err["loc"] if not str(p).startswith("function-after"))
+    key = _loc(loc)
+    if prefix:
+        key = f"{prefix}.{key}" if key != "(top level)" else prefix
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        parent = key.rsplit(".", 1)[0] if "." in key else "(top level)"
+        return StudyError(
+            where=source,
+            key=key,
+            expected=f"only the documented keys in [{parent}]",
+            got=f"unknown key {loc[-1]!r}",
+            fix="remove or rename it (see the README's study file reference)",
+        )
+    if kind == "missing":
+        return StudyError(
+            where=source,
+            key=key,
+            expected="this key to be present",
+            got="nothing",
+            fix=f"add `{loc[-1]} = ...`",
+        )
+    msg = err["msg"].removeprefix("Value error, ")
+    return StudyError(
+        where=source,
+        key=key,
+        expected=msg,
+        got=short_repr(err.get("input")),
+        fix="correct the value (see the README's study file reference)",
+    )
+
+
+def study_from_dict(raw: Mapping[str, Any], *, source: str = "<in code>", root: str = ".") -> Study:
+    """Validate a study given as a plain dict (the TOML document's layout)."""
+    raw = dict(raw)
+    for key in raw:
+        if key not in (*SECTIONS, "name", "description"):
+            raise StudyError(
+                where=source,
+                key=key,
+                expected=f"one of the sections {list(SECTIONS)} or `name` / `description`",
+                got=f"unknown key {key!r}",
+                fix="remove or rename it (see the README's study file reference)",
+            )
+    variants = raw.pop("variants", None)
+    baseline = None
+    if variants is not None:
+        if not isinstance(variants, Mapping):
+            raise StudyError(
+                where=source,
+                key="variants",
+                expected="a table of named variants",
+                got=short_repr(variants),
+                fix='write [variants.NAME] tables and `baseline = "NAME"` under [variants]',
+            )
+        variants = dict(variants)
+        baseline = variants.pop("baseline", None)
+        for name, spec in variants.items():
+            if not isinstance(spec, Mapping):
+                raise StudyError(
+                    where=source,
+                    key=f"variants.{name}",
+                    expected="a table (layers / params / train)",
+                    got=short_repr(spec),
+                    fix=f"write [variants.{name}] with `layers = [...]` or `params = {{...}}`",
+                )
+        raw["variants"] = variants
+    raw["baseline"] = baseline
+    for section in ("data", "train"):
+        if section not in raw:
+            raise StudyError(
+                where=source,
+                key=section,
+                expected=f"a [{section}] section",
+                got="nothing",
+                fix=f"add a [{section}] section (see examples/bn_yes_or_no.toml)",
+            )
+    try:
+        return Study.model_validate({**raw, "source": source, "root": root})
+    except ValidationError as exc:
+        raise _to_study_error(exc, source) from exc
+
+
+def load_study(path: str | Path) -> Study:
+    """Read and validate a study TOML file; relative paths in it resolve against its folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise StudyError(
+            where=str(path),
+            key="(file)",
+            expected="an existing study file (.toml)",
+            got="no such file",
+            fix="check the path, e.g. `ablab run examples/bn_yes_or_no.toml`",
+        )
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise StudyError(
+            where=str(path),
+            key="(syntax)",
+            expected="valid TOML",
+            got=str(exc),
+            fix="correct the TOML syntax at the position given",
+        ) from exc
+    except UnicodeDecodeError as exc:
+        raise StudyError(
+            where=str(path),
+            key="(file)",
+            expected="a UTF-8 text file",
+            got="undecodable bytes",
+            fix="save the study as UTF-8 TOML",
+        ) from exc
+    raw.setdefault("name", path.stem)
+    return study_from_dict(raw, source=str(path), root=str(path.resolve().parent))

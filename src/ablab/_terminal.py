@@ -1,0 +1,126 @@
+"""Terminal output with rich: summary tables, run lists, query results, progress bars."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def summary_table(variants: dict[str, dict[str, Any]], baseline: str | None) -> Table:
+    """One row per variant: seeds, diverged, final metric mean / median / 5-95 % range."""
+    metric = next(iter(variants.values()))["metric"] if variants else "val_loss"
+    table = Table(title=f"final {metric} over seeds", title_justify="left")
+    table.add_column("variant")
+    table.add_column("seeds", justify="right")
+    table.add_column("diverged", justify="right")
+    table.add_column("mean", justify="right")
+    table.add_column("median", justify="right")
+    table.add_column("5–95 %", justify="right")
+    for name, s in variants.items():
+        d = s[f"final_{s['metric']}"]
+        label = f"{name} (baseline)" if name == baseline else name
+        table.add_row(
+            label,
+            str(s["n_seeds"]),
+            str(s["diverged"]),
+            _fmt(d["mean"]),
+            _fmt(d["median"]),
+            f"{_fmt(d['q05'])} – {_fmt(d['q95'])}",
+        )
+    return table
+
+
+def print_run(console: Console, doc: dict[str, Any]) -> None:
+    """The summary ``ablab run`` prints: table, wall time, throughput, where it is stored."""
+    console.print(summary_table(doc["variants"], doc.get("baseline")))
+    n_runs = sum(v["n_seeds"] for v in doc["variants"].values())
+    if doc.get("wall_s") is not None:
+        console.print(
+            f"{n_runs} runs in {doc['wall_s']:.2f} s "
+            f"({doc['runs_per_s']:.0f} runs/s, compile included)"
+        )
+    console.print(f"stored in {doc['run_dir']}  (run id {doc['run_id']})")
+
+
+def print_show(console: Console, doc: dict[str, Any]) -> None:
+    """``ablab show RUN``."""
+    env = doc["environment"]["versions"]
+    console.print(f"[bold]{doc['name']}[/bold]  run {doc['run_id']}  created {doc['created_at']}")
+    console.print(
+        f"state: {doc['state']} ({doc['cells_done']}/{doc['cells_total']} cells)  "
+        f"keras {env.get('keras')}  jax {env.get('jax')}  python {env.get('python')}"
+    )
+    if doc["variants"]:
+        print_run(console, doc)
+    else:
+        console.print("no finished cells")
+
+
+def runs_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(title="runs", title_justify="left")
+    table.add_column("run_id", no_wrap=True)
+    for col in ("state", "variants", "seeds", "cells", "wall_s", "runs/s"):
+        table.add_column(col, justify="left" if col == "state" else "right")
+    for r in rows:
+        table.add_row(
+            r["run_id"],
+            r["state"] or "",
+            str(len(r["variants"] or [])),
+            str(r["seeds"]),
+            f"{r['cells_done']}/{r['cells_total']}",
+            _fmt(r["wall_s"], 2),
+            _fmt(r["runs_per_s"], 0),
+        )
+    return table
+
+
+def query_table(columns: list[str], rows: list[tuple[Any, ...]], limit: int = 200) -> Table:
+    table = Table()
+    for c in columns:
+        table.add_column(c)
+    for row in rows[:limit]:
+        table.add_row(*("NULL" if v is None else str(v) for v in row))
+    if len(rows) > limit:
+        table.caption = f"{len(rows) - limit} more rows not shown (use --json for all)"
+    return table
+
+
+class RichProgress:
+    """Progress bars (one per variant) for a run; a :class:`ablab._run.Progress`."""
+
+    def __init__(self, console: Console) -> None:
+        self._bars = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[note]}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+        )
+        self._tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> RichProgress:
+        self._bars.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._bars.__exit__(*exc)  # type: ignore[arg-type]
+
+    def variant_started(self, variant: str, chunks: int, chunk_size: int) -> None:
+        self._tasks[variant] = self._bars.add_task(
+            f"{variant:<16}", total=chunks, note=f"compiling ({chunk_size} seeds/chunk)"
+        )
+
+    def compiled(self, variant: str, seconds: float) -> None:
+        self._bars.update(self._tasks[variant], note=f"compiled in {seconds:.1f} s")
+
+    def chunk_done(self, variant: str, chunk: int, seeds: int) -> None:
+        self._bars.advance(self._tasks[variant])

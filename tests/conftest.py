@@ -1,0 +1,78 @@
+"""Shared fixtures. The engine compiles one XLA program per variant and chunk size (~2 s each
+on a 2-core CPU), so programs are built once per session and shared."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from pathlib import Path
+
+import jax
+import pytest
+
+import ablab
+from ablab._data import load_dataset, split
+from ablab._engine import VariantProgram
+from ablab._model import prepare_model
+
+# Strict dtype promotion: silent float64/int promotions inside the engine fail loudly.
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+ROOT = Path(__file__).resolve().parents[1]
+SEED_STUDY = ROOT / "examples" / "bn_yes_or_no.toml"
+
+
+@pytest.fixture(scope="session")
+def seed_study() -> ablab.Study:
+    return ablab.load_study(SEED_STUDY)
+
+
+def make_program(study: ablab.Study, variant: str) -> VariantProgram:
+    data = load_dataset(study)
+    train = study.variant_train(variant)
+    parts = split(data, train.validation_split)
+    n = min(train.batch_size, parts.n_train)
+    prepared = prepare_model(study, variant, parts.x_train[:n], parts.y_train[:n])
+    return VariantProgram(prepared, parts)
+
+
+@pytest.fixture(scope="session")
+def seed_programs(seed_study: ablab.Study) -> dict[str, VariantProgram]:
+    """The four seed-study variants, as written in examples/bn_yes_or_no.toml."""
+    return {v: make_program(seed_study, v) for v in seed_study.variants}
+
+
+TINY_STUDY = """
+name = "tiny"
+[data]
+synthetic = { kind = "normal", shape = [100, 12], seed = 1 }
+[train]
+optimizer = "adam"
+loss = "mse"
+epochs = 3
+batch_size = 32
+validation_split = 0.1
+shuffle = false
+[variants]
+baseline = "plain"
+[variants.plain]
+layers = [{ layer = "Dense", units = 8 }, { layer = "Dense", units = 12 }]
+[variants.bn]
+layers = [{ layer = "Dense", units = 8 }, { layer = "BatchNormalization" },
+          { layer = "Dense", units = 12 }]
+[seeds]
+count = 6
+[engine]
+chunk_size = 4
+"""
+
+
+@pytest.fixture
+def tiny_study(tmp_path: Path) -> Path:
+    """A two-variant, 6-seed, 3-epoch study in 2 chunks per variant (4 cells)."""
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY_STUDY)
+    return path

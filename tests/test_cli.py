@@ -1,0 +1,184 @@
+"""The command line: `ablab run / show / query`, exit codes, messages, --json, Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ablab._cli import main
+from tests.conftest import TINY_STUDY
+
+
+@pytest.fixture(scope="module")
+def stored(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """One run of the tiny study, made through the CLI with --json."""
+    root = tmp_path_factory.mktemp("cli")
+    (root / "tiny.toml").write_text(TINY_STUDY)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ablab",
+            "run",
+            str(root / "tiny.toml"),
+            "--runs-dir",
+            str(root / "runs"),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)  # exactly one JSON document on stdout
+    return root, doc
+
+
+def test_run_json_is_one_document(stored: tuple[Path, dict]) -> None:
+    _, doc = stored
+    assert {"run_id", "run_dir", "wall_s", "runs_per_s", "variants"} <= set(doc)
+    assert doc["variants"]["bn"]["n_seeds"] == 6
+
+
+def test_run_prints_a_table(
+    tiny_study: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["run", str(tiny_study), "--runs-dir", str(tmp_path), "--seeds", "2"]) == 0
+    out = capsys.readouterr().out
+    for text in ("plain (baseline)", "bn", "median", "5–95 %", "runs/s", "stored in"):
+        assert text in out
+
+
+def test_show_lists_and_summarises(
+    stored: tuple[Path, dict], capsys: pytest.CaptureFixture[str]
+) -> None:
+    root, doc = stored
+    assert main(["show", "--runs-dir", str(root / "runs")]) == 0
+    assert doc["run_id"][:12] in capsys.readouterr().out
+    assert main(["show", doc["run_id"], "--runs-dir", str(root / "runs"), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["state"] == "complete"
+    for v in ("plain", "bn"):
+        np.testing.assert_allclose(
+            shown["variants"][v]["final_val_loss"]["median"],
+            doc["variants"][v]["final_val_loss"]["median"],
+        )
+
+
+def test_query_runs_sql(stored: tuple[Path, dict], capsys: pytest.CaptureFixture[str]) -> None:
+    root, _ = stored
+    sql = "SELECT variant, count(*) AS n FROM history WHERE epoch = 3 GROUP BY 1 ORDER BY 1"
+    assert main(["query", sql, "--runs-dir", str(root / "runs"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {
+        "columns": ["variant", "n"],
+        "rows": [["bn", 6], ["plain", 6]],
+    }
+    assert main(["query", "SELEKT", "--runs-dir", str(root / "runs")]) == 2
+    assert "query failed" in capsys.readouterr().err
+
+
+BAD_INPUTS = {
+    "malformed_toml": ("[data\n", "(syntax)"),
+    "unknown_section": (TINY_STUDY + "\n[extra]\nx = 1\n", "extra"),
+    "unknown_key": (TINY_STUDY.replace("epochs = 3", "epochz = 3"), "train.epochz"),
+    "unknown_layer": (
+        TINY_STUDY.replace('layer = "BatchNormalization"', 'layer = "BatchNorm"'),
+        "variants.bn.layers[1].layer",
+    ),
+    "shape_mismatch": (
+        TINY_STUDY.replace('"Dense", units = 12 }]', '"Dense", units = 5 }]'),
+        "variants.plain",
+    ),
+    "no_training_rows": (
+        TINY_STUDY.replace("validation_split = 0.1", "validation_split = 0.999"),
+        "train.validation_split",
+    ),
+    "zero_seeds": (TINY_STUDY.replace("count = 6", "count = 0"), "seeds.count"),
+    "builder_raises": (
+        TINY_STUDY.split("[variants]")[0] + '[model]\nbuilder = "boom.py:make"\n[variants.a]\n',
+        "variants.a.params",
+    ),
+    "nan_in_data": (
+        TINY_STUDY.replace(
+            'synthetic = { kind = "normal", shape = [100, 12], seed = 1 }', 'path = "nan.npy"'
+        ),
+        "data",
+    ),
+    "empty_data": (
+        TINY_STUDY.replace(
+            'synthetic = { kind = "normal", shape = [100, 12], seed = 1 }', 'path = "empty.npy"'
+        ),
+        "data",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_exit_2_clear_message_nothing_written(
+    case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text, key = BAD_INPUTS[case]
+    (tmp_path / "boom.py").write_text("def make():\n    raise ValueError('builder broke')\n")
+    x = np.ones((10, 12))
+    x[3, 3] = np.nan
+    np.save(tmp_path / "nan.npy", x)
+    np.save(tmp_path / "empty.npy", np.ones((0, 12)))
+    study = tmp_path / "s.toml"
+    study.write_text(text)
+    runs = tmp_path / "runs"
+    assert main(["run", str(study), "--runs-dir", str(runs)]) == 2
+    err = capsys.readouterr().err
+    assert str(study) in err and f"[{key}]" in err and "how to fix" in err, err
+    assert "expected" in err and "got" in err
+    assert not runs.exists()
+
+
+def test_seeds_option_must_be_positive(
+    tiny_study: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["run", str(tiny_study), "--seeds", "0", "--runs-dir", str(tmp_path / "r")]) == 2
+    assert "seeds.count" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run"]) == 2
+    assert main(["frobnicate"]) == 2
+
+
+def test_ctrl_c_keeps_finished_cells(tmp_path: Path) -> None:
+    # Many small chunks so that the run is still going when SIGINT arrives.
+    study = tmp_path / "long.toml"
+    study.write_text(
+        TINY_STUDY.replace("count = 6", "count = 4000")
+        .replace("chunk_size = 4", "chunk_size = 16")
+        .replace("epochs = 3", "epochs = 20")
+    )
+    runs = tmp_path / "runs"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ablab", "run", str(study), "--runs-dir", str(runs)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and len(list(runs.glob("*/cells/*/*.parquet"))) < 3:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted:" in err and "cells had finished and are stored" in err
+    (run_dir,) = [p for p in runs.iterdir() if p.is_dir()]
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "interrupted" and 3 <= status["cells_done"] < status["cells_total"]
+    assert main(["show", run_dir.name, "--runs-dir", str(runs), "--json"]) == 0

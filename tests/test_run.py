@@ -1,0 +1,118 @@
+"""ablab.run: the Python API end to end, storage, interruption."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import keras
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+import ablab
+from ablab._records import variant_histories
+from ablab._store import RunDir, list_runs
+
+
+def test_run_returns_tables_and_stores_everything(tiny_study: Path, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    result = ablab.run(tiny_study, runs_dir=runs)
+    assert result.state == "complete" and result.run_dir.parent == runs
+    assert set(result.summary) == {"plain", "bn"}
+    for name, s in result.summary.items():
+        assert s["n_seeds"] == 6 and s["diverged"] == 0, name
+        d = s["final_val_loss"]
+        assert d["q05"] <= d["median"] <= d["q95"]
+    # History: one row per variant x seed x epoch, with loss and val_loss.
+    table = result.history
+    assert table.num_rows == 2 * 6 * 3
+    assert {"run_id", "variant", "seed", "epoch", "loss", "val_loss"} <= set(table.column_names)
+    back = variant_histories(table)
+    np.testing.assert_array_equal(back["bn"].seeds, np.arange(6))
+    np.testing.assert_array_equal(
+        back["bn"].values["val_loss"], result.histories["bn"].values["val_loss"]
+    )
+    # Resolved study with versions and platform.
+    meta = json.loads((result.run_dir / "study.json").read_text())
+    versions = meta["environment"]["versions"]
+    assert {"python", "keras", "jax", "numpy"} <= set(versions)
+    assert versions["keras"] == keras.__version__ and meta["environment"]["platform"]
+    assert meta["study"]["seeds"]["count"] == 6 and meta["version"] == 1
+    # 2 chunks per variant -> 4 parquet cells; catalog row complete.
+    assert len(RunDir(result.run_dir).cell_files()) == 4
+    (row,) = list_runs(runs)
+    assert row["run_id"] == result.run_id and row["state"] == "complete"
+    assert row["cells_done"] == row["cells_total"] == 4
+
+
+def test_json_document_has_the_documented_keys(tiny_study: Path, tmp_path: Path) -> None:
+    doc = ablab.run(tiny_study, runs_dir=tmp_path / "r", seeds=2).to_json()
+    assert {"run_id", "run_dir", "wall_s", "runs_per_s", "variants"} <= set(doc)
+    v = doc["variants"]["plain"]
+    assert {"n_seeds", "diverged", "final_val_loss"} <= set(v)
+    assert set(v["final_val_loss"]) == {"mean", "median", "q05", "q95"}
+    assert v["n_seeds"] == 2
+
+
+def test_same_seeds_same_results_across_runs(tiny_study: Path, tmp_path: Path) -> None:
+    a = ablab.run(tiny_study, runs_dir=tmp_path / "a")
+    b = ablab.run(tiny_study, runs_dir=tmp_path / "b")
+    np.testing.assert_array_equal(
+        a.histories["bn"].values["val_loss"], b.histories["bn"].values["val_loss"]
+    )
+
+
+def test_in_code_study_with_callable_builder(tmp_path: Path) -> None:
+    def make(width: int) -> keras.Model:
+        return keras.Sequential(
+            [keras.Input((5,)), keras.layers.Dense(width), keras.layers.Dense(5)]
+        )
+
+    study = ablab.Study(
+        name="code",
+        data={"synthetic": {"shape": [30, 5], "seed": 3}},
+        train={"loss": "mse", "optimizer": "adam", "epochs": 2, "validation_split": 0.2},
+        model={"builder": make},
+        variants={"w2": {"params": {"width": 2}}, "w4": {"params": {"width": 4}}},
+        seeds={"count": 3},
+    )
+    result = ablab.run(study, runs_dir=tmp_path)
+    assert result.summary["w4"]["n_seeds"] == 3
+    assert result.history.num_rows == 2 * 3 * 2
+
+
+def test_interrupt_keeps_finished_cells(tiny_study: Path, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+
+    def stop_after_two(done: int, total: int) -> None:
+        if done == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(ablab.RunInterrupted) as info:
+        ablab.run(tiny_study, runs_dir=runs, on_cell=stop_after_two)
+    assert info.value.cells_done == 2 and info.value.cells_total == 4
+    assert "interrupted: 2 of 4 cells" in str(info.value)
+    run = RunDir(Path(info.value.run_dir))
+    assert run.read_json("status.json")["state"] == "interrupted"
+    files = run.cell_files()
+    assert len(files) == 2
+    # whole chunks of variant plain: 4 + 2 seeds, x 3 epochs
+    assert [pq.read_table(f).num_rows for f in files] == [4 * 3, 2 * 3]
+    assert not list(run.path.rglob("*.tmp"))  # no half-written files
+    (row,) = list_runs(runs)
+    assert row["state"] == "interrupted" and row["cells_done"] == 2
+
+
+def test_bad_input_writes_nothing(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        (Path(__file__).parent / "conftest.py")
+        .read_text()
+        .split('TINY_STUDY = """')[1]
+        .split('"""')[0]
+        .replace('"Dense", units = 12', '"Dense", units = 11')
+    )
+    with pytest.raises(ablab.StudyError):
+        ablab.run(bad, runs_dir=tmp_path / "runs")
+    assert not (tmp_path / "runs").exists()

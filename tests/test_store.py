@@ -1,0 +1,76 @@
+"""Run folders, atomic writes, the DuckDB catalog and SQL over stored runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+import ablab
+from ablab._store import RunDir, atomic_write_bytes, list_runs, query, resolve_run
+
+
+def _fake_run(runs: Path, name: str, rows: int) -> RunDir:
+    run = RunDir.create(
+        runs,
+        name,
+        {"name": name, "variants": {"a": {}}, "baseline": "a", "seeds": {"count": rows}},
+        {"versions": {}},
+        1,
+    )
+    table = pa.table(
+        {
+            "variant": ["a"] * rows,
+            "seed": list(range(rows)),
+            "epoch": [1] * rows,
+            "diverged_epoch": pa.array([None] * rows, pa.int32()),
+            "loss": [float(i) for i in range(rows)],
+        }
+    )
+    run.write_cell("a", 0, table)
+    run.finish("complete", 1, 1, {"wall_s": 1.0, "runs_per_s": float(rows)})
+    return run
+
+
+def test_atomic_write_replaces_whole_file(tmp_path: Path) -> None:
+    target = tmp_path / "x" / "f.json"
+    atomic_write_bytes(target, b"one")
+    atomic_write_bytes(target, b"two")
+    assert target.read_bytes() == b"two"
+    assert [p.name for p in target.parent.iterdir()] == ["f.json"]
+
+
+def test_query_spans_runs(tmp_path: Path) -> None:
+    a = _fake_run(tmp_path, "first", 3)
+    b = _fake_run(tmp_path, "second", 5)
+    cols, rows = query(
+        tmp_path, "SELECT run_id, count(*) AS n, sum(loss) FROM history GROUP BY run_id ORDER BY n"
+    )
+    assert cols == ["run_id", "n", "sum(loss)"]
+    assert rows == [(a.run_id, 3, 3.0), (b.run_id, 5, 10.0)]
+    _, runs = query(tmp_path, "SELECT name, state FROM runs ORDER BY name")
+    assert runs == [("first", "complete"), ("second", "complete")]
+
+
+def test_query_on_empty_runs_dir_and_bad_sql(tmp_path: Path) -> None:
+    assert query(tmp_path / "none", "SELECT count(*) FROM history")[1] == [(0,)]
+    with pytest.raises(ablab.BadInput, match="query failed"):
+        query(tmp_path, "SELEC 1")
+
+
+def test_resolve_run_by_id_prefix_path_latest(tmp_path: Path) -> None:
+    run = _fake_run(tmp_path, "only", 1)
+    assert resolve_run(tmp_path, run.run_id).path == run.path
+    assert resolve_run(tmp_path, run.run_id[:10]).path == run.path
+    assert resolve_run(tmp_path, str(run.path)).path == run.path
+    assert resolve_run(tmp_path, "latest").path == run.path
+    with pytest.raises(ablab.StudyError, match="no such run"):
+        resolve_run(tmp_path, "zzz")
+
+
+def test_list_runs_newest_first(tmp_path: Path) -> None:
+    assert list_runs(tmp_path) == []
+    _fake_run(tmp_path, "a", 1)
+    _fake_run(tmp_path, "b", 1)
+    assert [r["name"] for r in list_runs(tmp_path)] == ["b", "a"]

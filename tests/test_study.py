@@ -1,0 +1,130 @@
+"""Study files: valid ones load with Keras' defaults; every kind of bad input is one StudyError
+naming the file, the key, what was expected, what was got, and how to fix it."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+import ablab
+from ablab._study import study_from_dict
+from tests.conftest import SEED_STUDY
+
+
+def _raw() -> dict:
+    return tomllib.loads(SEED_STUDY.read_text())
+
+
+def test_seed_study_loads_with_its_values(seed_study: ablab.Study) -> None:
+    assert seed_study.name == "bn_yes_or_no"
+    assert list(seed_study.variants) == ["plain", "plain_identity", "bn", "bn_after"]
+    assert seed_study.baseline == "plain"
+    t = seed_study.train
+    assert (t.loss, t.epochs, t.batch_size, t.validation_split, t.shuffle) == (
+        "mean_squared_error",
+        20,
+        32,
+        0.1,
+        False,
+    )
+    assert t.optimizer_config() == {"class_name": "adam", "config": {}}
+    assert seed_study.seeds.count == 1000 and seed_study.seeds.base == 0
+
+
+def test_train_defaults_are_keras_fit_defaults() -> None:
+    raw = _raw()
+    raw["train"] = {"loss": "mse"}
+    t = study_from_dict(raw).train
+    # keras.Model.compile(optimizer="rmsprop") / fit(epochs=1, batch_size=None->32,
+    # validation_split=0.0, shuffle=True)
+    assert (t.optimizer, t.epochs, t.batch_size, t.validation_split, t.shuffle) == (
+        "rmsprop",
+        1,
+        32,
+        0.0,
+        True,
+    )
+
+
+def test_optimizer_table_keeps_kwargs() -> None:
+    raw = _raw()
+    raw["train"]["optimizer"] = {"name": "sgd", "learning_rate": 0.1, "momentum": 0.9}
+    cfg = study_from_dict(raw).train.optimizer_config()
+    assert cfg == {"class_name": "sgd", "config": {"learning_rate": 0.1, "momentum": 0.9}}
+
+
+def test_variant_train_overrides_merge() -> None:
+    raw = _raw()
+    raw["variants"]["bn"]["train"] = {"batch_size": 64}
+    study = study_from_dict(raw)
+    assert study.variant_train("bn").batch_size == 64
+    assert study.variant_train("plain").batch_size == 32
+
+
+def test_with_seeds_replaces_count(seed_study: ablab.Study) -> None:
+    assert seed_study.with_seeds(count=5).seeds.count == 5
+    with pytest.raises(ablab.StudyError, match=r"seeds\.count"):
+        seed_study.with_seeds(count=0)
+
+
+def _bad(mutate) -> ablab.StudyError:
+    raw = _raw()
+    mutate(raw)
+    with pytest.raises(ablab.StudyError) as info:
+        study_from_dict(raw, source="x.toml")
+    return info.value
+
+
+@pytest.mark.parametrize(
+    ("mutate", "key", "got"),
+    [
+        (lambda r: r.update(bogus={}), "bogus", "unknown key"),
+        (lambda r: r["train"].update(epoch=3), "train.epoch", "unknown key"),
+        (lambda r: r["seeds"].update(count=0), "seeds.count", "0"),
+        (lambda r: r["seeds"].update(count=-3), "seeds.count", "-3"),
+        (lambda r: r["train"].update(validation_split=1.5), "train.validation_split", "1.5"),
+        (lambda r: r["train"].pop("loss"), "train.loss", "nothing"),
+        (lambda r: r.pop("data"), "data", "nothing"),
+        (lambda r: r["variants"].update(baseline="nope"), "variants.baseline", "nope"),
+        (lambda r: r["data"].update(path="x.npy"), "data", "synthetic"),
+        (lambda r: r["data"]["synthetic"].update(shape=[100]), "data.synthetic.shape", "100"),
+        (lambda r: r["variants"].update(odd=3), "variants.odd", "3"),
+    ],
+)
+def test_bad_study_values_name_the_key(mutate, key: str, got: str) -> None:
+    err = _bad(mutate)
+    assert err.where == "x.toml"
+    assert err.key == key, str(err)
+    assert got in err.got or got in err.expected, str(err)
+    assert err.fix and err.expected
+    assert "how to fix" in str(err)
+
+
+def test_malformed_toml_is_a_study_error(tmp_path: Path) -> None:
+    path = tmp_path / "broken.toml"
+    path.write_text("[data\nsynthetic = 1\n")
+    with pytest.raises(ablab.StudyError) as info:
+        ablab.load_study(path)
+    assert info.value.key == "(syntax)" and str(path) in str(info.value)
+
+
+def test_missing_file_is_a_study_error(tmp_path: Path) -> None:
+    with pytest.raises(ablab.StudyError, match="no such file"):
+        ablab.load_study(tmp_path / "missing.toml")
+
+
+def test_in_code_study_accepts_a_callable_builder() -> None:
+    def builder(units: int = 4):
+        raise NotImplementedError
+
+    study = ablab.Study(
+        data={"synthetic": {"shape": [20, 3]}},
+        model={"builder": builder, "params": {"units": 2}},
+        train={"loss": "mse"},
+        variants={"a": {}, "b": {"params": {"units": 3}}},
+    )
+    assert study.baseline == "a"
+    assert study.variant_params("b") == {"units": 3}
+    assert "callable" in study.resolved()["model"]["builder"]
