@@ -45,8 +45,11 @@ def stored(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 
 def test_run_json_is_one_document(stored: tuple[Path, dict]) -> None:
     _, doc = stored
-    assert {"run_id", "run_dir", "wall_s", "runs_per_s", "variants"} <= set(doc)
+    assert {"run_id", "run_dir", "wall_s", "runs_per_s", "variants", "comparisons"} <= set(doc)
     assert doc["variants"]["bn"]["n_seeds"] == 6
+    (cmp,) = doc["comparisons"]
+    assert cmp["variant"] == "bn" and cmp["baseline"] == "plain" and cmp["n"] == 6
+    assert cmp["verdict"] in ("helps", "hurts", "equivalent", "inconclusive")
 
 
 def test_run_prints_a_table(
@@ -54,7 +57,16 @@ def test_run_prints_a_table(
 ) -> None:
     assert main(["run", str(tiny_study), "--runs-dir", str(tmp_path), "--seeds", "2"]) == 0
     out = capsys.readouterr().out
-    for text in ("plain (baseline)", "bn", "median", "5–95 %", "runs/s", "stored in"):
+    for text in (
+        "plain (baseline)",
+        "bn",
+        "median",
+        "5–95 %",
+        "runs/s",
+        "stored in",
+        "vs plain on final val_loss",
+        "verdict rule",
+    ):
         assert text in out
 
 
@@ -67,6 +79,7 @@ def test_show_lists_and_summarises(
     assert main(["show", doc["run_id"], "--runs-dir", str(root / "runs"), "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["state"] == "complete"
+    assert shown["comparisons"][0]["verdict"] == doc["comparisons"][0]["verdict"]
     for v in ("plain", "bn"):
         np.testing.assert_allclose(
             shown["variants"][v]["final_val_loss"]["median"],
@@ -101,6 +114,10 @@ BAD_INPUTS = {
     "no_training_rows": (
         TINY_STUDY.replace("validation_split = 0.1", "validation_split = 0.999"),
         "train.validation_split",
+    ),
+    "unknown_verdict_metric": (
+        TINY_STUDY + '\n[verdicts]\nmetric = "val_acc"\n',
+        "verdicts.metric",
     ),
     "zero_seeds": (TINY_STUDY.replace("count = 6", "count = 0"), "seeds.count"),
     "builder_raises": (

@@ -116,3 +116,33 @@ def test_bad_input_writes_nothing(tmp_path: Path) -> None:
     with pytest.raises(ablab.StudyError):
         ablab.run(bad, runs_dir=tmp_path / "runs")
     assert not (tmp_path / "runs").exists()
+
+
+def test_seed_study_verdicts(tmp_path: Path) -> None:
+    """On today's Keras the identity activation changes nothing (equivalent) and BN's effect
+    is large enough to call with 100 seeds (README: 'helps', about -3.8 % val_loss)."""
+    result = ablab.run(
+        Path(__file__).parents[1] / "examples" / "bn_yes_or_no.toml", seeds=100, runs_dir=tmp_path
+    )
+    by = {c.variant: c for c in result.comparisons}
+    assert set(by) == {"plain_identity", "bn", "bn_after"}
+    assert by["plain_identity"].verdict == "equivalent"
+    assert by["bn"].verdict == "helps" and by["bn_after"].verdict == "helps"
+    assert by["bn"].ci_high < 0 and by["bn"].n == 100
+    doc = result.to_json()
+    keys = {
+        "variant",
+        "baseline",
+        "metric",
+        "n",
+        "diff_mean",
+        "ci_low",
+        "ci_high",
+        "p_value",
+        "p_adjusted",
+        "prob_better",
+        "verdict",
+        "seeds_needed",
+    }
+    assert all(keys <= set(c) for c in doc["comparisons"])
+    assert "Holm" in doc["verdict_rule"]

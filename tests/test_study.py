@@ -102,6 +102,13 @@ def test_bad_study_values_name_the_key(mutate, key: str, got: str) -> None:
     assert "how to fix" in str(err)
 
 
+def test_unknown_key_suggests_the_close_one() -> None:
+    err = _bad(lambda r: r["train"].update(epochz=3))
+    assert "did you mean `epochs`?" in err.fix
+    err = _bad(lambda r: r["seeds"].update(cuont=3))
+    assert "did you mean `count`?" in err.fix
+
+
 def test_malformed_toml_is_a_study_error(tmp_path: Path) -> None:
     path = tmp_path / "broken.toml"
     path.write_text("[data\nsynthetic = 1\n")

@@ -34,7 +34,10 @@ def _runs_dir(runs_dir: Path | None) -> Path:
 
 
 def _stdout() -> Console:
-    return Console(highlight=False)
+    console = Console(highlight=False)
+    if not console.is_terminal:  # a pipe or a log file: no reason to wrap at 80 columns
+        console = Console(highlight=False, width=140)
+    return console
 
 
 def _dump(doc: Any) -> None:

@@ -21,12 +21,13 @@ import pyarrow as pa
 from ablab._data import load_dataset, split
 from ablab._engine import VariantProgram, choose_chunk_size, seed_chunks
 from ablab._env import environment
-from ablab._errors import RunInterrupted
+from ablab._errors import RunInterrupted, StudyError
 from ablab._model import prepare_model
 from ablab._records import VariantHistory, history_table, variant_histories
 from ablab._store import RunDir
-from ablab._study import Study, load_study
+from ablab._study import Study, VerdictSpec, load_study
 from ablab._summary import summarize
+from ablab._verdict import RULE, Comparison, compare
 
 DEFAULT_RUNS_DIR = "runs"
 
@@ -67,6 +68,7 @@ class RunResult:
     runs_per_s: float
     summary: dict[str, dict[str, Any]]
     histories: dict[str, VariantHistory]
+    comparisons: list[Comparison] = field(default_factory=list)
     compile_s: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -84,6 +86,8 @@ class RunResult:
             "runs_per_s": self.runs_per_s,
             "baseline": self.study.baseline,
             "variants": self.summary,
+            "comparisons": [c.to_json() for c in self.comparisons],
+            "verdict_rule": RULE,
         }
 
 
@@ -95,8 +99,28 @@ class _Cell:
     real: int
 
 
+def _history_names(study: Study) -> set[str]:
+    names: set[str] = set()
+    for variant in study.variants:
+        train = study.variant_train(variant)
+        mine = {"loss", *train.metrics}
+        names |= mine
+        if train.validation_split > 0:
+            names |= {f"val_{n}" for n in mine}
+    return names
+
+
 def _plan(study: Study) -> tuple[dict[str, VariantProgram], list[_Cell], dict[str, int]]:
     """Validate everything and return the programs and the cells, without writing anything."""
+    names = _history_names(study)
+    if study.verdicts.metric is not None and study.verdicts.metric not in names:
+        raise StudyError(
+            where=study.source,
+            key="verdicts.metric",
+            expected=f"a recorded history name, one of {sorted(names)}",
+            got=repr(study.verdicts.metric),
+            fix="name the loss or a metric listed in [train] metrics",
+        )
     data = load_dataset(study)
     programs: dict[str, VariantProgram] = {}
     cells: list[_Cell] = []
@@ -188,6 +212,7 @@ def run(
         runs_per_s=total_runs / wall,
         summary=summarize(histories),
         histories=histories,
+        comparisons=compare(histories, str(study.baseline), study.verdicts),
         compile_s=compile_s,
     )
     run_dir.finish("complete", done, len(cells), result.to_json())
@@ -198,8 +223,15 @@ def load_result(run_dir: RunDir) -> dict[str, Any]:
     """What ``ablab show RUN`` shows: metadata, state and a summary recomputed from the cells."""
     meta = run_dir.read_json("study.json")
     status = run_dir.read_json("status.json")
-    histories = variant_histories(run_dir.history())
+    stored = variant_histories(run_dir.history())
+    order = [v for v in meta["study"].get("variants", {}) if v in stored]
+    histories = {v: stored[v] for v in order + [v for v in stored if v not in order]}
     saved = run_dir.read_json("summary.json") if (run_dir.path / "summary.json").exists() else {}
+    baseline = meta["study"].get("baseline")
+    spec = VerdictSpec.model_validate(meta["study"].get("verdicts") or {})
+    comparisons = (
+        compare(histories, baseline, spec) if baseline in histories and len(histories) > 1 else []
+    )
     return {
         "run_id": run_dir.run_id,
         "run_dir": str(run_dir.path),
@@ -213,4 +245,6 @@ def load_result(run_dir: RunDir) -> dict[str, Any]:
         "baseline": meta["study"].get("baseline"),
         "environment": meta["environment"],
         "variants": summarize(histories),
+        "comparisons": [c.to_json() for c in comparisons],
+        "verdict_rule": RULE,
     }

@@ -24,7 +24,7 @@ from pydantic import (
 
 from ablab._errors import StudyError, short_repr
 
-SECTIONS = ("data", "model", "train", "variants", "seeds", "engine")
+SECTIONS = ("data", "model", "train", "variants", "seeds", "engine", "verdicts")
 
 # Keras defaults (keras.Model.compile / keras.Model.fit, Keras 3.15).
 FIT_DEFAULT_BATCH_SIZE = 32
@@ -158,6 +158,27 @@ class EngineSpec(_Strict):
     chunk_size: PositiveInt | None = None
 
 
+class VerdictSpec(_Strict):
+    """How variants are compared with the baseline (see ``ablab._verdict`` for the rule)."""
+
+    metric: str | None = None
+    """History name compared at the final epoch; default val_loss (loss without validation)."""
+    alpha: float = Field(0.05, gt=0, lt=1)
+    margin: float = Field(0.01, ge=0)
+    """Equivalence margin as a fraction of the baseline's median (default 1 %)."""
+    margin_abs: float | None = Field(None, ge=0)
+    """Equivalence margin in the metric's own units (overrides ``margin``)."""
+    confidence: float = Field(0.95, gt=0, lt=1)
+    n_resamples: PositiveInt = 9999
+    power: float = Field(0.8, gt=0, lt=1)
+    effect: float | None = None
+    """A stated effect (metric units) for seed planning; default: the observed mean difference."""
+    higher_is_better: bool | None = None
+    """Override the direction guessed from the metric's name."""
+    random_seed: int = 0
+    """Seeds the bootstrap's generator (results are reproducible)."""
+
+
 class Study(_Strict):
     """A validated study. Build in code or load with :func:`load_study`."""
 
@@ -170,6 +191,7 @@ class Study(_Strict):
     baseline: str | None = None
     seeds: SeedSpec = Field(default_factory=SeedSpec)
     engine: EngineSpec = Field(default_factory=EngineSpec)
+    verdicts: VerdictSpec = Field(default_factory=VerdictSpec)
     source: str = "<in code>"
     """Where the study came from: its file, or ``<in code>``."""
     root: str = "."
@@ -260,6 +282,30 @@ def _loc(loc: tuple[int | str, ...]) -> str:
     return out or "(top level)"
 
 
+def _known_keys(loc: tuple[int | str, ...]) -> list[str]:
+    """Field names of the model found at ``loc`` inside Study (for 'did you mean')."""
+    model: Any = Study
+    for part in loc:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        annotation = field.annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        model = next(
+            (c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None
+        )
+        if model is None:
+            return []
+    return list(getattr(model, "model_fields", {}))
+
+
+def _did_you_mean(name: str, known: list[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, known, n=1)
+    return f"did you mean `{close[0]}`? " if close else ""
+
+
 def _to_study_error(exc: ValidationError, source: str, prefix: str = "") -> StudyError:
     """The first pydantic error as one StudyError (file, key, expected, got, fix)."""
     err = exc.errors()[0]
@@ -281,7 +327,8 @@ def _to_study_error(exc: ValidationError, source: str, prefix: str = "") -> Stud
             key=key,
             expected=f"only the documented keys in [{parent}]",
             got=f"unknown key {loc[-1]!r}",
-            fix="remove or rename it (see the README's study file reference)",
+            fix=_did_you_mean(str(loc[-1]), _known_keys(loc[:-1]))
+            + "remove or rename it (see the README's study file reference)",
         )
     if kind == "missing":
         return StudyError(

@@ -37,9 +37,66 @@ def summary_table(variants: dict[str, dict[str, Any]], baseline: str | None) -> 
     return table
 
 
+_VERDICT_STYLE = {"helps": "green", "hurts": "red", "equivalent": "cyan", "inconclusive": "yellow"}
+
+
+def _sig(value: float | None) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.2g}" if value >= 1e-3 else f"{value:.1e}"
+
+
+def comparison_table(comparisons: list[dict[str, Any]]) -> Table:
+    """One row per variant vs the baseline: effect with CI, P(better), Cliff's delta, p, verdict."""
+    first = comparisons[0]
+    better = "lower" if first["lower_is_better"] else "higher"
+    table = Table(
+        title=f"vs {first['baseline']} on final {first['metric']} ({better} is better; "
+        f"paired seeds; margin ±{_fmt(first['margin'])})",
+        title_justify="left",
+    )
+    for col in (
+        "variant",
+        "n",
+        "Δ mean [95% CI]",
+        "Δ %",
+        "P(better)",
+        "Cliff δ",
+        "p (Holm)",
+        "verdict",
+        "seeds needed",
+    ):
+        table.add_column(col, justify="left" if col in ("variant", "verdict") else "right")
+    for c in comparisons:
+        if c["diff_mean"] is None:
+            effect = "—"
+        else:
+            effect = f"{c['diff_mean']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}]"
+        rel = "—" if c.get("rel_diff") is None else f"{100 * c['rel_diff']:+.1f}"
+        prob = "—" if c["prob_better"] is None else f"{c['prob_better']:.2f}"
+        delta = "—" if c.get("cliffs_delta") is None else f"{c['cliffs_delta']:+.2f}"
+        style = _VERDICT_STYLE.get(c["verdict"], "")
+        needed = "—" if c["seeds_needed"] is None else f"{c['seeds_needed']:,}"
+        table.add_row(
+            c["variant"],
+            str(c["n"]),
+            effect,
+            rel,
+            prob,
+            delta,
+            _sig(c["p_adjusted"]),
+            f"[{style}]{c['verdict']}[/{style}]",
+            needed,
+        )
+    return table
+
+
 def print_run(console: Console, doc: dict[str, Any]) -> None:
-    """The summary ``ablab run`` prints: table, wall time, throughput, where it is stored."""
+    """The summary ``ablab run`` prints: tables, wall time, throughput, where it is stored."""
     console.print(summary_table(doc["variants"], doc.get("baseline")))
+    if doc.get("comparisons"):
+        console.print(comparison_table(doc["comparisons"]))
+        console.print(f"verdict rule: {doc['verdict_rule']}", style="dim")
     n_runs = sum(v["n_seeds"] for v in doc["variants"].values())
     if doc.get("wall_s") is not None:
         console.print(

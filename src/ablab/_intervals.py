@@ -1,0 +1,104 @@
+"""Bootstrap confidence intervals over seeds (resampling whole pairs).
+
+All take ``rng`` (a ``numpy.random.Generator``) explicitly. The paired differences are
+put in a canonical order (sorted) before resampling, so the interval does not depend on
+the order the seeds were given in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from scipy import stats
+
+
+def bootstrap_ci(
+    values: np.ndarray,
+    statistic: Callable[..., np.ndarray],
+    rng: np.random.Generator,
+    *,
+    confidence: float = 0.95,
+    n_resamples: int = 9999,
+) -> tuple[float, float]:
+    """BCa bootstrap interval (Efron, 1987) of ``statistic`` over ``values``: (seeds,) -> (lo, hi).
+
+    Resamples seeds with replacement (``scipy.stats.bootstrap``, method "BCa"). Paired data
+    are resampled as pairs by passing their per-seed differences (or indicators). Where every
+    value is equal the sampling distribution is a point and the interval is that point.
+    ``statistic`` must accept ``axis`` (it is called vectorized).
+    """
+    values = np.sort(np.asarray(values, dtype=np.float64))
+    point = float(statistic(values, axis=0))
+    if values.size < 2 or np.all(values == values[0]):
+        return point, point
+    res = stats.bootstrap(
+        (values,),
+        statistic,
+        n_resamples=n_resamples,
+        confidence_level=confidence,
+        method="BCa",
+        vectorized=True,
+        rng=rng,
+    )
+    lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
+    if not (np.isfinite(lo) and np.isfinite(hi)):  # BCa undefined (e.g. near-degenerate)
+        res = stats.bootstrap(
+            (values,),
+            statistic,
+            n_resamples=n_resamples,
+            confidence_level=confidence,
+            method="percentile",
+            vectorized=True,
+            rng=rng,
+        )
+        lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
+    return lo, hi
+
+
+def _win_share(values: np.ndarray, axis: int = 0) -> np.ndarray:
+    """Mean of per-seed wins (1 win, 1/2 tie, 0 loss) along ``axis``."""
+    return np.mean(values, axis=axis)
+
+
+def prob_better_ci(
+    gain: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    confidence: float = 0.95,
+    n_resamples: int = 9999,
+) -> tuple[float, float]:
+    """Interval of P(variant better) from per-seed improvements ``gain`` (> 0 = better)."""
+    wins = (gain > 0) + 0.5 * (gain == 0)
+    return bootstrap_ci(wins, _win_share, rng, confidence=confidence, n_resamples=n_resamples)
+
+
+def curve_ci(
+    diff: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    confidence: float = 0.95,
+    n_resamples: int = 2000,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-epoch mean paired difference with a percentile bootstrap band (scipy.stats.bootstrap).
+
+    diff: (seeds, epochs) ``variant - baseline``. Returns (mean, low, high), each (epochs,).
+    Seeds are resampled jointly across epochs (a seed's whole curve is one unit).
+    """
+    diff = np.asarray(diff, dtype=np.float64)
+    diff = diff[np.all(np.isfinite(diff), axis=1)]
+    mean = diff.mean(axis=0)
+    if diff.shape[0] < 2:
+        return mean, mean.copy(), mean.copy()
+    res = stats.bootstrap(
+        (diff,),
+        np.mean,
+        n_resamples=n_resamples,
+        confidence_level=confidence,
+        method="percentile",
+        vectorized=True,
+        axis=0,  # the same resampled seeds for every epoch
+        rng=rng,
+    )
+    low, high = res.confidence_interval.low, res.confidence_interval.high
+    return mean, low, high

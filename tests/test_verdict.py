@@ -1,0 +1,142 @@
+"""Verdicts: the rule, directions, Holm across comparisons, and calibration on real training.
+
+Calibration (the issue's requirement): >= 200 A/A comparisons -- the same variant twice, the
+second from a different block of seeds -- must come out `helps`/`hurts` at a rate <= 0.08 at
+alpha 0.05, and a real effect (Adam's learning rate x 0.1) must be detected.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import ablab
+from ablab._records import VariantHistory
+from ablab._study import VerdictSpec
+from ablab._verdict import compare, decide, lower_is_better
+from tests.conftest import make_program
+
+FAST = VerdictSpec(n_resamples=999)
+
+
+def _hist(final: np.ndarray, metric: str = "val_loss", seeds: np.ndarray | None = None):
+    seeds = np.arange(len(final)) if seeds is None else seeds
+    return VariantHistory(seeds=seeds, values={metric: np.asarray(final, float)[:, None]})
+
+
+def test_rule() -> None:
+    assert decide(p_adjusted=0.5, p_tost=0.01, mean_gain=0.0, alpha=0.05) == "equivalent"
+    assert decide(p_adjusted=1e-6, p_tost=0.01, mean_gain=1e-4, alpha=0.05) == "equivalent"
+    assert decide(p_adjusted=0.01, p_tost=0.4, mean_gain=0.2, alpha=0.05) == "helps"
+    assert decide(p_adjusted=0.01, p_tost=0.4, mean_gain=-0.2, alpha=0.05) == "hurts"
+    assert decide(p_adjusted=0.2, p_tost=0.4, mean_gain=0.2, alpha=0.05) == "inconclusive"
+
+
+def test_direction_from_metric_name() -> None:
+    assert lower_is_better("val_loss") and lower_is_better("mae")
+    assert not lower_is_better("val_accuracy") and not lower_is_better("auc")
+    assert lower_is_better("val_accuracy", override=False)
+
+
+def test_identical_variants_are_equivalent() -> None:
+    base = np.random.default_rng(0).normal(1.0, 0.2, 100)
+    (c,) = compare({"a": _hist(base), "b": _hist(base.copy())}, "a", FAST)
+    assert c.verdict == "equivalent" and c.diff_mean == 0.0 and c.p_value == 1.0
+    assert c.ci_low == c.ci_high == 0.0 and c.prob_better == 0.5
+
+
+def test_clear_effects_and_their_direction() -> None:
+    rng = np.random.default_rng(1)
+    base = rng.normal(1.0, 0.2, 200)
+    noise = rng.normal(0.0, 0.02, 200)
+    hists = {
+        "base": _hist(base),
+        "better": _hist(base - 0.1 + noise),
+        "worse": _hist(base + 0.1 + noise),
+    }
+    by = {c.variant: c for c in compare(hists, "base", FAST)}
+    assert by["better"].verdict == "helps" and by["worse"].verdict == "hurts"
+    assert by["better"].ci_low < by["better"].diff_mean < by["better"].ci_high < 0
+    assert by["better"].prob_better > 0.99 and by["worse"].prob_better < 0.01
+    # accuracy: higher is better, so the same shift reverses the verdicts
+    acc = {k: _hist(v.values["val_loss"][:, 0], "val_accuracy") for k, v in hists.items()}
+    spec = VerdictSpec(n_resamples=999, metric="val_accuracy")
+    by_acc = {c.variant: c for c in compare(acc, "base", spec)}
+    assert by_acc["better"].verdict == "hurts" and by_acc["worse"].verdict == "helps"
+
+
+def test_holm_is_applied_across_all_comparisons() -> None:
+    rng = np.random.default_rng(2)
+    base = rng.normal(1.0, 0.2, 40)
+    hists = {"base": _hist(base)}
+    for k in range(4):
+        hists[f"v{k}"] = _hist(base + rng.normal(0.0, 0.05, 40))
+    comps = compare(hists, "base", FAST)
+    raw = sorted(c.p_value for c in comps)
+    assert min(c.p_adjusted for c in comps) == pytest.approx(min(1.0, 4 * raw[0]))
+    assert all(c.p_adjusted >= c.p_value for c in comps)
+
+
+def test_pairs_by_seed_id_and_drops_diverged() -> None:
+    base = _hist(np.array([1.0, 2.0, 3.0, np.nan]), seeds=np.array([0, 1, 2, 3]))
+    var = _hist(np.array([0.5, 2.5, 1.5]), seeds=np.array([2, 1, 0]))  # seeds in another order
+    (c,) = compare({"b": base, "v": var}, "b", FAST)
+    assert c.n == 3
+    # pairs by id: seed0 1.0->1.5, seed1 2.0->2.5, seed2 3.0->0.5
+    assert c.diff_mean == pytest.approx((0.5 + 0.5 - 2.5) / 3)
+
+
+def test_inconclusive_reports_seeds_needed() -> None:
+    rng = np.random.default_rng(3)
+    base = rng.normal(1.0, 0.3, 12)
+    var = base + rng.normal(-0.03, 0.3, 12)
+    (c,) = compare({"b": _hist(base), "v": _hist(var)}, "b", FAST)
+    assert c.verdict == "inconclusive"
+    assert c.seeds_needed is not None and c.seeds_needed > 12
+
+
+def _study(seeds: int) -> ablab.Study:
+    return ablab.Study(
+        data={"synthetic": {"shape": [100, 12], "seed": 1}},
+        train={
+            "optimizer": "adam",
+            "loss": "mse",
+            "epochs": 20,
+            "validation_split": 0.1,
+            "shuffle": False,
+        },
+        variants={
+            "plain": {"layers": [{"layer": "Dense", "units": 8}, {"layer": "Dense", "units": 12}]},
+            "slow": {
+                "layers": [{"layer": "Dense", "units": 8}, {"layer": "Dense", "units": 12}],
+                "train": {"optimizer": {"name": "adam", "learning_rate": 1e-4}},
+            },
+        },
+        seeds={"count": seeds},
+    )
+
+
+def test_calibration_a_a_false_verdicts_at_most_8_percent() -> None:
+    n_cmp, n_seeds = 200, 30
+    program = make_program(_study(1), "plain")
+    finals = program.train(np.arange(2 * n_cmp * n_seeds, dtype=np.uint32))["val_loss"][:, -1]
+    blocks = finals.reshape(2 * n_cmp, n_seeds)
+    verdicts = []
+    for k in range(n_cmp):
+        # "the same variant twice, the second with a different seed base": pair by position
+        a, b = _hist(blocks[2 * k]), _hist(blocks[2 * k + 1])
+        (c,) = compare({"a": a, "b": b}, "a", FAST)
+        verdicts.append(c.verdict)
+    false_rate = np.mean([v in ("helps", "hurts") for v in verdicts])
+    assert false_rate <= 0.08, false_rate
+
+
+def test_a_real_effect_is_detected() -> None:
+    study = _study(30)
+    ids = np.arange(30, dtype=np.uint32)
+    hists = {
+        v: VariantHistory(seeds=ids.astype(np.int64), values=make_program(study, v).train(ids))
+        for v in ("plain", "slow")
+    }
+    (c,) = compare(hists, "plain", FAST)
+    assert c.verdict == "hurts" and c.diff_mean > 0 and c.p_adjusted < 0.05
