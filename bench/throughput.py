@@ -33,21 +33,14 @@ import numpy as np
 
 import ablab
 from ablab._data import load_dataset, split
-from ablab._engine import VariantProgram, choose_chunk_size, seed_chunks
-from ablab._model import prepare_model
+from ablab._engine import choose_chunk_size, seed_chunks
+from ablab._program import build_program
 
 STUDY = Path(__file__).resolve().parents[1] / "examples" / "bn_yes_or_no.toml"
 
 
-def _program(study: ablab.Study, variant: str) -> VariantProgram:
-    parts = split(load_dataset(study), study.train.validation_split)
-    bs = study.train.batch_size
-    prepared = prepare_model(study, variant, parts.x_train[:bs], parts.y_train[:bs])
-    return VariantProgram(prepared, parts)
-
-
 def engine_figures(study: ablab.Study, variant: str, seeds: int) -> dict[str, float]:
-    program = _program(study, variant)
+    program = build_program(study, variant)
     chunk = choose_chunk_size(program, seeds, study.engine.memory_budget_mb)
     compile_s = program.compile(chunk)
     chunks = list(seed_chunks(0, seeds, chunk))

@@ -14,9 +14,8 @@ import jax
 import pytest
 
 import ablab
-from ablab._data import load_dataset, split
 from ablab._engine import VariantProgram
-from ablab._model import prepare_model
+from ablab._program import build_program
 
 # Strict dtype promotion: silent float64/int promotions inside the engine fail loudly.
 jax.config.update("jax_numpy_dtype_promotion", "strict")
@@ -30,13 +29,7 @@ def seed_study() -> ablab.Study:
     return ablab.load_study(SEED_STUDY)
 
 
-def make_program(study: ablab.Study, variant: str) -> VariantProgram:
-    data = load_dataset(study)
-    train = study.variant_train(variant)
-    parts = split(data, train.validation_split)
-    n = min(train.batch_size, parts.n_train)
-    prepared = prepare_model(study, variant, parts.x_train[:n], parts.y_train[:n])
-    return VariantProgram(prepared, parts)
+make_program = build_program  # the name the tests use
 
 
 @pytest.fixture(scope="session")

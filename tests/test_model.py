@@ -86,6 +86,7 @@ def _builder_study(tmp_path: Path, body: str, params: dict | None = None) -> abl
     (tmp_path / "models.py").write_text(body)
     raw = tomllib.loads(SEED_STUDY.read_text())
     raw["model"] = {"builder": "models.py:make", "params": params or {}}
+    raw.pop("checks")  # they name the seed study's variants
     raw["variants"] = {
         "baseline": "small",
         "small": {"params": {"width": 4}},

@@ -146,3 +146,8 @@ def test_seed_study_verdicts(tmp_path: Path) -> None:
     }
     assert all(keys <= set(c) for c in doc["comparisons"])
     assert "Holm" in doc["verdict_rule"]
+    # the example declares plain = plain_identity and bn = bn_after: both hold exactly
+    assert [(c.name, c.passed, c.max_abs_dev) for c in result.checks] == [
+        ("plain ≡ plain_identity", True, 0.0),
+        ("bn ≡ bn_after", True, 0.0),
+    ]

@@ -77,6 +77,62 @@ def run_cmd(
         _dump(doc)
     else:
         print_run(_stdout(), doc)
+    failed = [c["name"] for c in doc["checks"] if c["passed"] is False]
+    if failed:
+        Console(stderr=True).print(
+            f"[bold red]{len(failed)} check(s) failed[/bold red] ({', '.join(failed)}): the run "
+            "is stored, but a framework or model bug may be behind its numbers.",
+            soft_wrap=True,
+        )
+        raise SystemExit(EXIT_FAILURE)
+
+
+@cli.command("check")
+@click.argument("study", type=click.Path(path_type=Path))
+@click.option(
+    "--backends",
+    default=None,
+    help="Comma-separated Keras backends for model.fit checks (jax,torch,tensorflow), "
+    "or 'none'. Default: the study's [checks] backends, else all three.",
+)
+@click.option(
+    "--identity-probe/--no-identity-probe",
+    default=None,
+    help="Probe every variant with identity activations (default: the study's option).",
+)
+@click.option("--seeds", type=int, default=None, help="Seeds per check (default [checks] seeds).")
+@_json_option
+def check_cmd(
+    study: Path, backends: str | None, identity_probe: bool | None, seeds: int | None, as_json: bool
+) -> None:
+    """Run STUDY's checks: declared equivalences, identity probes, model.fit on each backend."""
+    from ablab._backends import BACKENDS
+    from ablab._checks import all_passed, run_checks
+    from ablab._program import build_program
+    from ablab._study import load_study
+    from ablab._terminal import checks_table
+
+    spec = load_study(study)
+    if seeds is not None:
+        spec = spec.model_copy(update={"checks": spec.checks.model_copy(update={"seeds": seeds})})
+    if backends is None:
+        chosen = list(spec.checks.backends) if spec.checks.backends is not None else list(BACKENDS)
+    else:
+        chosen = [] if backends == "none" else [b.strip() for b in backends.split(",") if b]
+        unknown = [b for b in chosen if b not in BACKENDS]
+        if unknown:
+            raise click.BadParameter(
+                f"unknown backend(s) {unknown}; choose from {BACKENDS}", param_hint="--backends"
+            )
+    programs = {v: build_program(spec, v) for v in spec.variants}
+    results = run_checks(spec, programs, backends=chosen, identity_probe=identity_probe)
+    doc = {"checks": [r.to_json() for r in results]}
+    if as_json:
+        _dump(doc)
+    else:
+        _stdout().print(checks_table(doc["checks"]))
+    if not all_passed(results):
+        raise SystemExit(EXIT_FAILURE)
 
 
 @cli.command("show")
@@ -137,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     except (click.exceptions.Abort, KeyboardInterrupt):
         err.print("[yellow]interrupted[/yellow]")
         return EXIT_INTERRUPTED
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else EXIT_FAILURE
     except click.exceptions.ClickException as exc:
         exc.show(file=sys.stderr)
         return EXIT_BAD_INPUT if isinstance(exc, click.exceptions.UsageError) else EXIT_FAILURE

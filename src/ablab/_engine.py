@@ -18,6 +18,7 @@ pre-update batch losses (Keras' loss tracker).
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -103,9 +104,15 @@ class VariantProgram:
         self.compile_seconds: dict[int, float] = {}
         self._init_jitted = jax.jit(lambda ids: initial_state(self.prepared, ids))
         self._init_compiled: dict[int, Any] = {}
+        self._trajectory_compiled: dict[int, Any] = {}
 
     # -- the traced program --------------------------------------------------------------
-    def _train_seed(self, seed_id: jax.Array, tv: list, ntv: list, data: tuple) -> dict:
+    def _train_seed(
+        self, seed_id: jax.Array, tv: list, ntv: list, data: tuple, record: bool = False
+    ) -> tuple[dict, dict | None]:
+        """One seed's history ``{name: (epochs,)}`` and, with ``record``, its per-step trace
+        ``{"loss": (steps,), "weights": [(steps, *shape) per trainable variable]}`` (the epoch's
+        running loss and the weights after each optimizer step)."""
         model = self.prepared.model
         lay = self.layout
         x_tr, y_tr, x_va, y_va = data
@@ -113,23 +120,39 @@ class VariantProgram:
         vfull, vrem = _batches(lay.n_val, lay.val_batch_size)
         metrics0 = self._metrics0
 
+        def trace(logs: dict, state: tuple) -> dict:
+            return {"loss": logs["loss"], "weights": list(state[0])}
+
         def run_batches(
-            step: Callable, state: Any, x: jax.Array, y: jax.Array, full: int, part: int, bs: int
-        ) -> tuple[Any, dict]:
-            logs = None
+            step: Callable,
+            state: Any,
+            x: jax.Array,
+            y: jax.Array,
+            full: int,
+            part: int,
+            bs: int,
+            traced: bool = False,
+        ) -> tuple[Any, dict, Any]:
+            logs, traces = None, []
             if full:
                 xb = x[: full * bs].reshape(full, bs, *x.shape[1:])
                 yb = y[: full * bs].reshape(full, bs, *y.shape[1:])
 
-                def body(st: Any, batch: tuple) -> tuple[Any, dict]:
+                def body(st: Any, batch: tuple) -> tuple[Any, tuple]:
                     out_logs, st = step(st, batch)
-                    return st, out_logs
+                    return st, (out_logs, trace(out_logs, st) if traced else None)
 
-                state, stacked = jax.lax.scan(body, state, (xb, yb))
+                state, (stacked, steps) = jax.lax.scan(body, state, (xb, yb))
                 logs = jax.tree.map(lambda a: a[-1], stacked)
+                traces.append(steps)
             if part:
                 logs, state = step(state, (x[full * bs :], y[full * bs :]))
-            return state, logs
+                if traced:
+                    traces.append(jax.tree.map(lambda a: a[None], trace(logs, state)))
+            steps = None
+            if traced:
+                steps = jax.tree.map(lambda *a: jnp.concatenate(a), *traces)
+            return state, logs, steps
 
         def epoch(carry: tuple, epoch_index: jax.Array) -> tuple[tuple, dict]:
             tv, ntv, ov = carry
@@ -139,13 +162,13 @@ class VariantProgram:
             else:
                 x_ep, y_ep = x_tr, y_tr
             state = (tv, ntv, ov, metrics0)
-            state, logs = run_batches(
-                model.train_step, state, x_ep, y_ep, nfull, rem, lay.batch_size
+            state, logs, steps = run_batches(
+                model.train_step, state, x_ep, y_ep, nfull, rem, lay.batch_size, record
             )
             tv, ntv, ov, _ = state
             out = dict(logs)
             if lay.n_val:
-                _, val_logs = run_batches(
+                _, val_logs, _ = run_batches(
                     model.test_step,
                     (tv, ntv, metrics0),
                     x_va,
@@ -155,15 +178,24 @@ class VariantProgram:
                     lay.val_batch_size,
                 )
                 out.update({f"val_{k}": v for k, v in val_logs.items()})
-            return (tv, ntv, ov), out
+            return (tv, ntv, ov), (out, steps)
 
         carry0 = (tv, ntv, self._optimizer0)
-        _, history = jax.lax.scan(epoch, carry0, jnp.arange(lay.epochs))
-        return {k: jnp.asarray(v, jnp.float32) for k, v in history.items()}
+        _, (history, steps) = jax.lax.scan(epoch, carry0, jnp.arange(lay.epochs))
+        history = {k: jnp.asarray(v, jnp.float32) for k, v in history.items()}
+        if record:  # (epochs, steps per epoch, ...) -> (steps, ...)
+            steps = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), steps)
+        return history, steps
 
     def _train_all(self, seed_ids: jax.Array, data: tuple) -> dict:
         tv, ntv = initial_state(self.prepared, seed_ids)
-        return jax.vmap(self._train_seed, in_axes=(0, 0, 0, None))(seed_ids, tv, ntv, data)
+        history, _ = jax.vmap(self._train_seed, in_axes=(0, 0, 0, None))(seed_ids, tv, ntv, data)
+        return history
+
+    def _trajectory_all(self, seed_ids: jax.Array, data: tuple) -> tuple[dict, dict]:
+        tv, ntv = initial_state(self.prepared, seed_ids)
+        fn = functools.partial(self._train_seed, record=True)
+        return jax.vmap(fn, in_axes=(0, 0, 0, None))(seed_ids, tv, ntv, data)
 
     # -- public -----------------------------------------------------------------------
     def compile(self, chunk_size: int) -> float:
@@ -183,6 +215,26 @@ class VariantProgram:
         self.compile(len(ids))
         out = self._compiled[len(ids)](jnp.asarray(ids), self._data)
         return {k: np.asarray(v) for k, v in out.items()}
+
+    def trajectories(self, seed_ids: np.ndarray) -> dict[str, np.ndarray]:
+        """Per-step trajectories of a few seeds (for checks): ``{"loss": (seeds, steps),
+        <trainable stable id>: (seeds, steps + 1, *shape)}`` -- weights start at the initial
+        values (step 0) and follow each optimizer step; loss is the epoch's running loss as
+        ``fit`` reports it after each batch. Memory grows with steps x parameters: keep the
+        seed count small."""
+        ids = jnp.asarray(seed_ids, dtype=jnp.uint32)
+        if self._trajectory_compiled.get(len(ids)) is None:
+            self._trajectory_compiled[len(ids)] = (
+                jax.jit(self._trajectory_all)
+                .lower(ids, self._data)
+                .compile(compiler_options=COMPILER_OPTIONS)
+            )
+        _, steps = self._trajectory_compiled[len(ids)](ids, self._data)
+        tv0, _ = self.initial_weights(np.asarray(seed_ids))
+        out = {"loss": np.asarray(steps["loss"])}
+        for vid, init, traj in zip(self.prepared.trainable_ids, tv0, steps["weights"], strict=True):
+            out[vid] = np.concatenate([init[:, None], np.asarray(traj)], axis=1)
+        return out
 
     def initial_weights(self, seed_ids: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """The initial (trainable, non-trainable) values of every seed: each (seeds, *shape)."""

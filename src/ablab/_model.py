@@ -83,7 +83,12 @@ def stable_variable_ids(model: keras.Model) -> dict[int, str]:
 def _layer_from_spec(study: Study, key: str, spec: dict[str, Any]) -> keras.Layer:
     spec = dict(spec)
     name = spec.pop("layer", None)
-    if not isinstance(name, str):
+    if isinstance(name, type) and issubclass(name, keras.layers.Layer):  # a class, in code
+        cls: Any = name
+        name = cls.__name__
+    elif isinstance(name, str) and ":" in name:  # "file.py:Class" or "module:Class"
+        cls = _import_object(study, f"{key}.layer", name)
+    elif not isinstance(name, str):
         raise StudyError(
             where=study.source,
             key=key,
@@ -91,7 +96,8 @@ def _layer_from_spec(study: Study, key: str, spec: dict[str, Any]) -> keras.Laye
             got=short_repr(spec),
             fix='add `layer = "ClassName"`',
         )
-    cls = getattr(keras.layers, name, None)
+    else:
+        cls = getattr(keras.layers, name, None)
     if not (isinstance(cls, type) and issubclass(cls, keras.layers.Layer)):
         import difflib
 
@@ -101,7 +107,7 @@ def _layer_from_spec(study: Study, key: str, spec: dict[str, Any]) -> keras.Laye
         raise StudyError(
             where=study.source,
             key=f"{key}.layer",
-            expected="a keras.layers class name",
+            expected="a keras.layers class name (or 'file.py:Class' for your own layer)",
             got=repr(name),
             fix=f"use a class from keras.layers ({hint})",
         )
@@ -117,51 +123,54 @@ def _layer_from_spec(study: Study, key: str, spec: dict[str, Any]) -> keras.Laye
         ) from exc
 
 
+def _import_object(study: Study, key: str, ref: str) -> Any:
+    """``file.py:name`` (relative to the study's folder) or ``package.module:name``."""
+    fix = 'write "models.py:name" (a file beside the study) or "package.module:name"'
+    if ":" not in ref:
+        raise StudyError(
+            where=study.source, key=key, expected="'file.py:name'", got=repr(ref), fix=fix
+        )
+    target, attr = ref.rsplit(":", 1)
+    try:
+        if target.endswith(".py"):
+            path = (Path(study.root) / target).resolve()
+            if not path.is_file():
+                raise FileNotFoundError(f"no such file {path}")
+            mod_name = f"ablab_user_{abs(hash(str(path)))}"
+            module = sys.modules.get(mod_name)
+            if module is None:  # load each file once, so its classes stay the same objects
+                spec = importlib.util.spec_from_file_location(mod_name, path)
+                assert spec is not None and spec.loader is not None
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[mod_name] = module
+                spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+        return getattr(module, attr)
+    except Exception as exc:
+        raise StudyError(
+            where=study.source,
+            key=key,
+            expected="an importable name",
+            got=f"{ref!r} -> {type(exc).__name__}: {exc}",
+            fix=fix,
+        ) from exc
+
+
 def resolve_builder(study: Study) -> Callable[..., Any]:
     """The builder: a callable, ``file.py:function`` (beside the study) or ``module:fn``."""
     builder = study.model.builder
     if callable(builder):
         return builder
     assert isinstance(builder, str)
-    fix = 'write builder = "models.py:make_model" (a file beside the study) or "package.module:fn"'
-    if ":" not in builder:
-        raise StudyError(
-            where=study.source,
-            key="model.builder",
-            expected="'file.py:function'",
-            got=repr(builder),
-            fix=fix,
-        )
-    target, func_name = builder.rsplit(":", 1)
-    try:
-        if target.endswith(".py"):
-            path = (Path(study.root) / target).resolve()
-            if not path.is_file():
-                raise FileNotFoundError(f"no such file {path}")
-            mod_name = f"ablab_builder_{abs(hash(str(path)))}"
-            spec = importlib.util.spec_from_file_location(mod_name, path)
-            assert spec is not None and spec.loader is not None
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[mod_name] = module
-            spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(target)
-        fn = getattr(module, func_name)
-    except Exception as exc:
-        raise StudyError(
-            where=study.source,
-            key="model.builder",
-            expected="an importable builder function",
-            got=f"{builder!r} -> {type(exc).__name__}: {exc}",
-            fix=fix,
-        ) from exc
+    fn = _import_object(study, "model.builder", builder)
     if not callable(fn):
         raise StudyError(
             where=study.source,
             key="model.builder",
             expected="a callable",
             got=short_repr(fn),
-            fix=fix,
+            fix="point builder at a function",
         )
     return fn
 

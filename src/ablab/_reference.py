@@ -1,11 +1,8 @@
 """The reference engine: plain Keras ``model.fit`` for one seed, from the engine's initial weights.
 
-Used to check the vectorized engine (fidelity) and, later, other backends. With
-``shuffle=False`` it is literally ``model.fit``; with ``shuffle=True`` it feeds the
-engine's own per-epoch permutation to a ``train_on_batch`` loop (Keras draws its
-shuffle order from numpy's global RNG, which cannot be shared), aggregating the
-epoch loss the way ``fit``'s loss tracker does (batch-size-weighted mean of the
-pre-update batch losses) and validating with ``evaluate`` at each epoch end.
+Used to check the vectorized engine (fidelity). With ``shuffle=False`` it is literally
+``model.fit(validation_split=...)``; with ``shuffle=True`` the engine's own per-epoch
+permutations drive a ``train_on_batch`` loop (``ablab._backend_worker.fit_history``).
 """
 
 from __future__ import annotations
@@ -13,69 +10,66 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from ablab._data import Split
+from ablab._backend_worker import fit_history
 from ablab._engine import VariantProgram, epoch_permutation
+
+
+def fit_arguments(program: VariantProgram) -> dict[str, object]:
+    """The ``fit`` arguments of a program's variant."""
+    lay = program.layout
+    return {
+        "epochs": lay.epochs,
+        "batch_size": lay.batch_size,
+        "validation_split": program.prepared.train.validation_split,
+        "validation_batch_size": lay.val_batch_size,
+        "shuffle": lay.shuffle,
+    }
+
+
+def all_rows(program: VariantProgram) -> tuple[np.ndarray, np.ndarray]:
+    """Training rows then validation rows: what ``fit(validation_split=...)`` is given."""
+    sp = program.split
+    if sp.x_val is None:
+        return sp.x_train, sp.y_train
+    return np.concatenate([sp.x_train, sp.x_val]), np.concatenate([sp.y_train, sp.y_val])
+
+
+def permutations(program: VariantProgram, seed_id: int) -> np.ndarray | None:
+    """(epochs, n_train) training-row orders of ``seed_id`` (None without shuffling)."""
+    lay = program.layout
+    if not lay.shuffle:
+        return None
+    return np.stack(
+        [np.asarray(epoch_permutation(seed_id, e, lay.n_train)) for e in range(lay.epochs)]
+    )
+
+
+def initial_weights_for_keras(program: VariantProgram, seed_id: int) -> list[np.ndarray]:
+    """Seed ``seed_id``'s initial values in ``model.weights`` order (what ``set_weights`` takes)."""
+    model = program.prepared.model
+    tv, ntv = program.initial_weights(np.asarray([seed_id]))
+    by_id = {id(v): a[0] for v, a in zip(model.trainable_variables, tv, strict=True)}
+    by_id.update({id(v): a[0] for v, a in zip(model.non_trainable_variables, ntv, strict=True)})
+    return [by_id[id(v)] for v in model.weights]
 
 
 def fresh_model(program: VariantProgram, seed_id: int) -> keras.Model:
     """A new, compiled copy of the program's model holding seed ``seed_id``'s initial weights."""
-    prepared = program.prepared
-    model = keras.models.clone_model(prepared.model)
-    train = prepared.train
+    train = program.prepared.train
+    model = keras.models.clone_model(program.prepared.model)
     model.compile(
         optimizer=keras.optimizers.get(train.optimizer_config()),
         loss=train.loss,
         metrics=list(train.metrics),
     )
-    tv, ntv = program.initial_weights(np.asarray([seed_id]))
-    for var, value in zip(model.trainable_variables, tv, strict=True):
-        var.assign(value[0])
-    for var, value in zip(model.non_trainable_variables, ntv, strict=True):
-        var.assign(value[0])
+    model.set_weights(initial_weights_for_keras(program, seed_id))
     return model
-
-
-def _weighted_epoch(batch_logs: list[dict[str, float]], sizes: list[int]) -> dict[str, float]:
-    w = np.asarray(sizes, dtype=np.float64)
-    return {k: float(np.dot([b[k] for b in batch_logs], w) / w.sum()) for k in batch_logs[0]}
 
 
 def reference_history(program: VariantProgram, seed_id: int) -> dict[str, np.ndarray]:
     """``model.fit``'s History for seed ``seed_id``: {name: (epochs,)} like the engine's rows."""
-    model = fresh_model(program, seed_id)
-    lay = program.layout
-    sp: Split = program.split
-    if not lay.shuffle:
-        # Literally fit on all rows with the study's validation_split: Keras cuts it itself.
-        x_all = sp.x_train if sp.x_val is None else np.concatenate([sp.x_train, sp.x_val])
-        y_all = sp.y_train if sp.y_val is None else np.concatenate([sp.y_train, sp.y_val])
-        hist = model.fit(
-            x_all,
-            y_all,
-            epochs=lay.epochs,
-            batch_size=lay.batch_size,
-            validation_split=program.prepared.train.validation_split,
-            validation_batch_size=lay.val_batch_size,
-            shuffle=False,
-            verbose=0,
-        )
-        return {k: np.asarray(v, dtype=np.float64) for k, v in hist.history.items()}
-
-    rows: dict[str, list[float]] = {}
-    for epoch in range(lay.epochs):
-        perm = np.asarray(epoch_permutation(seed_id, epoch, lay.n_train))
-        x, y = sp.x_train[perm], sp.y_train[perm]
-        logs, sizes = [], []
-        for start in range(0, lay.n_train, lay.batch_size):
-            xb, yb = x[start : start + lay.batch_size], y[start : start + lay.batch_size]
-            logs.append(model.train_on_batch(xb, yb, return_dict=True))
-            sizes.append(len(xb))
-        epoch_logs = _weighted_epoch(logs, sizes)
-        if sp.x_val is not None:
-            val = model.evaluate(
-                sp.x_val, sp.y_val, batch_size=lay.val_batch_size, verbose=0, return_dict=True
-            )
-            epoch_logs.update({f"val_{k}": float(v) for k, v in val.items()})
-        for k, v in epoch_logs.items():
-            rows.setdefault(k, []).append(v)
-    return {k: np.asarray(v, dtype=np.float64) for k, v in rows.items()}
+    x, y = all_rows(program)
+    hist = fit_history(
+        fresh_model(program, seed_id), x, y, fit_arguments(program), permutations(program, seed_id)
+    )
+    return {k: np.asarray(v, dtype=np.float64) for k, v in hist.items()}

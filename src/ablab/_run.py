@@ -18,11 +18,12 @@ from typing import Any, Protocol
 import numpy as np
 import pyarrow as pa
 
-from ablab._data import load_dataset, split
+from ablab._checks import CheckResult, run_checks
+from ablab._data import load_dataset
 from ablab._engine import VariantProgram, choose_chunk_size, seed_chunks
 from ablab._env import environment
 from ablab._errors import RunInterrupted, StudyError
-from ablab._model import prepare_model
+from ablab._program import build_program
 from ablab._records import VariantHistory, history_table, variant_histories
 from ablab._store import RunDir
 from ablab._study import Study, VerdictSpec, load_study
@@ -69,6 +70,7 @@ class RunResult:
     summary: dict[str, dict[str, Any]]
     histories: dict[str, VariantHistory]
     comparisons: list[Comparison] = field(default_factory=list)
+    checks: list[CheckResult] = field(default_factory=list)
     compile_s: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -88,6 +90,7 @@ class RunResult:
             "variants": self.summary,
             "comparisons": [c.to_json() for c in self.comparisons],
             "verdict_rule": RULE,
+            "checks": [c.to_json() for c in self.checks],
         }
 
 
@@ -97,6 +100,12 @@ class _Cell:
     chunk: int
     seed_ids: np.ndarray
     real: int
+
+
+def declares_checks(study: Study) -> bool:
+    """Does the study ask for any check (run by ``ablab run`` after training)?"""
+    c = study.checks
+    return bool(c.equivalent or c.identity_probe or c.backends)
 
 
 def _history_names(study: Study) -> set[str]:
@@ -126,11 +135,7 @@ def _plan(study: Study) -> tuple[dict[str, VariantProgram], list[_Cell], dict[st
     cells: list[_Cell] = []
     chunk_sizes: dict[str, int] = {}
     for variant in study.variants:
-        train = study.variant_train(variant)
-        parts = split(data, train.validation_split, where=study.source)
-        probe = min(train.batch_size, parts.n_train)
-        prepared = prepare_model(study, variant, parts.x_train[:probe], parts.y_train[:probe])
-        program = VariantProgram(prepared, parts)
+        program = build_program(study, variant, data)
         chunk = choose_chunk_size(
             program, study.seeds.count, study.engine.memory_budget_mb, study.engine.chunk_size
         )
@@ -203,6 +208,7 @@ def run(
         for v, chunks in parts.items()
     }
     total_runs = study.seeds.count * len(programs)
+    checks = run_checks(study, programs) if declares_checks(study) else []
     result = RunResult(
         run_id=run_dir.run_id,
         run_dir=run_dir.path,
@@ -213,6 +219,7 @@ def run(
         summary=summarize(histories),
         histories=histories,
         comparisons=compare(histories, str(study.baseline), study.verdicts),
+        checks=checks,
         compile_s=compile_s,
     )
     run_dir.finish("complete", done, len(cells), result.to_json())
@@ -227,6 +234,7 @@ def load_result(run_dir: RunDir) -> dict[str, Any]:
     order = [v for v in meta["study"].get("variants", {}) if v in stored]
     histories = {v: stored[v] for v in order + [v for v in stored if v not in order]}
     saved = run_dir.read_json("summary.json") if (run_dir.path / "summary.json").exists() else {}
+    checks = saved.get("checks", [])
     baseline = meta["study"].get("baseline")
     spec = VerdictSpec.model_validate(meta["study"].get("verdicts") or {})
     comparisons = (
@@ -247,4 +255,5 @@ def load_result(run_dir: RunDir) -> dict[str, Any]:
         "variants": summarize(histories),
         "comparisons": [c.to_json() for c in comparisons],
         "verdict_rule": RULE,
+        "checks": checks,
     }

@@ -24,7 +24,7 @@ from pydantic import (
 
 from ablab._errors import StudyError, short_repr
 
-SECTIONS = ("data", "model", "train", "variants", "seeds", "engine", "verdicts")
+SECTIONS = ("data", "model", "train", "variants", "seeds", "engine", "verdicts", "checks")
 
 # Keras defaults (keras.Model.compile / keras.Model.fit, Keras 3.15).
 FIT_DEFAULT_BATCH_SIZE = 32
@@ -179,6 +179,27 @@ class VerdictSpec(_Strict):
     """Seeds the bootstrap's generator (results are reproducible)."""
 
 
+class ChecksSpec(_Strict):
+    """Checks that catch framework bugs instead of believing them (see ``ablab._checks``)."""
+
+    equivalent: list[list[str]] = Field(default_factory=list)
+    """Groups of variants that must train identically from identical initial weights."""
+    identity_probe: bool | list[str] = False
+    """Insert Activation('linear') after every layer of these variants (true: all) and
+    check the trajectory does not change."""
+    backends: list[Literal["jax", "torch", "tensorflow"]] | None = None
+    """model.fit under these Keras backends vs the engine (jax = the fidelity check).
+    Not declared: `ablab run` skips them and `ablab check` runs all three."""
+    seeds: PositiveInt = 3
+    """Seeds per variant that the trajectory and backend checks train."""
+    tolerance: float = Field(1e-5, gt=0)
+    """Equivalence / identity probe: max |a - b| / max(|a|, |b|, 1) over steps and weights."""
+    fidelity_tolerance: float = Field(1e-4, gt=0)
+    """JAX model.fit vs the engine: max relative deviation per epoch."""
+    backend_tolerance: float = Field(1e-4, gt=0)
+    """torch / tensorflow model.fit vs the engine: max relative deviation per epoch."""
+
+
 class Study(_Strict):
     """A validated study. Build in code or load with :func:`load_study`."""
 
@@ -192,6 +213,7 @@ class Study(_Strict):
     seeds: SeedSpec = Field(default_factory=SeedSpec)
     engine: EngineSpec = Field(default_factory=EngineSpec)
     verdicts: VerdictSpec = Field(default_factory=VerdictSpec)
+    checks: ChecksSpec = Field(default_factory=ChecksSpec)
     source: str = "<in code>"
     """Where the study came from: its file, or ``<in code>``."""
     root: str = "."
@@ -226,6 +248,24 @@ class Study(_Strict):
                     "`params` for the builder",
                     "`layers`",
                     "a builder study varies builder params; drop `layers`",
+                )
+        for i, group in enumerate(self.checks.equivalent):
+            unknown = [g for g in group if g not in self.variants]
+            if len(group) < 2 or unknown:
+                raise _KeyedError(
+                    f"checks.equivalent[{i}]",
+                    f"two or more of the variants {list(self.variants)}",
+                    repr(group),
+                    'list existing variant names, e.g. ["a", "b"]',
+                )
+        probe = self.checks.identity_probe
+        for name in probe if isinstance(probe, list) else []:
+            if name not in self.variants:
+                raise _KeyedError(
+                    "checks.identity_probe",
+                    f"variants among {list(self.variants)}",
+                    repr(name),
+                    "name existing variants, or use true for all",
                 )
         return self
 

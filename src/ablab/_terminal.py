@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -43,6 +44,8 @@ _VERDICT_STYLE = {"helps": "green", "hurts": "red", "equivalent": "cyan", "incon
 def _sig(value: float | None) -> str:
     if value is None:
         return "—"
+    if value == 0:
+        return "0"
     return f"{value:.2g}" if value >= 1e-3 else f"{value:.1e}"
 
 
@@ -91,12 +94,51 @@ def comparison_table(comparisons: list[dict[str, Any]]) -> Table:
     return table
 
 
+def checks_table(checks: list[dict[str, Any]]) -> Table:
+    """One row per check: kind, name, pass/fail, deviations against the tolerance."""
+    table = Table(title="checks", title_justify="left")
+    for col in (
+        "check",
+        "kind",
+        "result",
+        "max abs dev",
+        "max rel dev",
+        "tolerance",
+        "first bad step",
+        "note",
+    ):
+        table.add_column(
+            col,
+            justify="right" if "dev" in col or col in ("tolerance", "first bad step") else "left",
+        )
+    for c in checks:
+        result = {
+            True: "[green]pass[/green]",
+            False: "[bold red]FAIL[/bold red]",
+            None: "[yellow]skipped[/yellow]",
+        }[c["passed"]]
+        first = "—" if c["first_bad_step"] is None else str(c["first_bad_step"])
+        table.add_row(
+            c["name"],
+            c["kind"],
+            result,
+            _sig(c["max_abs_dev"]),
+            _sig(c["max_rel_dev"]),
+            f"{c['tolerance']:.0e}",
+            first,
+            "" if c["passed"] else escape(c["detail"]),
+        )
+    return table
+
+
 def print_run(console: Console, doc: dict[str, Any]) -> None:
     """The summary ``ablab run`` prints: tables, wall time, throughput, where it is stored."""
     console.print(summary_table(doc["variants"], doc.get("baseline")))
     if doc.get("comparisons"):
         console.print(comparison_table(doc["comparisons"]))
         console.print(f"verdict rule: {doc['verdict_rule']}", style="dim")
+    if doc.get("checks"):
+        console.print(checks_table(doc["checks"]))
     n_runs = sum(v["n_seeds"] for v in doc["variants"].values())
     if doc.get("wall_s") is not None:
         console.print(

@@ -1,0 +1,287 @@
+"""Invariance checks: what must be equal is compared, so a framework bug is flagged, not believed.
+
+Kinds:
+
+* ``equivalence`` -- variants declared equivalent (``[checks] equivalent``), from identical
+  initial weights (paired seeds), must follow the same per-step trajectory: the running
+  loss after every batch and every shared trainable weight (matched by stable id).
+* ``identity_probe`` -- a variant with ``Activation('linear')`` inserted after every layer
+  must follow the variant's own trajectory (the seed question's TF 1.14 bug was this).
+* ``fidelity`` -- plain ``model.fit`` on the JAX backend, same initial weights and data
+  order, must reproduce the engine's per-epoch history.
+* ``cross_backend`` -- the same with ``KERAS_BACKEND=torch`` / ``tensorflow``.
+
+Trajectory deviation (equivalence, identity probe): per element ``|a - b| / max(|a|, |b|, 1)``
+-- relative for values above 1, absolute below -- maximised over seeds and weights; a check
+passes when the maximum is within ``tolerance``; ``first_bad_step`` is the first optimizer
+step (0 = the initial weights) where it is exceeded. Backend deviation: per epoch
+``|backend - engine| / |engine|`` over every History name; ``first_bad_step`` is then the
+first epoch (1-based) over tolerance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from ablab._backends import available, run_backends
+from ablab._engine import VariantProgram
+from ablab._program import build_program
+from ablab._study import Study
+
+IDENTITY = {"layer": "Activation", "activation": "linear"}
+
+
+@dataclass
+class CheckResult:
+    """One check. ``passed`` is None when it could not run (``detail`` says why)."""
+
+    name: str
+    kind: str
+    passed: bool | None
+    max_abs_dev: float | None
+    max_rel_dev: float | None
+    first_bad_step: int | None
+    tolerance: float
+    detail: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check_seeds(study: Study) -> np.ndarray:
+    """The K seeds checks train: spread evenly over the study's seeds (first and last included)."""
+    k = min(study.checks.seeds, study.seeds.count)
+    picks = np.linspace(0, study.seeds.count - 1, k).round().astype(np.int64)
+    return (study.seeds.base + np.unique(picks)).astype(np.uint32)
+
+
+def trajectory_deviation(
+    a: dict[str, np.ndarray], b: dict[str, np.ndarray], tolerance: float
+) -> tuple[float, float, int | None, int]:
+    """Compare two ``VariantProgram.trajectories`` on their shared keys.
+
+    Returns (max abs dev, max rel dev, first bad step or None, number of shared tensors).
+    """
+    shared = [k for k in a if k in b]
+    steps = a["loss"].shape[1]
+    per_step_rel = np.zeros(steps + 1)
+    max_abs = 0.0
+    for key in shared:
+        x, y = a[key].astype(np.float64), b[key].astype(np.float64)
+        if x.shape != y.shape:
+            per_step_rel[:] = np.inf
+            continue
+        diff = np.abs(x - y)
+        rel = diff / np.maximum(np.maximum(np.abs(x), np.abs(y)), 1.0)
+        axes = tuple(i for i in range(rel.ndim) if i != 1)
+        step_rel = np.max(rel, axis=axes) if rel.size else np.zeros(rel.shape[1])
+        if key == "loss":  # loss after step j+1 (no step-0 value)
+            per_step_rel[1:] = np.maximum(per_step_rel[1:], step_rel)
+        else:
+            per_step_rel = np.maximum(per_step_rel, step_rel)
+        max_abs = max(max_abs, float(diff.max()) if diff.size else 0.0)
+    bad = np.flatnonzero(~(per_step_rel <= tolerance))
+    first = int(bad[0]) if bad.size else None
+    return max_abs, float(np.max(per_step_rel)), first, len(shared)
+
+
+def _trajectory_check(
+    name: str, kind: str, a: VariantProgram, b: VariantProgram, seeds: np.ndarray, tolerance: float
+) -> CheckResult:
+    ta, tb = a.trajectories(seeds), b.trajectories(seeds)
+    if ta["loss"].shape != tb["loss"].shape:
+        return CheckResult(
+            name,
+            kind,
+            False,
+            None,
+            None,
+            None,
+            tolerance,
+            f"different step counts {ta['loss'].shape[1]} vs {tb['loss'].shape[1]}"
+            " (batch size, epochs or rows differ)",
+        )
+    max_abs, max_rel, first, n_shared = trajectory_deviation(ta, tb, tolerance)
+    detail = (
+        f"{len(seeds)} seeds x {ta['loss'].shape[1]} steps; loss + "
+        f"{n_shared - 1} shared weight tensors"
+    )
+    return CheckResult(name, kind, first is None, max_abs, max_rel, first, tolerance, detail)
+
+
+def identity_probed(study: Study, variant: str) -> tuple[Study, str]:
+    """``study`` plus a variant ``<variant>+identity``: Activation('linear') after every layer."""
+    layers = study.variant_layers(variant)
+    if layers is None:
+        msg = f"the identity probe needs an inline layer list; variant {variant!r} uses a builder"
+        raise ValueError(msg)
+    probed = [x for spec in layers for x in (spec, dict(IDENTITY))]
+    name = f"{variant}+identity"
+    spec = study.variants[variant].model_copy(update={"layers": probed})
+    return study.model_copy(update={"variants": {**study.variants, name: spec}}), name
+
+
+def equivalence_checks(study: Study, programs: dict[str, VariantProgram]) -> list[CheckResult]:
+    seeds = check_seeds(study)
+    tol = study.checks.tolerance
+    out = []
+    for group in study.checks.equivalent:
+        first = group[0]
+        for other in group[1:]:
+            out.append(
+                _trajectory_check(
+                    f"{first} ≡ {other}",
+                    "equivalence",
+                    programs[first],
+                    programs[other],
+                    seeds,
+                    tol,
+                )
+            )
+    return out
+
+
+def identity_probe_checks(
+    study: Study, programs: dict[str, VariantProgram], variants: list[str]
+) -> list[CheckResult]:
+    seeds = check_seeds(study)
+    tol = study.checks.tolerance
+    out = []
+    for variant in variants:
+        name = f"{variant} ≡ {variant} + identity after every layer"
+        try:
+            probed_study, probed = identity_probed(study, variant)
+        except ValueError as exc:
+            out.append(CheckResult(name, "identity_probe", None, None, None, None, tol, str(exc)))
+            continue
+        out.append(
+            _trajectory_check(
+                name,
+                "identity_probe",
+                programs[variant],
+                build_program(probed_study, probed),
+                seeds,
+                tol,
+            )
+        )
+    return out
+
+
+def backend_checks(
+    study: Study,
+    programs: dict[str, VariantProgram],
+    backends: list[str],
+    callbacks: list[dict[str, Any]] | None = None,
+) -> list[CheckResult]:
+    """model.fit under each backend vs the engine, for the check seeds of every variant."""
+    seeds = check_seeds(study)
+    per_variant = {v: [int(s) for s in seeds] for v in programs}
+    engine = {v: p.train(seeds) for v, p in programs.items()}
+    runnable = [b for b in backends if available(b)]
+    results = run_backends(programs, per_variant, runnable, callbacks=callbacks) if runnable else {}
+    out = []
+    for backend in backends:
+        kind = "fidelity" if backend == "jax" else "cross_backend"
+        tol = (
+            study.checks.fidelity_tolerance if backend == "jax" else study.checks.backend_tolerance
+        )
+        for variant in programs:
+            name = f"{variant} @ {backend} model.fit"
+            if backend not in results:
+                out.append(
+                    CheckResult(
+                        name,
+                        kind,
+                        None,
+                        None,
+                        None,
+                        None,
+                        tol,
+                        f"skipped: {backend} is not installed (pip install 'ablab[backends]')",
+                    )
+                )
+                continue
+            res = results[backend]
+            if not res["ok"]:
+                out.append(CheckResult(name, kind, False, None, None, None, tol, res["error"]))
+                continue
+            out.append(
+                _compare_histories(
+                    name,
+                    kind,
+                    tol,
+                    engine[variant],
+                    seeds,
+                    {s: res["histories"][f"{variant}/{s}"] for s in per_variant[variant]},
+                )
+            )
+    return out
+
+
+def _compare_histories(
+    name: str,
+    kind: str,
+    tol: float,
+    engine: dict[str, np.ndarray],
+    seeds: np.ndarray,
+    other: dict[int, dict[str, list[float]]],
+) -> CheckResult:
+    epochs = next(iter(engine.values())).shape[1]
+    per_epoch = np.zeros(epochs)
+    max_abs = 0.0
+    for i, seed in enumerate(seeds):
+        hist = other[int(seed)]
+        missing = set(engine) ^ set(hist)
+        if missing:
+            return CheckResult(
+                name, kind, False, None, None, None, tol, f"History names differ: {sorted(missing)}"
+            )
+        for key, values in hist.items():
+            b = np.asarray(values, dtype=np.float64)
+            e = engine[key][i].astype(np.float64)
+            diff = np.abs(b - e)
+            per_epoch = np.maximum(per_epoch, diff / np.maximum(np.abs(e), 1e-12))
+            max_abs = max(max_abs, float(diff.max()))
+    bad = np.flatnonzero(~(per_epoch <= tol))
+    first = int(bad[0]) + 1 if bad.size else None
+    return CheckResult(
+        name,
+        kind,
+        first is None,
+        max_abs,
+        float(per_epoch.max()),
+        first,
+        tol,
+        f"{len(seeds)} seeds x {epochs} epochs, every History name",
+    )
+
+
+def run_checks(
+    study: Study,
+    programs: dict[str, VariantProgram],
+    *,
+    backends: list[str] | None = None,
+    identity_probe: bool | list[str] | None = None,
+    callbacks: list[dict[str, Any]] | None = None,
+) -> list[CheckResult]:
+    """Every check the study declares (or the overrides given) on already-built programs.
+
+    backends: None = the study's ``[checks] backends`` (none if not declared).
+    identity_probe: None = the study's ``[checks] identity_probe``.
+    """
+    out = equivalence_checks(study, programs)
+    probe = study.checks.identity_probe if identity_probe is None else identity_probe
+    probe_variants = list(programs) if probe is True else list(probe or [])
+    out += identity_probe_checks(study, programs, probe_variants)
+    backends = study.checks.backends if backends is None else backends
+    if backends:
+        out += backend_checks(study, programs, list(backends), callbacks)
+    return out
+
+
+def all_passed(results: list[CheckResult]) -> bool:
+    """No check failed (skipped ones do not count as failures)."""
+    return all(r.passed is not False for r in results)

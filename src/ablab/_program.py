@@ -1,0 +1,18 @@
+"""Study + variant -> a ready VariantProgram (data loaded, split like fit, model prepared)."""
+
+from __future__ import annotations
+
+from ablab._data import Dataset, load_dataset, split
+from ablab._engine import VariantProgram
+from ablab._model import prepare_model
+from ablab._study import Study
+
+
+def build_program(study: Study, variant: str, data: Dataset | None = None) -> VariantProgram:
+    """Validate and build ``variant``'s program; ``data`` saves reloading the rows."""
+    data = load_dataset(study) if data is None else data
+    train = study.variant_train(variant)
+    parts = split(data, train.validation_split, where=study.source)
+    n = min(train.batch_size, parts.n_train)  # a few rows: shapes and dtypes only
+    prepared = prepare_model(study, variant, parts.x_train[:n], parts.y_train[:n])
+    return VariantProgram(prepared, parts)

@@ -1,0 +1,150 @@
+"""Checks in both directions: the real equivalences pass, injected faults are caught."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import ablab
+from ablab import _checks
+from ablab._checks import check_seeds, run_checks, trajectory_deviation
+from ablab._cli import main
+from tests.conftest import SEED_STUDY, TINY_STUDY, make_program
+from tests.faults import GradScale
+
+FAULTS = Path(__file__).with_name("faults.py")
+DENSE = [{"layer": "Dense", "units": 8}, {"layer": "Dense", "units": 12}]
+
+
+def _study(variants: dict, **checks: object) -> ablab.Study:
+    return ablab.Study(
+        data={"synthetic": {"shape": [100, 12], "seed": 1}},
+        train={
+            "optimizer": {"name": "sgd", "learning_rate": 0.05},
+            "loss": "mse",
+            "epochs": 3,
+            "validation_split": 0.1,
+            "shuffle": False,
+        },
+        variants=variants,
+        seeds={"count": 10},
+        checks=checks,
+    )
+
+
+def test_trajectory_deviation_by_hand() -> None:
+    a = {"loss": np.array([[1.0, 1.0]]), "w": np.array([[[0.5], [0.5], [0.5]]])}
+    b = {"loss": np.array([[1.0, 1.0]]), "w": np.array([[[0.5], [0.5], [0.6]]])}
+    max_abs, max_rel, first, shared = trajectory_deviation(a, b, 1e-5)
+    # |0.5 - 0.6| / max(0.5, 0.6, 1) = 0.1 at step 2
+    assert (first, shared) == (2, 2)
+    assert max_abs == pytest.approx(0.1) and max_rel == pytest.approx(0.1)
+
+
+def test_check_seeds_spread_over_the_study() -> None:
+    study = _study({"a": {"layers": DENSE}}).with_seeds(count=100, base=5)
+    assert check_seeds(study).tolist() == [5, 55, 104]  # linspace(0, 99, 3) rounded
+
+
+def test_seed_study_equivalences_pass(seed_study: ablab.Study, seed_programs: dict) -> None:
+    results = _checks.equivalence_checks(
+        ablab.load_study(SEED_STUDY), seed_programs
+    )  # declared in the example file
+    assert [r.name for r in results] == ["plain ≡ plain_identity", "bn ≡ bn_after"]
+    for r in results:
+        assert r.passed and r.max_abs_dev == 0.0 and r.first_bad_step is None, r
+
+
+def test_a_gradient_scaling_identity_layer_is_caught() -> None:
+    faulty = [DENSE[0], {"layer": GradScale, "scale": 1.01}, DENSE[1]]
+    study = _study(
+        {"plain": {"layers": DENSE}, "faulty": {"layers": faulty}}, equivalent=[["plain", "faulty"]]
+    )
+    programs = {v: make_program(study, v) for v in study.variants}
+    (result,) = run_checks(study, programs)
+    assert result.passed is False and result.kind == "equivalence"
+    assert result.first_bad_step == 1  # the first SGD update already differs
+    assert result.max_rel_dev > study.checks.tolerance
+
+
+def test_a_real_difference_fails_equivalence() -> None:
+    bn = [DENSE[0], {"layer": "BatchNormalization"}, DENSE[1]]
+    study = _study({"plain": {"layers": DENSE}, "bn": {"layers": bn}}, equivalent=[["plain", "bn"]])
+    programs = {v: make_program(study, v) for v in study.variants}
+    (result,) = run_checks(study, programs)
+    assert result.passed is False
+
+
+def test_identity_probe_both_directions(monkeypatch: pytest.MonkeyPatch) -> None:
+    study = _study({"plain": {"layers": DENSE}}, identity_probe=True)
+    programs = {"plain": make_program(study, "plain")}
+    (ok,) = run_checks(study, programs)
+    assert ok.kind == "identity_probe" and ok.passed and ok.max_abs_dev == 0.0
+    # A broken "identity" (scales gradients) must be caught by the same probe.
+    monkeypatch.setattr(_checks, "IDENTITY", {"layer": GradScale, "scale": 0.99})
+    (bad,) = run_checks(study, programs)
+    assert bad.passed is False and bad.first_bad_step == 1
+
+
+def test_backends_agree_with_the_engine_and_a_perturbed_backend_is_caught() -> None:
+    bn = [DENSE[0], {"layer": "BatchNormalization"}, DENSE[1]]
+    study = _study({"plain": {"layers": DENSE}, "bn": {"layers": bn}}, seeds=2)
+    programs = {v: make_program(study, v) for v in study.variants}
+    fault = {"path": str(FAULTS), "name": "PerturbAfter", "kwargs": {"step": 5}, "backend": "torch"}
+    results = run_checks(
+        study, programs, backends=["jax", "torch", "tensorflow"], callbacks=[fault]
+    )
+    by = {r.name: r for r in results}
+    assert len(results) == 6
+    for variant in ("plain", "bn"):
+        for backend in ("jax", "tensorflow"):
+            r = by[f"{variant} @ {backend} model.fit"]
+            assert r.passed is True, r  # unperturbed backends agree with the engine
+            assert r.kind == ("fidelity" if backend == "jax" else "cross_backend")
+        torch = by[f"{variant} @ torch model.fit"]
+        assert torch.passed is False, torch  # the perturbed one is caught
+        assert torch.first_bad_step == 2  # step 5 falls in epoch 2 (3 batches per epoch)
+
+
+def test_backends_without_fault_pass_for_torch() -> None:
+    study = _study({"plain": {"layers": DENSE}}, seeds=1)
+    results = run_checks(study, {"plain": make_program(study, "plain")}, backends=["torch"])
+    assert [r.passed for r in results] == [True]
+    assert results[0].max_rel_dev < 1e-5
+
+
+def test_cli_check_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text(TINY_STUDY + '\n[checks]\nequivalent = [["plain", "plain"]]\n')
+    assert main(["check", str(good), "--backends", "none", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    (c,) = doc["checks"]
+    assert set(c) >= {
+        "name",
+        "kind",
+        "passed",
+        "max_abs_dev",
+        "max_rel_dev",
+        "first_bad_step",
+        "tolerance",
+    }
+    bad = tmp_path / "bad.toml"
+    bad.write_text(TINY_STUDY + '\n[checks]\nequivalent = [["plain", "bn"]]\n')
+    assert main(["check", str(bad), "--backends", "none"]) == 1
+    assert "FAIL" in capsys.readouterr().out
+    assert main(["check", str(good), "--backends", "cuda"]) == 2
+
+
+def test_run_executes_declared_checks_and_fails_on_a_failed_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(TINY_STUDY + '\n[checks]\nequivalent = [["plain", "bn"]]\n')
+    assert main(["run", str(bad), "--runs-dir", str(tmp_path / "r"), "--json"]) == 1
+    captured = capsys.readouterr()
+    doc = json.loads(captured.out)
+    assert doc["checks"][0]["passed"] is False and "check(s) failed" in captured.err
+    assert doc["state"] == "complete"  # the run itself is stored
