@@ -39,8 +39,10 @@ from ablab._program import build_program
 STUDY = Path(__file__).resolve().parents[1] / "examples" / "bn_yes_or_no.toml"
 
 
-def engine_figures(study: ablab.Study, variant: str, seeds: int) -> dict[str, float]:
-    program = build_program(study, variant)
+def engine_figures(
+    study: ablab.Study, variant: str, seeds: int, probes: bool = False
+) -> dict[str, float]:
+    program = build_program(study, variant, probes=probes)
     chunk = choose_chunk_size(program, seeds, study.engine.memory_budget_mb)
     compile_s = program.compile(chunk)
     chunks = list(seed_chunks(0, seeds, chunk))
@@ -117,11 +119,15 @@ def main() -> None:
     study = ablab.load_study(STUDY)
     eng = engine_figures(study, "plain", args.seeds)
     eng_bn = engine_figures(study, "bn", args.seeds)
+    eng_probed = engine_figures(study, "plain", args.seeds, probes=True)
+    eng_bn_probed = engine_figures(study, "bn", args.seeds, probes=True)
     fit = fit_figures(study, "plain", args.fit_runs)
     fit_bn = fit_figures(study, "bn", args.fit_runs)
     rows = [
         ("engine plain (runs/s)", eng["runs_per_s"]),
         ("engine bn (runs/s)", eng_bn["runs_per_s"]),
+        ("engine plain with probes (runs/s)", eng_probed["runs_per_s"]),
+        ("engine bn with probes (runs/s)", eng_bn_probed["runs_per_s"]),
         ("model.fit plain, fresh model per seed (runs/s)", fit["runs_per_s"]),
         ("model.fit bn, fresh model per seed (runs/s)", fit_bn["runs_per_s"]),
         ("model.fit plain, warm compiled model (runs/s)", fit["warm_runs_per_s"]),
@@ -144,6 +150,8 @@ def main() -> None:
                 "seeds": args.seeds,
                 "engine_runs_per_s": round(eng["runs_per_s"], 1),
                 "engine_bn_runs_per_s": round(eng_bn["runs_per_s"], 1),
+                "engine_probes_runs_per_s": round(eng_probed["runs_per_s"], 1),
+                "engine_bn_probes_runs_per_s": round(eng_bn_probed["runs_per_s"], 1),
                 "fit_runs_per_s": round(fit["runs_per_s"], 3),
                 "fit_bn_runs_per_s": round(fit_bn["runs_per_s"], 3),
                 "fit_warm_runs_per_s": round(fit["warm_runs_per_s"], 3),

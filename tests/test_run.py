@@ -12,7 +12,7 @@ import pytest
 
 import ablab
 from ablab._records import variant_histories
-from ablab._store import RunDir, list_runs
+from ablab._store import RunDir, list_runs, query
 
 
 def test_run_returns_tables_and_stores_everything(tiny_study: Path, tmp_path: Path) -> None:
@@ -39,6 +39,20 @@ def test_run_returns_tables_and_stores_everything(tiny_study: Path, tmp_path: Pa
     assert {"python", "keras", "jax", "numpy"} <= set(versions)
     assert versions["keras"] == keras.__version__ and meta["environment"]["platform"]
     assert meta["study"]["seeds"]["count"] == 6 and meta["version"] == 1
+    # Probes (on for this small model) are stored beside the history, queryable with SQL.
+    probes = result.probes
+    assert set(probes.column("probe").to_pylist()) >= {
+        "dense#0/kernel_sum",
+        "grad_norm",
+        "train_loss_inference",
+        "val_loss_train_mode",
+        "batch_normalization#0/moving_mean_progress",
+    }
+    _, rows = query(runs, "SELECT count(*) FROM probes WHERE probe = 'grad_norm'")
+    assert rows == [(2 * 6 * 9,)]  # variants x seeds x steps (3 epochs x 3 batches)
+    doc = result.to_json()
+    assert doc["explain"]["plain"]["optimum"]["kind"] == "pca"
+    assert doc["explain"]["bn"]["bn"][0]["updates"] == 9
     # 2 chunks per variant -> 4 parquet cells; catalog row complete.
     assert len(RunDir(result.run_dir).cell_files()) == 4
     (row,) = list_runs(runs)

@@ -13,7 +13,7 @@ import pytest
 import ablab
 from ablab._records import VariantHistory
 from ablab._study import VerdictSpec
-from ablab._verdict import compare, decide, lower_is_better
+from ablab._verdict import compare, decide, lower_is_better, paired_curve
 from tests.conftest import make_program
 
 FAST = VerdictSpec(n_resamples=999)
@@ -75,6 +75,33 @@ def test_holm_is_applied_across_all_comparisons() -> None:
     raw = sorted(c.p_value for c in comps)
     assert min(c.p_adjusted for c in comps) == pytest.approx(min(1.0, 4 * raw[0]))
     assert all(c.p_adjusted >= c.p_value for c in comps)
+
+
+def test_explicit_pairs_each_with_its_own_baseline() -> None:
+    rng = np.random.default_rng(4)
+    a, b = rng.normal(1.0, 0.2, 80), rng.normal(3.0, 0.2, 80)
+    hists = {"a": _hist(a), "a_bn": _hist(a - 0.2), "b": _hist(b), "b_bn": _hist(b + 0.2)}
+    spec = VerdictSpec(n_resamples=999, pairs=[("a_bn", "a"), ("b_bn", "b")])
+    comps = compare(hists, "a", spec)
+    assert [(c.variant, c.baseline, c.verdict) for c in comps] == [
+        ("a_bn", "a", "helps"),
+        ("b_bn", "b", "hurts"),
+    ]
+    assert comps[1].margin == pytest.approx(0.01 * np.median(b))
+
+
+def test_per_epoch_curve_band_brackets_the_mean() -> None:
+    rng = np.random.default_rng(5)
+    base = rng.normal(1.0, 0.2, (50, 4))
+    hists = {
+        "a": VariantHistory(np.arange(50), {"val_loss": base}),
+        "b": VariantHistory(np.arange(50), {"val_loss": base - np.arange(4) * 0.1}),
+    }
+    curve = paired_curve(hists, "b", "a", "val_loss", np.random.default_rng(0), n_resamples=500)
+    np.testing.assert_allclose(curve["diff_mean"], -np.arange(4) * 0.1, atol=1e-12)
+    assert curve["epoch"].tolist() == [1, 2, 3, 4]
+    assert np.all(curve["ci_low"] <= curve["diff_mean"] + 1e-12)
+    assert np.all(curve["diff_mean"] <= curve["ci_high"] + 1e-12)
 
 
 def test_pairs_by_seed_id_and_drops_diverged() -> None:

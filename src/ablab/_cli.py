@@ -59,8 +59,19 @@ def cli() -> None:
 @_runs_dir_option
 @_json_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@click.option(
+    "--remedies",
+    is_flag=True,
+    help="Add variants that address a BatchNormalization diagnosis (momentum, batch "
+    "size, epochs, placement) and compare them too.",
+)
 def run_cmd(
-    study: Path, seeds: int | None, runs_dir: Path | None, as_json: bool, quiet: bool
+    study: Path,
+    seeds: int | None,
+    runs_dir: Path | None,
+    as_json: bool,
+    quiet: bool,
+    remedies: bool,
 ) -> None:
     """Train every variant of STUDY over many seeds; print a summary; store everything."""
     from ablab._run import run
@@ -69,9 +80,11 @@ def run_cmd(
     err = Console(stderr=True)
     if not (quiet or as_json) and err.is_terminal:
         with RichProgress(err) as bars:
-            result = run(study, seeds=seeds, runs_dir=_runs_dir(runs_dir), progress=bars)
+            result = run(
+                study, seeds=seeds, runs_dir=_runs_dir(runs_dir), progress=bars, remedies=remedies
+            )
     else:
-        result = run(study, seeds=seeds, runs_dir=_runs_dir(runs_dir))
+        result = run(study, seeds=seeds, runs_dir=_runs_dir(runs_dir), remedies=remedies)
     doc = result.to_json()
     if as_json:
         _dump(doc)

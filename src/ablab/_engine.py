@@ -32,6 +32,13 @@ import numpy as np
 from ablab._data import Split
 from ablab._init import SHUFFLE_STREAM, initial_state, stream_key
 from ablab._model import PreparedModel
+from ablab._probes import (
+    bn_probes,
+    make_probe_spec,
+    step_probes,
+    train_mode_test_step,
+    train_step_with_grads,
+)
 
 # Largest chunk the engine compiles by default, measured on the seed study (2-core CPU):
 # throughput is flat from ~512 seeds up, and larger chunks only raise peak memory.
@@ -78,8 +85,10 @@ class VariantProgram:
     ``val_loss``, ``val_<metric>``).
     """
 
-    def __init__(self, prepared: PreparedModel, split: Split) -> None:
+    def __init__(self, prepared: PreparedModel, split: Split, probes: bool = False) -> None:
         self.prepared = prepared
+        self.probes = probes
+        self._probe_spec = make_probe_spec(prepared) if probes else None
         self.split = split
         train = prepared.train
         self.layout = EpochLayout(
@@ -99,7 +108,7 @@ class VariantProgram:
             None if split.x_val is None else jnp.asarray(split.x_val),
             None if split.y_val is None else jnp.asarray(split.y_val),
         )
-        self._jitted = jax.jit(self._train_all)
+        self._jitted = jax.jit(self._probed_all if probes else self._train_all)
         self._compiled: dict[int, Any] = {}
         self.compile_seconds: dict[int, float] = {}
         self._init_jitted = jax.jit(lambda ids: initial_state(self.prepared, ids))
@@ -108,19 +117,36 @@ class VariantProgram:
 
     # -- the traced program --------------------------------------------------------------
     def _train_seed(
-        self, seed_id: jax.Array, tv: list, ntv: list, data: tuple, record: bool = False
-    ) -> tuple[dict, dict | None]:
-        """One seed's history ``{name: (epochs,)}`` and, with ``record``, its per-step trace
-        ``{"loss": (steps,), "weights": [(steps, *shape) per trainable variable]}`` (the epoch's
-        running loss and the weights after each optimizer step)."""
+        self, seed_id: jax.Array, tv: list, ntv: list, data: tuple, mode: str | None = None
+    ) -> tuple[dict, dict | None, dict | None]:
+        """One seed: ``(history {name: (epochs,)}, per-step trace, per-epoch probes)``.
+
+        mode None: history only. "trajectory": trace = ``{"loss": (steps,), "weights":
+        [(steps, *shape)]}`` (the running loss and the weights after each optimizer step).
+        "probes": trace = per-step probe scalars, plus per-epoch probes (``ablab._probes``).
+        """
         model = self.prepared.model
         lay = self.layout
         x_tr, y_tr, x_va, y_va = data
         nfull, rem = _batches(lay.n_train, lay.batch_size)
         vfull, vrem = _batches(lay.n_val, lay.val_batch_size)
         metrics0 = self._metrics0
+        tv0, ntv0 = tv, ntv
+        probing = mode == "probes"
 
-        def trace(logs: dict, state: tuple) -> dict:
+        def train_step(st: tuple, batch: tuple) -> tuple[dict, tuple, Any]:
+            if probing:
+                return train_step_with_grads(model, st, batch)
+            logs, st = model.train_step(st, batch)
+            return logs, st, None
+
+        def test_step(st: tuple, batch: tuple) -> tuple[dict, tuple, Any]:
+            logs, st = model.test_step(st, batch)
+            return logs, st, None
+
+        def trace(logs: dict, state: tuple, grads: Any) -> dict:
+            if probing:
+                return step_probes(self._probe_spec, list(state[0]), list(tv0), list(grads))
             return {"loss": logs["loss"], "weights": list(state[0])}
 
         def run_batches(
@@ -139,22 +165,22 @@ class VariantProgram:
                 yb = y[: full * bs].reshape(full, bs, *y.shape[1:])
 
                 def body(st: Any, batch: tuple) -> tuple[Any, tuple]:
-                    out_logs, st = step(st, batch)
-                    return st, (out_logs, trace(out_logs, st) if traced else None)
+                    out_logs, st, extra = step(st, batch)
+                    return st, (out_logs, trace(out_logs, st, extra) if traced else None)
 
                 state, (stacked, steps) = jax.lax.scan(body, state, (xb, yb))
                 logs = jax.tree.map(lambda a: a[-1], stacked)
                 traces.append(steps)
             if part:
-                logs, state = step(state, (x[full * bs :], y[full * bs :]))
+                logs, state, extra = step(state, (x[full * bs :], y[full * bs :]))
                 if traced:
-                    traces.append(jax.tree.map(lambda a: a[None], trace(logs, state)))
+                    traces.append(jax.tree.map(lambda a: a[None], trace(logs, state, extra)))
             steps = None
             if traced:
                 steps = jax.tree.map(lambda *a: jnp.concatenate(a), *traces)
             return state, logs, steps
 
-        def epoch(carry: tuple, epoch_index: jax.Array) -> tuple[tuple, dict]:
+        def epoch(carry: tuple, epoch_index: jax.Array) -> tuple[tuple, tuple]:
             tv, ntv, ov = carry
             if lay.shuffle:
                 perm = epoch_permutation(seed_id, epoch_index, lay.n_train)
@@ -163,38 +189,57 @@ class VariantProgram:
                 x_ep, y_ep = x_tr, y_tr
             state = (tv, ntv, ov, metrics0)
             state, logs, steps = run_batches(
-                model.train_step, state, x_ep, y_ep, nfull, rem, lay.batch_size, record
+                train_step, state, x_ep, y_ep, nfull, rem, lay.batch_size, mode is not None
             )
             tv, ntv, ov, _ = state
             out = dict(logs)
+            vbs = lay.val_batch_size
             if lay.n_val:
                 _, val_logs, _ = run_batches(
-                    model.test_step,
-                    (tv, ntv, metrics0),
-                    x_va,
-                    y_va,
-                    vfull,
-                    vrem,
-                    lay.val_batch_size,
+                    test_step, (tv, ntv, metrics0), x_va, y_va, vfull, vrem, vbs
                 )
                 out.update({f"val_{k}": v for k, v in val_logs.items()})
-            return (tv, ntv, ov), (out, steps)
+            per_epoch = None
+            if probing:
+                tfull, trem = _batches(lay.n_train, vbs)
+                _, tr_logs, _ = run_batches(
+                    test_step, (tv, ntv, metrics0), x_tr, y_tr, tfull, trem, vbs
+                )
+                per_epoch = {"train_loss_inference": tr_logs["loss"]}
+                if lay.n_val:
+
+                    def train_mode_step(st: tuple, batch: tuple) -> tuple[dict, tuple, Any]:
+                        logs, st = train_mode_test_step(model, st, batch, ov)
+                        return logs, st, None
+
+                    _, tm_logs, _ = run_batches(
+                        train_mode_step, (tv, ntv, metrics0), x_va, y_va, vfull, vrem, vbs
+                    )
+                    per_epoch["val_loss_train_mode"] = tm_logs["loss"]
+                per_epoch.update(bn_probes(self._probe_spec, list(tv), list(ntv), list(ntv0), x_tr))
+            return (tv, ntv, ov), (out, steps, per_epoch)
 
         carry0 = (tv, ntv, self._optimizer0)
-        _, (history, steps) = jax.lax.scan(epoch, carry0, jnp.arange(lay.epochs))
+        _, (history, steps, per_epoch) = jax.lax.scan(epoch, carry0, jnp.arange(lay.epochs))
         history = {k: jnp.asarray(v, jnp.float32) for k, v in history.items()}
-        if record:  # (epochs, steps per epoch, ...) -> (steps, ...)
+        if mode is not None:  # (epochs, steps per epoch, ...) -> (steps, ...)
             steps = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), steps)
-        return history, steps
+        return history, steps, per_epoch
 
     def _train_all(self, seed_ids: jax.Array, data: tuple) -> dict:
         tv, ntv = initial_state(self.prepared, seed_ids)
-        history, _ = jax.vmap(self._train_seed, in_axes=(0, 0, 0, None))(seed_ids, tv, ntv, data)
+        history, _, _ = jax.vmap(self._train_seed, in_axes=(0, 0, 0, None))(seed_ids, tv, ntv, data)
         return history
 
     def _trajectory_all(self, seed_ids: jax.Array, data: tuple) -> tuple[dict, dict]:
         tv, ntv = initial_state(self.prepared, seed_ids)
-        fn = functools.partial(self._train_seed, record=True)
+        fn = functools.partial(self._train_seed, mode="trajectory")
+        history, steps, _ = jax.vmap(fn, in_axes=(0, 0, 0, None))(seed_ids, tv, ntv, data)
+        return history, steps
+
+    def _probed_all(self, seed_ids: jax.Array, data: tuple) -> tuple[dict, dict, dict]:
+        tv, ntv = initial_state(self.prepared, seed_ids)
+        fn = functools.partial(self._train_seed, mode="probes")
         return jax.vmap(fn, in_axes=(0, 0, 0, None))(seed_ids, tv, ntv, data)
 
     # -- public -----------------------------------------------------------------------
@@ -209,12 +254,21 @@ class VariantProgram:
             self.compile_seconds[chunk_size] = time.perf_counter() - t0
         return self.compile_seconds[chunk_size]
 
-    def train(self, seed_ids: np.ndarray) -> dict[str, np.ndarray]:
-        """Train seeds ``seed_ids`` (seeds,) in one program call: ``{name: (seeds, epochs)}``."""
+    def run(self, seed_ids: np.ndarray) -> tuple[dict, dict | None, dict | None]:
+        """Train ``seed_ids`` (seeds,) in one call: ``(history, step probes, epoch probes)``,
+        each ``{name: (seeds, epochs or steps)}``; the probes are None when off."""
         ids = np.asarray(seed_ids, dtype=np.uint32)
         self.compile(len(ids))
         out = self._compiled[len(ids)](jnp.asarray(ids), self._data)
-        return {k: np.asarray(v) for k, v in out.items()}
+        if not self.probes:
+            return {k: np.asarray(v) for k, v in out.items()}, None, None
+        history, steps, per_epoch = out
+        as_np = lambda d: {k: np.asarray(v) for k, v in d.items()}  # noqa: E731
+        return as_np(history), as_np(steps), as_np(per_epoch)
+
+    def train(self, seed_ids: np.ndarray) -> dict[str, np.ndarray]:
+        """Train seeds ``seed_ids`` (seeds,) in one program call: ``{name: (seeds, epochs)}``."""
+        return self.run(seed_ids)[0]
 
     def trajectories(self, seed_ids: np.ndarray) -> dict[str, np.ndarray]:
         """Per-step trajectories of a few seeds (for checks): ``{"loss": (seeds, steps),

@@ -11,6 +11,17 @@ import numpy as np
 from scipy import stats
 
 
+def nearly_constant(values: np.ndarray) -> bool:
+    """Are all values equal up to float rounding (range <= 1e-12 x max(1, |mean|))?
+
+    Such data make t statistics and BCa accelerations 0/0; callers answer exactly instead.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if values.size < 2:
+        return True
+    return float(np.ptp(values)) <= 1e-12 * max(1.0, abs(float(values.mean())))
+
+
 def finite_pairs(baseline: np.ndarray, variant: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The pairs where both arms are finite (a diverged seed drops out of paired statistics)."""
     keep = np.isfinite(baseline) & np.isfinite(variant)

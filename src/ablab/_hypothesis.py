@@ -10,6 +10,8 @@ import math
 import numpy as np
 from scipy import stats
 
+from ablab._estimators import nearly_constant
+
 
 def wilcoxon_p(diff: np.ndarray) -> float:
     """Two-sided Wilcoxon signed-rank p-value (Wilcoxon, 1945) of H0: diff symmetric about 0.
@@ -29,10 +31,10 @@ def tost_p(diff: np.ndarray, margin: float) -> float:
     Two one-sided one-sample t-tests on ``diff`` (``scipy.stats.ttest_1samp``):
     H0a: mean <= -margin vs greater, H0b: mean >= +margin vs less; p = max of the two.
     Small p = the mean difference is inside the margin. With zero variance the answer is
-    exact: 0 if the constant difference is inside the margin, else 1.
+    exact: 0 if the (nearly) constant difference is inside the margin, else 1.
     """
-    if diff.size < 2 or np.all(diff == diff[0]):
-        return 0.0 if abs(float(diff[0])) < margin else 1.0
+    if nearly_constant(diff):
+        return 0.0 if abs(float(np.mean(diff))) < margin else 1.0
     p_low = stats.ttest_1samp(diff, -margin, alternative="greater").pvalue
     p_high = stats.ttest_1samp(diff, margin, alternative="less").pvalue
     return float(max(p_low, p_high))

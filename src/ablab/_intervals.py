@@ -7,10 +7,13 @@ the order the seeds were given in.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import numpy as np
 from scipy import stats
+
+from ablab._estimators import nearly_constant
 
 
 def bootstrap_ci(
@@ -30,29 +33,26 @@ def bootstrap_ci(
     """
     values = np.sort(np.asarray(values, dtype=np.float64))
     point = float(statistic(values, axis=0))
-    if values.size < 2 or np.all(values == values[0]):
+    if nearly_constant(values):  # the sampling distribution is a point
         return point, point
-    res = stats.bootstrap(
-        (values,),
-        statistic,
-        n_resamples=n_resamples,
-        confidence_level=confidence,
-        method="BCa",
-        vectorized=True,
-        rng=rng,
-    )
-    lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
-    if not (np.isfinite(lo) and np.isfinite(hi)):  # BCa undefined (e.g. near-degenerate)
-        res = stats.bootstrap(
-            (values,),
-            statistic,
-            n_resamples=n_resamples,
-            confidence_level=confidence,
-            method="percentile",
-            vectorized=True,
-            rng=rng,
-        )
+    lo = hi = float("nan")
+    for method in ("BCa", "percentile"):  # percentile only where BCa is undefined
+        with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
+            # BCa's jackknife acceleration is 0/0 on near-constant data: scipy warns and
+            # returns NaN, and the percentile interval is used instead.
+            warnings.simplefilter("ignore", stats.DegenerateDataWarning)
+            res = stats.bootstrap(
+                (values,),
+                statistic,
+                n_resamples=n_resamples,
+                confidence_level=confidence,
+                method=method,
+                vectorized=True,
+                rng=rng,
+            )
         lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
+        if np.isfinite(lo) and np.isfinite(hi):
+            break
     return lo, hi
 
 

@@ -5,14 +5,23 @@ from __future__ import annotations
 from ablab._data import Dataset, load_dataset, split
 from ablab._engine import VariantProgram
 from ablab._model import prepare_model
+from ablab._probes import count_params, probes_enabled
 from ablab._study import Study
 
 
-def build_program(study: Study, variant: str, data: Dataset | None = None) -> VariantProgram:
-    """Validate and build ``variant``'s program; ``data`` saves reloading the rows."""
+def build_program(
+    study: Study, variant: str, data: Dataset | None = None, *, probes: bool | None = None
+) -> VariantProgram:
+    """Validate and build ``variant``'s program; ``data`` saves reloading the rows.
+
+    probes: record probes (``ablab._probes``); None = the study's ``[probes]`` setting.
+    """
     data = load_dataset(study) if data is None else data
     train = study.variant_train(variant)
     parts = split(data, train.validation_split, where=study.source)
     n = min(train.batch_size, parts.n_train)  # a few rows: shapes and dtypes only
     prepared = prepare_model(study, variant, parts.x_train[:n], parts.y_train[:n])
-    return VariantProgram(prepared, parts)
+    if probes is None:
+        setting = study.probes
+        probes = probes_enabled(setting.enabled, count_params(prepared), setting.max_params)
+    return VariantProgram(prepared, parts, probes=probes)

@@ -73,3 +73,64 @@ def variant_histories(table: pa.Table) -> dict[str, VariantHistory]:
             values[name] = arr
         out[str(variant)] = VariantHistory(seeds=seeds, values=values)
     return out
+
+
+def probe_table(
+    variant: str,
+    seeds: np.ndarray,
+    step_probes: dict[str, np.ndarray],
+    epoch_probes: dict[str, np.ndarray],
+    steps_per_epoch: int,
+) -> pa.Table:
+    """Long table of probes: ``variant, seed, kind ("step"|"epoch"), step, epoch, probe, value``.
+
+    step_probes: {name: (seeds, steps)}, step 1 = after the first optimizer step;
+    epoch_probes: {name: (seeds, epochs)}, recorded at the end of each epoch (its last step).
+    """
+    parts = []
+    for kind, probes in (("step", step_probes), ("epoch", epoch_probes)):
+        for name, arr in probes.items():
+            n_seeds, n = arr.shape
+            index = np.arange(1, n + 1, dtype=np.int32)
+            if kind == "step":
+                step, epoch = index, (index - 1) // steps_per_epoch + 1
+            else:
+                step, epoch = index * steps_per_epoch, index
+            parts.append(
+                pa.table(
+                    {
+                        "variant": pa.array([variant] * (n_seeds * n), pa.string()),
+                        "seed": pa.array(np.repeat(seeds.astype(np.int64), n)),
+                        "kind": pa.array([kind] * (n_seeds * n), pa.string()),
+                        "step": pa.array(np.tile(step.astype(np.int32), n_seeds)),
+                        "epoch": pa.array(np.tile(epoch.astype(np.int32), n_seeds)),
+                        "probe": pa.array([name] * (n_seeds * n), pa.string()),
+                        "value": pa.array(np.asarray(arr, dtype=np.float64).reshape(-1)),
+                    }
+                )
+            )
+    return pa.concat_tables(parts)
+
+
+def probe_arrays(table: pa.Table, variant: str, kind: str) -> dict[str, np.ndarray]:
+    """Invert :func:`probe_table` for one variant and kind: {probe: (seeds, steps|epochs)},
+    seeds in ascending order."""
+    if table.num_rows == 0:
+        return {}
+    cols = {
+        c: table.column(c).to_numpy(zero_copy_only=False)
+        for c in ("variant", "kind", "seed", "step", "epoch", "probe", "value")
+    }
+    mask = (cols["variant"] == variant) & (cols["kind"] == kind)
+    if not mask.any():
+        return {}
+    seeds, seed_index = np.unique(cols["seed"][mask], return_inverse=True)
+    pos = cols["step" if kind == "step" else "epoch"][mask] - 1
+    probes, values = cols["probe"][mask], cols["value"][mask]
+    out = {}
+    for name in dict.fromkeys(probes):
+        sel = probes == name
+        arr = np.full((len(seeds), int(pos[sel].max()) + 1), np.nan)
+        arr[seed_index[sel], pos[sel]] = values[sel]
+        out[str(name)] = arr
+    return out

@@ -23,12 +23,14 @@ from ablab._data import load_dataset
 from ablab._engine import VariantProgram, choose_chunk_size, seed_chunks
 from ablab._env import environment
 from ablab._errors import RunInterrupted, StudyError
+from ablab._explain import bn_diagnosis, optimum_gaps
 from ablab._program import build_program
-from ablab._records import VariantHistory, history_table, variant_histories
+from ablab._records import VariantHistory, history_table, probe_table, variant_histories
+from ablab._remedies import with_remedies
 from ablab._store import RunDir
 from ablab._study import Study, VerdictSpec, load_study
 from ablab._summary import summarize
-from ablab._verdict import RULE, Comparison, compare
+from ablab._verdict import RULE, Comparison, compare, paired_curve, resolve_metric
 
 DEFAULT_RUNS_DIR = "runs"
 
@@ -71,12 +73,33 @@ class RunResult:
     histories: dict[str, VariantHistory]
     comparisons: list[Comparison] = field(default_factory=list)
     checks: list[CheckResult] = field(default_factory=list)
+    explain: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per variant: "optimum" (analytic baseline and gaps, or None), "bn" (diagnoses)."""
     compile_s: dict[str, float] = field(default_factory=dict)
 
     @property
     def history(self) -> pa.Table:
         """Every stored history row (variant, seed, epoch, ...) as an Arrow table."""
         return RunDir(self.run_dir).history()
+
+    def curve(self, variant: str, metric: str | None = None) -> dict[str, np.ndarray]:
+        """Per-epoch paired difference of ``variant`` vs the baseline with a 95 % bootstrap band
+        (``{"epoch", "diff_mean", "ci_low", "ci_high"}``); metric defaults to the verdicts'."""
+        spec = self.study.verdicts
+        metric = metric or resolve_metric(spec, self.histories)
+        return paired_curve(
+            self.histories,
+            variant,
+            str(self.study.baseline),
+            metric,
+            np.random.default_rng(spec.random_seed),
+            confidence=spec.confidence,
+        )
+
+    @property
+    def probes(self) -> pa.Table:
+        """Every stored probe row (variant, seed, kind, step, epoch, probe, value)."""
+        return RunDir(self.run_dir).probes()
 
     def to_json(self) -> dict[str, Any]:
         """The ``ablab run --json`` document."""
@@ -91,6 +114,7 @@ class RunResult:
             "comparisons": [c.to_json() for c in self.comparisons],
             "verdict_rule": RULE,
             "checks": [c.to_json() for c in self.checks],
+            "explain": self.explain,
         }
 
 
@@ -151,13 +175,15 @@ def run(
     *,
     seeds: int | None = None,
     runs_dir: str | Path | None = None,
+    remedies: bool = False,
     progress: Progress | None = None,
     on_cell: Callable[[int, int], None] | None = None,
 ) -> RunResult:
     """Train every variant of ``study`` over its seeds and store the results.
 
     study: a :class:`Study` or the path of a study TOML file. seeds: overrides
-    ``[seeds] count``. runs_dir: where the run folder goes (default ``./runs`` or
+    ``[seeds] count``. remedies: add the BatchNormalization remedy variants
+    (``ablab._remedies``). runs_dir: where the run folder goes (default ``./runs`` or
     ``$ABLAB_RUNS_DIR``). on_cell(done, total) is called after each stored cell.
     Raises StudyError (nothing written) on bad input, RunInterrupted on Ctrl-C.
     """
@@ -165,6 +191,8 @@ def run(
         study = load_study(study)
     if seeds is not None:
         study = study.with_seeds(count=seeds)
+    if remedies:
+        study = with_remedies(study)
     progress = progress or _Silent()
     runs_root = Path(runs_dir) if runs_dir is not None else default_runs_dir()
 
@@ -174,6 +202,7 @@ def run(
 
     done = 0
     parts: dict[str, list[tuple[np.ndarray, dict[str, np.ndarray]]]] = {v: [] for v in programs}
+    epoch_parts: dict[str, list[dict[str, np.ndarray]]] = {v: [] for v in programs}
     compile_s: dict[str, float] = {}
     try:
         for variant, program in programs.items():
@@ -182,10 +211,20 @@ def run(
             compile_s[variant] = program.compile(chunk_sizes[variant])
             progress.compiled(variant, compile_s[variant])
             for cell in mine:
-                out = program.train(cell.seed_ids)
+                out, step_p, epoch_p = program.run(cell.seed_ids)
                 seed_ids = cell.seed_ids[: cell.real].astype(np.int64)
                 values = {k: v[: cell.real] for k, v in out.items()}
-                run_dir.write_cell(variant, cell.chunk, history_table(variant, seed_ids, values))
+                probes = None
+                if step_p is not None and epoch_p is not None:
+                    step_p = {k: v[: cell.real] for k, v in step_p.items()}
+                    epoch_p = {k: v[: cell.real] for k, v in epoch_p.items()}
+                    probes = probe_table(
+                        variant, seed_ids, step_p, epoch_p, program.layout.steps_per_epoch
+                    )
+                    epoch_parts[variant].append(epoch_p)
+                run_dir.write_cell(
+                    variant, cell.chunk, history_table(variant, seed_ids, values), probes
+                )
                 parts[variant].append((seed_ids, values))
                 done += 1
                 run_dir.write_status("running", done, len(cells))
@@ -209,6 +248,18 @@ def run(
     }
     total_runs = study.seeds.count * len(programs)
     checks = run_checks(study, programs) if declares_checks(study) else []
+    explain = {}
+    for v, program in programs.items():
+        epoch_p = (
+            {k: np.concatenate([c[k] for c in epoch_parts[v]]) for k in epoch_parts[v][0]}
+            if epoch_parts[v]
+            else None
+        )
+        explain[v] = {
+            "optimum": optimum_gaps(program, histories[v].values, epoch_p),
+            "bn": bn_diagnosis(program, histories[v].values, epoch_p),
+            "probes": epoch_p is not None,
+        }
     result = RunResult(
         run_id=run_dir.run_id,
         run_dir=run_dir.path,
@@ -220,6 +271,7 @@ def run(
         histories=histories,
         comparisons=compare(histories, str(study.baseline), study.verdicts),
         checks=checks,
+        explain=explain,
         compile_s=compile_s,
     )
     run_dir.finish("complete", done, len(cells), result.to_json())
@@ -235,6 +287,7 @@ def load_result(run_dir: RunDir) -> dict[str, Any]:
     histories = {v: stored[v] for v in order + [v for v in stored if v not in order]}
     saved = run_dir.read_json("summary.json") if (run_dir.path / "summary.json").exists() else {}
     checks = saved.get("checks", [])
+    explain = saved.get("explain", {})
     baseline = meta["study"].get("baseline")
     spec = VerdictSpec.model_validate(meta["study"].get("verdicts") or {})
     comparisons = (
@@ -256,4 +309,5 @@ def load_result(run_dir: RunDir) -> dict[str, Any]:
         "comparisons": [c.to_json() for c in comparisons],
         "verdict_rule": RULE,
         "checks": checks,
+        "explain": explain,
     }

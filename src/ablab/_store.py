@@ -132,6 +132,9 @@ class RunDir:
     def cell_files(self) -> list[Path]:
         return sorted((self.path / "cells").glob("*/chunk-*.parquet"))
 
+    def probe_files(self) -> list[Path]:
+        return sorted((self.path / "probes").glob("*/chunk-*.parquet"))
+
     # -- writing -------------------------------------------------------------------------
     @classmethod
     def create(
@@ -190,7 +193,16 @@ class RunDir:
             },
         )
 
-    def write_cell(self, variant: str, chunk: int, table: pa.Table) -> None:
+    def write_cell(
+        self, variant: str, chunk: int, table: pa.Table, probes: pa.Table | None = None
+    ) -> None:
+        """Store one cell: its probes first, then its history (whose file marks it done)."""
+        if probes is not None:
+            run_col = pa.array([self.run_id] * probes.num_rows, pa.string())
+            atomic_write_parquet(
+                self.path / "probes" / variant / f"chunk-{chunk:05d}.parquet",
+                probes.add_column(0, "run_id", run_col),
+            )
         run_col = pa.array([self.run_id] * table.num_rows, pa.string())
         atomic_write_parquet(self.cell_path(variant, chunk), table.add_column(0, "run_id", run_col))
 
@@ -225,6 +237,14 @@ class RunDir:
             return pa.table({})
         return pa.concat_tables([pq.read_table(f) for f in files], promote_options="default")
 
+    def probes(self) -> pa.Table:
+        """Every stored probe row of this run (cells whose history is stored)."""
+        done = {(f.parent.name, f.name) for f in self.cell_files()}
+        files = [f for f in self.probe_files() if (f.parent.name, f.name) in done]
+        if not files:
+            return pa.table({})
+        return pa.concat_tables([pq.read_table(f) for f in files])
+
 
 def resolve_run(runs_dir: Path, ref: str) -> RunDir:
     """A run by path, id, unique id prefix, or ``latest``."""
@@ -255,25 +275,43 @@ def list_runs(runs_dir: Path) -> list[dict[str, Any]]:
         return [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
 
 
+def _parquet_view(
+    con: duckdb.DuckDBPyConnection, runs_dir: Path, name: str, folder: str, empty_columns: str
+) -> None:
+    """A temp view ``name`` over every run's ``<folder>/*/chunk-*.parquet`` (empty if none)."""
+    pattern = f"*/{folder}/*/chunk-*.parquet"
+    if runs_dir.is_dir() and any(runs_dir.glob(pattern)):
+        glob = str(runs_dir.resolve() / pattern).replace("'", "''")
+        con.execute(
+            f"CREATE TEMP VIEW {name} AS SELECT * FROM read_parquet('{glob}', union_by_name = true)"
+        )
+    else:
+        con.execute(f"CREATE TEMP TABLE {name} ({empty_columns})")
+
+
 def query(runs_dir: Path, sql: str) -> tuple[list[str], list[tuple[Any, ...]]]:
     """Run ``sql`` over every stored run.
 
-    Tables: ``runs`` (the catalog) and ``history`` (every history row of every run,
-    columns of all runs unioned by name).
+    Tables: ``runs`` (the catalog), ``history`` (every history row of every run, columns of
+    all runs unioned by name) and ``probes`` (variant, seed, kind, step, epoch, probe, value).
     """
-    files = sorted(runs_dir.glob("*/cells/*/chunk-*.parquet")) if runs_dir.is_dir() else []
     with catalog(runs_dir, read_only=True) as con:
-        if files:
-            glob = str(runs_dir.resolve() / "*" / "cells" / "*" / "chunk-*.parquet")
-            con.execute(
-                "CREATE TEMP VIEW history AS SELECT * FROM "
-                f"read_parquet('{glob.replace(chr(39), chr(39) * 2)}', union_by_name = true)"
-            )
-        else:
-            con.execute(
-                "CREATE TEMP TABLE history (run_id VARCHAR, variant VARCHAR, seed BIGINT,"
-                " epoch INTEGER, diverged_epoch INTEGER, loss DOUBLE, val_loss DOUBLE)"
-            )
+        _parquet_view(
+            con,
+            runs_dir,
+            "history",
+            "cells",
+            "run_id VARCHAR, variant VARCHAR, seed BIGINT, epoch INTEGER,"
+            " diverged_epoch INTEGER, loss DOUBLE, val_loss DOUBLE",
+        )
+        _parquet_view(
+            con,
+            runs_dir,
+            "probes",
+            "probes",
+            "run_id VARCHAR, variant VARCHAR, seed BIGINT, kind VARCHAR, step INTEGER,"
+            " epoch INTEGER, probe VARCHAR, value DOUBLE",
+        )
         try:
             cur = con.execute(sql)
         except duckdb.Error as exc:

@@ -24,7 +24,7 @@ from pydantic import (
 
 from ablab._errors import StudyError, short_repr
 
-SECTIONS = ("data", "model", "train", "variants", "seeds", "engine", "verdicts", "checks")
+SECTIONS = ("data", "model", "train", "variants", "seeds", "engine", "verdicts", "checks", "probes")
 
 # Keras defaults (keras.Model.compile / keras.Model.fit, Keras 3.15).
 FIT_DEFAULT_BATCH_SIZE = 32
@@ -177,6 +177,8 @@ class VerdictSpec(_Strict):
     """Override the direction guessed from the metric's name."""
     random_seed: int = 0
     """Seeds the bootstrap's generator (results are reproducible)."""
+    pairs: list[tuple[str, str]] = Field(default_factory=list)
+    """Explicit comparisons ``[variant, baseline]`` instead of every variant vs the baseline."""
 
 
 class ChecksSpec(_Strict):
@@ -200,6 +202,14 @@ class ChecksSpec(_Strict):
     """torch / tensorflow model.fit vs the engine: max relative deviation per epoch."""
 
 
+class ProbesSpec(_Strict):
+    """What the engine records besides the History (``ablab._probes``)."""
+
+    enabled: bool | Literal["auto"] = "auto"
+    """true, false, or "auto": on for models up to ``max_params`` parameters."""
+    max_params: PositiveInt = 100_000
+
+
 class Study(_Strict):
     """A validated study. Build in code or load with :func:`load_study`."""
 
@@ -214,6 +224,7 @@ class Study(_Strict):
     engine: EngineSpec = Field(default_factory=EngineSpec)
     verdicts: VerdictSpec = Field(default_factory=VerdictSpec)
     checks: ChecksSpec = Field(default_factory=ChecksSpec)
+    probes: ProbesSpec = Field(default_factory=ProbesSpec)
     source: str = "<in code>"
     """Where the study came from: its file, or ``<in code>``."""
     root: str = "."
@@ -257,6 +268,15 @@ class Study(_Strict):
                     f"two or more of the variants {list(self.variants)}",
                     repr(group),
                     'list existing variant names, e.g. ["a", "b"]',
+                )
+        for i, pair in enumerate(self.verdicts.pairs):
+            unknown = [v for v in pair if v not in self.variants]
+            if unknown:
+                raise _KeyedError(
+                    f"verdicts.pairs[{i}]",
+                    f"variants among {list(self.variants)}",
+                    repr(list(pair)),
+                    "name existing variants: [variant, baseline]",
                 )
         probe = self.checks.identity_probe
         for name in probe if isinstance(probe, list) else []:

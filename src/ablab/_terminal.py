@@ -131,6 +131,29 @@ def checks_table(checks: list[dict[str, Any]]) -> Table:
     return table
 
 
+def print_explain(console: Console, explain: dict[str, dict[str, Any]]) -> None:
+    """Analytic optimum gaps and BatchNormalization diagnoses, in words."""
+    lines = []
+    for variant, e in explain.items():
+        opt = e.get("optimum")
+        if opt:
+            gap = opt.get("val_gap") or opt.get("train_gap") or {}
+            which = "val" if opt.get("val_gap") else "train"
+            if gap.get("median") is not None:
+                lines.append(
+                    f"{variant}: linear, rank ≤ {opt['rank']}: the optimum ({opt['kind']}) has "
+                    f"train MSE {opt['train_mse']:.4f}, val MSE {_fmt(opt['val_mse'])}; median "
+                    f"final {which} gap {gap['median']:+.4f} ({gap['q05']:+.4f} … "
+                    f"{gap['q95']:+.4f})"
+                )
+        for d in e.get("bn") or []:
+            lines.append(f"{variant}: {d['text']}")
+    if lines:
+        console.print("[bold]why[/bold]")
+        for line in lines:
+            console.print(f"  • {escape(line)}", soft_wrap=True)
+
+
 def print_run(console: Console, doc: dict[str, Any]) -> None:
     """The summary ``ablab run`` prints: tables, wall time, throughput, where it is stored."""
     console.print(summary_table(doc["variants"], doc.get("baseline")))
@@ -139,6 +162,7 @@ def print_run(console: Console, doc: dict[str, Any]) -> None:
         console.print(f"verdict rule: {doc['verdict_rule']}", style="dim")
     if doc.get("checks"):
         console.print(checks_table(doc["checks"]))
+    print_explain(console, doc.get("explain") or {})
     n_runs = sum(v["n_seeds"] for v in doc["variants"].values())
     if doc.get("wall_s") is not None:
         console.print(

@@ -29,7 +29,7 @@ from ablab._estimators import (
     prob_better,
 )
 from ablab._hypothesis import holm, seeds_needed, tost_p, wilcoxon_p
-from ablab._intervals import bootstrap_ci, prob_better_ci
+from ablab._intervals import bootstrap_ci, curve_ci, prob_better_ci
 from ablab._records import VariantHistory
 from ablab._study import VerdictSpec
 
@@ -93,6 +93,33 @@ def decide(p_adjusted: float, p_tost: float, mean_gain: float, alpha: float) -> 
     return "inconclusive"
 
 
+def paired_curve(
+    histories: dict[str, VariantHistory],
+    variant: str,
+    baseline: str,
+    metric: str,
+    rng: np.random.Generator,
+    *,
+    confidence: float = 0.95,
+    n_resamples: int = 2000,
+) -> dict[str, np.ndarray]:
+    """Per-epoch paired difference ``variant - baseline`` of ``metric`` with a bootstrap band.
+
+    Returns ``{"epoch", "diff_mean", "ci_low", "ci_high"}``, each (epochs,); seeds matched by
+    id, a seed non-finite anywhere in either curve left out (``ablab._intervals.curve_ci``).
+    """
+    base, var = histories[baseline], histories[variant]
+    _, bi, vi = np.intersect1d(base.seeds, var.seeds, return_indices=True)
+    diff = var.values[metric][vi] - base.values[metric][bi]
+    mean, low, high = curve_ci(diff, rng, confidence=confidence, n_resamples=n_resamples)
+    return {
+        "epoch": np.arange(1, diff.shape[1] + 1),
+        "diff_mean": mean,
+        "ci_low": low,
+        "ci_high": high,
+    }
+
+
 def _final(history: VariantHistory, metric: str) -> np.ndarray:
     return history.values[metric][:, -1]
 
@@ -108,28 +135,31 @@ def resolve_metric(spec: VerdictSpec, histories: dict[str, VariantHistory]) -> s
 def compare(
     histories: dict[str, VariantHistory], baseline: str, spec: VerdictSpec
 ) -> list[Comparison]:
-    """Every non-baseline variant vs ``baseline`` on ``spec.metric``'s final-epoch values.
+    """Every non-baseline variant vs ``baseline`` -- or, when ``spec.pairs`` is set, each
+    ``[variant, its baseline]`` pair -- on ``spec.metric``'s final-epoch values.
 
     Seeds are matched by id (the paired design); a seed missing or non-finite in either arm
     is left out of that comparison. Holm's correction runs across all comparisons here.
     """
     metric = resolve_metric(spec, histories)
     lower = lower_is_better(metric, spec.higher_is_better)
-    base = histories[baseline]
     rng = np.random.default_rng(spec.random_seed)
     rows: list[dict[str, Any]] = []
-    base_final = _final(base, metric)
-    finite_base = base_final[np.isfinite(base_final)]
-    base_median = float(np.median(finite_base)) if finite_base.size else float("nan")
-    margin = spec.margin_abs if spec.margin_abs is not None else spec.margin * abs(base_median)
-    for name, hist in histories.items():
-        if name == baseline:
-            continue
+    if spec.pairs:
+        pairs = [(v, b) for v, b in spec.pairs if v in histories and b in histories]
+    else:
+        pairs = [(v, baseline) for v in histories if v != baseline]
+    for name, base_name in pairs:
+        hist, base = histories[name], histories[base_name]
+        base_final = _final(base, metric)
+        finite_base = base_final[np.isfinite(base_final)]
+        base_median = float(np.median(finite_base)) if finite_base.size else float("nan")
+        margin = spec.margin_abs if spec.margin_abs is not None else spec.margin * abs(base_median)
         _, bi, vi = np.intersect1d(base.seeds, hist.seeds, return_indices=True)
         b, v = finite_pairs(base_final[bi], _final(hist, metric)[vi])
         row: dict[str, Any] = {
             "variant": name,
-            "baseline": baseline,
+            "baseline": base_name,
             "metric": metric,
             "n": int(b.size),
             "margin": margin,
