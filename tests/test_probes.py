@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import ablab
+from ablab import _probes
 from ablab._probes import probes_enabled
 from ablab._reference import all_rows, fit_arguments, fresh_model
 from tests.conftest import make_program
@@ -77,7 +78,11 @@ def test_probe_values_equal_weights_read_by_a_callback_in_fit(seed_study: ablab.
             )
 
 
-def test_bn_convergence_is_one_minus_momentum_to_the_updates(tmp_path: Path) -> None:
+@pytest.mark.parametrize("chunk_rows", [4096, 5])  # 5: the chunked path (48 rows = 9x5 + 3)
+def test_bn_convergence_is_one_minus_momentum_to_the_updates(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk_rows: int
+) -> None:
+    monkeypatch.setattr(_probes, "BN_PROBE_ROWS", chunk_rows)
     # Constant batches: the same 8 rows repeated, BN first (its input is the data itself),
     # so every batch -- and the full training set -- has the same statistics.
     rows = np.random.default_rng(0).normal(2.0, 3.0, (8, 4))

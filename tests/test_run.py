@@ -118,6 +118,18 @@ def test_interrupt_keeps_finished_cells(tiny_study: Path, tmp_path: Path) -> Non
     assert row["state"] == "interrupted" and row["cells_done"] == 2
 
 
+def test_variants_must_share_the_validation_split(tiny_study: Path, tmp_path: Path) -> None:
+    text = tiny_study.read_text().replace(
+        "[variants.bn]\n", "[variants.bn]\ntrain = { validation_split = 0.2 }\n"
+    )
+    bad = tmp_path / "split.toml"
+    bad.write_text(text)
+    with pytest.raises(ablab.StudyError) as info:
+        ablab.run(bad, runs_dir=tmp_path / "runs")
+    assert info.value.key == "variants.bn.train.validation_split"
+    assert not (tmp_path / "runs").exists()
+
+
 def test_bad_input_writes_nothing(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text(

@@ -53,6 +53,45 @@ def test_query_spans_runs(tmp_path: Path) -> None:
     assert runs == [("first", "complete"), ("second", "complete")]
 
 
+def test_json_is_strict_nan_becomes_null() -> None:
+    import json
+
+    import numpy as np
+
+    from ablab._store import dumps
+
+    doc = json.loads(dumps({"a": float("nan"), "b": np.float32(1.5), "c": [np.inf, np.int64(3)]}))
+    assert doc == {"a": None, "b": 1.5, "c": [None, 3]}
+
+
+def test_catalog_writes_wait_for_a_reader_holding_the_lock(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import time
+
+    from ablab._store import CATALOG, _update_catalog, catalog
+
+    with catalog(tmp_path):
+        pass
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]);"
+            " print('held', flush=True); time.sleep(2)",
+            str(tmp_path / CATALOG),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    t0 = time.monotonic()
+    ok = _update_catalog(tmp_path, "INSERT INTO runs (run_id) VALUES (?)", ["x"])
+    holder.communicate()  # waits, and closes its pipe
+    assert ok and time.monotonic() - t0 > 0.5  # it waited for the lock, then wrote
+    assert [r["run_id"] for r in list_runs(tmp_path)] == ["x"]
+
+
 def test_query_on_empty_runs_dir_and_bad_sql(tmp_path: Path) -> None:
     assert query(tmp_path / "none", "SELECT count(*) FROM history")[1] == [(0,)]
     with pytest.raises(ablab.BadInput, match="query failed"):

@@ -109,6 +109,12 @@ def test_unknown_key_suggests_the_close_one() -> None:
     assert "did you mean `count`?" in err.fix
 
 
+def test_variant_names_are_validated() -> None:
+    for bad in ("a/b", "..", "baseline x"):
+        err = _bad(lambda r, bad=bad: r["variants"].update({bad: {"layers": []}}))
+        assert err.key == f"variants.{bad}" and "letters, digits" in err.expected
+
+
 def test_malformed_toml_is_a_study_error(tmp_path: Path) -> None:
     path = tmp_path / "broken.toml"
     path.write_text("[data\nsynthetic = 1\n")

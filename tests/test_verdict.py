@@ -32,6 +32,23 @@ def test_rule() -> None:
     assert decide(p_adjusted=0.2, p_tost=0.4, mean_gain=0.2, alpha=0.05) == "inconclusive"
 
 
+def test_mean_and_median_disagreeing_is_inconclusive() -> None:
+    # +0.01 worse on 90 % of seeds, -0.2 better on 10 %: Wilcoxon (ranks) is sure the typical
+    # seed is worse, the mean says better -- no verdict the seeds contradict.
+    base = np.random.default_rng(6).normal(1.0, 0.2, 200)
+    delta = np.where(np.arange(200) % 10 == 0, -0.2, 0.01)
+    (c,) = compare({"b": _hist(base), "v": _hist(base + delta)}, "b", FAST)
+    assert c.p_adjusted < 1e-6 and c.diff_mean < 0 and c.diff_median > 0
+    assert c.verdict == "inconclusive"
+
+
+def test_identical_variants_are_equivalent_even_with_zero_margin() -> None:
+    base = np.random.default_rng(7).normal(1.0, 0.2, 30)
+    spec = VerdictSpec(n_resamples=999, margin_abs=0.0)
+    (c,) = compare({"a": _hist(base), "b": _hist(base.copy())}, "a", spec)
+    assert c.verdict == "equivalent"
+
+
 def test_direction_from_metric_name() -> None:
     assert lower_is_better("val_loss") and lower_is_better("mae")
     assert not lower_is_better("val_accuracy") and not lower_is_better("auc")

@@ -8,7 +8,13 @@ This file runs in two ways:
 
 A job folder holds ``job.json`` (model JSON, compile and fit arguments, per-seed entries)
 and ``arrays.npz`` (rows, per-seed initial weights in ``model.weights`` order, per-seed
-shuffle permutations). The worker writes ``result.json``: ``{seed: {name: [per epoch]}}``.
+shuffle permutations). The worker writes ``result-<backend>.json``:
+``{"variant/seed": {name: [per epoch]}}``.
+
+Limits: with ``shuffle`` the epoch is a ``train_on_batch`` loop, which takes no callbacks
+(fault-injection callbacks apply to ``shuffle=False`` only), and the epoch value of each
+metric is the batch-size-weighted mean of per-batch values -- exact for mean metrics (losses,
+MAE, accuracy), not for AUC / precision / recall.
 """
 
 from __future__ import annotations

@@ -70,6 +70,22 @@ def write_job(
     (job_dir / "job.json").write_text(json.dumps({"entries": entries}))
 
 
+def _collect(
+    backend: str, proc: subprocess.Popen[str], job_dir: Path, timeout_s: float
+) -> dict[str, Any]:
+    try:
+        _, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return {"ok": False, "error": f"timed out after {timeout_s:.0f} s"}
+    result = job_dir / f"result-{backend}.json"
+    if proc.returncode != 0 or not result.exists():
+        tail = "\n".join(err.strip().splitlines()[-5:])
+        return {"ok": False, "error": f"worker exit {proc.returncode}: {tail}"}
+    return {"ok": True, "histories": json.loads(result.read_text())}
+
+
 def run_backends(
     programs: dict[str, VariantProgram],
     seeds: dict[str, list[int]],
@@ -87,32 +103,27 @@ def run_backends(
     with tempfile.TemporaryDirectory(prefix="ablab-backends-") as tmp:
         job_dir = Path(tmp)
         write_job(job_dir, programs, seeds, callbacks)
-        procs = {}
-        for backend in backends:
-            env = {
-                **os.environ,
-                "KERAS_BACKEND": backend,
-                "TF_CPP_MIN_LOG_LEVEL": "3",
-                "PYTHONWARNINGS": "ignore",
-            }
-            procs[backend] = subprocess.Popen(
-                [sys.executable, str(WORKER), str(job_dir)],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-        for backend, proc in procs.items():
-            try:
-                _, err = proc.communicate(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                out[backend] = {"ok": False, "error": f"timed out after {timeout_s:.0f} s"}
-                continue
-            result = job_dir / f"result-{backend}.json"
-            if proc.returncode != 0 or not result.exists():
-                tail = "\n".join(err.strip().splitlines()[-5:])
-                out[backend] = {"ok": False, "error": f"worker exit {proc.returncode}: {tail}"}
-            else:
-                out[backend] = {"ok": True, "histories": json.loads(result.read_text())}
+        procs: dict[str, subprocess.Popen[str]] = {}
+        try:
+            for backend in backends:
+                env = {
+                    **os.environ,
+                    "KERAS_BACKEND": backend,
+                    "TF_CPP_MIN_LOG_LEVEL": "3",
+                    "PYTHONWARNINGS": "ignore",
+                }
+                procs[backend] = subprocess.Popen(
+                    [sys.executable, str(WORKER), str(job_dir)],
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+            for backend, proc in procs.items():
+                out[backend] = _collect(backend, proc, job_dir, timeout_s)
+        finally:  # an error or Ctrl-C here must not leave workers running on a deleted folder
+            for proc in procs.values():
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
     return out

@@ -15,8 +15,8 @@ Trajectory deviation (equivalence, identity probe): per element ``|a - b| / max(
 -- relative for values above 1, absolute below -- maximised over seeds and weights; a check
 passes when the maximum is within ``tolerance``; ``first_bad_step`` is the first optimizer
 step (0 = the initial weights) where it is exceeded. Backend deviation: per epoch
-``|backend - engine| / |engine|`` over every History name; ``first_bad_step`` is then the
-first epoch (1-based) over tolerance.
+``|backend - engine| / max(|engine|, 1)`` over every History name (a non-finite value counts
+as infinite); ``first_bad_step`` is then the first epoch (1-based) over tolerance.
 """
 
 from __future__ import annotations
@@ -76,6 +76,8 @@ def trajectory_deviation(
             continue
         diff = np.abs(x - y)
         rel = diff / np.maximum(np.maximum(np.abs(x), np.abs(y)), 1.0)
+        # NaN in one arm only is a failure; NaN in both arms is agreement
+        rel = np.where(np.isnan(x) & np.isnan(y), 0.0, np.nan_to_num(rel, nan=np.inf))
         axes = tuple(i for i in range(rel.ndim) if i != 1)
         step_rel = np.max(rel, axis=axes) if rel.size else np.zeros(rel.shape[1])
         if key == "loss":  # loss after step j+1 (no step-0 value)
@@ -242,8 +244,10 @@ def _compare_histories(
         for key, values in hist.items():
             b = np.asarray(values, dtype=np.float64)
             e = engine[key][i].astype(np.float64)
-            diff = np.abs(b - e)
-            per_epoch = np.maximum(per_epoch, diff / np.maximum(np.abs(e), 1e-12))
+            both_nan = np.isnan(b) & np.isnan(e)  # diverged in both: they agree
+            diff = np.where(both_nan, 0.0, np.nan_to_num(np.abs(b - e), nan=np.inf))
+            # relative above 1, absolute below (as for trajectories); one-sided NaN fails
+            per_epoch = np.maximum(per_epoch, diff / np.maximum(np.abs(np.nan_to_num(e)), 1.0))
             max_abs = max(max_abs, float(diff.max()))
     bad = np.flatnonzero(~(per_epoch <= tol))
     first = int(bad[0]) + 1 if bad.size else None

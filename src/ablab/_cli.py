@@ -5,7 +5,6 @@ Exit codes: 0 ok, 1 failure, 2 bad input (nothing written), 130 interrupted.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,13 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
-from ablab._errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED, AblabError
+from ablab._errors import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    AblabError,
+    StudyError,
+)
 
 _runs_dir_option = click.option(
     "--runs-dir",
@@ -41,7 +46,9 @@ def _stdout() -> Console:
 
 
 def _dump(doc: Any) -> None:
-    sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
+    from ablab._store import dumps
+
+    sys.stdout.write(dumps(doc) + "\n")
     sys.stdout.flush()
 
 
@@ -127,6 +134,14 @@ def check_cmd(
 
     spec = load_study(study)
     if seeds is not None:
+        if seeds < 1:
+            raise StudyError(
+                where=str(study),
+                key="--seeds",
+                expected="a positive seed count",
+                got=repr(seeds),
+                fix="pass --seeds K with K >= 1",
+            )
         spec = spec.model_copy(update={"checks": spec.checks.model_copy(update={"seeds": seeds})})
     if backends is None:
         chosen = list(spec.checks.backends) if spec.checks.backends is not None else list(BACKENDS)
@@ -180,7 +195,7 @@ def show_cmd(run_ref: str | None, runs_dir: Path | None, as_json: bool) -> None:
 @_runs_dir_option
 @_json_option
 def query_cmd(sql: str, runs_dir: Path | None, as_json: bool) -> None:
-    """Run SQL (DuckDB) over every stored run: tables `runs` and `history`."""
+    """Run SQL (DuckDB) over every stored run: tables `runs`, `history` and `probes`."""
     from ablab._store import query
     from ablab._terminal import query_table
 

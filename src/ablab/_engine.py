@@ -33,6 +33,7 @@ from ablab._data import Split
 from ablab._init import SHUFFLE_STREAM, initial_state, stream_key
 from ablab._model import PreparedModel
 from ablab._probes import (
+    BN_PROBE_ROWS,
     bn_probes,
     make_probe_spec,
     step_probes,
@@ -325,6 +326,9 @@ class VariantProgram:
                 )
             )
         elems += 16 * lay.epochs * lay.steps_per_epoch  # logs
+        if self.probes:  # per-step probe scalars and the BN probe's chunk of activations
+            elems += (3 * len(self._probe_spec.layers) + 1) * lay.epochs * lay.steps_per_epoch
+            elems += 2 * min(lay.n_train, BN_PROBE_ROWS) * acts * len(self._probe_spec.bn)
         return 4 * elems
 
 

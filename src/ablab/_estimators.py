@@ -47,8 +47,12 @@ def prob_better(diff: np.ndarray, lower: bool) -> float:
     The paired "probability of improvement" (Agarwal et al., 2021, "Deep RL at the edge of
     the statistical precipice", rliable), here over seeds of one task.
     """
-    gain = improvement(diff, lower)
-    return float(np.mean((gain > 0) + 0.5 * (gain == 0)))
+    return float(np.mean(win_scores(improvement(diff, lower))))
+
+
+def win_scores(gain: np.ndarray) -> np.ndarray:
+    """Per seed: 1 if the variant is better (gain > 0), 1/2 on a tie, 0 if worse."""
+    return (gain > 0) + 0.5 * (gain == 0)
 
 
 def cliffs_delta(baseline: np.ndarray, variant: np.ndarray, lower: bool) -> float:

@@ -19,6 +19,7 @@ import numpy as np
 
 from ablab._data import Split
 from ablab._engine import VariantProgram
+from ablab._summary import final_distribution
 
 _SHAPE_ONLY = (keras.layers.InputLayer, keras.layers.Flatten, keras.layers.Reshape)
 _MSE = ("mse", "mean_squared_error", "meansquarederror")
@@ -82,14 +83,6 @@ def linear_optimum(split: Split, rank: int) -> dict[str, Any]:
     return {"kind": kind, "rank": rank, "train_mse": train_mse, "val_mse": val_mse}
 
 
-def _dist(values: np.ndarray) -> dict[str, float | None]:
-    finite = values[np.isfinite(values)]
-    if finite.size == 0:
-        return {"median": None, "q05": None, "q95": None}
-    q05, q50, q95 = np.quantile(finite, [0.05, 0.5, 0.95])
-    return {"median": float(q50), "q05": float(q05), "q95": float(q95)}
-
-
 def optimum_gaps(
     program: VariantProgram,
     history: dict[str, np.ndarray],
@@ -106,9 +99,11 @@ def optimum_gaps(
     opt = linear_optimum(program.split, rank)
     out: dict[str, Any] = {**opt}
     if epoch_probes is not None and "train_loss_inference" in epoch_probes:
-        out["train_gap"] = _dist(epoch_probes["train_loss_inference"][:, -1] - opt["train_mse"])
+        out["train_gap"] = final_distribution(
+            epoch_probes["train_loss_inference"][:, -1] - opt["train_mse"]
+        )
     if opt["val_mse"] is not None and "val_loss" in history:
-        out["val_gap"] = _dist(history["val_loss"][:, -1] - opt["val_mse"])
+        out["val_gap"] = final_distribution(history["val_loss"][:, -1] - opt["val_mse"])
     return out
 
 

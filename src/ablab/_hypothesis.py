@@ -34,7 +34,8 @@ def tost_p(diff: np.ndarray, margin: float) -> float:
     exact: 0 if the (nearly) constant difference is inside the margin, else 1.
     """
     if nearly_constant(diff):
-        return 0.0 if abs(float(np.mean(diff))) < margin else 1.0
+        value = abs(float(np.mean(diff)))
+        return 0.0 if value < margin or value == 0.0 else 1.0
     p_low = stats.ttest_1samp(diff, -margin, alternative="greater").pvalue
     p_high = stats.ttest_1samp(diff, margin, alternative="less").pvalue
     return float(max(p_low, p_high))

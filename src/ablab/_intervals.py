@@ -13,7 +13,7 @@ from collections.abc import Callable
 import numpy as np
 from scipy import stats
 
-from ablab._estimators import nearly_constant
+from ablab._estimators import nearly_constant, win_scores
 
 
 def bootstrap_ci(
@@ -56,11 +56,6 @@ def bootstrap_ci(
     return lo, hi
 
 
-def _win_share(values: np.ndarray, axis: int = 0) -> np.ndarray:
-    """Mean of per-seed wins (1 win, 1/2 tie, 0 loss) along ``axis``."""
-    return np.mean(values, axis=axis)
-
-
 def prob_better_ci(
     gain: np.ndarray,
     rng: np.random.Generator,
@@ -69,8 +64,8 @@ def prob_better_ci(
     n_resamples: int = 9999,
 ) -> tuple[float, float]:
     """Interval of P(variant better) from per-seed improvements ``gain`` (> 0 = better)."""
-    wins = (gain > 0) + 0.5 * (gain == 0)
-    return bootstrap_ci(wins, _win_share, rng, confidence=confidence, n_resamples=n_resamples)
+    wins = win_scores(gain)  # the share of wins is their mean
+    return bootstrap_ci(wins, np.mean, rng, confidence=confidence, n_resamples=n_resamples)
 
 
 def curve_ci(

@@ -24,8 +24,9 @@ from keras.src.trainers.data_adapters import data_adapter_utils
 
 from ablab._model import PreparedModel
 
-# Probes are on by default for models up to this many parameters (the `[probes]` switch).
-DEFAULT_MAX_PARAMS = 100_000
+# The BN statistics probe runs the training rows through the layers before each BN layer
+# in chunks of this many rows (memory per seed stays bounded however large the data).
+BN_PROBE_ROWS = 4096
 
 
 @dataclass
@@ -142,13 +143,7 @@ def bn_probes(
     statistics, and the ratio moving variance / full variance (median over channels)."""
     out = {}
     for bn in spec.bn:
-        acts, _ = bn.submodel.stateless_call(
-            [tv[i] for i in bn.sub_tv], [ntv[i] for i in bn.sub_ntv], x_train, training=False
-        )
-        axis = bn.axis % acts.ndim
-        axes = tuple(a for a in range(acts.ndim) if a != axis)
-        full_mean = jnp.mean(acts, axis=axes)
-        full_var = jnp.var(acts, axis=axes)
+        full_mean, full_var = _input_moments(bn, tv, ntv, x_train)
         for name, index, target in (
             ("mean", bn.mean_index, full_mean),
             ("var", bn.var_index, full_var),
@@ -162,6 +157,34 @@ def bn_probes(
             ntv[bn.var_index] / jnp.maximum(full_var, 1e-12)
         )
     return out
+
+
+def _input_moments(bn: _BNProbe, tv: list, ntv: list, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Mean and (biased) variance per channel of ``bn``'s input over all rows of ``x``,
+    in chunks of at most BN_PROBE_ROWS rows so memory does not grow with the data."""
+
+    def moments(rows: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        acts, _ = bn.submodel.stateless_call(
+            [tv[i] for i in bn.sub_tv], [ntv[i] for i in bn.sub_ntv], rows, training=False
+        )
+        axis = bn.axis % acts.ndim
+        axes = tuple(a for a in range(acts.ndim) if a != axis)
+        count = jnp.asarray(acts.size // acts.shape[axis], acts.dtype)
+        return jnp.sum(acts, axis=axes), jnp.sum(jnp.square(acts), axis=axes), count
+
+    n = x.shape[0]
+    if n <= BN_PROBE_ROWS:
+        total, squares, count = moments(x)
+    else:
+        full = n // BN_PROBE_ROWS
+        chunks = x[: full * BN_PROBE_ROWS].reshape(full, BN_PROBE_ROWS, *x.shape[1:])
+        sums, sqs, counts = jax.lax.map(moments, chunks)
+        total, squares, count = sums.sum(0), sqs.sum(0), counts.sum(0)
+        if n % BN_PROBE_ROWS:
+            t, s, c = moments(x[full * BN_PROBE_ROWS :])
+            total, squares, count = total + t, squares + s, count + c
+    mean = total / count
+    return mean, jnp.maximum(squares / count - jnp.square(mean), 0.0)
 
 
 def probes_enabled(setting: bool | str, n_params: int, max_params: int) -> bool:

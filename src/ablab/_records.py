@@ -110,27 +110,3 @@ def probe_table(
                 )
             )
     return pa.concat_tables(parts)
-
-
-def probe_arrays(table: pa.Table, variant: str, kind: str) -> dict[str, np.ndarray]:
-    """Invert :func:`probe_table` for one variant and kind: {probe: (seeds, steps|epochs)},
-    seeds in ascending order."""
-    if table.num_rows == 0:
-        return {}
-    cols = {
-        c: table.column(c).to_numpy(zero_copy_only=False)
-        for c in ("variant", "kind", "seed", "step", "epoch", "probe", "value")
-    }
-    mask = (cols["variant"] == variant) & (cols["kind"] == kind)
-    if not mask.any():
-        return {}
-    seeds, seed_index = np.unique(cols["seed"][mask], return_inverse=True)
-    pos = cols["step" if kind == "step" else "epoch"][mask] - 1
-    probes, values = cols["probe"][mask], cols["value"][mask]
-    out = {}
-    for name in dict.fromkeys(probes):
-        sel = probes == name
-        arr = np.full((len(seeds), int(pos[sel].max()) + 1), np.nan)
-        arr[seed_index[sel], pos[sel]] = values[sel]
-        out[str(name)] = arr
-    return out

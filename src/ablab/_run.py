@@ -154,6 +154,20 @@ def _plan(study: Study) -> tuple[dict[str, VariantProgram], list[_Cell], dict[st
             got=repr(study.verdicts.metric),
             fix="name the loss or a metric listed in [train] metrics",
         )
+    pairs = study.verdicts.pairs or [(v, str(study.baseline)) for v in study.variants]
+    for variant, base in pairs:
+        if variant == base:
+            continue
+        a, b = study.variant_train(variant), study.variant_train(base)
+        if a.validation_split != b.validation_split:
+            raise StudyError(
+                where=study.source,
+                key=f"variants.{variant}.train.validation_split",
+                expected=f"the validation_split of {base!r} ({b.validation_split}), so that "
+                "paired seeds are scored on the same rows",
+                got=repr(a.validation_split),
+                fix="override validation_split in [train] for every variant, not per variant",
+            )
     data = load_dataset(study)
     programs: dict[str, VariantProgram] = {}
     cells: list[_Cell] = []
@@ -231,50 +245,50 @@ def run(
                 progress.chunk_done(variant, cell.chunk, cell.real)
                 if on_cell is not None:
                     on_cell(done, len(cells))
-    except KeyboardInterrupt as exc:
+
+        wall = time.perf_counter() - t0
+        histories = {
+            v: VariantHistory(
+                seeds=np.concatenate([s for s, _ in chunks]),
+                values={k: np.concatenate([vals[k] for _, vals in chunks]) for k in chunks[0][1]},
+            )
+            for v, chunks in parts.items()
+        }
+        total_runs = study.seeds.count * len(programs)
+        checks = run_checks(study, programs) if declares_checks(study) else []
+        explain = {}
+        for v, program in programs.items():
+            epoch_p = (
+                {k: np.concatenate([c[k] for c in epoch_parts[v]]) for k in epoch_parts[v][0]}
+                if epoch_parts[v]
+                else None
+            )
+            explain[v] = {
+                "optimum": optimum_gaps(program, histories[v].values, epoch_p),
+                "bn": bn_diagnosis(program, histories[v].values, epoch_p),
+                "probes": epoch_p is not None,
+            }
+        result = RunResult(
+            run_id=run_dir.run_id,
+            run_dir=run_dir.path,
+            study=study,
+            state="complete",
+            wall_s=wall,
+            runs_per_s=total_runs / wall,
+            summary=summarize(histories),
+            histories=histories,
+            comparisons=compare(histories, str(study.baseline), study.verdicts),
+            checks=checks,
+            explain=explain,
+            compile_s=compile_s,
+        )
+        run_dir.finish("complete", done, len(cells), result.to_json())
+    except KeyboardInterrupt as exc:  # during training, checks or analysis
         run_dir.finish("interrupted", done, len(cells), None)
         raise RunInterrupted(str(run_dir.path), done, len(cells)) from exc
     except BaseException:
         run_dir.finish("failed", done, len(cells), None)
         raise
-
-    wall = time.perf_counter() - t0
-    histories = {
-        v: VariantHistory(
-            seeds=np.concatenate([s for s, _ in chunks]),
-            values={k: np.concatenate([vals[k] for _, vals in chunks]) for k in chunks[0][1]},
-        )
-        for v, chunks in parts.items()
-    }
-    total_runs = study.seeds.count * len(programs)
-    checks = run_checks(study, programs) if declares_checks(study) else []
-    explain = {}
-    for v, program in programs.items():
-        epoch_p = (
-            {k: np.concatenate([c[k] for c in epoch_parts[v]]) for k in epoch_parts[v][0]}
-            if epoch_parts[v]
-            else None
-        )
-        explain[v] = {
-            "optimum": optimum_gaps(program, histories[v].values, epoch_p),
-            "bn": bn_diagnosis(program, histories[v].values, epoch_p),
-            "probes": epoch_p is not None,
-        }
-    result = RunResult(
-        run_id=run_dir.run_id,
-        run_dir=run_dir.path,
-        study=study,
-        state="complete",
-        wall_s=wall,
-        runs_per_s=total_runs / wall,
-        summary=summarize(histories),
-        histories=histories,
-        comparisons=compare(histories, str(study.baseline), study.verdicts),
-        checks=checks,
-        explain=explain,
-        compile_s=compile_s,
-    )
-    run_dir.finish("complete", done, len(cells), result.to_json())
     return result
 
 

@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
+import math
 import os
 import re
 import secrets
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,10 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ablab._errors import BadInput, StudyError
+from ablab._errors import StudyError
 
 FORMAT_VERSION = 1
 CATALOG = "catalog.duckdb"
@@ -74,8 +78,34 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def jsonable(obj: Any) -> Any:
+    """``obj`` with numpy scalars made Python, non-finite floats made null, dates and paths
+    made strings -- so the result is strict JSON (``allow_nan=False``)."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, bool | np.bool_):
+        return bool(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, float | np.floating):
+        value = float(obj)
+        return value if math.isfinite(value) else None
+    if isinstance(obj, dt.datetime | dt.date):
+        return obj.isoformat()
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def dumps(obj: Any) -> str:
+    """Strict JSON text of ``obj`` (see :func:`jsonable`)."""
+    return json.dumps(jsonable(obj), indent=2, allow_nan=False)
+
+
 def atomic_write_json(path: Path, obj: dict[str, Any]) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
+    atomic_write_bytes(path, (dumps(obj) + "\n").encode())
 
 
 def atomic_write_parquet(path: Path, table: pa.Table) -> None:
@@ -84,6 +114,8 @@ def atomic_write_parquet(path: Path, table: pa.Table) -> None:
     os.close(fd)
     try:
         pq.write_table(table, tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -110,6 +142,21 @@ def catalog(runs_dir: Path, *, read_only: bool = False) -> Iterator[duckdb.DuckD
         yield con
     finally:
         con.close()
+
+
+def _update_catalog(runs_dir: Path, sql: str, params: list[Any], tries: int = 40) -> bool:
+    """Run one catalog write, retrying while another process (``ablab show`` / ``query``)
+    holds DuckDB's file lock; gives up after ~10 s with a logged warning instead of failing
+    the run -- each run's own status.json stays the source of truth."""
+    for attempt in range(tries):
+        try:
+            with catalog(runs_dir) as con:
+                con.execute(sql, params)
+            return True
+        except duckdb.IOException:
+            time.sleep(min(0.05 * 2**attempt, 0.5))
+    logging.getLogger("ablab").warning("catalog %s is locked; not updated", runs_dir / CATALOG)
+    return False
 
 
 @dataclass
@@ -160,25 +207,24 @@ class RunDir:
             },
         )
         run.write_status("running", 0, cells_total)
-        with catalog(runs_dir) as con:
-            con.execute(
-                "INSERT INTO runs (run_id, name, source, created_at, state, variants, baseline,"
-                " seeds, cells_done, cells_total, run_dir)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    run_id,
-                    name,
-                    study.get("source"),
-                    created,
-                    "running",
-                    list(study.get("variants", {})),
-                    study.get("baseline"),
-                    study.get("seeds", {}).get("count"),
-                    0,
-                    cells_total,
-                    str(run.path.resolve()),
-                ],
-            )
+        _update_catalog(
+            runs_dir,
+            "INSERT INTO runs (run_id, name, source, created_at, state, variants, baseline,"
+            " seeds, cells_done, cells_total, run_dir) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                run_id,
+                name,
+                study.get("source"),
+                created,
+                "running",
+                list(study.get("variants", {})),
+                study.get("baseline"),
+                study.get("seeds", {}).get("count"),
+                0,
+                cells_total,
+                str(run.path.resolve()),
+            ],
+        )
         return run
 
     def write_status(self, state: str, cells_done: int, cells_total: int) -> None:
@@ -209,22 +255,24 @@ class RunDir:
     def finish(
         self, state: str, cells_done: int, cells_total: int, summary: dict[str, Any] | None
     ) -> None:
-        self.write_status(state, cells_done, cells_total)
+        """Mark the run ended: summary first, then status (the source of truth), then the
+        catalog (best effort: another process may hold its lock)."""
         if summary is not None:
             atomic_write_json(self.path / "summary.json", {"version": FORMAT_VERSION, **summary})
-        with catalog(self.runs_dir) as con:
-            con.execute(
-                "UPDATE runs SET state = ?, finished_at = ?, cells_done = ?, wall_s = ?,"
-                " runs_per_s = ? WHERE run_id = ?",
-                [
-                    state,
-                    _now(),
-                    cells_done,
-                    (summary or {}).get("wall_s"),
-                    (summary or {}).get("runs_per_s"),
-                    self.run_id,
-                ],
-            )
+        self.write_status(state, cells_done, cells_total)
+        _update_catalog(
+            self.runs_dir,
+            "UPDATE runs SET state = ?, finished_at = ?, cells_done = ?, wall_s = ?,"
+            " runs_per_s = ? WHERE run_id = ?",
+            [
+                state,
+                _now(),
+                cells_done,
+                (summary or {}).get("wall_s"),
+                (summary or {}).get("runs_per_s"),
+                self.run_id,
+            ],
+        )
 
     # -- reading -------------------------------------------------------------------------
     def read_json(self, name: str) -> dict[str, Any]:
@@ -315,7 +363,13 @@ def query(runs_dir: Path, sql: str) -> tuple[list[str], list[tuple[Any, ...]]]:
         try:
             cur = con.execute(sql)
         except duckdb.Error as exc:
-            raise BadInput(f"query failed: {exc}") from exc
+            raise StudyError(
+                where=str(runs_dir),
+                key="SQL",
+                expected="DuckDB SQL over the tables runs, history and probes",
+                got=f"query failed: {exc}",
+                fix='check the SQL; `ablab query "DESCRIBE history"` lists the columns',
+            ) from exc
         if cur.description is None:
             return [], []
         cols = [d[0] for d in cur.description]

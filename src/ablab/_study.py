@@ -7,6 +7,7 @@ and defaults of ``[train]`` follow ``keras.Model.compile`` / ``keras.Model.fit``
 
 from __future__ import annotations
 
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -246,6 +247,13 @@ class Study(_Strict):
                 "name an existing variant",
             )
         for name, variant in self.variants.items():
+            if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.~+-]*", name) or name == "baseline":
+                raise _KeyedError(
+                    f"variants.{name}",
+                    "a name of letters, digits and _ . ~ + - (not 'baseline')",
+                    repr(name),
+                    "rename the variant, e.g. bn_after",
+                )
             if self.model.builder is None and self.model.layers is None and variant.layers is None:
                 raise _KeyedError(
                     f"variants.{name}.layers",

@@ -53,15 +53,19 @@ def comparison_table(comparisons: list[dict[str, Any]]) -> Table:
     """One row per variant vs the baseline: effect with CI, P(better), Cliff's delta, p, verdict."""
     first = comparisons[0]
     better = "lower" if first["lower_is_better"] else "higher"
+    baselines = sorted({c["baseline"] for c in comparisons})
+    against = f"vs {baselines[0]}" if len(baselines) == 1 else "each variant vs its own baseline"
+    margins = {round(c["margin"], 6) for c in comparisons if c["margin"] is not None}
+    margin = f"margin ±{_fmt(first['margin'])}" if len(margins) <= 1 else "margins per baseline"
     table = Table(
-        title=f"vs {first['baseline']} on final {first['metric']} ({better} is better; "
-        f"paired seeds; margin ±{_fmt(first['margin'])})",
+        title=f"{against} on final {first['metric']} ({better} is better; paired seeds; {margin})",
         title_justify="left",
     )
+    level = f"{100 * first.get('confidence', 0.95):g}%"
     for col in (
         "variant",
         "n",
-        "Δ mean [95% CI]",
+        f"Δ mean [{level} CI]",
         "Δ %",
         "P(better)",
         "Cliff δ",
@@ -80,8 +84,9 @@ def comparison_table(comparisons: list[dict[str, Any]]) -> Table:
         delta = "—" if c.get("cliffs_delta") is None else f"{c['cliffs_delta']:+.2f}"
         style = _VERDICT_STYLE.get(c["verdict"], "")
         needed = "—" if c["seeds_needed"] is None else f"{c['seeds_needed']:,}"
+        label = c["variant"] if len(baselines) == 1 else f"{c['variant']} vs {c['baseline']}"
         table.add_row(
-            c["variant"],
+            label,
             str(c["n"]),
             effect,
             rel,

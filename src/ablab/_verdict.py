@@ -6,8 +6,10 @@ The rule (also in the README and every report), at level ``alpha`` with equivale
 1. **equivalent** -- the paired TOST rejects "the mean difference is at least the margin"
    (p_tost < alpha): whatever the difference is, it is smaller than the margin.
 2. **helps** / **hurts** -- otherwise, the Holm-adjusted Wilcoxon signed-rank p-value is
-   below alpha; the direction is the sign of the mean improvement (lower is better for
-   losses, higher for accuracy-like metrics).
+   below alpha and the mean and the median improvement agree in sign, which gives the
+   direction (lower is better for losses, higher for accuracy-like metrics). Wilcoxon tests
+   the typical (rank) shift; if a few large losses pull the mean the other way, the
+   comparison is ``inconclusive`` rather than a verdict the seeds contradict.
 3. **inconclusive** -- neither: more seeds are needed (``seeds_needed`` says how many, for
    the observed effect or a stated one, at the requested power).
 
@@ -16,6 +18,7 @@ Identical variants give all-zero differences and come out ``equivalent``.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -33,12 +36,10 @@ from ablab._intervals import bootstrap_ci, curve_ci, prob_better_ci
 from ablab._records import VariantHistory
 from ablab._study import VerdictSpec
 
-VERDICTS = ("helps", "hurts", "equivalent", "inconclusive")
-
 RULE = (
     "equivalent if the paired TOST shows |mean difference| < margin (p < alpha); else "
-    "helps / hurts if the Holm-adjusted Wilcoxon signed-rank p < alpha (direction = sign of "
-    "the mean improvement); else inconclusive."
+    "helps / hurts if the Holm-adjusted Wilcoxon signed-rank p < alpha and the mean and median "
+    "improvement agree in sign (that sign is the direction); else inconclusive."
 )
 
 _HIGHER_IS_BETTER = ("acc", "auc", "precision", "recall", "f1", "iou", "r2")
@@ -79,16 +80,24 @@ class Comparison:
     verdict: str
     seeds_needed: int | None
     lower_is_better: bool
+    confidence: float = 0.95
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def decide(p_adjusted: float, p_tost: float, mean_gain: float, alpha: float) -> str:
-    """The verdict rule (module docstring). ``mean_gain`` > 0 means the variant is better."""
+def decide(
+    p_adjusted: float,
+    p_tost: float,
+    mean_gain: float,
+    alpha: float,
+    median_gain: float | None = None,
+) -> str:
+    """The verdict rule (module docstring). A gain > 0 means the variant is better."""
+    median_gain = mean_gain if median_gain is None else median_gain
     if p_tost < alpha:
         return "equivalent"
-    if p_adjusted < alpha:
+    if p_adjusted < alpha and mean_gain * median_gain > 0:
         return "helps" if mean_gain > 0 else "hurts"
     return "inconclusive"
 
@@ -105,12 +114,14 @@ def paired_curve(
 ) -> dict[str, np.ndarray]:
     """Per-epoch paired difference ``variant - baseline`` of ``metric`` with a bootstrap band.
 
-    Returns ``{"epoch", "diff_mean", "ci_low", "ci_high"}``, each (epochs,); seeds matched by
-    id, a seed non-finite anywhere in either curve left out (``ablab._intervals.curve_ci``).
+    Returns ``{"epoch", "diff_mean", "ci_low", "ci_high"}``, each (epochs,) over the epochs both
+    arms have; seeds matched by id, a seed non-finite anywhere in either curve left out
+    (``ablab._intervals.curve_ci``).
     """
     base, var = histories[baseline], histories[variant]
     _, bi, vi = np.intersect1d(base.seeds, var.seeds, return_indices=True)
-    diff = var.values[metric][vi] - base.values[metric][bi]
+    epochs = min(base.values[metric].shape[1], var.values[metric].shape[1])  # shared epochs
+    diff = var.values[metric][vi, :epochs] - base.values[metric][bi, :epochs]
     mean, low, high = curve_ci(diff, rng, confidence=confidence, n_resamples=n_resamples)
     return {
         "epoch": np.arange(1, diff.shape[1] + 1),
@@ -143,7 +154,6 @@ def compare(
     """
     metric = resolve_metric(spec, histories)
     lower = lower_is_better(metric, spec.higher_is_better)
-    rng = np.random.default_rng(spec.random_seed)
     rows: list[dict[str, Any]] = []
     if spec.pairs:
         pairs = [(v, b) for v, b in spec.pairs if v in histories and b in histories]
@@ -151,6 +161,8 @@ def compare(
         pairs = [(v, baseline) for v in histories if v != baseline]
     for name, base_name in pairs:
         hist, base = histories[name], histories[base_name]
+        # Each comparison's own generator: its CI does not depend on the other variants.
+        rng = np.random.default_rng([spec.random_seed, zlib.crc32(f"{name}|{base_name}".encode())])
         base_final = _final(base, metric)
         finite_base = base_final[np.isfinite(base_final)]
         base_median = float(np.median(finite_base)) if finite_base.size else float("nan")
@@ -164,6 +176,7 @@ def compare(
             "n": int(b.size),
             "margin": margin,
             "lower_is_better": lower,
+            "confidence": spec.confidence,
         }
         if b.size < 2:
             row.update(verdict="inconclusive", p_value=1.0, seeds_needed=None)
@@ -193,10 +206,11 @@ def compare(
             cliffs_delta=cliffs_delta(b, v, lower),
             p_value=wilcoxon_p(diff),
             p_tost=tost_p(diff, margin),
+            # planned at alpha / m (Bonferroni), a safe bound for Holm's first step
             seeds_needed=seeds_needed(
-                effect, float(diff.std(ddof=1)), alpha=spec.alpha, power=spec.power
+                effect, float(diff.std(ddof=1)), alpha=spec.alpha / len(pairs), power=spec.power
             ),
-            _gain=float(gain.mean()),
+            _gain=(float(gain.mean()), float(np.median(gain))),
         )
         rows.append(row)
     adjusted = holm([r["p_value"] for r in rows]) if rows else []
@@ -204,7 +218,8 @@ def compare(
     for row, p_adj in zip(rows, adjusted, strict=True):
         row["p_adjusted"] = p_adj
         if "_gain" in row:
-            row["verdict"] = decide(p_adj, row["p_tost"], row.pop("_gain"), spec.alpha)
+            mean_gain, median_gain = row.pop("_gain")
+            row["verdict"] = decide(p_adj, row["p_tost"], mean_gain, spec.alpha, median_gain)
         fields = {f: row.get(f) for f in Comparison.__dataclass_fields__}
         out.append(Comparison(**fields))
     return out
