@@ -113,3 +113,39 @@ def test_list_runs_newest_first(tmp_path: Path) -> None:
     _fake_run(tmp_path, "a", 1)
     _fake_run(tmp_path, "b", 1)
     assert [r["name"] for r in list_runs(tmp_path)] == ["b", "a"]
+
+
+def test_probes_of_unfinished_cells_are_not_queried(tmp_path: Path) -> None:
+    run = _fake_run(tmp_path, "p", 2)
+    probes = pa.table(
+        {
+            "variant": ["a"],
+            "seed": [0],
+            "kind": ["step"],
+            "step": [1],
+            "epoch": [1],
+            "probe": ["grad_norm"],
+            "value": [1.0],
+        }
+    )
+    run.write_cell(
+        "a",
+        1,
+        pa.table(
+            {
+                "variant": ["a"],
+                "seed": [5],
+                "epoch": [1],
+                "diverged_epoch": pa.array([None], pa.int32()),
+                "loss": [1.0],
+            }
+        ),
+        probes,
+    )  # cell 1: probes + history
+    # cell 2 was interrupted after its probes were written, before its history
+    from ablab._store import atomic_write_parquet
+
+    orphan = probes.add_column(0, "run_id", pa.array([run.run_id]))
+    atomic_write_parquet(run.path / "probes" / "a" / "chunk-00002.parquet", orphan)
+    assert query(tmp_path, "SELECT count(*) FROM probes")[1] == [(1,)]
+    assert run.probes().num_rows == 1

@@ -109,12 +109,8 @@ class VariantProgram:
             None if split.x_val is None else jnp.asarray(split.x_val),
             None if split.y_val is None else jnp.asarray(split.y_val),
         )
-        self._jitted = jax.jit(self._probed_all if probes else self._train_all)
-        self._compiled: dict[int, Any] = {}
+        self._compiled: dict[tuple[str, int], Any] = {}  # (program, seeds) -> executable
         self.compile_seconds: dict[int, float] = {}
-        self._init_jitted = jax.jit(lambda ids: initial_state(self.prepared, ids))
-        self._init_compiled: dict[int, Any] = {}
-        self._trajectory_compiled: dict[int, Any] = {}
 
     # -- the traced program --------------------------------------------------------------
     def _train_seed(
@@ -227,31 +223,34 @@ class VariantProgram:
             steps = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), steps)
         return history, steps, per_epoch
 
-    def _train_all(self, seed_ids: jax.Array, data: tuple) -> dict:
+    def _all_seeds(self, seed_ids: jax.Array, data: tuple, mode: str | None) -> tuple:
+        """Initial state for every seed, then ``_train_seed`` vmapped over seeds."""
         tv, ntv = initial_state(self.prepared, seed_ids)
-        history, _, _ = jax.vmap(self._train_seed, in_axes=(0, 0, 0, None))(seed_ids, tv, ntv, data)
-        return history
-
-    def _trajectory_all(self, seed_ids: jax.Array, data: tuple) -> tuple[dict, dict]:
-        tv, ntv = initial_state(self.prepared, seed_ids)
-        fn = functools.partial(self._train_seed, mode="trajectory")
-        history, steps, _ = jax.vmap(fn, in_axes=(0, 0, 0, None))(seed_ids, tv, ntv, data)
-        return history, steps
-
-    def _probed_all(self, seed_ids: jax.Array, data: tuple) -> tuple[dict, dict, dict]:
-        tv, ntv = initial_state(self.prepared, seed_ids)
-        fn = functools.partial(self._train_seed, mode="probes")
+        fn = functools.partial(self._train_seed, mode=mode)
         return jax.vmap(fn, in_axes=(0, 0, 0, None))(seed_ids, tv, ntv, data)
+
+    def _executable(self, program: str, n: int) -> Any:
+        """The compiled ``program`` ("train", "trajectory" or "init") for ``n`` seeds (cached)."""
+        key = (program, n)
+        if key not in self._compiled:
+            ids = jax.ShapeDtypeStruct((n,), jnp.uint32)
+            if program == "init":
+                lowered = jax.jit(lambda i: initial_state(self.prepared, i)).lower(ids)
+            else:
+                mode = (
+                    "trajectory" if program == "trajectory" else ("probes" if self.probes else None)
+                )
+                fn = functools.partial(self._all_seeds, mode=mode)
+                lowered = jax.jit(fn).lower(ids, self._data)
+            self._compiled[key] = lowered.compile(compiler_options=COMPILER_OPTIONS)
+        return self._compiled[key]
 
     # -- public -----------------------------------------------------------------------
     def compile(self, chunk_size: int) -> float:
         """Compile the program for ``chunk_size`` seeds ahead of time; returns seconds spent."""
-        if chunk_size not in self._compiled:
+        if chunk_size not in self.compile_seconds:
             t0 = time.perf_counter()
-            ids = jax.ShapeDtypeStruct((chunk_size,), jnp.uint32)
-            self._compiled[chunk_size] = self._jitted.lower(ids, self._data).compile(
-                compiler_options=COMPILER_OPTIONS
-            )
+            self._executable("train", chunk_size)
             self.compile_seconds[chunk_size] = time.perf_counter() - t0
         return self.compile_seconds[chunk_size]
 
@@ -260,11 +259,10 @@ class VariantProgram:
         each ``{name: (seeds, epochs or steps)}``; the probes are None when off."""
         ids = np.asarray(seed_ids, dtype=np.uint32)
         self.compile(len(ids))
-        out = self._compiled[len(ids)](jnp.asarray(ids), self._data)
-        if not self.probes:
-            return {k: np.asarray(v) for k, v in out.items()}, None, None
-        history, steps, per_epoch = out
-        as_np = lambda d: {k: np.asarray(v) for k, v in d.items()}  # noqa: E731
+        history, steps, per_epoch = self._executable("train", len(ids))(
+            jnp.asarray(ids), self._data
+        )
+        as_np = lambda d: None if d is None else {k: np.asarray(v) for k, v in d.items()}  # noqa: E731
         return as_np(history), as_np(steps), as_np(per_epoch)
 
     def train(self, seed_ids: np.ndarray) -> dict[str, np.ndarray]:
@@ -278,13 +276,7 @@ class VariantProgram:
         ``fit`` reports it after each batch. Memory grows with steps x parameters: keep the
         seed count small."""
         ids = jnp.asarray(seed_ids, dtype=jnp.uint32)
-        if self._trajectory_compiled.get(len(ids)) is None:
-            self._trajectory_compiled[len(ids)] = (
-                jax.jit(self._trajectory_all)
-                .lower(ids, self._data)
-                .compile(compiler_options=COMPILER_OPTIONS)
-            )
-        _, steps = self._trajectory_compiled[len(ids)](ids, self._data)
+        _, steps, _ = self._executable("trajectory", len(ids))(ids, self._data)
         tv0, _ = self.initial_weights(np.asarray(seed_ids))
         out = {"loss": np.asarray(steps["loss"])}
         for vid, init, traj in zip(self.prepared.trainable_ids, tv0, steps["weights"], strict=True):
@@ -294,11 +286,7 @@ class VariantProgram:
     def initial_weights(self, seed_ids: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """The initial (trainable, non-trainable) values of every seed: each (seeds, *shape)."""
         ids = jnp.asarray(seed_ids, dtype=jnp.uint32)
-        if len(ids) not in self._init_compiled:
-            self._init_compiled[len(ids)] = self._init_jitted.lower(ids).compile(
-                compiler_options=COMPILER_OPTIONS
-            )
-        tv, ntv = self._init_compiled[len(ids)](ids)
+        tv, ntv = self._executable("init", len(ids))(ids)
         return [np.asarray(a) for a in tv], [np.asarray(a) for a in ntv]
 
     def per_seed_bytes(self) -> int:

@@ -326,15 +326,24 @@ def list_runs(runs_dir: Path) -> list[dict[str, Any]]:
 def _parquet_view(
     con: duckdb.DuckDBPyConnection, runs_dir: Path, name: str, folder: str, empty_columns: str
 ) -> None:
-    """A temp view ``name`` over every run's ``<folder>/*/chunk-*.parquet`` (empty if none)."""
+    """A temp view ``name`` over every run's ``<folder>/*/chunk-*.parquet`` (empty if none).
+
+    Probe files count only where their cell's history file exists (a run interrupted
+    between the two writes leaves a probe file whose cell is not done).
+    """
     pattern = f"*/{folder}/*/chunk-*.parquet"
-    if runs_dir.is_dir() and any(runs_dir.glob(pattern)):
-        glob = str(runs_dir.resolve() / pattern).replace("'", "''")
-        con.execute(
-            f"CREATE TEMP VIEW {name} AS SELECT * FROM read_parquet('{glob}', union_by_name = true)"
-        )
-    else:
+    if not (runs_dir.is_dir() and any(runs_dir.glob(pattern))):
         con.execute(f"CREATE TEMP TABLE {name} ({empty_columns})")
+        return
+    root = str(runs_dir.resolve()).replace("'", "''")
+    source = f"read_parquet('{root}/{pattern}', union_by_name = true, filename = true)"
+    where = ""
+    if folder != "cells":
+        where = (
+            f" WHERE replace(filename, '/{folder}/', '/cells/') IN "
+            f"(SELECT file FROM glob('{root}/*/cells/*/chunk-*.parquet'))"
+        )
+    con.execute(f"CREATE TEMP VIEW {name} AS SELECT * EXCLUDE (filename) FROM {source}{where}")
 
 
 def query(runs_dir: Path, sql: str) -> tuple[list[str], list[tuple[Any, ...]]]:
