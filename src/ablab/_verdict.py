@@ -35,6 +35,7 @@ from ablab._hypothesis import holm, seeds_needed, tost_p, wilcoxon_p
 from ablab._intervals import bootstrap_ci, curve_ci, prob_better_ci
 from ablab._records import VariantHistory
 from ablab._study import VerdictSpec
+from ablab._summary import headline_metric
 
 RULE = (
     "equivalent if the paired TOST shows |mean difference| < margin (p < alpha); else "
@@ -136,11 +137,10 @@ def _final(history: VariantHistory, metric: str) -> np.ndarray:
 
 
 def resolve_metric(spec: VerdictSpec, histories: dict[str, VariantHistory]) -> str:
-    """The metric compared: the study's choice, else val_loss when validated, else loss."""
-    first = next(iter(histories.values()))
+    """The metric compared: the study's choice, else the summary's headline metric."""
     if spec.metric is not None:
         return spec.metric
-    return "val_loss" if "val_loss" in first.values else "loss"
+    return headline_metric(next(iter(histories.values())))
 
 
 def compare(
