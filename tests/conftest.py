@@ -69,3 +69,46 @@ def tiny_study(tmp_path: Path) -> Path:
     path = tmp_path / "tiny.toml"
     path.write_text(TINY_STUDY)
     return path
+
+
+REPORT_STUDY = """
+name = "report"
+description = "tiny study with every figure: BN, an identity twin, a declared check"
+[data]
+synthetic = { kind = "normal", shape = [100, 12], seed = 1 }
+[train]
+optimizer = "adam"
+loss = "mse"
+epochs = 3
+batch_size = 32
+validation_split = 0.1
+shuffle = false
+[variants]
+baseline = "plain"
+[variants.plain]
+description = "Dense(8) -> Dense(12)"
+layers = [{ layer = "Dense", units = 8 }, { layer = "Dense", units = 12 }]
+[variants.plain_id]
+layers = [{ layer = "Dense", units = 8 }, { layer = "Activation", activation = "linear" },
+          { layer = "Dense", units = 12 }]
+[variants.bn]
+layers = [{ layer = "Dense", units = 8 }, { layer = "BatchNormalization" },
+          { layer = "Dense", units = 12 }]
+[seeds]
+count = 12
+[engine]
+chunk_size = 8
+[checks]
+equivalent = [["plain", "plain_id"]]
+seeds = 2
+"""
+
+
+@pytest.fixture(scope="session")
+def report_run(tmp_path_factory: pytest.TempPathFactory) -> ablab.RunResult:
+    """A finished run with data for every figure of the report (3 variants x 12 seeds in
+    chunks of 8, probes, a BatchNormalization variant, a linear optimum, a passed check)."""
+    root = tmp_path_factory.mktemp("report")
+    path = root / "report.toml"
+    path.write_text(REPORT_STUDY)
+    return ablab.run(path, runs_dir=root / "runs")

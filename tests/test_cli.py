@@ -13,8 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import ablab
 from ablab._cli import main
 from tests.conftest import TINY_STUDY
+
+ABLAB = [sys.executable, "-m", "ablab"]
 
 
 @pytest.fixture(scope="module")
@@ -199,3 +202,69 @@ def test_ctrl_c_keeps_finished_cells(tmp_path: Path) -> None:
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "interrupted" and 3 <= status["cells_done"] < status["cells_total"]
     assert main(["show", run_dir.name, "--runs-dir", str(runs), "--json"]) == 0
+
+
+def test_report_command_writes_one_html_file(
+    report_run: ablab.RunResult, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    runs_dir = str(report_run.run_dir.parent)
+    out = tmp_path / "sub" / "r.html"
+    assert main(["report", report_run.run_id[:15], "--runs-dir", runs_dir, "-o", str(out)]) == 0
+    assert str(out) in capsys.readouterr().out.replace("\n", "")
+    assert out.read_text().startswith("<!DOCTYPE html>")
+    assert main(["report", "latest", "--runs-dir", runs_dir]) == 0
+    assert (report_run.run_dir / "report.html").is_file()
+    assert main(["report", "nope", "--runs-dir", runs_dir]) == 2
+    assert "no such run" in capsys.readouterr().err
+
+
+def test_progress_only_for_a_person_at_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ablab import _cli
+
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True, raising=False)
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")  # rich: treat stderr as a terminal
+    monkeypatch.setenv("TTY_INTERACTIVE", "1")
+    assert _cli._show_progress(quiet=False, as_json=False)
+    assert not _cli._show_progress(quiet=True, as_json=False)
+    assert not _cli._show_progress(quiet=False, as_json=True)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False, raising=False)
+    assert not _cli._show_progress(quiet=False, as_json=False)
+
+
+def test_progress_bars_in_a_real_terminal_and_report_at_the_end(tmp_path: Path) -> None:
+    """`ablab run --report` on a pseudo-terminal draws bars for compile, chunks and checks,
+    then writes the report."""
+    import pty
+
+    from tests.conftest import REPORT_STUDY
+
+    study = tmp_path / "s.toml"
+    study.write_text(REPORT_STUDY)
+    master, slave = pty.openpty()
+    env = {**os.environ, "COLUMNS": "120", "TERM": "xterm"}
+    env.pop("CI", None)
+    proc = subprocess.Popen(
+        [*ABLAB, "run", str(study), "--seeds", "2", "--report", "--runs-dir", tmp_path / "runs"],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env=env,
+    )
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    assert proc.wait(timeout=300) == 0
+    os.close(master)
+    screen = b"".join(chunks).decode("utf-8", "replace")
+    for text in ("plain", "plain_id", "compiled in", "checks", "plain ≡ plain_id", "━"):
+        assert text in screen, text
+    (report,) = (tmp_path / "runs").glob("*/report.html")
+    assert 'data-plot="checks"' in report.read_text()
+    assert "report: " in screen

@@ -27,6 +27,7 @@ if keras.backend.backend() != "jax":  # pragma: no cover - depends on the caller
 
 from ablab._errors import AblabError, BadInput, RunInterrupted, StudyError
 from ablab._records import VariantHistory
+from ablab._report import ReportData, open_run
 from ablab._run import RunResult, run
 from ablab._study import Study, load_study, study_from_dict
 
@@ -35,6 +36,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AblabError",
     "BadInput",
+    "ReportData",
     "RunInterrupted",
     "RunResult",
     "Study",
@@ -42,6 +44,7 @@ __all__ = [
     "VariantHistory",
     "__version__",
     "load_study",
+    "open_run",
     "run",
     "study_from_dict",
 ]

@@ -21,8 +21,9 @@ as infinite); ``first_bad_step`` is then the first epoch (1-based) over toleranc
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -126,7 +127,15 @@ def identity_probed(study: Study, variant: str) -> tuple[Study, str]:
     return study.model_copy(update={"variants": {**study.variants, name: spec}}), name
 
 
-def equivalence_checks(study: Study, programs: dict[str, VariantProgram]) -> list[CheckResult]:
+def _no_progress(label: str) -> None:
+    pass
+
+
+def equivalence_checks(
+    study: Study,
+    programs: dict[str, VariantProgram],
+    done: Callable[[str], None] = _no_progress,
+) -> list[CheckResult]:
     seeds = check_seeds(study)
     tol = study.checks.tolerance
     out = []
@@ -143,11 +152,15 @@ def equivalence_checks(study: Study, programs: dict[str, VariantProgram]) -> lis
                     tol,
                 )
             )
+            done(out[-1].name)
     return out
 
 
 def identity_probe_checks(
-    study: Study, programs: dict[str, VariantProgram], variants: list[str]
+    study: Study,
+    programs: dict[str, VariantProgram],
+    variants: list[str],
+    done: Callable[[str], None] = _no_progress,
 ) -> list[CheckResult]:
     seeds = check_seeds(study)
     tol = study.checks.tolerance
@@ -158,6 +171,7 @@ def identity_probe_checks(
             probed_study, probed = identity_probed(study, variant)
         except ValueError as exc:
             out.append(CheckResult(name, "identity_probe", None, None, None, None, tol, str(exc)))
+            done(name)
             continue
         out.append(
             _trajectory_check(
@@ -169,6 +183,7 @@ def identity_probe_checks(
                 tol,
             )
         )
+        done(name)
     return out
 
 
@@ -263,6 +278,13 @@ def _compare_histories(
     )
 
 
+class CheckProgress(Protocol):
+    """What ``run_checks`` tells whoever is watching (progress bars)."""
+
+    def checks_started(self, total: int) -> None: ...
+    def check_done(self, label: str) -> None: ...
+
+
 def run_checks(
     study: Study,
     programs: dict[str, VariantProgram],
@@ -270,19 +292,27 @@ def run_checks(
     backends: list[str] | None = None,
     identity_probe: bool | list[str] | None = None,
     callbacks: list[dict[str, Any]] | None = None,
+    progress: CheckProgress | None = None,
 ) -> list[CheckResult]:
     """Every check the study declares (or the overrides given) on already-built programs.
 
     backends: None = the study's ``[checks] backends`` (none if not declared).
     identity_probe: None = the study's ``[checks] identity_probe``.
+    progress: told the number of steps (one per equivalence, per probed variant, and one for
+    all backends' model.fit runs) and each step as it ends.
     """
-    out = equivalence_checks(study, programs)
     probe = study.checks.identity_probe if identity_probe is None else identity_probe
     probe_variants = list(programs) if probe is True else list(probe or [])
-    out += identity_probe_checks(study, programs, probe_variants)
     backends = study.checks.backends if backends is None else backends
+    done = progress.check_done if progress is not None else _no_progress
+    if progress is not None:
+        pairs = sum(len(group) - 1 for group in study.checks.equivalent)
+        progress.checks_started(pairs + len(probe_variants) + (1 if backends else 0))
+    out = equivalence_checks(study, programs, done)
+    out += identity_probe_checks(study, programs, probe_variants, done)
     if backends:
         out += backend_checks(study, programs, list(backends), callbacks)
+        done(f"model.fit on {', '.join(backends)}")
     return out
 
 

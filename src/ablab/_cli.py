@@ -45,6 +45,12 @@ def _stdout() -> Console:
     return console
 
 
+def _show_progress(quiet: bool, as_json: bool) -> bool:
+    """Progress bars go to stderr, and only for a person watching a terminal: never under
+    --quiet or --json, nor when stdout or stderr is a pipe or a file."""
+    return not (quiet or as_json) and sys.stdout.isatty() and Console(stderr=True).is_terminal
+
+
 def _dump(doc: Any) -> None:
     from ablab._store import dumps
 
@@ -72,6 +78,12 @@ def cli() -> None:
     help="Add variants that address a BatchNormalization diagnosis (momentum, batch "
     "size, epochs, placement) and compare them too.",
 )
+@click.option(
+    "--report",
+    "with_report",
+    is_flag=True,
+    help="Write the HTML report (RUN/report.html) when the run ends.",
+)
 def run_cmd(
     study: Path,
     seeds: int | None,
@@ -79,13 +91,14 @@ def run_cmd(
     as_json: bool,
     quiet: bool,
     remedies: bool,
+    with_report: bool,
 ) -> None:
     """Train every variant of STUDY over many seeds; print a summary; store everything."""
     from ablab._run import run
     from ablab._terminal import RichProgress, print_run
 
     err = Console(stderr=True)
-    if not (quiet or as_json) and err.is_terminal:
+    if _show_progress(quiet, as_json):
         with RichProgress(err) as bars:
             result = run(
                 study, seeds=seeds, runs_dir=_runs_dir(runs_dir), progress=bars, remedies=remedies
@@ -93,10 +106,17 @@ def run_cmd(
     else:
         result = run(study, seeds=seeds, runs_dir=_runs_dir(runs_dir), remedies=remedies)
     doc = result.to_json()
+    if with_report:
+        from ablab._report import write_report
+        from ablab._store import RunDir
+
+        doc["report"] = str(write_report(RunDir(result.run_dir)))
     if as_json:
         _dump(doc)
     else:
         print_run(_stdout(), doc)
+        if with_report:
+            _stdout().print(f"report: {doc['report']}", soft_wrap=True)
     failed = [c["name"] for c in doc["checks"] if c["passed"] is False]
     if failed:
         Console(stderr=True).print(
@@ -122,15 +142,21 @@ def run_cmd(
 )
 @click.option("--seeds", type=int, default=None, help="Seeds per check (default [checks] seeds).")
 @_json_option
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def check_cmd(
-    study: Path, backends: str | None, identity_probe: bool | None, seeds: int | None, as_json: bool
+    study: Path,
+    backends: str | None,
+    identity_probe: bool | None,
+    seeds: int | None,
+    as_json: bool,
+    quiet: bool,
 ) -> None:
     """Run STUDY's checks: declared equivalences, identity probes, model.fit on each backend."""
     from ablab._backends import BACKENDS
     from ablab._checks import all_passed, run_checks
     from ablab._program import build_program
     from ablab._study import load_study
-    from ablab._terminal import checks_table
+    from ablab._terminal import RichProgress, checks_table
 
     spec = load_study(study)
     if seeds is not None:
@@ -153,7 +179,13 @@ def check_cmd(
                 f"unknown backend(s) {unknown}; choose from {BACKENDS}", param_hint="--backends"
             )
     programs = {v: build_program(spec, v) for v in spec.variants}
-    results = run_checks(spec, programs, backends=chosen, identity_probe=identity_probe)
+    if _show_progress(quiet, as_json):
+        with RichProgress(Console(stderr=True)) as bars:
+            results = run_checks(
+                spec, programs, backends=chosen, identity_probe=identity_probe, progress=bars
+            )
+    else:
+        results = run_checks(spec, programs, backends=chosen, identity_probe=identity_probe)
     doc = {"checks": [r.to_json() for r in results]}
     if as_json:
         _dump(doc)
@@ -204,6 +236,68 @@ def query_cmd(sql: str, runs_dir: Path | None, as_json: bool) -> None:
         _dump({"columns": columns, "rows": [list(r) for r in rows]})
     else:
         _stdout().print(query_table(columns, rows))
+
+
+@cli.command("report")
+@click.argument("run_ref", metavar="RUN")
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Where to write the HTML file (default: RUN/report.html).",
+)
+@_runs_dir_option
+def report_cmd(run_ref: str, output: Path | None, runs_dir: Path | None) -> None:
+    """Write RUN's report: one self-contained HTML page with the verdicts, checks and figures."""
+    from ablab._report import write_report
+    from ablab._store import resolve_run
+
+    path = write_report(resolve_run(_runs_dir(runs_dir), run_ref), output)
+    _stdout().print(f"report written to {path}", soft_wrap=True)
+
+
+@cli.command("export")
+@click.argument("run_ref", metavar="RUN")
+@click.option(
+    "--mlflow",
+    "mlflow_uri",
+    required=True,
+    help="MLflow tracking URI, e.g. http://127.0.0.1:5000 (an `mlflow server`).",
+)
+@click.option("--experiment", default=None, help="MLflow experiment (default: the study's name).")
+@click.option(
+    "--replace", is_flag=True, help="Delete MLflow runs of an earlier export of RUN first."
+)
+@_runs_dir_option
+@_json_option
+def export_cmd(
+    run_ref: str,
+    mlflow_uri: str,
+    experiment: str | None,
+    replace: bool,
+    runs_dir: Path | None,
+    as_json: bool,
+) -> None:
+    """Log each variant of RUN as an MLflow run: study params, per-epoch metrics aggregated
+    over seeds, verdicts as tags, the HTML report as an artifact."""
+    from ablab._mlflow import export_mlflow
+    from ablab._store import resolve_run
+
+    rows = export_mlflow(
+        resolve_run(_runs_dir(runs_dir), run_ref),
+        mlflow_uri,
+        experiment=experiment,
+        replace=replace,
+    )
+    if as_json:
+        _dump({"mlflow": mlflow_uri, "runs": rows})
+    else:
+        for row in rows:
+            _stdout().print(
+                f"{row['variant']}: MLflow run {row['mlflow_run_id']} "
+                f"(experiment {row['experiment_id']})"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -32,6 +32,11 @@ from ablab._study import Study, VerdictSpec, load_study
 from ablab._summary import summarize
 from ablab._verdict import RULE, Comparison, compare, paired_curve, resolve_metric
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from ablab._report import ReportData
+
 DEFAULT_RUNS_DIR = "runs"
 
 
@@ -46,6 +51,8 @@ class Progress(Protocol):
     def variant_started(self, variant: str, chunks: int, chunk_size: int) -> None: ...
     def compiled(self, variant: str, seconds: float) -> None: ...
     def chunk_done(self, variant: str, chunk: int, seeds: int) -> None: ...
+    def checks_started(self, total: int) -> None: ...
+    def check_done(self, label: str) -> None: ...
 
 
 class _Silent:
@@ -56,6 +63,12 @@ class _Silent:
         pass
 
     def chunk_done(self, variant: str, chunk: int, seeds: int) -> None:
+        pass
+
+    def checks_started(self, total: int) -> None:
+        pass
+
+    def check_done(self, label: str) -> None:
         pass
 
 
@@ -76,6 +89,33 @@ class RunResult:
     explain: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Per variant: "optimum" (analytic baseline and gaps, or None), "bn" (diagnoses)."""
     compile_s: dict[str, float] = field(default_factory=dict)
+    _report: Any = field(default=None, init=False, repr=False, compare=False)
+
+    def report_data(self) -> ReportData:
+        """The stored run's report data (figures, HTML), computed once from the run folder."""
+        from ablab._report import ReportData
+
+        if self._report is None:
+            self._report = ReportData.from_run(RunDir(self.run_dir))
+        return self._report
+
+    def plot(self, kind: str | None = None) -> Figure:
+        """A matplotlib Figure: by default the overview (headline metric per epoch, final
+        distribution over seeds, forest plot of the paired differences); ``kind`` names one
+        of the report's figures (``ablab._report.FIGURES``: curves, paired, distributions,
+        forest, weights, bn, optimum, checks)."""
+        return self.report_data().plot(kind)
+
+    def write_report(self, path: str | Path | None = None) -> Path:
+        """Write the self-contained HTML report (default ``<run_dir>/report.html``)."""
+        from ablab._report import write_report
+
+        return write_report(RunDir(self.run_dir), Path(path) if path is not None else None)
+
+    def _repr_html_(self) -> str:
+        from ablab._report import summary_html
+
+        return summary_html(self.to_json())
 
     @property
     def history(self) -> pa.Table:
@@ -106,6 +146,7 @@ class RunResult:
         return {
             "run_id": self.run_id,
             "run_dir": str(self.run_dir),
+            "name": self.study.name,
             "state": self.state,
             "wall_s": self.wall_s,
             "runs_per_s": self.runs_per_s,
@@ -255,7 +296,7 @@ def run(
             for v, chunks in parts.items()
         }
         total_runs = study.seeds.count * len(programs)
-        checks = run_checks(study, programs) if declares_checks(study) else []
+        checks = run_checks(study, programs, progress=progress) if declares_checks(study) else []
         explain = {}
         for v, program in programs.items():
             epoch_p = (
@@ -292,36 +333,43 @@ def run(
     return result
 
 
-def load_result(run_dir: RunDir) -> dict[str, Any]:
-    """What ``ablab show RUN`` shows: metadata, state and a summary recomputed from the cells."""
+def load_run(run_dir: RunDir) -> tuple[dict[str, Any], dict[str, VariantHistory]]:
+    """A stored run as ``ablab show RUN`` sees it: the document (metadata, state, a summary and
+    comparisons recomputed from the finished cells) and the histories, in study order."""
     meta = run_dir.read_json("study.json")
     status = run_dir.read_json("status.json")
     stored = variant_histories(run_dir.history())
     order = [v for v in meta["study"].get("variants", {}) if v in stored]
     histories = {v: stored[v] for v in order + [v for v in stored if v not in order]}
     saved = run_dir.read_json("summary.json") if (run_dir.path / "summary.json").exists() else {}
-    checks = saved.get("checks", [])
-    explain = saved.get("explain", {})
     baseline = meta["study"].get("baseline")
     spec = VerdictSpec.model_validate(meta["study"].get("verdicts") or {})
     comparisons = (
         compare(histories, baseline, spec) if baseline in histories and len(histories) > 1 else []
     )
-    return {
+    doc = {
         "run_id": run_dir.run_id,
         "run_dir": str(run_dir.path),
         "name": meta["study"].get("name"),
+        "description": meta["study"].get("description"),
         "created_at": meta.get("created_at"),
         "state": status["state"],
         "cells_done": status["cells_done"],
         "cells_total": status["cells_total"],
         "wall_s": saved.get("wall_s"),
         "runs_per_s": saved.get("runs_per_s"),
-        "baseline": meta["study"].get("baseline"),
+        "baseline": baseline,
         "environment": meta["environment"],
+        "study": meta["study"],
         "variants": summarize(histories),
         "comparisons": [c.to_json() for c in comparisons],
         "verdict_rule": RULE,
-        "checks": checks,
-        "explain": explain,
+        "checks": saved.get("checks", []),
+        "explain": saved.get("explain", {}),
     }
+    return doc, histories
+
+
+def load_result(run_dir: RunDir) -> dict[str, Any]:
+    """What ``ablab show RUN`` shows: metadata, state and a summary recomputed from the cells."""
+    return load_run(run_dir)[0]

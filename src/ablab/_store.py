@@ -285,10 +285,15 @@ class RunDir:
             return pa.table({})
         return pa.concat_tables([pq.read_table(f) for f in files], promote_options="default")
 
+    def done_probe_files(self) -> list[Path]:
+        """Probe files of the cells whose history is stored (a run interrupted between the
+        two writes leaves a probe file whose cell is not done)."""
+        done = {(f.parent.name, f.name) for f in self.cell_files()}
+        return [f for f in self.probe_files() if (f.parent.name, f.name) in done]
+
     def probes(self) -> pa.Table:
         """Every stored probe row of this run (cells whose history is stored)."""
-        done = {(f.parent.name, f.name) for f in self.cell_files()}
-        files = [f for f in self.probe_files() if (f.parent.name, f.name) in done]
+        files = self.done_probe_files()
         if not files:
             return pa.table({})
         return pa.concat_tables([pq.read_table(f) for f in files])

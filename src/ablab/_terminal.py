@@ -136,8 +136,8 @@ def checks_table(checks: list[dict[str, Any]]) -> Table:
     return table
 
 
-def print_explain(console: Console, explain: dict[str, dict[str, Any]]) -> None:
-    """Analytic optimum gaps and BatchNormalization diagnoses, in words."""
+def explain_lines(explain: dict[str, dict[str, Any]]) -> list[str]:
+    """Analytic optimum gaps and BatchNormalization diagnoses, one sentence per finding."""
     lines = []
     for variant, e in explain.items():
         opt = e.get("optimum")
@@ -153,6 +153,12 @@ def print_explain(console: Console, explain: dict[str, dict[str, Any]]) -> None:
                 )
         for d in e.get("bn") or []:
             lines.append(f"{variant}: {d['text']}")
+    return lines
+
+
+def print_explain(console: Console, explain: dict[str, dict[str, Any]]) -> None:
+    """Analytic optimum gaps and BatchNormalization diagnoses, in words."""
+    lines = explain_lines(explain)
     if lines:
         console.print("[bold]why[/bold]")
         for line in lines:
@@ -221,7 +227,8 @@ def query_table(columns: list[str], rows: list[tuple[Any, ...]], limit: int = 20
 
 
 class RichProgress:
-    """Progress bars (one per variant) for a run; a :class:`ablab._run.Progress`."""
+    """Progress bars for a run (one per variant: compile, then its seed chunks; one for the
+    checks); a :class:`ablab._run.Progress` and an :class:`ablab._checks.CheckProgress`."""
 
     def __init__(self, console: Console) -> None:
         self._bars = Progress(
@@ -252,3 +259,9 @@ class RichProgress:
 
     def chunk_done(self, variant: str, chunk: int, seeds: int) -> None:
         self._bars.advance(self._tasks[variant])
+
+    def checks_started(self, total: int) -> None:
+        self._tasks["checks"] = self._bars.add_task(f"{'checks':<16}", total=total, note="")
+
+    def check_done(self, label: str) -> None:
+        self._bars.update(self._tasks["checks"], advance=1, note=label)

@@ -1,0 +1,209 @@
+"""Export a stored run to MLflow: one MLflow run per variant.
+
+Each variant's MLflow run gets the study as params (the resolved study with this variant's
+own definition), the per-epoch history aggregated over seeds as metrics (``<name>/mean``,
+``/median``, ``/q05``, ``/q95`` at step = epoch), the final-epoch summary and the paired
+comparison against its baseline as metrics, the verdict and run facts as tags, and the HTML
+report and the run's summary as artifacts. Runs of one export share the tag
+``ablab.run_id``; exporting the same ablab run twice is refused unless ``replace``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ablab._errors import AblabError, StudyError
+from ablab._store import RunDir
+
+PARAM_LIMIT = 6000  # MLflow's longest param value
+_BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch
+
+
+def _client(uri: str) -> Any:
+    try:
+        from mlflow.tracking import MlflowClient
+    except ImportError as exc:
+        raise StudyError(
+            where="ablab export",
+            key="--mlflow",
+            expected="the mlflow package",
+            got="it is not installed",
+            fix="pip install 'ablab[mlflow]'",
+        ) from exc
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10) as resp:
+                resp.read()
+        except (urllib.error.URLError, OSError) as exc:
+            raise AblabError(
+                f"ablab export: [--mlflow] the MLflow server at {uri} does not answer "
+                f"({exc}).\n  how to fix: start it (`mlflow server --host 127.0.0.1 --port "
+                "5000`) or pass the URI of one that runs"
+            ) from exc
+    return MlflowClient(tracking_uri=uri)
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
+    if isinstance(value, dict) and value:
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        text = value if isinstance(value, str) else json.dumps(value)
+        out[prefix] = text[:PARAM_LIMIT]
+
+
+def variant_params(study: dict[str, Any], variant: str) -> dict[str, str]:
+    """The resolved study flattened to ``section.key`` params, with only this variant's
+    definition (under ``variant.``) instead of every variant's."""
+    out: dict[str, str] = {}
+    for section, value in study.items():
+        if section == "variants":
+            continue
+        _flatten(section, value, out)
+    _flatten("variant", study.get("variants", {}).get(variant, {}), out)
+    out["variant.name"] = variant
+    return out
+
+
+def variant_metrics(
+    values: dict[str, np.ndarray], summary: dict[str, Any], comparison: dict[str, Any] | None
+) -> list[tuple[str, float, int]]:
+    """(key, value, step) rows: per-epoch quantiles over seeds of every history name, the
+    final summary, and the comparison against the baseline. Non-finite values are left out."""
+    rows: list[tuple[str, float, int]] = []
+    for name, arr in values.items():
+        clean = np.where(np.isfinite(arr), arr, np.nan)
+        for epoch in range(clean.shape[1]):
+            col = clean[:, epoch]
+            if not np.isfinite(col).any():
+                continue
+            q05, q50, q95 = np.nanquantile(col, [0.05, 0.5, 0.95])
+            for stat, v in (("mean", np.nanmean(col)), ("median", q50), ("q05", q05), ("q95", q95)):
+                rows.append((f"{name}/{stat}", float(v), epoch + 1))
+    metric = summary["metric"]
+    for stat, v in summary[f"final_{metric}"].items():
+        if v is not None:
+            rows.append((f"final_{metric}/{stat}", float(v), 0))
+    rows.append(("n_seeds", float(summary["n_seeds"]), 0))
+    rows.append(("diverged_seeds", float(summary["diverged"]), 0))
+    if comparison is not None:
+        for key in (
+            "diff_mean",
+            "ci_low",
+            "ci_high",
+            "diff_median",
+            "rel_diff",
+            "prob_better",
+            "cliffs_delta",
+            "p_value",
+            "p_adjusted",
+            "p_tost",
+            "margin",
+            "seeds_needed",
+        ):
+            if comparison.get(key) is not None:
+                rows.append((f"vs_baseline/{key}", float(comparison[key]), 0))
+    return [r for r in rows if np.isfinite(r[1])]
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """MLflow prints "View run ..." links on stdout; keep stdout for ablab's own output."""
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
+
+
+def export_mlflow(
+    run_dir: RunDir,
+    uri: str,
+    *,
+    experiment: str | None = None,
+    replace: bool = False,
+) -> list[dict[str, str]]:
+    """Log every variant of ``run_dir`` as an MLflow run on the tracking server ``uri``.
+
+    experiment: the MLflow experiment (default: the study's name; created if missing).
+    Returns ``[{"variant", "mlflow_run_id", "experiment_id"}]``.
+    """
+    from ablab._report import ReportData
+
+    data = ReportData.from_run(run_dir)
+    doc = data.doc
+    name = experiment or doc["name"] or doc["run_id"]
+    with _stdout_to_stderr():
+        client = _client(uri)
+        from mlflow.entities import Metric, Param
+
+        found = client.get_experiment_by_name(name)
+        exp_id = found.experiment_id if found is not None else client.create_experiment(name)
+        previous = client.search_runs([exp_id], f"tags.`ablab.run_id` = '{doc['run_id']}'")
+        if previous and not replace:
+            raise StudyError(
+                where=uri,
+                key="RUN",
+                expected="an ablab run not exported to this experiment yet",
+                got=f"{doc['run_id']} is already there as {len(previous)} MLflow run(s) in "
+                f"experiment {name!r}",
+                fix="pass --replace to delete those MLflow runs and export again",
+            )
+        for old in previous:
+            client.delete_run(old.info.run_id)
+
+        comparisons = {c["variant"]: c for c in doc["comparisons"]}
+        failed = [c["name"] for c in doc["checks"] if c["passed"] is False]
+        with tempfile.TemporaryDirectory() as tmp:
+            report = Path(tmp) / "report.html"
+            report.write_text(data.html(), encoding="utf-8")
+            summary = Path(tmp) / "ablab_summary.json"
+            summary.write_text(json.dumps(doc, indent=2, default=str), encoding="utf-8")
+            out = []
+            for variant, history in data.histories.items():
+                comparison = comparisons.get(variant)
+                verdict = "baseline" if variant == doc["baseline"] else None
+                if comparison is not None:
+                    verdict = comparison["verdict"]
+                tags = {
+                    "ablab.run_id": doc["run_id"],
+                    "ablab.study": str(doc["name"]),
+                    "ablab.variant": variant,
+                    "ablab.baseline": str(doc["baseline"]),
+                    "ablab.verdict": verdict or "none",
+                    "ablab.state": doc["state"],
+                    "ablab.checks": (
+                        f"{len(doc['checks']) - len(failed)} of {len(doc['checks'])} passed"
+                        + (f"; failed: {', '.join(failed)}" if failed else "")
+                    ),
+                    "ablab.keras": str(doc["environment"]["versions"].get("keras")),
+                    "ablab.jax": str(doc["environment"]["versions"].get("jax")),
+                }
+                description = doc["study"]["variants"].get(variant, {}).get("description")
+                if description:
+                    tags["mlflow.note.content"] = description
+                run = client.create_run(exp_id, run_name=f"{doc['run_id']}/{variant}", tags=tags)
+                run_id = run.info.run_id
+                params = [Param(k, v) for k, v in variant_params(doc["study"], variant).items()]
+                for i in range(0, len(params), 100):
+                    client.log_batch(run_id, params=params[i : i + 100])
+                metrics = [
+                    Metric(k, v, 0, step)
+                    for k, v, step in variant_metrics(
+                        history.values, doc["variants"][variant], comparison
+                    )
+                ]
+                for i in range(0, len(metrics), _BATCH):
+                    client.log_batch(run_id, metrics=metrics[i : i + _BATCH])
+                client.log_artifact(run_id, str(report))
+                client.log_artifact(run_id, str(summary))
+                client.set_terminated(run_id, "FINISHED")
+                out.append({"variant": variant, "mlflow_run_id": run_id, "experiment_id": exp_id})
+    return out

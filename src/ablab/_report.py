@@ -1,0 +1,380 @@
+"""The report of a stored run: one self-contained HTML page with tables and figures.
+
+:class:`ReportData` computes, from a run folder alone, everything the figures show (per-epoch
+quantile bands of the history, ECDF quantiles of the final metric, per-epoch paired
+differences with bootstrap bands, quantiles of the probes via DuckDB over the probe files,
+the expected BatchNormalization progress); ``ablab._figures`` only draws them. The page is a
+Jinja2 template with every figure inlined as SVG: it fetches nothing and opens from disk.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import jinja2
+import numpy as np
+from matplotlib.figure import Figure
+
+from ablab import _figures as figs
+from ablab._errors import StudyError
+from ablab._figures import Band
+from ablab._records import VariantHistory
+from ablab._store import RunDir, atomic_write_bytes
+from ablab._study import VerdictSpec
+from ablab._terminal import explain_lines
+from ablab._verdict import paired_curve
+
+ECDF_LEVELS = 401
+"""Quantile levels an ECDF is drawn from (fixed size, whatever the seed count)."""
+
+FIGURES = ("curves", "paired", "distributions", "forest", "weights", "bn", "optimum", "checks")
+"""Every figure a report can hold, in page order (those without data are left out)."""
+
+CAPTIONS = {
+    "curves": "Per-epoch history of every variant: median over seeds with the 5–95 % band; "
+    "the dashed line is the analytic optimum where one exists.",
+    "paired": "Per-epoch paired difference (variant − baseline) of the verdict metric over "
+    "matched seeds, with its bootstrap confidence band. Below zero: lower than the baseline.",
+    "distributions": "Distribution of the final verdict metric over seeds (empirical CDF).",
+    "forest": "Mean paired difference of the final metric with its confidence interval, "
+    "coloured by verdict; the shaded band is the equivalence margin.",
+    "weights": "Sum of each layer's kernel (or first weight) after every optimizer step: "
+    "median over seeds with the 5–95 % band (the seed answer's per-layer trajectories).",
+    "bn": "BatchNormalization: how far the moving mean and variance have moved towards the "
+    "training set's statistics (1 = there) against the expected 1 − momentum^updates, and "
+    "validation loss computed with batch statistics vs with the moving statistics.",
+    "optimum": "Gap of the final training / validation MSE to the analytic optimum "
+    "(PCA or reduced-rank regression) of the linear variants.",
+    "checks": "Largest relative deviation found by each check against its tolerance.",
+}
+
+
+def _band(x: np.ndarray, values: np.ndarray) -> Band:
+    """Median and 5–95 % over the rows of ``values`` (seeds, x), ignoring non-finite seeds."""
+    clean = np.where(np.isfinite(values), values, np.nan)
+    keep = ~np.all(np.isnan(clean), axis=0)
+    x, clean = x[keep], clean[:, keep]
+    if clean.size == 0:
+        empty = np.zeros(0)
+        return Band(empty, empty, empty, empty)
+    low, median, high = np.nanquantile(clean, [0.05, 0.5, 0.95], axis=0)
+    return Band(x, median, low, high)
+
+
+def _probe_bands(
+    files: list[str], kind: str, suffix: str, *, since_first: bool = False
+) -> dict[tuple[str, str], Band]:
+    """{(variant, probe): Band over seeds along step (kind "step") or epoch (kind "epoch")} for
+    the probes whose name ends with ``suffix``; aggregated by DuckDB, so runs with many seeds
+    never load every probe row into memory. since_first: each seed's value minus its value at
+    the first recorded step (the drift, without the spread of the initial weights)."""
+    if not files:
+        return {}
+    axis = "step" if kind == "step" else "epoch"
+    value = (
+        f"value - first_value(value) OVER (PARTITION BY variant, seed, probe ORDER BY {axis})"
+        if since_first
+        else "value"
+    )
+    with duckdb.connect() as con:
+        rows = con.execute(
+            f"WITH p AS (SELECT variant, probe, {axis} AS x, {value} AS value "
+            "FROM read_parquet(?) WHERE kind = ? AND suffix(probe, ?)) "
+            "SELECT variant, probe, x, quantile_cont(value, [0.05, 0.5, 0.95]) "
+            "FROM p WHERE isfinite(value) GROUP BY ALL ORDER BY variant, probe, x",
+            [files, kind, suffix],
+        ).fetchall()
+    grouped: dict[tuple[str, str], list[tuple[int, list[float]]]] = {}
+    for variant, probe, x, q in rows:
+        grouped.setdefault((variant, probe), []).append((x, q))
+    out = {}
+    for key, pts in grouped.items():
+        x = np.array([p[0] for p in pts], dtype=float)
+        q = np.array([p[1] for p in pts], dtype=float)
+        out[key] = Band(x, q[:, 1], q[:, 0], q[:, 2])
+    return out
+
+
+@dataclass
+class ReportData:
+    """Everything a report shows, computed from one stored run."""
+
+    doc: dict[str, Any]
+    """``ablab show RUN --json``'s document (study, environment, summary, verdicts, checks)."""
+    histories: dict[str, VariantHistory]
+    probe_files: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_run(cls, run_dir: RunDir) -> ReportData:
+        from ablab._run import load_run
+
+        doc, histories = load_run(run_dir)
+        if not histories:
+            raise StudyError(
+                where=str(run_dir.path),
+                key="cells",
+                expected="a run with at least one finished cell",
+                got=f"state {doc['state']!r} with no finished cell",
+                fix="report a run that trained at least one seed chunk (`ablab show` lists runs)",
+            )
+        return cls(doc, histories, [str(f) for f in run_dir.done_probe_files()])
+
+    # -- computed data ---------------------------------------------------------------------
+    @property
+    def variants(self) -> list[str]:
+        return list(self.histories)
+
+    @cached_property
+    def colors(self) -> dict[str, Any]:
+        return figs.variant_colors(self.variants)
+
+    @property
+    def metric(self) -> str:
+        first = next(iter(self.doc["variants"].values()))
+        return str(first["metric"])
+
+    @cached_property
+    def curves(self) -> dict[str, dict[str, Band]]:
+        """{history name: {variant: per-epoch Band}} for the headline metric and the loss."""
+        names = [self.metric] + (["loss"] if self.metric != "loss" else [])
+        out: dict[str, dict[str, Band]] = {}
+        for name in names:
+            out[name] = {}
+            for v, h in self.histories.items():
+                if name in h.values:
+                    arr = h.values[name]
+                    out[name][v] = _band(np.arange(1, arr.shape[1] + 1, dtype=float), arr)
+        return out
+
+    @cached_property
+    def optimum_lines(self) -> dict[str, float]:
+        """The analytic optimum's val / train MSE as lines on the curves (one shared value)."""
+        optima = [e.get("optimum") for e in self.doc["explain"].values() if e.get("optimum")]
+        if not optima:
+            return {}
+        first = optima[0]
+        return {"val_loss": first["val_mse"], "loss": first["train_mse"]}
+
+    @cached_property
+    def paired(self) -> dict[str, dict[str, np.ndarray]]:
+        """{"variant vs baseline": per-epoch paired difference with its bootstrap band}."""
+        spec = VerdictSpec.model_validate(self.doc["study"].get("verdicts") or {})
+        out = {}
+        for c in self.doc["comparisons"]:
+            if c["n"] < 2:
+                continue
+            curve = paired_curve(
+                self.histories,
+                c["variant"],
+                c["baseline"],
+                c["metric"],
+                np.random.default_rng(spec.random_seed),
+                confidence=spec.confidence,
+            )
+            out[f"{c['variant']} vs {c['baseline']}"] = curve
+        return out
+
+    @property
+    def level(self) -> str:
+        spec = VerdictSpec.model_validate(self.doc["study"].get("verdicts") or {})
+        return f"{100 * spec.confidence:g}%"
+
+    @cached_property
+    def finals(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """{variant: (levels, quantiles)} of the final headline metric over finite seeds."""
+        out = {}
+        levels = np.linspace(0.0, 1.0, ECDF_LEVELS)
+        for v, h in self.histories.items():
+            final = h.values[self.metric][:, -1]
+            final = final[np.isfinite(final)]
+            if final.size:
+                out[v] = (levels, np.quantile(final, levels))
+        return out
+
+    @cached_property
+    def weights(self) -> dict[str, dict[str, dict[str, Band]]]:
+        """{layer: {"sum" | "drift": {variant: per-step Band}}}: the layer's weight sum, and
+        its change since the first step (per seed, so the spread of the initial weights does
+        not hide the trajectory)."""
+        out: dict[str, dict[str, dict[str, Band]]] = {}
+        for which, since_first in (("sum", False), ("drift", True)):
+            bands = _probe_bands(self.probe_files, "step", "/kernel_sum", since_first=since_first)
+            for (variant, probe), band in bands.items():
+                layer = out.setdefault(probe.removesuffix("/kernel_sum"), {})
+                layer.setdefault(which, {})[variant] = band
+        return {layer: out[layer] for layer in sorted(out)}
+
+    @cached_property
+    def bn(self) -> dict[str, dict[str, Any]]:
+        """Per variant with BatchNormalization: moving-statistics progress per layer with the
+        expected ``1 − momentum^updates``, and val loss in train vs inference mode."""
+        progress = _probe_bands(self.probe_files, "epoch", "_progress")
+        train_mode = _probe_bands(self.probe_files, "epoch", "val_loss_train_mode")
+        out: dict[str, dict[str, Any]] = {}
+        for v, e in self.doc["explain"].items():
+            diagnoses = e.get("bn") or []
+            layers = {}
+            for d in diagnoses:
+                mean = progress.get((v, f"{d['layer']}/moving_mean_progress"))
+                var = progress.get((v, f"{d['layer']}/moving_var_progress"))
+                if mean is None or var is None:
+                    continue
+                epochs = self.histories[v].values["loss"].shape[1]
+                x = np.arange(0, epochs + 1, dtype=float)
+                expected = 1.0 - d["momentum"] ** (d["updates"] * x / epochs)
+                layers[d["layer"]] = {"mean": mean, "var": var, "expected": (x, expected)}
+            if layers:
+                out[v] = {
+                    "layers": layers,
+                    "val_train_mode": train_mode.get((v, "val_loss_train_mode")),
+                    "val_inference": self.curves.get("val_loss", {}).get(v),
+                }
+        return out
+
+    @property
+    def gaps(self) -> dict[str, dict[str, Any]]:
+        return {
+            v: e["optimum"]
+            for v, e in self.doc["explain"].items()
+            if e.get("optimum") and v in self.histories
+        }
+
+    # -- figures ---------------------------------------------------------------------------
+    def available(self) -> list[str]:
+        """The figures this run has data for, in page order."""
+        have = {
+            "curves": True,
+            "paired": bool(self.paired),
+            "distributions": bool(self.finals),
+            "forest": any(c["diff_mean"] is not None for c in self.doc["comparisons"]),
+            "weights": bool(self.weights),
+            "bn": bool(self.bn),
+            "optimum": bool(self.gaps),
+            "checks": any(c["passed"] is not None for c in self.doc["checks"]),
+        }
+        return [name for name in FIGURES if have[name]]
+
+    def figure(self, kind: str) -> Figure:
+        """One figure by name (see :data:`FIGURES`)."""
+        if kind not in FIGURES:
+            raise ValueError(f"unknown figure {kind!r}; choose from {FIGURES}")
+        if kind not in self.available():
+            raise ValueError(f"this run has no data for the {kind!r} figure")
+        c = self.colors
+        if kind == "curves":
+            return figs.curves_figure(self.curves, c, self.optimum_lines)
+        if kind == "paired":
+            return figs.paired_figure(self.paired, c, self.metric, self.level)
+        if kind == "distributions":
+            return figs.ecdf_figure(self.finals, c, self.metric)
+        if kind == "forest":
+            return figs.forest_figure(self.doc["comparisons"])
+        if kind == "weights":
+            return figs.weights_figure(self.weights, c)
+        if kind == "bn":
+            return figs.bn_figure(self.bn, c)
+        if kind == "optimum":
+            return figs.optimum_figure(self.gaps, c)
+        return figs.checks_figure(self.doc["checks"])
+
+    def overview(self) -> Figure:
+        """The main figures side by side: the headline metric per epoch, its final
+        distribution over seeds, and the paired differences with their verdicts."""
+        fig = Figure(figsize=(16.0, 3.8), layout="constrained", dpi=100)
+        ax_curve, ax_ecdf, ax_forest = fig.subplots(1, 3)
+        figs.draw_curves(
+            ax_curve,
+            self.curves[self.metric],
+            self.colors,
+            self.metric,
+            self.optimum_lines.get(self.metric),
+        )
+        figs.draw_ecdf(ax_ecdf, self.finals, self.colors, self.metric)
+        figs.draw_forest(ax_forest, self.doc["comparisons"])
+        return fig
+
+    def plot(self, kind: str | None = None) -> Figure:
+        """The overview figure, or the figure named ``kind`` (see :data:`FIGURES`)."""
+        return self.overview() if kind is None else self.figure(kind)
+
+    def _repr_html_(self) -> str:
+        return summary_html(self.doc)
+
+    # -- HTML ------------------------------------------------------------------------------
+    def html(self) -> str:
+        """The whole self-contained report page."""
+        figures = []
+        for name in self.available():
+            fig = self.figure(name)
+            figures.append(
+                {"name": name, "svg": figs.to_svg(fig, salt=name), "caption": CAPTIONS[name]}
+            )
+        return _template("report.html.j2").render(
+            doc=self.doc,
+            metric=self.metric,
+            figures=figures,
+            why=explain_lines(self.doc["explain"]),
+            study_json=json.dumps(self.doc["study"], indent=2),
+            generated=dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            probes_off=not self.probe_files,
+        )
+
+
+_ENV: jinja2.Environment | None = None
+
+
+def _sig(value: float | None) -> str:
+    if value is None:
+        return "—"
+    if value == 0:
+        return "0"
+    return f"{value:.2g}" if abs(value) >= 1e-3 else f"{value:.1e}"
+
+
+def _fmt(value: float | None, spec: str = ".4f") -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def _template(name: str) -> jinja2.Template:
+    global _ENV
+    if _ENV is None:
+        _ENV = jinja2.Environment(
+            loader=jinja2.PackageLoader("ablab", "templates"),
+            autoescape=True,
+            undefined=jinja2.StrictUndefined,
+            trim_blocks=True,
+            lstrip_blocks=True,
+        )
+        _ENV.filters["sig"] = _sig
+        _ENV.filters["fmt"] = _fmt
+    return _ENV.get_template(name)
+
+
+def summary_html(doc: dict[str, Any]) -> str:
+    """A compact HTML summary (per-variant final metric and verdict, checks) of a run
+    document -- what a notebook shows for a run result."""
+    return _template("summary.html.j2").render(doc=doc)
+
+
+def open_run(ref: str = "latest", runs_dir: str | Path | None = None) -> ReportData:
+    """A stored run (id, unique prefix, path or "latest") for a notebook: it renders as a
+    summary table, ``.plot()`` draws its figures, ``.html()`` is its report."""
+    from ablab._run import default_runs_dir
+    from ablab._store import resolve_run
+
+    root = Path(runs_dir) if runs_dir is not None else default_runs_dir()
+    return ReportData.from_run(resolve_run(root, ref))
+
+
+def write_report(run_dir: RunDir, out: Path | None = None) -> Path:
+    """Write ``run_dir``'s report (default ``<run>/report.html``) atomically; return its path."""
+    path = out if out is not None else run_dir.path / "report.html"
+    html = ReportData.from_run(run_dir).html()
+    atomic_write_bytes(path, html.encode("utf-8"))
+    return path

@@ -1,0 +1,118 @@
+"""Figures only draw what they are given: checked on hand-made bands and rows."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+from matplotlib.colors import to_rgba
+
+from ablab import _figures as figs
+from ablab._figures import Band
+
+
+def _band(n: int, offset: float = 0.0) -> Band:
+    x = np.arange(1, n + 1, dtype=float)
+    return Band(x, 1.0 / x + offset, 1.0 / x + offset - 0.1, 1.0 / x + offset + 0.1)
+
+
+COLORS = figs.variant_colors(["plain", "bn"])
+
+
+def test_variant_colors_are_stable_and_distinct() -> None:
+    assert figs.variant_colors(["plain", "bn", "x"])["bn"] == COLORS["bn"]
+    assert COLORS["plain"] != COLORS["bn"]
+
+
+def test_curves_draw_the_given_median_and_optimum() -> None:
+    bands = {"plain": _band(5), "bn": _band(5, 0.2)}
+    fig = figs.curves_figure({"val_loss": bands, "loss": bands}, COLORS, {"val_loss": 0.3})
+    ax_val, ax_loss = fig.axes
+    lines = {line.get_label(): line for line in ax_val.get_lines()}
+    np.testing.assert_array_equal(lines["bn"].get_ydata(), bands["bn"].median)
+    np.testing.assert_array_equal(lines["optimum"].get_ydata(), [0.3, 0.3])
+    assert to_rgba(lines["plain"].get_color()) == to_rgba(COLORS["plain"])
+    assert "optimum" not in {line.get_label() for line in ax_loss.get_lines()}
+    assert len(ax_val.collections) == 2  # one 5-95 % band per variant
+
+
+def test_ecdf_steps_through_the_given_quantiles() -> None:
+    levels = np.linspace(0, 1, 11)
+    values = np.linspace(0.5, 1.5, 11)
+    fig = figs.ecdf_figure({"plain": (levels, values)}, COLORS, "val_loss")
+    (line,) = fig.axes[0].get_lines()
+    np.testing.assert_array_equal(line.get_xdata(), values)
+    np.testing.assert_array_equal(line.get_ydata(), levels)
+
+
+def _row(variant: str, verdict: str, mean: float) -> dict:
+    return {
+        "variant": variant,
+        "baseline": "plain",
+        "metric": "val_loss",
+        "diff_mean": mean,
+        "ci_low": mean - 0.01,
+        "ci_high": mean + 0.01,
+        "margin": 0.02,
+        "verdict": verdict,
+        "confidence": 0.95,
+    }
+
+
+def test_forest_colours_by_verdict_and_skips_empty_rows() -> None:
+    rows = [
+        _row("bn", "helps", -0.05),
+        _row("x", "hurts", 0.04),
+        {**_row("y", "x", 0), "diff_mean": None},
+    ]
+    ax = figs.forest_figure(rows).axes[0]
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert labels == ["x vs plain — hurts", "bn vs plain — helps"]  # top row first
+    points = [line for line in ax.get_lines() if line.get_marker() == "o"]
+    assert to_rgba(points[0].get_color()) == to_rgba(figs.VERDICT_COLORS["helps"])
+    assert points[0].get_xdata()[0] == -0.05
+
+
+def test_checks_figure_marks_bit_identical_and_tolerance() -> None:
+    checks = [
+        {"name": "a ≡ b", "passed": True, "max_rel_dev": 0.0, "tolerance": 1e-5},
+        {"name": "a @ torch", "passed": False, "max_rel_dev": 3e-3, "tolerance": 1e-5},
+        {"name": "skipped", "passed": None, "max_rel_dev": None, "tolerance": 1e-5},
+    ]
+    ax = figs.checks_figure(checks).axes[0]
+    texts = [t.get_text() for t in ax.texts]
+    assert texts == ["0 (bit-identical)", "3.0e-03"]
+    assert ax.get_xscale() == "log"
+
+
+def test_weights_bn_and_optimum_figures_have_a_panel_per_thing() -> None:
+    weights = {
+        "dense#0": {"sum": {"plain": _band(9)}, "drift": {"plain": _band(9)}},
+        "dense#1": {"sum": {"plain": _band(9), "bn": _band(9)}, "drift": {"bn": _band(9)}},
+    }
+    assert len(figs.weights_figure(weights, COLORS).axes) == 4
+    x = np.arange(0, 4, dtype=float)
+    bn = {
+        "bn": {
+            "layers": {"bn#0": {"mean": _band(3), "var": _band(3), "expected": (x, 1 - 0.9**x)}},
+            "val_train_mode": _band(3),
+            "val_inference": _band(3),
+        }
+    }
+    ax_mean, _, ax_val = figs.bn_figure(bn, COLORS).axes
+    expected = [line for line in ax_mean.get_lines() if "momentum" in line.get_label()]
+    np.testing.assert_allclose(expected[0].get_ydata(), 1 - 0.9**x)
+    assert len(ax_val.get_lines()) == 2
+    gap = {"median": 0.5, "q05": 0.4, "q95": 0.7}
+    fig = figs.optimum_figure({"plain": {"train_gap": gap, "val_gap": gap}}, COLORS)
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["plain"]
+
+
+def test_svg_is_inline_deterministic_and_self_contained() -> None:
+    fig = figs.curves_figure({"val_loss": {"plain": _band(4)}}, COLORS)
+    svg = figs.to_svg(fig, salt="curves")
+    assert svg.startswith("<svg") and svg.rstrip().endswith("</svg>")
+    assert svg == figs.to_svg(fig, salt="curves")
+    # no fonts, images or scripts fetched from anywhere: text is drawn as paths
+    assert not re.search(r"(href|src)=\"(https?:|//)", svg)
+    assert "<text" not in svg and "<image" not in svg

@@ -1,0 +1,186 @@
+"""The HTML report: data computed from the stored run, a self-contained page, and the page
+opened in a real browser (headless Chromium through Playwright)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from html import unescape
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+from matplotlib.figure import Figure
+
+import ablab
+from ablab._report import FIGURES, ReportData, write_report
+from ablab._store import RunDir
+from tests.conftest import ROOT
+
+# Reference values below come from numpy on the stored tables: np.quantile's default (linear
+# interpolation, Hyndman-Fan type 7) is the definition DuckDB's quantile_cont uses too.
+
+
+def test_history_bands_are_quantiles_over_seeds(report_run: ablab.RunResult) -> None:
+    data = report_run.report_data()
+    values = report_run.histories["bn"].values["val_loss"]
+    band = data.curves["val_loss"]["bn"]
+    low, median, high = np.quantile(values, [0.05, 0.5, 0.95], axis=0)
+    np.testing.assert_allclose(band.median, median, rtol=1e-12)
+    np.testing.assert_allclose(band.low, low, rtol=1e-12)
+    np.testing.assert_allclose(band.high, high, rtol=1e-12)
+    np.testing.assert_array_equal(band.x, [1, 2, 3])
+    levels, quantiles = data.finals["plain"]
+    final = report_run.histories["plain"].values["val_loss"][:, -1]
+    assert quantiles[0] == final.min() and quantiles[-1] == final.max()
+    assert levels[0] == 0 and levels[-1] == 1
+
+
+def test_probe_bands_match_numpy_on_the_probe_table(report_run: ablab.RunResult) -> None:
+    data = report_run.report_data()
+    t = report_run.probes
+    mask = pc.and_(
+        pc.equal(t["variant"], "bn"),
+        pc.equal(t["probe"], "dense#0/kernel_sum"),
+    )
+    rows = t.filter(mask).sort_by([("seed", "ascending"), ("step", "ascending")])
+    steps = int(pc.max(rows["step"]).as_py())
+    per_seed = rows["value"].to_numpy().reshape(-1, steps)  # (seeds, steps)
+    assert per_seed.shape[0] == 12
+    raw = data.weights["dense#0"]["sum"]["bn"]
+    np.testing.assert_allclose(raw.median, np.quantile(per_seed, 0.5, axis=0), rtol=1e-9)
+    drift = data.weights["dense#0"]["drift"]["bn"]
+    moved = per_seed - per_seed[:, :1]
+    np.testing.assert_allclose(drift.high, np.quantile(moved, 0.95, axis=0), atol=1e-12)
+    assert drift.median[0] == 0.0
+    assert set(data.weights) == {"batch_normalization#0", "dense#0", "dense#1"}
+
+
+def test_bn_progress_is_drawn_against_one_minus_momentum_to_the_updates(
+    report_run: ablab.RunResult,
+) -> None:
+    data = report_run.report_data()
+    assert set(data.bn) == {"bn"}
+    layer = data.bn["bn"]["layers"]["batch_normalization#0"]
+    x, expected = layer["expected"]
+    # 90 training rows / batch 32 = 3 updates per epoch, 3 epochs, Keras' momentum 0.99
+    np.testing.assert_allclose(expected, 1 - 0.99 ** (3 * x))
+    assert layer["mean"].x.tolist() == [1, 2, 3]
+    assert data.bn["bn"]["val_train_mode"] is not None
+
+
+def test_every_figure_has_data_and_the_page_is_self_contained(
+    report_run: ablab.RunResult, tmp_path: Path
+) -> None:
+    data = report_run.report_data()
+    assert data.available() == list(FIGURES)
+    path = report_run.write_report(tmp_path / "r.html")
+    html = path.read_text()
+    for name in FIGURES:
+        assert f'data-plot="{name}"' in html
+    # nothing is fetched: no external scripts, styles, fonts or images
+    assert not re.search(r"(src|href)=\"(https?:)?//", html)
+    assert "url(http" not in html and "<script" not in html
+    text = unescape(html)
+    for shown in ("plain_id", "Verdicts", "plain ≡ plain_id", "keras", "jax", '"epochs": 3'):
+        assert shown in text
+    assert report_run.summary["bn"]["n_seeds"] == 12
+    assert "This run is" not in html  # complete: no banner
+
+
+def test_report_of_an_interrupted_run_shows_what_finished(
+    report_run: ablab.RunResult, tmp_path: Path
+) -> None:
+    copy = tmp_path / report_run.run_id
+    shutil.copytree(report_run.run_dir, copy)
+    run = RunDir(copy)
+    run.cell_path("bn", 1).unlink()  # the second chunk of bn never finished
+    (copy / "summary.json").unlink()
+    run.write_status("interrupted", 5, 6)
+    shutil.rmtree(copy / "probes")  # and say the probes were off
+    data = ReportData.from_run(run)
+    assert data.doc["variants"]["bn"]["n_seeds"] == 8
+    assert "weights" not in data.available() and "bn" not in data.available()
+    html = write_report(run).read_text()
+    assert "This run is <strong>interrupted</strong>" in html
+    assert "Probes were not recorded" in html
+
+
+def test_a_run_without_finished_cells_has_no_report(
+    report_run: ablab.RunResult, tmp_path: Path
+) -> None:
+    copy = tmp_path / "empty"
+    shutil.copytree(
+        report_run.run_dir, copy, ignore=shutil.ignore_patterns("*.parquet", "report.html")
+    )
+    with pytest.raises(ablab.StudyError, match="at least one finished cell"):
+        write_report(RunDir(copy))
+    assert not (copy / "report.html").exists()
+
+
+def test_notebook_summary_and_plots(report_run: ablab.RunResult) -> None:
+    html = report_run._repr_html_()
+    assert html.count("<tr>") == 1 + 3  # header + one row per variant
+    verdict = next(c.verdict for c in report_run.comparisons if c.variant == "bn")
+    assert f'class="verdict {verdict}"' in html
+    assert "checks: 1 passed" in html
+    overview = report_run.plot()
+    assert isinstance(overview, Figure) and len(overview.axes) == 3
+    assert len(report_run.plot("weights").axes) == 6
+    with pytest.raises(ValueError, match="unknown figure"):
+        report_run.plot("nope")
+    stored = ablab.open_run(str(report_run.run_dir))
+    assert "plain_id" in stored._repr_html_()
+    assert len(stored.plot("curves").axes) == 2
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def test_report_in_headless_chromium(report_run: ablab.RunResult) -> None:
+    """Opens the report from disk in headless Chromium: no console errors, no request that
+    leaves the file, every figure present with a non-empty drawing; keeps a screenshot."""
+    chromium = _chromium()
+    if chromium is None:
+        if os.environ.get("CI"):
+            pytest.fail("Chromium is missing: `make test` installs Debian's chromium")
+        pytest.skip("no Chromium here (Debian: apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    path = report_run.write_report()
+    out = ROOT / "test-artifacts"
+    out.mkdir(exist_ok=True)
+    problems: list[str] = []
+    requests: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1300, "height": 900})
+        page.on(
+            "console",
+            lambda m: (
+                problems.append(f"{m.type}: {m.text}") if m.type in ("error", "warning") else None
+            ),
+        )
+        page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+        page.on("request", lambda r: requests.append(r.url))
+        page.goto(path.resolve().as_uri(), wait_until="load")
+        sizes = {}
+        for name in FIGURES:
+            svg = page.locator(f'figure[data-plot="{name}"] svg')
+            assert svg.count() == 1, name
+            box = svg.bounding_box()
+            assert box is not None, name
+            sizes[name] = (box["width"], box["height"])
+            drawn = svg.evaluate("s => s.querySelectorAll('path').length")
+            assert drawn > 20, (name, drawn)
+        page.screenshot(path=str(out / "report.png"), full_page=True)
+        browser.close()
+    assert problems == []
+    assert all(url.startswith(("file:", "data:")) for url in requests), requests
+    assert all(w > 300 and h > 100 for w, h in sizes.values()), sizes
+    assert (out / "report.png").stat().st_size > 50_000
+    (out / "report-figures.json").write_text(json.dumps(sizes, indent=2))
