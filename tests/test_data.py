@@ -25,6 +25,13 @@ def _study(tmp_path: Path, data: dict, **train: object) -> ablab.Study:
     return study_from_dict(raw, source=str(tmp_path / "s.toml"), root=str(tmp_path))
 
 
+def _train_only() -> dict:
+    """The seed study without its data section (tests add their own)."""
+    raw = tomllib.loads(SEED_STUDY.read_text())
+    del raw["data"]
+    return raw
+
+
 def test_synthetic_data_is_the_seed_questions_exact_data(seed_study: ablab.Study) -> None:
     # SEED.md: np.random.seed(1); x_train = np.random.normal(0, 1, (100, 12)).
     np.random.seed(1)
@@ -120,3 +127,59 @@ def test_missing_file_and_unknown_column(tmp_path: Path) -> None:
     with pytest.raises(ablab.StudyError) as info:
         load_dataset(_study(tmp_path, {"path": "d.parquet", "target": "label"}))
     assert info.value.key == "data.target"
+
+
+@pytest.mark.parametrize(
+    ("name", "rows", "features"),
+    [
+        ("digits", 1797, 64),
+        ("iris", 150, 4),
+        ("wine", 178, 13),
+        ("breast_cancer", 569, 30),
+        ("diabetes", 442, 10),
+    ],
+)
+def test_sklearn_datasets(name: str, rows: int, features: int) -> None:
+    # row and feature counts: scikit-learn's documentation of each load_* function
+    study = study_from_dict({**_train_only(), "data": {"sklearn": name}})
+    data = load_dataset(study)
+    assert data.x.shape == (rows, features) and data.y.shape == (rows, 1)
+    assert data.x.dtype == np.float32
+    auto = load_dataset(
+        study_from_dict({**_train_only(), "data": {"sklearn": name, "target": "input"}})
+    )
+    np.testing.assert_array_equal(auto.y, auto.x)
+
+
+def test_row_seed_permutes_rows_once_and_pairs_targets() -> None:
+    plain = load_dataset(study_from_dict({**_train_only(), "data": {"sklearn": "iris"}}))
+    perm = load_dataset(
+        study_from_dict({**_train_only(), "data": {"sklearn": "iris", "row_seed": 3}})
+    )
+    order = np.random.default_rng(3).permutation(150)
+    np.testing.assert_array_equal(perm.x, plain.x[order])
+    np.testing.assert_array_equal(perm.y, plain.y[order])
+
+
+def test_standardize_uses_the_training_split_only() -> None:
+    from ablab._data import standardized
+
+    x = np.arange(40, dtype=np.float32).reshape(20, 2) ** 1.5
+    x[:, 1] = 7.0  # a constant column keeps scale 1
+    parts = split(Dataset(x, x[:, :1]), 0.25)
+    scaled = standardized(parts, target_too=False)
+    mean, std = parts.x_train.mean(axis=0), parts.x_train.std(axis=0)
+    np.testing.assert_allclose(scaled.x_train[:, 0].mean(), 0.0, atol=1e-6)
+    np.testing.assert_allclose(scaled.x_train[:, 0].std(), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(
+        scaled.x_val[:, 0], (parts.x_val[:, 0] - mean[0]) / std[0], rtol=1e-6
+    )
+    np.testing.assert_array_equal(scaled.x_train[:, 1], 0.0)
+    np.testing.assert_array_equal(scaled.y_train, parts.y_train)  # the target stays
+    autoencoder = standardized(split(Dataset(x, x), 0.25), target_too=True)
+    np.testing.assert_array_equal(autoencoder.y_val, autoencoder.x_val)
+
+
+def test_two_data_sources_are_refused() -> None:
+    with pytest.raises(ablab.StudyError, match="exactly one of"):
+        study_from_dict({**_train_only(), "data": {"sklearn": "iris", "path": "x.npy"}})

@@ -26,13 +26,17 @@ def test_variant_colors_are_stable_and_distinct() -> None:
 
 def test_curves_draw_the_given_median_and_optimum() -> None:
     bands = {"plain": _band(5), "bn": _band(5, 0.2)}
-    fig = figs.curves_figure({"val_loss": bands, "loss": bands}, COLORS, {"val_loss": 0.3})
+    opt = {"val_loss": {"plain": 0.3, "bn": 0.3}, "loss": {"plain": 0.2, "bn": 0.1}}
+    fig = figs.curves_figure({"val_loss": bands, "loss": bands}, COLORS, opt)
     ax_val, ax_loss = fig.axes
     lines = {line.get_label(): line for line in ax_val.get_lines()}
     np.testing.assert_array_equal(lines["bn"].get_ydata(), bands["bn"].median)
     np.testing.assert_array_equal(lines["optimum"].get_ydata(), [0.3, 0.3])
     assert to_rgba(lines["plain"].get_color()) == to_rgba(COLORS["plain"])
-    assert "optimum" not in {line.get_label() for line in ax_loss.get_lines()}
+    # different optima per variant: one line each, in the variant's colour
+    per_variant = {line.get_label(): line for line in ax_loss.get_lines()}
+    assert per_variant["bn optimum"].get_ydata()[0] == 0.1
+    assert to_rgba(per_variant["bn optimum"].get_color()) == to_rgba(COLORS["bn"])
     assert len(ax_val.collections) == 2  # one 5-95 % band per variant
 
 
@@ -78,10 +82,13 @@ def test_checks_figure_marks_bit_identical_and_tolerance() -> None:
         {"name": "a ≡ b", "passed": True, "max_rel_dev": 0.0, "tolerance": 1e-5},
         {"name": "a @ torch", "passed": False, "max_rel_dev": 3e-3, "tolerance": 1e-5},
         {"name": "skipped", "passed": None, "max_rel_dev": None, "tolerance": 1e-5},
+        # NaN in one arm only: stored as null in summary.json, inf in memory
+        {"name": "nan", "passed": False, "max_rel_dev": None, "tolerance": 1e-5},
+        {"name": "inf", "passed": False, "max_rel_dev": float("inf"), "tolerance": 1e-5},
     ]
     ax = figs.checks_figure(checks).axes[0]
     texts = [t.get_text() for t in ax.texts]
-    assert texts == ["0 (bit-identical)", "3.0e-03"]
+    assert texts == ["0 (bit-identical)", "3.0e-03", "non-finite", "non-finite"]
     assert ax.get_xscale() == "log"
 
 
@@ -100,7 +107,7 @@ def test_weights_bn_and_optimum_figures_have_a_panel_per_thing() -> None:
         }
     }
     ax_mean, _, ax_val = figs.bn_figure(bn, COLORS).axes
-    expected = [line for line in ax_mean.get_lines() if "momentum" in line.get_label()]
+    expected = [line for line in ax_mean.get_lines() if "1 − m^u" in line.get_label()]
     np.testing.assert_allclose(expected[0].get_ydata(), 1 - 0.9**x)
     assert len(ax_val.get_lines()) == 2
     gap = {"median": 0.5, "q05": 0.4, "q95": 0.7}

@@ -55,7 +55,8 @@ def test_metrics_aggregate_over_seeds_per_epoch() -> None:
         "diverged": 1,
         "final_val_loss": {"mean": 0.6, "median": 0.6, "q05": None, "q95": 0.7},
     }
-    rows = variant_metrics(values, summary, {"diff_mean": -0.1, "p_adjusted": 0.01, "n": 3})
+    cmp = {"baseline": "plain", "diff_mean": -0.1, "p_adjusted": 0.01, "n": 3}
+    rows = variant_metrics(values, summary, [cmp])
     by_key = {(k, step): v for k, v, step in rows}
     assert by_key[("val_loss/median", 1)] == 2.0 and by_key[("val_loss/mean", 1)] == 2.0
     assert by_key[("val_loss/median", 2)] == pytest.approx(0.6)  # the NaN seed is left out
@@ -63,6 +64,11 @@ def test_metrics_aggregate_over_seeds_per_epoch() -> None:
     assert ("final_val_loss/q05", 0) not in by_key
     assert by_key[("vs_baseline/diff_mean", 0)] == -0.1
     assert by_key[("diverged_seeds", 0)] == 1
+    two = variant_metrics(values, summary, [cmp, {**cmp, "baseline": "other"}])
+    assert {k for k, _, _ in two if k.endswith("/diff_mean")} == {
+        "vs_plain/diff_mean",
+        "vs_other/diff_mean",
+    }
 
 
 def test_an_unreachable_server_is_a_clear_failure(

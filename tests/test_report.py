@@ -16,7 +16,10 @@ import pytest
 from matplotlib.figure import Figure
 
 import ablab
-from ablab._report import FIGURES, ReportData, write_report
+from ablab._env import environment
+from ablab._records import VariantHistory
+from ablab._report import FIGURES, ReportData, _probe_bands, write_report
+from ablab._run import run_document
 from ablab._store import RunDir
 from tests.conftest import ROOT
 
@@ -33,10 +36,11 @@ def test_history_bands_are_quantiles_over_seeds(report_run: ablab.RunResult) -> 
     np.testing.assert_allclose(band.low, low, rtol=1e-12)
     np.testing.assert_allclose(band.high, high, rtol=1e-12)
     np.testing.assert_array_equal(band.x, [1, 2, 3])
-    levels, quantiles = data.finals["plain"]
+    cdf, xs = data.finals["plain"]
     final = report_run.histories["plain"].values["val_loss"][:, -1]
-    assert quantiles[0] == final.min() and quantiles[-1] == final.max()
-    assert levels[0] == 0 and levels[-1] == 1
+    # the empirical CDF itself: F = k / n at the k-th smallest of the 12 seeds
+    np.testing.assert_array_equal(xs[1:], np.sort(final))
+    np.testing.assert_allclose(cdf, np.arange(13) / 12)
 
 
 def test_probe_bands_match_numpy_on_the_probe_table(report_run: ablab.RunResult) -> None:
@@ -137,6 +141,25 @@ def test_notebook_summary_and_plots(report_run: ablab.RunResult) -> None:
     assert len(stored.plot("curves").axes) == 2
 
 
+# Data drawn inside the axes of a matplotlib SVG: lines with at least two points, filled
+# bands, and filled patches (bars), but not ticks, legends, spines or the axes background --
+# so a figure whose axes are empty counts 0 even though its text is drawn as paths.
+_COUNT_DATA_ARTISTS = """s => {
+  let n = 0;
+  const kinds = ['line2d_', 'Fill', 'PolyCollection', 'patch_'];
+  const sel = kinds.map(k => `g[id^=axes_] g[id^=${k}]`).join(', ');
+  for (const g of s.querySelectorAll(sel)) {
+    if (g.closest('[id^=xtick_], [id^=ytick_], [id^=legend_]')) continue;
+    const p = g.querySelector('path');
+    if (!p) continue;
+    const d = p.getAttribute('d') || '', style = p.getAttribute('style') || '';
+    if (g.id.startsWith('line2d_') ? d.includes('L') :
+        g.id.startsWith('patch_') ? !/fill: ?(none|#ffffff)/.test(style) : d.length > 20) n++;
+  }
+  return n;
+}"""
+
+
 def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -175,8 +198,8 @@ def test_report_in_headless_chromium(report_run: ablab.RunResult) -> None:
             box = svg.bounding_box()
             assert box is not None, name
             sizes[name] = (box["width"], box["height"])
-            drawn = svg.evaluate("s => s.querySelectorAll('path').length")
-            assert drawn > 20, (name, drawn)
+            drawn = svg.evaluate(_COUNT_DATA_ARTISTS)
+            assert drawn >= (1 if name == "checks" else 3), (name, drawn)  # one check here
         page.screenshot(path=str(out / "report.png"), full_page=True)
         browser.close()
     assert problems == []
@@ -184,3 +207,109 @@ def test_report_in_headless_chromium(report_run: ablab.RunResult) -> None:
     assert all(w > 300 and h > 100 for w, h in sizes.values()), sizes
     assert (out / "report.png").stat().st_size > 50_000
     (out / "report-figures.json").write_text(json.dumps(sizes, indent=2))
+
+
+def _hand_made(
+    values: dict[str, dict[str, np.ndarray]], verdicts: dict | None = None, state: str = "complete"
+) -> ReportData:
+    """A ReportData from hand-made histories {variant: {name: (seeds, epochs)}}: no training."""
+    histories = {
+        v: VariantHistory(seeds=np.arange(next(iter(h.values())).shape[0]), values=h)
+        for v, h in values.items()
+    }
+    study = {
+        "name": "hand",
+        "baseline": next(iter(values)),
+        "variants": {v: {} for v in values},
+        "verdicts": verdicts or {"n_resamples": 200},
+    }
+    meta = {"run_id": "r1", "run_dir": "/nowhere", "study": study, "environment": environment()}
+    status = {"state": state, "cells_done": 1, "cells_total": 2}
+    saved = {} if state != "complete" else {"wall_s": 1.0, "runs_per_s": 10.0}
+    return ReportData(run_document(meta, status, saved, histories), histories)
+
+
+def _render_all(data: ReportData) -> str:
+    for name in data.available():
+        data.figure(name)
+    data.overview()
+    return data.html()
+
+
+RNG = np.random.default_rng(0)
+
+
+def test_a_run_without_validation_data_reports_its_loss() -> None:
+    data = _hand_made({"a": {"loss": RNG.random((20, 4))}, "b": {"loss": RNG.random((20, 4))}})
+    assert data.metric == "loss" and list(data.curves) == ["loss"]
+    assert data.available() == ["curves", "paired", "distributions", "forest"]
+    assert "final loss" in unescape(_render_all(data))
+
+
+def test_a_single_variant_and_an_all_diverged_variant_still_report() -> None:
+    single = _hand_made({"a": {"loss": RNG.random((5, 3)), "val_loss": RNG.random((5, 3))}})
+    assert single.available() == ["curves", "distributions"]
+    assert "No comparisons" in _render_all(single)
+    nan = np.full((5, 3), np.nan)
+    diverged = _hand_made(
+        {
+            "a": {"loss": RNG.random((5, 3)), "val_loss": RNG.random((5, 3))},
+            "b": {"loss": nan, "val_loss": nan},
+        }
+    )
+    assert diverged.doc["variants"]["b"]["diverged"] == 5
+    assert "b" not in diverged.finals and "b vs a" not in diverged.paired
+    html = _render_all(diverged)
+    assert "<td>b</td>" in html
+
+
+def test_the_figures_follow_the_verdict_metric() -> None:
+    h = {
+        "loss": RNG.random((30, 3)),
+        "val_loss": RNG.random((30, 3)),
+        "val_mae": RNG.random((30, 3)),
+    }
+    g = {k: v + 0.5 for k, v in h.items()}
+    data = _hand_made({"a": h, "b": g}, verdicts={"metric": "val_mae", "n_resamples": 200})
+    assert data.metric == "val_mae"
+    assert list(data.curves) == ["val_mae", "val_loss", "loss"]
+    np.testing.assert_array_equal(data.finals["b"][1][1:], np.sort(g["val_mae"][:, -1]))
+    ax = data.figure("paired").axes[0]
+    assert "val_mae" in ax.get_ylabel()
+    np.testing.assert_allclose(data.paired["b vs a"]["diff_mean"], [0.5, 0.5, 0.5])
+
+
+def test_an_interrupted_run_says_what_was_not_computed() -> None:
+    data = _hand_made(
+        {"a": {"loss": RNG.random((5, 3))}, "b": {"loss": RNG.random((5, 3))}},
+        state="interrupted",
+    )
+    html = data.html()
+    assert "before its analysis" in html and "before its checks" in html
+
+
+def test_long_trajectories_are_thinned_but_keep_step_one(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    steps = np.arange(1, 1001, dtype=np.int32)
+    seeds = 3
+    table = pa.table(
+        {
+            "variant": ["a"] * (seeds * 1000),
+            "seed": np.repeat(np.arange(seeds), 1000),
+            "kind": ["step"] * (seeds * 1000),
+            "step": np.tile(steps, seeds),
+            "epoch": np.tile((steps - 1) // 10 + 1, seeds),
+            "probe": ["dense#0/kernel_sum"] * (seeds * 1000),
+            "value": np.tile(steps.astype(np.float64), seeds) + np.repeat([0.0, 1.0, 2.0], 1000),
+        }
+    )
+    pq.write_table(table, tmp_path / "p.parquet")
+    (band,) = _probe_bands([str(tmp_path / "p.parquet")], "step", "/kernel_sum").values()
+    assert band.x[0] == 1 and band.x[-1] == 1000 and len(band.x) <= 401
+    np.testing.assert_allclose(band.median, band.x + 1.0)  # the middle seed
+    (drift,) = _probe_bands(
+        [str(tmp_path / "p.parquet")], "step", "/kernel_sum", since_first=True
+    ).values()
+    np.testing.assert_allclose(drift.high, drift.x - 1.0)

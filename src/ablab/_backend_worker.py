@@ -11,10 +11,10 @@ and ``arrays.npz`` (rows, per-seed initial weights in ``model.weights`` order, p
 shuffle permutations). The worker writes ``result-<backend>.json``:
 ``{"variant/seed": {name: [per epoch]}}``.
 
-Limits: with ``shuffle`` the epoch is a ``train_on_batch`` loop, which takes no callbacks
-(fault-injection callbacks apply to ``shuffle=False`` only), and the epoch value of each
-metric is the batch-size-weighted mean of per-batch values -- exact for mean metrics (losses,
-MAE, accuracy), not for AUC / precision / recall.
+With ``shuffle`` every epoch is one ``model.fit(epochs=1, shuffle=False)`` call on that
+epoch's row order (Keras' own shuffle draws from numpy's global RNG and cannot be shared):
+the optimizer state carries over between the calls, and each epoch's metrics are fit's own
+(streaming: exact for AUC, precision, recall too).
 """
 
 from __future__ import annotations
@@ -29,12 +29,6 @@ from typing import Any
 import numpy as np
 
 
-def weighted_epoch(batch_logs: list[dict[str, float]], sizes: list[int]) -> dict[str, float]:
-    """fit's loss tracker over one epoch: the batch-size-weighted mean of the batch values."""
-    w = np.asarray(sizes, dtype=np.float64)
-    return {k: float(np.dot([b[k] for b in batch_logs], w) / w.sum()) for k in batch_logs[0]}
-
-
 def fit_history(
     model: Any,
     x: np.ndarray,
@@ -47,9 +41,9 @@ def fit_history(
 
     x, y: all rows (the validation rows last, as ``validation_split`` cuts them).
     fit: epochs, batch_size, validation_split, validation_batch_size, shuffle.
-    permutations: (epochs, n_train) training-row orders when ``shuffle`` is true -- fed to a
-    ``train_on_batch`` loop (Keras' own shuffle draws from numpy's global RNG and cannot be
-    shared), aggregating the epoch loss like fit's tracker and validating with ``evaluate``.
+    permutations: (epochs, n_train) training-row orders when ``shuffle`` is true -- each
+    epoch is then one ``fit(epochs=1, shuffle=False)`` on that order, validated on the
+    validation rows as ``validation_split`` would.
     """
     epochs, bs = fit["epochs"], fit["batch_size"]
     vbs = fit.get("validation_batch_size") or bs
@@ -71,20 +65,21 @@ def fit_history(
     x_tr, y_tr, x_va, y_va = x[:n_train], y[:n_train], x[n_train:], y[n_train:]
     assert permutations is not None
     rows: dict[str, list[float]] = {}
-    for epoch in range(epochs):
+    for epoch in range(epochs):  # one fit() per epoch, on that epoch's row order
         perm = permutations[epoch]
-        xe, ye = x_tr[perm], y_tr[perm]
-        logs, sizes = [], []
-        for start in range(0, n_train, bs):
-            xb, yb = xe[start : start + bs], ye[start : start + bs]
-            logs.append(model.train_on_batch(xb, yb, return_dict=True))
-            sizes.append(len(xb))
-        epoch_logs = weighted_epoch(logs, sizes)
-        if len(x_va):
-            val = model.evaluate(x_va, y_va, batch_size=vbs, verbose=0, return_dict=True)
-            epoch_logs.update({f"val_{k}": float(v) for k, v in val.items()})
-        for k, v in epoch_logs.items():
-            rows.setdefault(k, []).append(v)
+        hist = model.fit(
+            x_tr[perm],
+            y_tr[perm],
+            epochs=1,
+            batch_size=bs,
+            validation_data=(x_va, y_va) if len(x_va) else None,
+            validation_batch_size=vbs,
+            shuffle=False,
+            verbose=0,
+            callbacks=callbacks or [],
+        )
+        for k, vals in hist.history.items():
+            rows.setdefault(k, []).append(float(vals[-1]))
     return rows
 
 
@@ -108,8 +103,10 @@ def run_job(job_dir: Path) -> dict[str, dict[str, list[float]]]:
         model = keras.models.model_from_json(entry["model_json"])
         model.compile(
             optimizer=keras.optimizers.get(entry["optimizer"]),
-            loss=entry["loss"],
-            metrics=list(entry["metrics"]),
+            loss=keras.losses.get(entry["loss"])
+            if isinstance(entry["loss"], dict)
+            else entry["loss"],
+            metrics=[keras.metrics.get(m) if isinstance(m, dict) else m for m in entry["metrics"]],
         )
         key = entry["key"]
         weights = [arrays[f"{key}/w{i}"] for i in range(entry["n_weights"])]

@@ -60,8 +60,8 @@ def write_job(
                     "n_weights": len(weights),
                     "model_json": program.prepared.model.to_json(),
                     "optimizer": train.optimizer_config(),
-                    "loss": train.loss,
-                    "metrics": list(train.metrics),
+                    "loss": train.loss_config(),
+                    "metrics": train.metric_configs(),
                     "fit": fit_arguments(program),
                     "callbacks": callbacks or [],
                 }

@@ -304,10 +304,12 @@ def run_checks(
     probe = study.checks.identity_probe if identity_probe is None else identity_probe
     probe_variants = list(programs) if probe is True else list(probe or [])
     backends = study.checks.backends if backends is None else backends
-    done = progress.check_done if progress is not None else _no_progress
-    if progress is not None:
+    # a progress object written for an older ablab may lack these: then it is not told
+    done = getattr(progress, "check_done", _no_progress)
+    started = getattr(progress, "checks_started", None)
+    if started is not None:
         pairs = sum(len(group) - 1 for group in study.checks.equivalent)
-        progress.checks_started(pairs + len(probe_variants) + (1 if backends else 0))
+        started(pairs + len(probe_variants) + (1 if backends else 0))
     out = equivalence_checks(study, programs, done)
     out += identity_probe_checks(study, programs, probe_variants, done)
     if backends:

@@ -79,6 +79,13 @@ def cli() -> None:
     "size, epochs, placement) and compare them too.",
 )
 @click.option(
+    "--engine",
+    type=click.Choice(["vectorized", "reference"]),
+    default=None,
+    help="vectorized (default: all seeds in one compiled program) or reference (plain "
+    "model.fit per seed, slower, for models the vectorized engine cannot run).",
+)
+@click.option(
     "--report",
     "with_report",
     is_flag=True,
@@ -91,20 +98,26 @@ def run_cmd(
     as_json: bool,
     quiet: bool,
     remedies: bool,
+    engine: str | None,
     with_report: bool,
 ) -> None:
     """Train every variant of STUDY over many seeds; print a summary; store everything."""
     from ablab._run import run
+    from ablab._study import load_study
     from ablab._terminal import RichProgress, print_run
+
+    spec = load_study(study)
+    if engine is not None:
+        spec = spec.model_copy(update={"engine": spec.engine.model_copy(update={"kind": engine})})
 
     err = Console(stderr=True)
     if _show_progress(quiet, as_json):
         with RichProgress(err) as bars:
             result = run(
-                study, seeds=seeds, runs_dir=_runs_dir(runs_dir), progress=bars, remedies=remedies
+                spec, seeds=seeds, runs_dir=_runs_dir(runs_dir), progress=bars, remedies=remedies
             )
     else:
-        result = run(study, seeds=seeds, runs_dir=_runs_dir(runs_dir), remedies=remedies)
+        result = run(spec, seeds=seeds, runs_dir=_runs_dir(runs_dir), remedies=remedies)
     doc = result.to_json()
     if with_report:
         from ablab._report import write_report

@@ -165,10 +165,32 @@ def _from_path(study: Study) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
+def _sklearn(study: Study) -> tuple[np.ndarray, np.ndarray]:
+    """A dataset that ships inside scikit-learn (no download): features and its target,
+    or the features as the target when ``target = "input"`` is set explicitly."""
+    spec = study.data
+    try:
+        from sklearn import datasets
+    except ImportError as exc:
+        raise _err(
+            study,
+            "data.sklearn",
+            "scikit-learn installed",
+            "it is not",
+            "pip install 'ablab[datasets]' (or scikit-learn)",
+        ) from exc
+    x, y = getattr(datasets, f"load_{spec.sklearn}")(return_X_y=True)
+    if spec.target_is_input():
+        return x, x
+    return x, y.reshape(-1, 1)  # one column: class index (sparse losses) or value
+
+
 def load_dataset(study: Study) -> Dataset:
     """All rows of ``study`` as float32 arrays, validated (non-empty, finite, same row count)."""
     spec = study.data
-    if spec.synthetic is not None:
+    if spec.sklearn is not None:
+        x, y = _sklearn(study)
+    elif spec.synthetic is not None:
         x = _synthetic(spec)
         if spec.target != "input":
             raise _err(
@@ -223,7 +245,30 @@ def load_dataset(study: Study) -> Dataset:
                 f"{int(bad.sum())} non-finite values, the first in row {row}",
                 "drop or impute the non-finite values before the study",
             )
+    if spec.row_seed is not None:
+        order = np.random.default_rng(spec.row_seed).permutation(x.shape[0])
+        x, y = x[order], y[order]
     return Dataset(x=x, y=y)
+
+
+def standardized(parts: Split, *, target_too: bool) -> Split:
+    """Features scaled by the training split's mean and standard deviation (a constant
+    column keeps scale 1); validation rows use the same statistics. ``target_too``: the
+    target as well (an autoencoder's target is its input)."""
+    mean = parts.x_train.mean(axis=0)
+    std = parts.x_train.std(axis=0)
+    std = np.where(std > 0, std, 1.0).astype(np.float32)
+
+    def scale(a: np.ndarray | None) -> np.ndarray | None:
+        return None if a is None else ((a - mean) / std).astype(np.float32)
+
+    x_train, x_val = scale(parts.x_train), scale(parts.x_val)
+    assert x_train is not None
+    if not target_too:
+        return Split(x_train, parts.y_train, x_val, parts.y_val)
+    y_train = scale(parts.y_train)
+    assert y_train is not None
+    return Split(x_train, y_train, x_val, scale(parts.y_val))
 
 
 def split(data: Dataset, validation_split: float, *, where: str = "<study>") -> Split:

@@ -27,6 +27,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import keras
 import numpy as np
 
 from ablab._data import Split
@@ -246,6 +247,56 @@ class VariantProgram:
         return self._compiled[key]
 
     # -- public -----------------------------------------------------------------------
+    def culprit(self, exc: BaseException) -> str | None:
+        """The layer behind a failure to compile, as ``"name (Class)"``: the innermost layer
+        running when ``exc`` was raised, else the first layer that fails on its own under
+        ``vmap`` (forward and gradient, abstractly); None if no layer is to blame."""
+        return self._layer_in_traceback(exc) or self._first_unbatchable_layer()
+
+    def _first_unbatchable_layer(self) -> str | None:
+        model = self.prepared.model
+        for layer in model._flatten_layers(include_self=False):
+            if isinstance(layer, keras.Model | keras.layers.InputLayer) or not layer.built:
+                continue
+            try:
+                inputs = layer.input
+            except (AttributeError, ValueError):
+                continue
+
+            def spec(t: Any) -> jax.ShapeDtypeStruct:
+                return jax.ShapeDtypeStruct((2, *(d or 3 for d in t.shape)), t.dtype)
+
+            specs = jax.tree.map(spec, inputs)
+            tv = [jnp.zeros(v.shape, v.dtype) for v in layer.trainable_variables]
+            ntv = [jnp.zeros(v.shape, v.dtype) for v in layer.non_trainable_variables]
+
+            def loss(tv: list, x: Any, layer: keras.Layer = layer, ntv: list = ntv) -> Any:
+                out, _ = layer.stateless_call(tv, ntv, x, training=True)
+                return sum(jnp.sum(o.astype(jnp.float32)) for o in jax.tree.leaves(out))
+
+            try:
+                jax.eval_shape(jax.vmap(jax.value_and_grad(loss), in_axes=(None, 0)), tv, specs)
+            except Exception:
+                return f"{layer.name} ({type(layer).__name__})"
+        return None
+
+    def _layer_in_traceback(self, exc: BaseException) -> str | None:
+        found = None
+        seen: set[int] = set()
+        err: BaseException | None = exc
+        while err is not None and id(err) not in seen:
+            seen.add(id(err))
+            tb = err.__traceback__
+            while tb is not None:
+                owner = tb.tb_frame.f_locals.get("self")
+                if isinstance(owner, keras.Layer) and not isinstance(owner, keras.Model):
+                    found = owner
+                tb = tb.tb_next
+            if found is not None:
+                break
+            err = err.__cause__ or err.__context__
+        return None if found is None else f"{found.name} ({type(found).__name__})"
+
     def compile(self, chunk_size: int) -> float:
         """Compile the program for ``chunk_size`` seeds ahead of time; returns seconds spent."""
         if chunk_size not in self.compile_seconds:

@@ -32,9 +32,7 @@ def _is_linear_activation(fn: Any) -> bool:
 def linear_rank(program: VariantProgram) -> int | None:
     """The rank bound of an affine-at-inference model (its narrowest width), else None."""
     model = program.prepared.model
-    if program.prepared.train.loss.lower().replace("_", "") not in {
-        m.replace("_", "") for m in _MSE
-    }:
+    if program.prepared.train.loss_name.replace("_", "") not in {m.replace("_", "") for m in _MSE}:
         return None
     widths = [int(np.prod(program.split.x_train.shape[1:]))]
     for layer in model._flatten_layers(include_self=False):
@@ -107,6 +105,15 @@ def optimum_gaps(
     return out
 
 
+def _nanmedian(values: np.ndarray) -> float | None:
+    finite = values[np.isfinite(values)]
+    return float(np.median(finite)) if finite.size else None
+
+
+def _pct(progress: float | None) -> str:
+    return "n/a (already at its initial value)" if progress is None else f"{100 * progress:.0f} %"
+
+
 def bn_diagnosis(
     program: VariantProgram,
     history: dict[str, np.ndarray],
@@ -123,8 +130,10 @@ def bn_diagnosis(
     updates = program.layout.steps_per_epoch * program.layout.epochs
     out = []
     for bn in program._probe_spec.bn:
-        mean_p = float(np.nanmedian(epoch_probes[f"{bn.layer_id}/moving_mean_progress"][:, -1]))
-        var_p = float(np.nanmedian(epoch_probes[f"{bn.layer_id}/moving_var_progress"][:, -1]))
+        mean_p, var_p = (
+            _nanmedian(epoch_probes[f"{bn.layer_id}/moving_{s}_progress"][:, -1])
+            for s in ("mean", "var")
+        )
         theory = 1.0 - bn.momentum**updates
         entry: dict[str, Any] = {
             "layer": bn.layer_id,
@@ -139,7 +148,7 @@ def bn_diagnosis(
             f"after {updates} updates with momentum {bn.momentum:g} the moving statistics "
             f"of {bn.layer_id} are {only}~{100 * theory:.0f} % of the way from their initial "
             f"values (1 - momentum^updates; measured against the full training set's "
-            f"statistics: mean {100 * mean_p:.0f} %, variance {100 * var_p:.0f} %)"
+            f"statistics: mean {_pct(mean_p)}, variance {_pct(var_p)})"
         )
         if "val_loss_train_mode" in epoch_probes and "val_loss" in history:
             train_mode = float(np.nanmedian(epoch_probes["val_loss_train_mode"][:, -1]))

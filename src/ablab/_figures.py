@@ -9,6 +9,7 @@ self-contained inline SVG (text as paths: no font is fetched when the page opens
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +47,12 @@ def _figure(width: float, height: float) -> Figure:
     return Figure(figsize=(width, height), layout="constrained", dpi=100)
 
 
+def _legend(ax: Any, **kwargs: Any) -> None:
+    """A legend only when something on ``ax`` has a label (an empty panel stays quiet)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**kwargs)
+
+
 def _integer_x(ax: Any) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
@@ -56,28 +63,37 @@ def _draw_band(ax: Any, band: Band, color: Any, label: str) -> None:
 
 
 def draw_curves(
-    ax: Any, bands: dict[str, Band], colors: dict[str, Any], name: str, optimum: float | None
+    ax: Any,
+    bands: dict[str, Band],
+    colors: dict[str, Any],
+    name: str,
+    optimum: dict[str, float] | None,
 ) -> None:
-    """Per-epoch median and 5–95 % band of ``name`` for each variant on ``ax``."""
+    """Per-epoch median and 5–95 % band of ``name`` for each variant on ``ax``; the analytic
+    optimum of each variant that has one (one black line when they all share it)."""
     for variant, band in bands.items():
         _draw_band(ax, band, colors[variant], variant)
-    if optimum is not None:
-        ax.axhline(optimum, color="black", linestyle="--", linewidth=1, label="optimum")
+    optimum = {v: o for v, o in (optimum or {}).items() if v in bands}
+    if len(set(optimum.values())) == 1:
+        ax.axhline(next(iter(optimum.values())), color="black", ls="--", lw=1, label="optimum")
+    else:
+        for variant, value in optimum.items():
+            ax.axhline(value, color=colors[variant], ls="--", lw=1, label=f"{variant} optimum")
     ax.set_xlabel("epoch")
     _integer_x(ax)
     ax.set_ylabel(name)
     ax.set_title(f"{name} per epoch (median, 5–95 % of seeds)", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _legend(ax, fontsize=8)
 
 
 def curves_figure(
     curves: dict[str, dict[str, Band]],
     colors: dict[str, Any],
-    optimum: dict[str, float] | None = None,
+    optimum: dict[str, dict[str, float]] | None = None,
 ) -> Figure:
     """One panel per history name (e.g. val_loss, loss): per-epoch median and 5–95 % band of
-    each variant; ``optimum[name]`` (the analytic optimum's value) as a dashed line."""
+    each variant; ``optimum[name][variant]`` (its analytic optimum) as a dashed line."""
     names = list(curves)
     fig = _figure(5.2 * len(names), 3.6)
     axes = fig.subplots(1, len(names), squeeze=False)[0]
@@ -102,7 +118,7 @@ def paired_figure(
     ax.set_ylabel(f"Δ {metric} (variant − baseline)")
     ax.set_title(f"paired difference per epoch (mean, {level} bootstrap CI)", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _legend(ax, fontsize=8)
     return fig
 
 
@@ -117,7 +133,7 @@ def draw_ecdf(
     ax.set_ylim(0, 1)
     ax.set_title(f"final {metric} over seeds (ECDF)", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _legend(ax, fontsize=8)
 
 
 def ecdf_figure(
@@ -158,7 +174,7 @@ def draw_forest(ax: Any, comparisons: list[dict[str, Any]]) -> None:
     ax.set_title("paired differences (forest plot)", fontsize=10)
     ax.grid(alpha=0.3, axis="x")
     if margins:
-        ax.legend(fontsize=8, loc="lower right")
+        _legend(ax, fontsize=8, loc="lower right")
 
 
 def forest_figure(comparisons: list[dict[str, Any]]) -> Figure:
@@ -186,7 +202,7 @@ def weights_figure(
             ax.set_xlabel("optimizer step")
             _integer_x(ax)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+            _legend(ax, fontsize=7)
     return fig
 
 
@@ -200,6 +216,7 @@ def bn_figure(bn: dict[str, dict[str, Any]], colors: dict[str, Any]) -> Figure:
     """
     fig = _figure(12.0, 3.6)
     ax_mean, ax_var, ax_val = fig.subplots(1, 3)
+    expected_drawn: set[tuple[float, ...]] = set()
     for variant, d in bn.items():
         color = colors[variant]
         for i, (layer, stats) in enumerate(d["layers"].items()):
@@ -208,30 +225,30 @@ def bn_figure(bn: dict[str, dict[str, Any]], colors: dict[str, Any]) -> Figure:
                 band = stats[key]
                 ax.fill_between(band.x, band.low, band.high, color=color, alpha=0.15, lw=0)
                 ax.plot(band.x, band.median, style, color=color, lw=1.6, label=f"{variant} {layer}")
+            x, y = stats["expected"]
+            if tuple(y) not in expected_drawn:  # one line per momentum / schedule
+                expected_drawn.add(tuple(y))
+                for ax in (ax_mean, ax_var):
+                    ax.plot(x, y, color=color, lw=1, ls=(0, (2, 2)), label=f"{variant}: 1 − m^u")
         if d.get("val_train_mode") is not None:
             _draw_band(ax_val, d["val_train_mode"], color, f"{variant}: batch stats")
         if d.get("val_inference") is not None:
             b = d["val_inference"]
             ax_val.plot(b.x, b.median, ":", color=color, lw=1.6, label=f"{variant}: moving stats")
-    expected = next(
-        (s["expected"] for d in bn.values() for s in d["layers"].values()), None
-    )  # same for every layer with the same momentum and schedule
     for ax, what in ((ax_mean, "moving mean"), (ax_var, "moving variance")):
-        if expected is not None:
-            ax.plot(*expected, color="black", lw=1, ls="--", label="1 − momentum^updates")
         ax.set_ylim(-0.05, 1.05)
         ax.set_xlabel("epoch")
         _integer_x(ax)
         ax.set_ylabel("progress to training-set statistic")
         ax.set_title(f"{what} progress (median, 5–95 %)", fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _legend(ax, fontsize=7)
     ax_val.set_xlabel("epoch")
     _integer_x(ax_val)
     ax_val.set_ylabel("val_loss")
     ax_val.set_title("validation loss: batch vs moving statistics", fontsize=10)
     ax_val.grid(alpha=0.3)
-    ax_val.legend(fontsize=7)
+    _legend(ax_val, fontsize=7)
     return fig
 
 
@@ -246,10 +263,14 @@ def checks_figure(checks: list[dict[str, Any]]) -> Figure:
         y = len(rows) - 1 - i
         dev = c.get("max_rel_dev")
         color = "#2a9d4b" if c["passed"] else "#d1352b"
-        shown = floor if not dev else max(dev, floor)
+        finite = dev is not None and math.isfinite(dev)
+        if not finite:  # NaN in one arm only, or no deviation recorded: off the scale
+            shown, label = 1.0, "non-finite"
+        else:
+            shown = floor if dev == 0 else max(dev, floor)
+            label = "0 (bit-identical)" if dev == 0 else f"{dev:.1e}"
         ax.barh(y, shown, left=floor / 10, color=color, height=0.6)
         ax.plot([c["tolerance"]], [y], "|", color="black", markersize=14, mew=2)
-        label = "0 (bit-identical)" if dev == 0 else f"{dev:.1e}"
         ax.annotate(label, (shown, y), xytext=(4, 0), textcoords="offset points", fontsize=7,
                     va="center")  # fmt: skip
     ax.set_xscale("log")
@@ -284,7 +305,7 @@ def optimum_figure(gaps: dict[str, dict[str, Any]], colors: dict[str, Any]) -> F
     ax.set_xlabel("final MSE − analytic optimum's MSE (median, 5–95 % of seeds)")
     ax.set_title("gap to the analytic optimum", fontsize=10)
     ax.grid(alpha=0.3, axis="x")
-    ax.legend(fontsize=8)
+    _legend(ax, fontsize=8)
     return fig
 
 

@@ -14,6 +14,7 @@ import contextlib
 import json
 import sys
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from ablab._errors import AblabError, StudyError
 from ablab._store import RunDir
 
 PARAM_LIMIT = 6000  # MLflow's longest param value
+TAG_LIMIT = 5000  # MLflow tags hold up to 8000 characters
 _BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch
 
 
@@ -76,10 +78,12 @@ def variant_params(study: dict[str, Any], variant: str) -> dict[str, str]:
 
 
 def variant_metrics(
-    values: dict[str, np.ndarray], summary: dict[str, Any], comparison: dict[str, Any] | None
+    values: dict[str, np.ndarray], summary: dict[str, Any], comparisons: list[dict[str, Any]]
 ) -> list[tuple[str, float, int]]:
     """(key, value, step) rows: per-epoch quantiles over seeds of every history name, the
-    final summary, and the comparison against the baseline. Non-finite values are left out."""
+    final summary, and each comparison of this variant (``vs_baseline/...`` for its one
+    baseline; ``vs_<baseline>/...`` when ``[verdicts] pairs`` gives it several). Non-finite
+    values are left out."""
     rows: list[tuple[str, float, int]] = []
     for name, arr in values.items():
         clean = np.where(np.isfinite(arr), arr, np.nan)
@@ -96,7 +100,8 @@ def variant_metrics(
             rows.append((f"final_{metric}/{stat}", float(v), 0))
     rows.append(("n_seeds", float(summary["n_seeds"]), 0))
     rows.append(("diverged_seeds", float(summary["diverged"]), 0))
-    if comparison is not None:
+    for comparison in comparisons:
+        prefix = "vs_baseline" if len(comparisons) == 1 else f"vs_{comparison['baseline']}"
         for key in (
             "diff_mean",
             "ci_low",
@@ -112,8 +117,65 @@ def variant_metrics(
             "seeds_needed",
         ):
             if comparison.get(key) is not None:
-                rows.append((f"vs_baseline/{key}", float(comparison[key]), 0))
+                rows.append((f"{prefix}/{key}", float(comparison[key]), 0))
     return [r for r in rows if np.isfinite(r[1])]
+
+
+def _log_variant(
+    client: Any,
+    exp_id: str,
+    doc: dict[str, Any],
+    variant: str,
+    values: dict[str, np.ndarray],
+    artifacts: tuple[Path, ...],
+) -> dict[str, str]:
+    """One variant as one MLflow run; marked FAILED if logging breaks half-way."""
+    from mlflow.entities import Metric, Param
+
+    comparisons = [c for c in doc["comparisons"] if c["variant"] == variant]
+    failed = [c["name"] for c in doc["checks"] if c["passed"] is False]
+    if variant == doc["baseline"] and not comparisons:
+        verdict = "baseline"
+    else:
+        verdict = ", ".join(c["verdict"] for c in comparisons) or "none"
+    tags = {
+        "ablab.run_id": doc["run_id"],
+        "ablab.study": str(doc["name"]),
+        "ablab.variant": variant,
+        "ablab.baseline": ", ".join(c["baseline"] for c in comparisons) or str(doc["baseline"]),
+        "ablab.verdict": verdict,
+        "ablab.verdict_metric": comparisons[0]["metric"] if comparisons else "",
+        "ablab.state": doc["state"],
+        "ablab.checks": (
+            f"{len(doc['checks']) - len(failed)} of {len(doc['checks'])} passed"
+            + (f"; failed: {', '.join(failed)}" if failed else "")
+        )[:TAG_LIMIT],
+        "ablab.keras": str(doc["environment"]["versions"].get("keras")),
+        "ablab.jax": str(doc["environment"]["versions"].get("jax")),
+    }
+    description = doc["study"]["variants"].get(variant, {}).get("description")
+    if description:
+        tags["mlflow.note.content"] = description[:TAG_LIMIT]
+    run = client.create_run(exp_id, run_name=f"{doc['run_id']}/{variant}", tags=tags)
+    run_id = run.info.run_id
+    try:
+        params = [Param(k, v) for k, v in variant_params(doc["study"], variant).items()]
+        for i in range(0, len(params), 100):
+            client.log_batch(run_id, params=params[i : i + 100])
+        now = int(time.time() * 1000)
+        metrics = [
+            Metric(k, v, now, step)
+            for k, v, step in variant_metrics(values, doc["variants"][variant], comparisons)
+        ]
+        for i in range(0, len(metrics), _BATCH):
+            client.log_batch(run_id, metrics=metrics[i : i + _BATCH])
+        for path in artifacts:
+            client.log_artifact(run_id, str(path))
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    return {"variant": variant, "mlflow_run_id": run_id, "experiment_id": exp_id}
 
 
 @contextlib.contextmanager
@@ -142,8 +204,6 @@ def export_mlflow(
     name = experiment or doc["name"] or doc["run_id"]
     with _stdout_to_stderr():
         client = _client(uri)
-        from mlflow.entities import Metric, Param
-
         found = client.get_experiment_by_name(name)
         exp_id = found.experiment_id if found is not None else client.create_experiment(name)
         previous = client.search_runs([exp_id], f"tags.`ablab.run_id` = '{doc['run_id']}'")
@@ -156,54 +216,15 @@ def export_mlflow(
                 f"experiment {name!r}",
                 fix="pass --replace to delete those MLflow runs and export again",
             )
-        for old in previous:
-            client.delete_run(old.info.run_id)
-
-        comparisons = {c["variant"]: c for c in doc["comparisons"]}
-        failed = [c["name"] for c in doc["checks"] if c["passed"] is False]
         with tempfile.TemporaryDirectory() as tmp:
             report = Path(tmp) / "report.html"
             report.write_text(data.html(), encoding="utf-8")
             summary = Path(tmp) / "ablab_summary.json"
             summary.write_text(json.dumps(doc, indent=2, default=str), encoding="utf-8")
-            out = []
-            for variant, history in data.histories.items():
-                comparison = comparisons.get(variant)
-                verdict = "baseline" if variant == doc["baseline"] else None
-                if comparison is not None:
-                    verdict = comparison["verdict"]
-                tags = {
-                    "ablab.run_id": doc["run_id"],
-                    "ablab.study": str(doc["name"]),
-                    "ablab.variant": variant,
-                    "ablab.baseline": str(doc["baseline"]),
-                    "ablab.verdict": verdict or "none",
-                    "ablab.state": doc["state"],
-                    "ablab.checks": (
-                        f"{len(doc['checks']) - len(failed)} of {len(doc['checks'])} passed"
-                        + (f"; failed: {', '.join(failed)}" if failed else "")
-                    ),
-                    "ablab.keras": str(doc["environment"]["versions"].get("keras")),
-                    "ablab.jax": str(doc["environment"]["versions"].get("jax")),
-                }
-                description = doc["study"]["variants"].get(variant, {}).get("description")
-                if description:
-                    tags["mlflow.note.content"] = description
-                run = client.create_run(exp_id, run_name=f"{doc['run_id']}/{variant}", tags=tags)
-                run_id = run.info.run_id
-                params = [Param(k, v) for k, v in variant_params(doc["study"], variant).items()]
-                for i in range(0, len(params), 100):
-                    client.log_batch(run_id, params=params[i : i + 100])
-                metrics = [
-                    Metric(k, v, 0, step)
-                    for k, v, step in variant_metrics(
-                        history.values, doc["variants"][variant], comparison
-                    )
-                ]
-                for i in range(0, len(metrics), _BATCH):
-                    client.log_batch(run_id, metrics=metrics[i : i + _BATCH])
-                client.log_artifact(run_id, str(report))
-                client.log_artifact(run_id, str(summary))
-                client.set_terminated(run_id, "FINISHED")
-                out.append({"variant": variant, "mlflow_run_id": run_id, "experiment_id": exp_id})
+            out = [
+                _log_variant(client, exp_id, doc, variant, history.values, (report, summary))
+                for variant, history in data.histories.items()
+            ]
+        for old in previous:  # only once the new export is complete
+            client.delete_run(old.info.run_id)
     return out

@@ -80,6 +80,14 @@ def stable_variable_ids(model: keras.Model) -> dict[int, str]:
     return out
 
 
+def compile_losses(train: TrainSpec) -> dict[str, Any]:
+    """``loss`` and ``metrics`` keyword arguments of ``model.compile`` for ``train``. Names
+    stay strings, so Keras resolves them as compile does (e.g. "accuracy" by target shape)."""
+    loss = train.loss_config()
+    metrics = [keras.metrics.get(m) if isinstance(m, dict) else m for m in train.metric_configs()]
+    return {"loss": keras.losses.get(loss) if isinstance(loss, dict) else loss, "metrics": metrics}
+
+
 def _layer_from_spec(study: Study, key: str, spec: dict[str, Any]) -> keras.Layer:
     spec = dict(spec)
     name = spec.pop("layer", None)
@@ -235,7 +243,7 @@ def prepare_model(
             fix='e.g. optimizer = "adam" or {name = "sgd", momentum = 0.9}',
         ) from exc
     try:
-        model.compile(optimizer=optimizer, loss=train.loss, metrics=list(train.metrics))
+        model.compile(optimizer=optimizer, **compile_losses(train))
         model._symbolic_build(data_batch=(x_example, y_example))
     except Exception as exc:
         raise StudyError(
@@ -295,7 +303,7 @@ def _check_output_shape(
         )
     out_shape = tuple(spec.shape[1:])
     target_shape = tuple(y.shape[1:])
-    loss = study.variant_train(variant).loss.lower()
+    loss = study.variant_train(variant).loss_name
     # sparse categorical targets are class indices: (batch,) or (batch, 1)
     ok = target_shape in ((), (1,)) if "sparse" in loss else out_shape == target_shape
     if not ok:

@@ -7,7 +7,8 @@ loss in training mode (BatchNormalization using the batch's own statistics) besi
 inference-mode val_loss; the training-set loss in inference mode (the final model's real
 train error, comparable with an analytic optimum); and for every BatchNormalization layer,
 how far its moving statistics have travelled towards the batch statistics of the full
-training set: ``progress = 1 - |moving - full| / |initial - full|`` (L2 over channels),
+training set: ``progress = 1 - |moving - full| / |initial - full|`` (L2 over channels;
+NaN where ``|initial - full|`` is under 2 % of the statistic's own scale: nothing to travel),
 which for constant batches equals ``1 - momentum ** updates`` exactly.
 
 Everything here runs inside the engine's traced program; arrays are one seed's.
@@ -150,8 +151,13 @@ def bn_probes(
         ):
             now, start = ntv[index], ntv0[index]
             dist = jnp.linalg.norm(now - target)
-            out[f"{bn.layer_id}/moving_{name}_progress"] = 1.0 - dist / jnp.maximum(
-                jnp.linalg.norm(start - target), 1e-12
+            travel = jnp.linalg.norm(start - target)
+            # Where the data's statistic already sits at the initial value (e.g. standardized
+            # inputs: mean 0, variance 1), there is no way to travel: progress is undefined
+            # (NaN) rather than batch noise divided by almost nothing.
+            scale = jnp.linalg.norm(jnp.sqrt(full_var) if name == "mean" else full_var)
+            out[f"{bn.layer_id}/moving_{name}_progress"] = jnp.where(
+                travel > 0.02 * scale, 1.0 - dist / jnp.maximum(travel, 1e-12), jnp.nan
             )
         out[f"{bn.layer_id}/moving_var_ratio"] = jnp.median(
             ntv[bn.var_index] / jnp.maximum(full_var, 1e-12)

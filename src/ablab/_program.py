@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ablab._data import Dataset, load_dataset, split
+from ablab._data import Dataset, load_dataset, split, standardized
 from ablab._engine import VariantProgram
 from ablab._model import prepare_model
 from ablab._probes import count_params, probes_enabled
@@ -19,6 +19,8 @@ def build_program(
     data = load_dataset(study) if data is None else data
     train = study.variant_train(variant)
     parts = split(data, train.validation_split, where=study.source)
+    if study.data.standardize:
+        parts = standardized(parts, target_too=study.data.target_is_input())
     n = min(train.batch_size, parts.n_train)  # a few rows: shapes and dtypes only
     prepared = prepare_model(study, variant, parts.x_train[:n], parts.y_train[:n])
     if probes is None:

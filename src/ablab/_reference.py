@@ -2,7 +2,7 @@
 
 Used to check the vectorized engine (fidelity). With ``shuffle=False`` it is literally
 ``model.fit(validation_split=...)``; with ``shuffle=True`` the engine's own per-epoch
-permutations drive a ``train_on_batch`` loop (``ablab._backend_worker.fit_history``).
+permutations drive one ``fit`` call per epoch (``ablab._backend_worker.fit_history``).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import numpy as np
 
 from ablab._backend_worker import fit_history
 from ablab._engine import VariantProgram, epoch_permutation
+from ablab._model import compile_losses
 
 
 def fit_arguments(program: VariantProgram) -> dict[str, object]:
@@ -57,11 +58,7 @@ def fresh_model(program: VariantProgram, seed_id: int) -> keras.Model:
     """A new, compiled copy of the program's model holding seed ``seed_id``'s initial weights."""
     train = program.prepared.train
     model = keras.models.clone_model(program.prepared.model)
-    model.compile(
-        optimizer=keras.optimizers.get(train.optimizer_config()),
-        loss=train.loss,
-        metrics=list(train.metrics),
-    )
+    model.compile(optimizer=keras.optimizers.get(train.optimizer_config()), **compile_losses(train))
     model.set_weights(initial_weights_for_keras(program, seed_id))
     return model
 

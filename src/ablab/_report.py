@@ -30,8 +30,10 @@ from ablab._study import VerdictSpec
 from ablab._terminal import explain_lines
 from ablab._verdict import paired_curve
 
-ECDF_LEVELS = 401
-"""Quantile levels an ECDF is drawn from (fixed size, whatever the seed count)."""
+ECDF_POINTS = 2000
+"""Most steps an ECDF is drawn with (exact up to this many seeds, thinned beyond)."""
+TRAJECTORY_POINTS = 400
+"""Most optimizer steps a weight trajectory is drawn at (every step up to this many)."""
 
 FIGURES = ("curves", "paired", "distributions", "forest", "weights", "bn", "optimum", "checks")
 """Every figure a report can hold, in page order (those without data are left out)."""
@@ -77,6 +79,9 @@ def _probe_bands(
     if not files:
         return {}
     axis = "step" if kind == "step" else "epoch"
+    with duckdb.connect() as con:
+        (last,) = con.execute(f"SELECT max({axis}) FROM read_parquet(?)", [files]).fetchone()
+    every = max(1, -(-int(last or 1) // TRAJECTORY_POINTS))  # ceil: keep <= that many points
     value = (
         f"value - first_value(value) OVER (PARTITION BY variant, seed, probe ORDER BY {axis})"
         if since_first
@@ -87,8 +92,9 @@ def _probe_bands(
             f"WITH p AS (SELECT variant, probe, {axis} AS x, {value} AS value "
             "FROM read_parquet(?) WHERE kind = ? AND suffix(probe, ?)) "
             "SELECT variant, probe, x, quantile_cont(value, [0.05, 0.5, 0.95]) "
-            "FROM p WHERE isfinite(value) GROUP BY ALL ORDER BY variant, probe, x",
-            [files, kind, suffix],
+            "FROM p WHERE isfinite(value) AND (x % ? = 0 OR x = 1 OR x = ?) "
+            "GROUP BY ALL ORDER BY variant, probe, x",
+            [files, kind, suffix, every, last],
         ).fetchall()
     grouped: dict[tuple[str, str], list[tuple[int, list[float]]]] = {}
     for variant, probe, x, q in rows:
@@ -136,30 +142,39 @@ class ReportData:
 
     @property
     def metric(self) -> str:
+        """The metric the verdicts compare (``[verdicts] metric``, else the headline one:
+        val_loss with validation data, else loss)."""
+        if self.doc["comparisons"]:
+            return str(self.doc["comparisons"][0]["metric"])
         first = next(iter(self.doc["variants"].values()))
         return str(first["metric"])
 
     @cached_property
     def curves(self) -> dict[str, dict[str, Band]]:
-        """{history name: {variant: per-epoch Band}} for the headline metric and the loss."""
-        names = [self.metric] + (["loss"] if self.metric != "loss" else [])
+        """{history name: {variant: per-epoch Band}} for the verdict metric, val_loss, loss."""
+        names = list(dict.fromkeys([self.metric, "val_loss", "loss"]))
         out: dict[str, dict[str, Band]] = {}
         for name in names:
-            out[name] = {}
-            for v, h in self.histories.items():
-                if name in h.values:
-                    arr = h.values[name]
-                    out[name][v] = _band(np.arange(1, arr.shape[1] + 1, dtype=float), arr)
+            bands = {
+                v: _band(np.arange(1, h.values[name].shape[1] + 1, dtype=float), h.values[name])
+                for v, h in self.histories.items()
+                if name in h.values
+            }
+            if bands:
+                out[name] = bands
         return out
 
     @cached_property
-    def optimum_lines(self) -> dict[str, float]:
-        """The analytic optimum's val / train MSE as lines on the curves (one shared value)."""
-        optima = [e.get("optimum") for e in self.doc["explain"].values() if e.get("optimum")]
-        if not optima:
-            return {}
-        first = optima[0]
-        return {"val_loss": first["val_mse"], "loss": first["train_mse"]}
+    def optimum_lines(self) -> dict[str, dict[str, float]]:
+        """{"val_loss" | "loss": {variant: its analytic optimum's MSE}} for the curves."""
+        out: dict[str, dict[str, float]] = {"val_loss": {}, "loss": {}}
+        for v, e in self.doc["explain"].items():
+            opt = e.get("optimum")
+            if opt and v in self.histories:
+                if opt.get("val_mse") is not None:
+                    out["val_loss"][v] = opt["val_mse"]
+                out["loss"][v] = opt["train_mse"]
+        return {k: d for k, d in out.items() if d}
 
     @cached_property
     def paired(self) -> dict[str, dict[str, np.ndarray]]:
@@ -187,14 +202,22 @@ class ReportData:
 
     @cached_property
     def finals(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """{variant: (levels, quantiles)} of the final headline metric over finite seeds."""
+        """{variant: (F, x)}: the empirical CDF of the final verdict metric over finite seeds,
+        F(x_k) = k / n at the sorted values, thinned to at most ECDF_POINTS steps."""
         out = {}
-        levels = np.linspace(0.0, 1.0, ECDF_LEVELS)
         for v, h in self.histories.items():
+            if self.metric not in h.values:
+                continue
             final = h.values[self.metric][:, -1]
-            final = final[np.isfinite(final)]
-            if final.size:
-                out[v] = (levels, np.quantile(final, levels))
+            xs = np.sort(final[np.isfinite(final)])
+            n = xs.size
+            if n == 0:
+                continue
+            k = np.unique(np.ceil(np.linspace(0, n, min(n, ECDF_POINTS) + 1)[1:]).astype(int))
+            out[v] = (
+                np.concatenate([[0.0], k / n]),
+                np.concatenate([[xs[0]], xs[k - 1]]),
+            )
         return out
 
     @cached_property

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+import keras
 import numpy as np
 import pyarrow as pa
 
@@ -26,6 +27,7 @@ from ablab._errors import RunInterrupted, StudyError
 from ablab._explain import bn_diagnosis, optimum_gaps
 from ablab._program import build_program
 from ablab._records import VariantHistory, history_table, probe_table, variant_histories
+from ablab._reference import reference_history
 from ablab._remedies import with_remedies
 from ablab._store import RunDir
 from ablab._study import Study, VerdictSpec, load_study
@@ -51,8 +53,8 @@ class Progress(Protocol):
     def variant_started(self, variant: str, chunks: int, chunk_size: int) -> None: ...
     def compiled(self, variant: str, seconds: float) -> None: ...
     def chunk_done(self, variant: str, chunk: int, seeds: int) -> None: ...
-    def checks_started(self, total: int) -> None: ...
-    def check_done(self, label: str) -> None: ...
+
+    # optional (see ablab._checks.CheckProgress): told about the checks after training
 
 
 class _Silent:
@@ -177,7 +179,7 @@ def _history_names(study: Study) -> set[str]:
     names: set[str] = set()
     for variant in study.variants:
         train = study.variant_train(variant)
-        mine = {"loss", *train.metrics}
+        mine = {"loss", *train.metric_names()}
         names |= mine
         if train.validation_split > 0:
             names |= {f"val_{n}" for n in mine}
@@ -213,8 +215,9 @@ def _plan(study: Study) -> tuple[dict[str, VariantProgram], list[_Cell], dict[st
     programs: dict[str, VariantProgram] = {}
     cells: list[_Cell] = []
     chunk_sizes: dict[str, int] = {}
+    reference = study.engine.kind == "reference"
     for variant in study.variants:
-        program = build_program(study, variant, data)
+        program = build_program(study, variant, data, probes=False if reference else None)
         chunk = choose_chunk_size(
             program, study.seeds.count, study.engine.memory_budget_mb, study.engine.chunk_size
         )
@@ -223,6 +226,38 @@ def _plan(study: Study) -> tuple[dict[str, VariantProgram], list[_Cell], dict[st
         for k, ids, real in seed_chunks(study.seeds.base, study.seeds.count, chunk):
             cells.append(_Cell(variant, k, ids, real))
     return programs, cells, chunk_sizes
+
+
+def _compile(study: Study, variant: str, program: VariantProgram, chunk_size: int) -> float:
+    """Compile ``variant``'s program; a model the vectorized engine cannot trace is bad
+    input, named by its layer, with the way out (``--engine reference``)."""
+    filtering = keras.config.is_traceback_filtering_enabled()
+    keras.config.disable_traceback_filtering()  # keep Keras' frames: they name the layer
+    try:
+        return program.compile(chunk_size)
+    except Exception as exc:
+        layer = program.culprit(exc)
+        raise StudyError(
+            where=study.source,
+            key=f"variants.{variant}",
+            expected="layers the vectorized engine can run (JAX-traceable under vmap and scan)",
+            got=(f"layer {layer} failed: " if layer else "")
+            + f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+            fix='run this study with `--engine reference` ([engine] kind = "reference"): '
+            "plain model.fit per seed, slower, same tables and verdicts",
+        ) from exc
+    finally:
+        if filtering:
+            keras.config.enable_traceback_filtering()
+
+
+def reference_cell(
+    program: VariantProgram, seed_ids: np.ndarray
+) -> tuple[dict[str, np.ndarray], None, None]:
+    """One cell with plain ``model.fit`` per seed (``[engine] kind = "reference"``): from
+    the engine's initial weights and data order, History as ``{name: (seeds, epochs)}``."""
+    rows = [reference_history(program, int(s)) for s in seed_ids]
+    return {k: np.stack([r[k] for r in rows]).astype(np.float32) for k in rows[0]}, None, None
 
 
 def run(
@@ -253,20 +288,27 @@ def run(
 
     t0 = time.perf_counter()
     programs, cells, chunk_sizes = _plan(study)
+    reference = study.engine.kind == "reference"
+    compile_s: dict[str, float] = {}
+    for variant, program in programs.items():  # before anything is written: a model the
+        n_cells = sum(c.variant == variant for c in cells)  # engine cannot trace is bad input
+        progress.variant_started(variant, n_cells, chunk_sizes[variant])
+        if not reference:
+            compile_s[variant] = _compile(study, variant, program, chunk_sizes[variant])
+        progress.compiled(variant, compile_s.get(variant, 0.0))
     run_dir = RunDir.create(runs_root, study.name, study.resolved(), environment(), len(cells))
 
     done = 0
     parts: dict[str, list[tuple[np.ndarray, dict[str, np.ndarray]]]] = {v: [] for v in programs}
     epoch_parts: dict[str, list[dict[str, np.ndarray]]] = {v: [] for v in programs}
-    compile_s: dict[str, float] = {}
     try:
         for variant, program in programs.items():
             mine = [c for c in cells if c.variant == variant]
-            progress.variant_started(variant, len(mine), chunk_sizes[variant])
-            compile_s[variant] = program.compile(chunk_sizes[variant])
-            progress.compiled(variant, compile_s[variant])
             for cell in mine:
-                out, step_p, epoch_p = program.run(cell.seed_ids)
+                if reference:
+                    out, step_p, epoch_p = reference_cell(program, cell.seed_ids[: cell.real])
+                else:
+                    out, step_p, epoch_p = program.run(cell.seed_ids)
                 seed_ids = cell.seed_ids[: cell.real].astype(np.int64)
                 values = {k: v[: cell.real] for k, v in out.items()}
                 probes = None
@@ -342,14 +384,27 @@ def load_run(run_dir: RunDir) -> tuple[dict[str, Any], dict[str, VariantHistory]
     order = [v for v in meta["study"].get("variants", {}) if v in stored]
     histories = {v: stored[v] for v in order + [v for v in stored if v not in order]}
     saved = run_dir.read_json("summary.json") if (run_dir.path / "summary.json").exists() else {}
+    meta = {**meta, "run_id": run_dir.run_id, "run_dir": str(run_dir.path)}
+    return run_document(meta, status, saved, histories), histories
+
+
+def run_document(
+    meta: dict[str, Any],
+    status: dict[str, Any],
+    saved: dict[str, Any],
+    histories: dict[str, VariantHistory],
+) -> dict[str, Any]:
+    """The document of a run from its parts: ``meta`` (study.json plus run_id / run_dir),
+    ``status`` (status.json), ``saved`` (summary.json, {} if the run never finished) and the
+    histories of its finished cells; summary and comparisons are recomputed from these."""
     baseline = meta["study"].get("baseline")
     spec = VerdictSpec.model_validate(meta["study"].get("verdicts") or {})
     comparisons = (
         compare(histories, baseline, spec) if baseline in histories and len(histories) > 1 else []
     )
-    doc = {
-        "run_id": run_dir.run_id,
-        "run_dir": str(run_dir.path),
+    return {
+        "run_id": meta["run_id"],
+        "run_dir": meta["run_dir"],
         "name": meta["study"].get("name"),
         "description": meta["study"].get("description"),
         "created_at": meta.get("created_at"),
@@ -366,8 +421,8 @@ def load_run(run_dir: RunDir) -> tuple[dict[str, Any], dict[str, VariantHistory]
         "verdict_rule": RULE,
         "checks": saved.get("checks", []),
         "explain": saved.get("explain", {}),
+        "analysed": bool(saved),  # checks and explain exist only for a run that finished
     }
-    return doc, histories
 
 
 def load_result(run_dir: RunDir) -> dict[str, Any]:

@@ -73,37 +73,97 @@ class DataSpec(_Strict):
 
     synthetic: SyntheticData | None = None
     path: str | None = None
+    sklearn: Literal["digits", "iris", "wine", "breast_cancer", "diabetes"] | None = None
     target: str = "input"
     target_path: str | None = None
     features: list[str] | None = None
     x_key: str = "x"
+    row_seed: int | None = Field(None, ge=0)
+    """Permute the rows once with this seed before the validation split (same for every
+    variant and seed); default: keep the file's order, as ``fit`` does."""
+    standardize: bool = False
+    """Scale features to zero mean, unit variance with statistics of the training split
+    only (and the target too when it is the input)."""
 
     @model_validator(mode="after")
     def _one_source(self) -> DataSpec:
-        if (self.synthetic is None) == (self.path is None):
-            both = "both" if self.path is not None else "neither"
+        given = [k for k in ("synthetic", "path", "sklearn") if getattr(self, k) is not None]
+        if len(given) != 1:
             raise _KeyedError(
                 "data",
-                "exactly one of `synthetic` or `path`",
-                both,
-                'keep one data source: synthetic = {...} or path = "file"',
+                "exactly one of `synthetic`, `path` or `sklearn`",
+                " and ".join(given) if given else "none",
+                'keep one data source: synthetic = {...}, path = "file" or sklearn = "digits"',
             )
         return self
 
+    def target_is_input(self) -> bool:
+        """Is the target the input itself (an autoencoder)?"""
+        if self.synthetic is not None:
+            return True
+        if self.sklearn is not None:  # the dataset's own target unless input is asked for
+            return "target" in self.model_fields_set and self.target == "input"
+        return self.target == "input" and self.target_path is None
+
 
 class OptimizerSpec(_Strict):
-    """``{name = "adam", learning_rate = 1e-3, ...}``: a keras.optimizers name and its kwargs."""
+    """``{name = "adam", learning_rate = 1e-3, ...}``: a keras.optimizers name and its kwargs.
+
+    ``learning_rate`` may be a schedule: ``{schedule = "ExponentialDecay",
+    initial_learning_rate = 0.01, decay_steps = 100, decay_rate = 0.9}`` (any class of
+    ``keras.optimizers.schedules`` and its arguments).
+    """
 
     model_config = ConfigDict(extra="allow")
     name: str
+
+
+class ObjectSpec(_Strict):
+    """``{name = "sparse_categorical_crossentropy", from_logits = true}``: a Keras loss or
+    metric by name (snake_case function name or class name) with constructor arguments."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+
+_ALIASES = {
+    "mse": "MeanSquaredError",
+    "mae": "MeanAbsoluteError",
+    "mape": "MeanAbsolutePercentageError",
+    "msle": "MeanSquaredLogarithmicError",
+    "auc": "AUC",
+    "acc": "Accuracy",
+}
+
+
+def _class_name(name: str) -> str:
+    """``sparse_categorical_crossentropy`` -> ``SparseCategoricalCrossentropy`` (class names
+    pass through)."""
+    if name.lower() in _ALIASES:
+        return _ALIASES[name.lower()]
+    if name[:1].isupper():
+        return name
+    return "".join(part.capitalize() for part in name.split("_"))
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z][a-z])", "_", name).lower()
+
+
+def keras_object_config(value: str | ObjectSpec) -> str | dict[str, Any]:
+    """A loss / metric as ``keras.losses.get`` / ``keras.metrics.get`` take it: the name
+    itself, or ``{"class_name", "config"}`` when it has arguments."""
+    if isinstance(value, str):
+        return value
+    return {"class_name": _class_name(value.name), "config": dict(value.model_extra or {})}
 
 
 class TrainSpec(_Strict):
     """``model.compile`` / ``model.fit`` arguments, with Keras' own defaults."""
 
     optimizer: str | OptimizerSpec = "rmsprop"
-    loss: str
-    metrics: list[str] = Field(default_factory=list)
+    loss: str | ObjectSpec
+    metrics: list[str | ObjectSpec] = Field(default_factory=list)
     epochs: PositiveInt = 1
     batch_size: PositiveInt = FIT_DEFAULT_BATCH_SIZE
     validation_split: float = Field(0.0, ge=0.0, lt=1.0)
@@ -111,11 +171,45 @@ class TrainSpec(_Strict):
     shuffle: bool = True
 
     def optimizer_config(self) -> dict[str, Any]:
-        """The optimizer as ``keras.optimizers.get`` takes it."""
+        """The optimizer as ``keras.optimizers.get`` takes it (JSON: it also goes to the
+        other backends' worker processes)."""
         if isinstance(self.optimizer, str):
             return {"class_name": self.optimizer, "config": {}}
         kwargs = dict(self.optimizer.model_extra or {})
+        lr = kwargs.get("learning_rate")
+        if isinstance(lr, dict):
+            sched = dict(lr)
+            name = sched.pop("schedule", None) or sched.pop("name", None)
+            kwargs["learning_rate"] = {
+                "module": "keras.optimizers.schedules",
+                "class_name": str(name),
+                "config": sched,
+                "registered_name": None,
+            }
         return {"class_name": self.optimizer.name, "config": kwargs}
+
+    @property
+    def loss_name(self) -> str:
+        """The loss's name in snake_case, lower-cased (``mse``, ``sparse_categorical_...``)."""
+        name = self.loss if isinstance(self.loss, str) else self.loss.name
+        return _snake(name) if name[:1].isupper() else name.lower()
+
+    def loss_config(self) -> str | dict[str, Any]:
+        return keras_object_config(self.loss)
+
+    def metric_configs(self) -> list[str | dict[str, Any]]:
+        return [keras_object_config(m) for m in self.metrics]
+
+    def metric_names(self) -> list[str]:
+        """The History names of the metrics (``name`` argument, else Keras' default name)."""
+        out = []
+        for m in self.metrics:
+            if isinstance(m, str):
+                out.append(m)
+            else:
+                given = (m.model_extra or {}).get("name")
+                out.append(str(given) if given else _snake(_class_name(m.name)))
+        return out
 
 
 class ModelSpec(_Strict):
@@ -153,8 +247,12 @@ class SeedSpec(_Strict):
 
 
 class EngineSpec(_Strict):
-    """How the vectorized engine splits seeds into chunks (one compiled program per variant)."""
+    """Which engine trains the seeds, and how the vectorized one splits them into chunks (one
+    compiled program per variant). ``kind = "reference"`` runs plain ``model.fit`` per seed
+    (slower; for models the vectorized engine cannot trace), from the same initial weights
+    and data order, into the same tables."""
 
+    kind: Literal["vectorized", "reference"] = "vectorized"
     memory_budget_mb: float = Field(2048.0, gt=0)
     chunk_size: PositiveInt | None = None
 

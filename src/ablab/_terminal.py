@@ -255,7 +255,8 @@ class RichProgress:
         )
 
     def compiled(self, variant: str, seconds: float) -> None:
-        self._bars.update(self._tasks[variant], note=f"compiled in {seconds:.1f} s")
+        note = f"compiled in {seconds:.1f} s" if seconds else "model.fit per seed"
+        self._bars.update(self._tasks[variant], note=note)
 
     def chunk_done(self, variant: str, chunk: int, seeds: int) -> None:
         self._bars.advance(self._tasks[variant])
