@@ -141,3 +141,61 @@ def test_in_code_study_accepts_a_callable_builder() -> None:
     assert study.baseline == "a"
     assert study.variant_params("b") == {"units": 3}
     assert "callable" in study.resolved()["model"]["builder"]
+
+
+def test_losses_and_metrics_with_arguments_become_keras_configs() -> None:
+    import keras
+
+    from ablab._study import TrainSpec
+
+    train = TrainSpec.model_validate(
+        {
+            "loss": {"name": "sparse_categorical_crossentropy", "from_logits": True},
+            "metrics": ["mae", {"name": "accuracy"}, {"name": "AUC", "num_thresholds": 50}],
+        }
+    )
+    assert train.loss_name == "sparse_categorical_crossentropy"
+    assert train.loss_config() == {
+        "class_name": "SparseCategoricalCrossentropy",
+        "config": {"from_logits": True},
+    }
+    # no arguments: the plain name, resolved by Keras like compile does (accuracy by shape)
+    assert train.metric_configs()[:2] == ["mae", "accuracy"]
+    # with arguments: every instance records the same History name (Keras would number them)
+    auc = train.metric_configs()[2]
+    names = {keras.metrics.get(auc).name for _ in range(3)}
+    assert names == {"auc"} and train.metric_names() == ["mae", "accuracy", "auc"]
+
+
+def test_learning_rate_schedules_and_example_studies_load() -> None:
+    import keras
+
+    from ablab._remedies import with_remedies
+    from tests.conftest import ROOT
+
+    mlp = ablab.load_study(ROOT / "examples" / "digits_mlp.toml")
+    assert not mlp.data.target_is_input()
+    assert not with_remedies(mlp).data.target_is_input()  # a round trip keeps the target
+    for name in ("digits_cnn", "breast_cancer_dropout", "bn_yes_or_no", "bn_batch_size"):
+        ablab.load_study(ROOT / "examples" / f"{name}.toml")
+    study = ablab.study_from_dict(
+        {
+            "data": {"synthetic": {"shape": [10, 2]}},
+            "train": {
+                "loss": "mse",
+                "optimizer": {
+                    "name": "sgd",
+                    "learning_rate": {
+                        "schedule": "ExponentialDecay",
+                        "initial_learning_rate": 0.1,
+                        "decay_steps": 10,
+                        "decay_rate": 0.5,
+                    },
+                },
+            },
+            "variants": {"a": {"layers": [{"layer": "Dense", "units": 2}]}},
+        }
+    )
+    opt = keras.optimizers.get(study.train.optimizer_config())
+    assert type(opt._learning_rate).__name__ == "ExponentialDecay"
+    assert study.data.target_is_input()

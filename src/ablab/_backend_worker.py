@@ -70,7 +70,8 @@ def fit_history(
         hist = model.fit(
             x_tr[perm],
             y_tr[perm],
-            epochs=1,
+            initial_epoch=epoch,  # callbacks see the real epoch number
+            epochs=epoch + 1,
             batch_size=bs,
             validation_data=(x_va, y_va) if len(x_va) else None,
             validation_batch_size=vbs,

@@ -138,7 +138,7 @@ def _from_path(study: Study) -> tuple[np.ndarray, np.ndarray]:
     else:  # table
         feature_names = spec.features
         if feature_names is None:
-            feature_names = [c for c in loaded if c != spec.target]
+            feature_names = [c for c in loaded if c != spec.target]  # None: every column
         x = _columns(study, "data.features", loaded, feature_names)
 
     if target_loaded is not None:
@@ -147,7 +147,7 @@ def _from_path(study: Study) -> tuple[np.ndarray, np.ndarray]:
         else:
             name = spec.target if spec.target in target_loaded else next(iter(target_loaded))
             y = np.asarray(target_loaded[name])
-    elif spec.target == "input":
+    elif spec.target in (None, "input"):
         y = x
     elif isinstance(loaded, dict) and spec.target in loaded:
         y = np.asarray(loaded[spec.target])
@@ -192,7 +192,7 @@ def load_dataset(study: Study) -> Dataset:
         x, y = _sklearn(study)
     elif spec.synthetic is not None:
         x = _synthetic(spec)
-        if spec.target != "input":
+        if spec.target not in (None, "input"):
             raise _err(
                 study,
                 "data.target",

@@ -237,18 +237,36 @@ def _compile(study: Study, variant: str, program: VariantProgram, chunk_size: in
         return program.compile(chunk_size)
     except Exception as exc:
         layer = program.culprit(exc)
+        if layer is None:  # not the model's fault as far as we can tell: a real failure
+            raise
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
         raise StudyError(
             where=study.source,
             key=f"variants.{variant}",
             expected="layers the vectorized engine can run (JAX-traceable under vmap and scan)",
-            got=(f"layer {layer} failed: " if layer else "")
-            + f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+            got=f"layer {layer} failed: {type(exc).__name__}: {first_line}",
             fix='run this study with `--engine reference` ([engine] kind = "reference"): '
             "plain model.fit per seed, slower, same tables and verdicts",
         ) from exc
     finally:
         if filtering:
             keras.config.enable_traceback_filtering()
+
+
+def reference_engine_checks_skipped(study: Study) -> CheckResult:
+    """The checks compare the vectorized engine's trajectories; a reference-engine run (a
+    model that engine may not run at all) reports them skipped, with the reason."""
+    return CheckResult(
+        "declared checks",
+        "equivalence",
+        None,
+        None,
+        None,
+        None,
+        study.checks.tolerance,
+        "skipped: this run used the reference engine (model.fit per seed); the checks "
+        "compare the vectorized engine's trajectories -- run `ablab check STUDY` if it can",
+    )
 
 
 def reference_cell(
@@ -338,7 +356,11 @@ def run(
             for v, chunks in parts.items()
         }
         total_runs = study.seeds.count * len(programs)
-        checks = run_checks(study, programs, progress=progress) if declares_checks(study) else []
+        checks: list[CheckResult] = []
+        if declares_checks(study) and reference:
+            checks = [reference_engine_checks_skipped(study)]
+        elif declares_checks(study):
+            checks = run_checks(study, programs, progress=progress)
         explain = {}
         for v, program in programs.items():
             epoch_p = (

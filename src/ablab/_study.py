@@ -74,7 +74,8 @@ class DataSpec(_Strict):
     synthetic: SyntheticData | None = None
     path: str | None = None
     sklearn: Literal["digits", "iris", "wine", "breast_cancer", "diabetes"] | None = None
-    target: str = "input"
+    target: str | None = None
+    """None: the input (synthetic data, files) or the dataset's own target (sklearn)."""
     target_path: str | None = None
     features: list[str] | None = None
     x_key: str = "x"
@@ -102,8 +103,8 @@ class DataSpec(_Strict):
         if self.synthetic is not None:
             return True
         if self.sklearn is not None:  # the dataset's own target unless input is asked for
-            return "target" in self.model_fields_set and self.target == "input"
-        return self.target == "input" and self.target_path is None
+            return self.target == "input"
+        return self.target in (None, "input") and self.target_path is None
 
 
 class OptimizerSpec(_Strict):
@@ -150,12 +151,27 @@ def _snake(name: str) -> str:
     return re.sub(r"(?<!^)(?=[A-Z][a-z])", "_", name).lower()
 
 
-def keras_object_config(value: str | ObjectSpec) -> str | dict[str, Any]:
+def keras_object_config(value: str | ObjectSpec, *, metric: bool = False) -> str | dict[str, Any]:
     """A loss / metric as ``keras.losses.get`` / ``keras.metrics.get`` take it: the name
-    itself, or ``{"class_name", "config"}`` when it has arguments."""
+    itself when it has no arguments (so Keras resolves it as compile does, e.g. "accuracy"
+    by the target's shape), else ``{"class_name", "config"}``; a metric object gets its
+    History name fixed (``metric_name``), so every instance records the same column."""
     if isinstance(value, str):
         return value
-    return {"class_name": _class_name(value.name), "config": dict(value.model_extra or {})}
+    config = dict(value.model_extra or {})
+    if not config:
+        return value.name
+    if metric:
+        config["name"] = metric_name(value)
+    return {"class_name": _class_name(value.name), "config": config}
+
+
+def metric_name(value: str | ObjectSpec) -> str:
+    """The History name of a metric: its name as given, or for one with arguments the
+    snake_case of its class (``BinaryAccuracy`` -> ``binary_accuracy``)."""
+    if isinstance(value, str) or not value.model_extra:
+        return value if isinstance(value, str) else value.name
+    return _snake(_class_name(value.name))
 
 
 class TrainSpec(_Strict):
@@ -198,18 +214,11 @@ class TrainSpec(_Strict):
         return keras_object_config(self.loss)
 
     def metric_configs(self) -> list[str | dict[str, Any]]:
-        return [keras_object_config(m) for m in self.metrics]
+        return [keras_object_config(m, metric=True) for m in self.metrics]
 
     def metric_names(self) -> list[str]:
-        """The History names of the metrics (``name`` argument, else Keras' default name)."""
-        out = []
-        for m in self.metrics:
-            if isinstance(m, str):
-                out.append(m)
-            else:
-                given = (m.model_extra or {}).get("name")
-                out.append(str(given) if given else _snake(_class_name(m.name)))
-        return out
+        """The History names of the metrics (see :func:`metric_name`)."""
+        return [metric_name(m) for m in self.metrics]
 
 
 class ModelSpec(_Strict):
