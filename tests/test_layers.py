@@ -215,6 +215,13 @@ def test_categorical_crossentropy_on_one_hot_targets(tmp_path: Path, logits: boo
     _assert_fidelity(study)
 
 
+def test_dropout_masks_are_per_seed_and_fit_reproduces_them(tmp_path: Path) -> None:
+    """Given the engine's per-seed RNG state (``_reference.fresh_model`` sets it), fit draws
+    the very same Dropout masks: exact fidelity at rate 0.5 too."""
+    layers = [_dense(16, activation="relu"), {"layer": "Dropout", "rate": 0.5}, _dense(12)]
+    _assert_fidelity(_study(tmp_path, SYNTHETIC, {"layers": layers}))
+
+
 def test_dropout_follows_fit_in_distribution(tmp_path: Path) -> None:
     """Dropout 0.5: the engine's per-seed masks come from its own per-seed RNG state, so single
     runs cannot match fit's; the distribution over seeds must. 200 engine seeds against 8

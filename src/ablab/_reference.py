@@ -60,7 +60,21 @@ def fresh_model(program: VariantProgram, seed_id: int) -> keras.Model:
     model = keras.models.clone_model(program.prepared.model)
     model.compile(optimizer=keras.optimizers.get(train.optimizer_config()), **compile_losses(train))
     model.set_weights(initial_weights_for_keras(program, seed_id))
+    _set_seed_states(program, model, seed_id)
     return model
+
+
+def _set_seed_states(program: VariantProgram, clone: keras.Model, seed_id: int) -> None:
+    """Give the clone's RNG states (Dropout, noise layers) seed ``seed_id``'s values from the
+    engine -- they are not among ``model.weights`` -- so its masks are the engine's."""
+    model = program.prepared.model
+    _, ntv = program.initial_weights(np.asarray([seed_id]))
+    index = {id(v): i for i, v in enumerate(model.non_trainable_variables)}
+    ours = [sg.state for layer in model._flatten_layers() for sg in layer._seed_generators]
+    theirs = [sg.state for layer in clone._flatten_layers() for sg in layer._seed_generators]
+    for mine, other in zip(ours, theirs, strict=True):
+        if id(mine) in index:
+            other.assign(ntv[index[id(mine)]][0])
 
 
 def reference_history(program: VariantProgram, seed_id: int) -> dict[str, np.ndarray]:
