@@ -125,7 +125,7 @@ def paired_figure(
 def draw_ecdf(
     ax: Any, finals: dict[str, tuple[np.ndarray, np.ndarray]], colors: dict[str, Any], metric: str
 ) -> None:
-    """ECDF of the final metric over seeds; ``finals[v] = (levels, quantiles)``."""
+    """ECDF of the final metric over seeds; ``finals[v] = (F, x)``: F(x_k) at sorted x_k."""
     for variant, (levels, values) in finals.items():
         ax.step(values, levels, where="post", color=colors[variant], linewidth=1.6, label=variant)
     ax.set_xlabel(f"final {metric}")

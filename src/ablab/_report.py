@@ -1,7 +1,7 @@
 """The report of a stored run: one self-contained HTML page with tables and figures.
 
 :class:`ReportData` computes, from a run folder alone, everything the figures show (per-epoch
-quantile bands of the history, ECDF quantiles of the final metric, per-epoch paired
+quantile bands of the history, the empirical CDF of the final metric, per-epoch paired
 differences with bootstrap bands, quantiles of the probes via DuckDB over the probe files,
 the expected BatchNormalization progress); ``ablab._figures`` only draws them. The page is a
 Jinja2 template with every figure inlined as SVG: it fetches nothing and opens from disk.
