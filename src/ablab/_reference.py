@@ -47,8 +47,16 @@ def permutations(program: VariantProgram, seed_id: int) -> np.ndarray | None:
 
 def initial_weights_for_keras(program: VariantProgram, seed_id: int) -> list[np.ndarray]:
     """Seed ``seed_id``'s initial values in ``model.weights`` order (what ``set_weights`` takes)."""
-    model = program.prepared.model
     tv, ntv = program.initial_weights(np.asarray([seed_id]))
+    return _in_weights_order(program, tv, ntv)
+
+
+def _in_weights_order(
+    program: VariantProgram, tv: list[np.ndarray], ntv: list[np.ndarray]
+) -> list[np.ndarray]:
+    """One seed's (trainable, non-trainable) initial values, each (1, *shape), in
+    ``model.weights`` order."""
+    model = program.prepared.model
     by_id = {id(v): a[0] for v, a in zip(model.trainable_variables, tv, strict=True)}
     by_id.update({id(v): a[0] for v, a in zip(model.non_trainable_variables, ntv, strict=True)})
     return [by_id[id(v)] for v in model.weights]
@@ -59,16 +67,17 @@ def fresh_model(program: VariantProgram, seed_id: int) -> keras.Model:
     train = program.prepared.train
     model = keras.models.clone_model(program.prepared.model)
     model.compile(optimizer=keras.optimizers.get(train.optimizer_config()), **compile_losses(train))
-    model.set_weights(initial_weights_for_keras(program, seed_id))
-    _set_seed_states(program, model, seed_id)
+    tv, ntv = program.initial_weights(np.asarray([seed_id]))
+    model.set_weights(_in_weights_order(program, tv, ntv))
+    _set_seed_states(program, model, ntv)
     return model
 
 
-def _set_seed_states(program: VariantProgram, clone: keras.Model, seed_id: int) -> None:
-    """Give the clone's RNG states (Dropout, noise layers) seed ``seed_id``'s values from the
-    engine -- they are not among ``model.weights`` -- so its masks are the engine's."""
+def _set_seed_states(program: VariantProgram, clone: keras.Model, ntv: list[np.ndarray]) -> None:
+    """Give the clone's RNG states (Dropout, noise layers) the seed's values from the engine's
+    non-trainable initial values ``ntv`` -- they are not among ``model.weights`` -- so its
+    masks are the engine's."""
     model = program.prepared.model
-    _, ntv = program.initial_weights(np.asarray([seed_id]))
     index = {id(v): i for i, v in enumerate(model.non_trainable_variables)}
     ours = [sg.state for layer in model._flatten_layers() for sg in layer._seed_generators]
     theirs = [sg.state for layer in clone._flatten_layers() for sg in layer._seed_generators]

@@ -81,13 +81,12 @@ def _probe_bands(
     axis = "step" if kind == "step" else "epoch"
     with duckdb.connect() as con:
         (last,) = con.execute(f"SELECT max({axis}) FROM read_parquet(?)", [files]).fetchone()
-    every = max(1, -(-int(last or 1) // TRAJECTORY_POINTS))  # ceil: keep <= that many points
-    value = (
-        f"value - first_value(value) OVER (PARTITION BY variant, seed, probe ORDER BY {axis})"
-        if since_first
-        else "value"
-    )
-    with duckdb.connect() as con:
+        every = max(1, -(-int(last or 1) // TRAJECTORY_POINTS))  # ceil: <= that many points
+        value = (
+            f"value - first_value(value) OVER (PARTITION BY variant, seed, probe ORDER BY {axis})"
+            if since_first
+            else "value"
+        )
         rows = con.execute(
             f"WITH p AS (SELECT variant, probe, {axis} AS x, {value} AS value "
             "FROM read_parquet(?) WHERE kind = ? AND suffix(probe, ?)) "
@@ -177,9 +176,14 @@ class ReportData:
         return {k: d for k, d in out.items() if d}
 
     @cached_property
+    def verdict_spec(self) -> VerdictSpec:
+        """The study's ``[verdicts]`` (confidence and bootstrap seed of the paired bands)."""
+        return VerdictSpec.model_validate(self.doc["study"].get("verdicts") or {})
+
+    @cached_property
     def paired(self) -> dict[str, dict[str, np.ndarray]]:
         """{"variant vs baseline": per-epoch paired difference with its bootstrap band}."""
-        spec = VerdictSpec.model_validate(self.doc["study"].get("verdicts") or {})
+        spec = self.verdict_spec
         out = {}
         for c in self.doc["comparisons"]:
             if c["n"] < 2:
@@ -197,8 +201,7 @@ class ReportData:
 
     @property
     def level(self) -> str:
-        spec = VerdictSpec.model_validate(self.doc["study"].get("verdicts") or {})
-        return f"{100 * spec.confidence:g}%"
+        return f"{100 * self.verdict_spec.confidence:g}%"
 
     @cached_property
     def finals(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
