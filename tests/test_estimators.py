@@ -36,3 +36,15 @@ def test_swapping_arms_flips_signs() -> None:
 def test_finite_pairs_drop_diverged_seeds_from_both_arms() -> None:
     b, v = finite_pairs(np.array([1.0, np.nan, 3.0]), np.array([1.0, 2.0, np.inf]))
     assert b.tolist() == [1.0] and v.tolist() == [1.0]
+
+
+def test_cliffs_delta_rank_formula_equals_the_pairwise_definition() -> None:
+    # Expected: Cliff's (1993) definition over all n*m cross pairs, mean of sign(better), here
+    # computed pairwise on small inputs with many ties (integers 0..4) and unequal sizes.
+    rng = np.random.default_rng(20)
+    for n, m in ((1, 1), (3, 7), (25, 18), (60, 60)):
+        base = rng.integers(0, 5, n).astype(float)
+        var = rng.integers(0, 5, m).astype(float)
+        pairwise_lower = float(np.mean(np.sign(base[:, None] - var[None, :])))
+        assert cliffs_delta(base, var, lower=True) == pytest.approx(pairwise_lower, abs=1e-12)
+        assert cliffs_delta(base, var, lower=False) == pytest.approx(-pairwise_lower, abs=1e-12)

@@ -28,7 +28,7 @@ if keras.backend.backend() != "jax":  # pragma: no cover - depends on the caller
 from ablab._errors import AblabError, BadInput, RunInterrupted, StudyError
 from ablab._records import VariantHistory
 from ablab._report import ReportData, open_run
-from ablab._run import RunResult, run
+from ablab._run import RunResult, resume, run
 from ablab._study import Study, load_study, study_from_dict
 
 __version__ = "0.1.0"
@@ -45,6 +45,7 @@ __all__ = [
     "__version__",
     "load_study",
     "open_run",
+    "resume",
     "run",
     "study_from_dict",
 ]

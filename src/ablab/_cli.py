@@ -65,7 +65,7 @@ def cli() -> None:
 
 
 @cli.command("run")
-@click.argument("study", type=click.Path(path_type=Path))
+@click.argument("study", type=click.Path(path_type=Path), required=False)
 @click.option(
     "--seeds", type=int, default=None, help="Seeds per variant (overrides [seeds] count)."
 )
@@ -91,8 +91,29 @@ def cli() -> None:
     is_flag=True,
     help="Write the HTML report (RUN/report.html) when the run ends.",
 )
+@click.option(
+    "--resume",
+    "resume_ref",
+    default=None,
+    metavar="RUN",
+    help="Finish a killed or interrupted run (a run folder, id, unique prefix or 'latest'): "
+    "train only its missing cells, then analyse it. Takes no STUDY.",
+)
+@click.option(
+    "--executor",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="Where cells train: this process, or a Ray cluster (needs ablab[ray]).",
+)
+@click.option(
+    "--address",
+    default=None,
+    metavar="HOST:PORT",
+    help="The Ray cluster for --executor ray (default: $RAY_ADDRESS, else a local Ray).",
+)
 def run_cmd(
-    study: Path,
+    study: Path | None,
     seeds: int | None,
     runs_dir: Path | None,
     as_json: bool,
@@ -100,24 +121,65 @@ def run_cmd(
     remedies: bool,
     engine: str | None,
     with_report: bool,
+    resume_ref: str | None,
+    executor: str,
+    address: str | None,
 ) -> None:
-    """Train every variant of STUDY over many seeds; print a summary; store everything."""
-    from ablab._run import run
+    """Train every variant of STUDY over many seeds; print a summary; store everything.
+
+    `ablab run --resume RUN` finishes a run that was killed or interrupted."""
+    from ablab._run import resume, run
     from ablab._study import load_study
     from ablab._terminal import RichProgress, print_run
 
-    spec = load_study(study)
-    if engine is not None:
-        spec = spec.model_copy(update={"engine": spec.engine.model_copy(update={"kind": engine})})
+    if address is not None and executor != "ray":
+        raise click.UsageError("--address needs --executor ray")
+    if resume_ref is not None:
+        given = [
+            name
+            for name, value in (
+                ("STUDY", study),
+                ("--seeds", seeds),
+                ("--remedies", remedies or None),
+                ("--engine", engine),
+            )
+            if value is not None
+        ]
+        if given:
+            raise click.UsageError(
+                f"--resume RUN continues the run as it was planned; drop {', '.join(given)}"
+            )
+
+        def start(**kw: Any) -> Any:
+            return resume(
+                resume_ref, runs_dir=_runs_dir(runs_dir), executor=executor, address=address, **kw
+            )
+    else:
+        if study is None:
+            raise click.UsageError("give a STUDY file, or --resume RUN")
+        spec = load_study(study)
+        if engine is not None:
+            spec = spec.model_copy(
+                update={"engine": spec.engine.model_copy(update={"kind": engine})}
+            )
+
+        def start(**kw: Any) -> Any:
+            return run(
+                spec,
+                seeds=seeds,
+                runs_dir=_runs_dir(runs_dir),
+                remedies=remedies,
+                executor=executor,
+                address=address,
+                **kw,
+            )
 
     err = Console(stderr=True)
     if _show_progress(quiet, as_json):
         with RichProgress(err) as bars:
-            result = run(
-                spec, seeds=seeds, runs_dir=_runs_dir(runs_dir), progress=bars, remedies=remedies
-            )
+            result = start(progress=bars)
     else:
-        result = run(spec, seeds=seeds, runs_dir=_runs_dir(runs_dir), remedies=remedies)
+        result = start()
     doc = result.to_json()
     if with_report:
         from ablab._report import write_report
@@ -169,9 +231,10 @@ def check_cmd(
     from ablab._checks import all_passed, run_checks
     from ablab._program import build_program
     from ablab._study import load_study
+    from ablab._sweep import expand_sweep
     from ablab._terminal import RichProgress, checks_table
 
-    spec = load_study(study)
+    spec = expand_sweep(load_study(study))  # a swept study is checked at every point
     if seeds is not None:
         if seeds < 1:
             raise StudyError(

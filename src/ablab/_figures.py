@@ -183,6 +183,58 @@ def forest_figure(comparisons: list[dict[str, Any]]) -> Figure:
     return fig
 
 
+def _axis_positions(values: list[Any]) -> tuple[list[float], bool, list[str] | None]:
+    """x positions for an axis' values: the numbers themselves (log scale when positive and
+    spanning >= 8x, as batch sizes and learning rates do), else category indices."""
+    numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+    if numeric:
+        xs = [float(v) for v in values]
+        log = min(xs) > 0 and max(xs) / min(xs) >= 8
+        return xs, log, None
+    return [float(i) for i in range(len(values))], False, [str(v) for v in values]
+
+
+def sweep_figure(sweep: dict[str, Any]) -> Figure:
+    """The paired effect (mean, CI) of each variant vs the baseline along each sweep axis:
+    one panel per axis; one line per variant (and per value of the other axes); markers
+    coloured by verdict, zero = no effect."""
+    axes = list(sweep["axes"])
+    fig = _figure(6.4, 3.2 * len(axes) + 0.4)
+    panels = fig.subplots(len(axes), 1, squeeze=False)[:, 0]
+    rows = [r for r in sweep["rows"] if r["diff_mean"] is not None]
+    for ax, axis in zip(panels, axes, strict=True):
+        values = list(sweep["axes"][axis])
+        xs, log, labels = _axis_positions(values)
+        others = [a for a in axes if a != axis]
+        groups: dict[str, list[dict[str, Any]]] = {}
+        for r in rows:
+            rest = ", ".join(f"{a}={r['point'][a]}" for a in others)
+            label = f"{r['variant']} vs {r['baseline']}" + (f" ({rest})" if rest else "")
+            groups.setdefault(label, []).append(r)
+        colors = variant_colors(list(groups))
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        for label, mine in groups.items():
+            mine = sorted(mine, key=lambda r: values.index(r["point"][axis]))
+            x = [xs[values.index(r["point"][axis])] for r in mine]
+            y = [r["diff_mean"] for r in mine]
+            lo = [r["diff_mean"] - r["ci_low"] for r in mine]
+            hi = [r["ci_high"] - r["diff_mean"] for r in mine]
+            ax.errorbar(x, y, yerr=[lo, hi], color=colors[label], capsize=3, label=label)
+            for xi, yi, r in zip(x, y, mine, strict=True):
+                ax.plot([xi], [yi], "o", color=VERDICT_COLORS.get(r["verdict"], "grey"), zorder=3)
+        if log:
+            ax.set_xscale("log", base=2 if all(float(v).is_integer() for v in xs) else 10)
+        ax.set_xticks(xs)
+        ax.set_xticklabels(labels if labels is not None else [f"{v:g}" for v in xs])
+        ax.minorticks_off()
+        ax.set_xlabel(axis)
+        ax.set_ylabel(f"Δ final {sweep['metric']}")
+        ax.grid(alpha=0.3)
+        _legend(ax, fontsize=7)
+    panels[0].set_title("effect along the sweep (mean paired difference, CI)", fontsize=10)
+    return fig
+
+
 def weights_figure(
     weights: dict[str, dict[str, dict[str, Band]]], colors: dict[str, Any]
 ) -> Figure:

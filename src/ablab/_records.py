@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ablab._engine import first_non_finite_epoch
 
@@ -110,3 +111,30 @@ def probe_table(
                 )
             )
     return pa.concat_tables(parts)
+
+
+def epoch_probe_arrays(table: pa.Table) -> dict[str, dict[str, np.ndarray]]:
+    """Invert the per-epoch part of :func:`probe_table` over a run: ``{variant: {probe:
+    (seeds, epochs)}}``, seeds sorted (the seeds that were probed; NaN where a row is missing)."""
+    out: dict[str, dict[str, np.ndarray]] = {}
+    if table.num_rows == 0:
+        return out
+    table = table.filter(pc.equal(table.column("kind"), "epoch"))
+    variants = table.column("variant").to_numpy(zero_copy_only=False)
+    probes = table.column("probe").to_numpy(zero_copy_only=False)
+    seeds_all = table.column("seed").to_numpy()
+    epochs_all = table.column("epoch").to_numpy()
+    values_all = table.column("value").to_numpy()
+    for variant in dict.fromkeys(variants):
+        in_variant = variants == variant
+        seeds = np.unique(seeds_all[in_variant])
+        n_epochs = int(epochs_all[in_variant].max())
+        arrays: dict[str, np.ndarray] = {}
+        for name in dict.fromkeys(probes[in_variant]):
+            mask = in_variant & (probes == name)
+            arr = np.full((len(seeds), n_epochs), np.nan)
+            index = np.searchsorted(seeds, seeds_all[mask])
+            arr[index, epochs_all[mask] - 1] = values_all[mask]
+            arrays[str(name)] = arr
+        out[str(variant)] = arrays
+    return out

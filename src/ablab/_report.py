@@ -35,7 +35,17 @@ ECDF_POINTS = 2000
 TRAJECTORY_POINTS = 400
 """Most optimizer steps a weight trajectory is drawn at (every step up to this many)."""
 
-FIGURES = ("curves", "paired", "distributions", "forest", "weights", "bn", "optimum", "checks")
+FIGURES = (
+    "curves",
+    "paired",
+    "distributions",
+    "forest",
+    "sweep",
+    "weights",
+    "bn",
+    "optimum",
+    "checks",
+)
 """Every figure a report can hold, in page order (those without data are left out)."""
 
 CAPTIONS = {
@@ -46,6 +56,9 @@ CAPTIONS = {
     "distributions": "Distribution of the final verdict metric over seeds (empirical CDF).",
     "forest": "Mean paired difference of the final metric with its confidence interval, "
     "coloured by verdict; the shaded band is the equivalence margin.",
+    "sweep": "The same paired difference along each sweep axis: each variant against the "
+    "baseline at the same sweep point, with its confidence interval; markers coloured by "
+    "verdict, zero = no effect.",
     "weights": "Sum of each layer's kernel (or first weight) after every optimizer step: "
     "median over seeds with the 5–95 % band (the seed answer's per-layer trajectories).",
     "bn": "BatchNormalization: how far the moving mean and variance have moved towards the "
@@ -279,6 +292,10 @@ class ReportData:
             "paired": bool(self.paired),
             "distributions": bool(self.finals),
             "forest": any(c["diff_mean"] is not None for c in self.doc["comparisons"]),
+            "sweep": bool(
+                self.doc.get("sweep")
+                and any(r["diff_mean"] is not None for r in self.doc["sweep"]["rows"])
+            ),
             "weights": bool(self.weights),
             "bn": bool(self.bn),
             "optimum": bool(self.gaps),
@@ -301,6 +318,8 @@ class ReportData:
             return figs.ecdf_figure(self.finals, c, self.metric)
         if kind == "forest":
             return figs.forest_figure(self.doc["comparisons"])
+        if kind == "sweep":
+            return figs.sweep_figure(self.doc["sweep"])
         if kind == "weights":
             return figs.weights_figure(self.weights, c)
         if kind == "bn":

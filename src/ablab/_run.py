@@ -1,5 +1,9 @@
 """Run a study: plan cells (variant x seed chunk), train them, store each as it finishes.
 
+A swept study is first expanded into arms (``ablab._sweep``), so a cell is (variant, sweep
+point, seed chunk). A killed or interrupted run is finished by :func:`resume`, which trains
+only the cells whose history file is missing and then analyses the run from its store.
+
 Everything that can be wrong with the input is checked before the run folder is
 created: the study, the data, the split, and every variant's model (built,
 compiled and shape-checked against the target). Each finished cell is written
@@ -20,18 +24,25 @@ import numpy as np
 import pyarrow as pa
 
 from ablab._checks import CheckResult, run_checks
-from ablab._data import load_dataset
+from ablab._data import Dataset, load_dataset
 from ablab._engine import VariantProgram, choose_chunk_size, seed_chunks
 from ablab._env import environment
 from ablab._errors import RunInterrupted, StudyError
+from ablab._executors import EXECUTORS, Cell, Executor, LocalExecutor
 from ablab._explain import bn_diagnosis, optimum_gaps
 from ablab._program import build_program
-from ablab._records import VariantHistory, history_table, probe_table, variant_histories
-from ablab._reference import reference_history
+from ablab._records import (
+    VariantHistory,
+    epoch_probe_arrays,
+    history_table,
+    probe_table,
+    variant_histories,
+)
 from ablab._remedies import with_remedies
-from ablab._store import RunDir
+from ablab._store import RunDir, resolve_run
 from ablab._study import Study, VerdictSpec, load_study
 from ablab._summary import summarize
+from ablab._sweep import expand_sweep, sweep_effects
 from ablab._verdict import RULE, Comparison, compare, paired_curve, resolve_metric
 
 if TYPE_CHECKING:
@@ -145,6 +156,7 @@ class RunResult:
 
     def to_json(self) -> dict[str, Any]:
         """The ``ablab run --json`` document."""
+        comparisons = [c.to_json() for c in self.comparisons]
         return {
             "run_id": self.run_id,
             "run_dir": str(self.run_dir),
@@ -154,25 +166,46 @@ class RunResult:
             "runs_per_s": self.runs_per_s,
             "baseline": self.study.baseline,
             "variants": self.summary,
-            "comparisons": [c.to_json() for c in self.comparisons],
+            "comparisons": comparisons,
             "verdict_rule": RULE,
             "checks": [c.to_json() for c in self.checks],
             "explain": self.explain,
+            "sweep": sweep_effects(self.study.resolved(), comparisons),
         }
-
-
-@dataclass
-class _Cell:
-    variant: str
-    chunk: int
-    seed_ids: np.ndarray
-    real: int
 
 
 def declares_checks(study: Study) -> bool:
     """Does the study ask for any check (run by ``ablab run`` after training)?"""
     c = study.checks
     return bool(c.equivalent or c.identity_probe or c.backends)
+
+
+@dataclass
+class _Plan:
+    """A run's programs and cells, validated before anything is written."""
+
+    study: Study
+    data: Dataset
+    programs: dict[str, VariantProgram]
+    """Per variant, the program with the study's probe setting (checks and explain use it)."""
+    plain: dict[str, VariantProgram]
+    """Per probed variant, a probe-free twin for its chunks beyond ``[probes] seeds``."""
+    cells: list[Cell]
+    chunk_sizes: dict[str, int]
+
+    def program_for(self, cell: Cell) -> VariantProgram:
+        program = self.programs[cell.variant]
+        return program if cell.probes == program.probes else self.plain[cell.variant]
+
+    def to_json(self) -> dict[str, Any]:
+        """What a resumed run needs to cut the same cells (stored in study.json)."""
+        return {
+            "chunk_sizes": self.chunk_sizes,
+            "cells_total": len(self.cells),
+            "probed_chunks": {
+                v: sum(c.probes for c in self.cells if c.variant == v) for v in self.programs
+            },
+        }
 
 
 def _history_names(study: Study) -> set[str]:
@@ -186,8 +219,7 @@ def _history_names(study: Study) -> set[str]:
     return names
 
 
-def _plan(study: Study) -> tuple[dict[str, VariantProgram], list[_Cell], dict[str, int]]:
-    """Validate everything and return the programs and the cells, without writing anything."""
+def _validate_pairs(study: Study) -> None:
     names = _history_names(study)
     if study.verdicts.metric is not None and study.verdicts.metric not in names:
         raise StudyError(
@@ -211,21 +243,37 @@ def _plan(study: Study) -> tuple[dict[str, VariantProgram], list[_Cell], dict[st
                 got=repr(a.validation_split),
                 fix="override validation_split in [train] for every variant, not per variant",
             )
+
+
+def _plan(study: Study, chunk_sizes: dict[str, int] | None = None) -> _Plan:
+    """Validate everything and return the programs and the cells, without writing anything.
+
+    chunk_sizes: the stored plan's (a resumed run cuts exactly the cells it started with);
+    else each variant's from the memory budget (``choose_chunk_size``). A probed variant
+    probes its first chunks covering ``[probes] seeds`` seeds; the rest run probe-free.
+    """
+    _validate_pairs(study)
     data = load_dataset(study)
-    programs: dict[str, VariantProgram] = {}
-    cells: list[_Cell] = []
-    chunk_sizes: dict[str, int] = {}
     reference = study.engine.kind == "reference"
+    programs: dict[str, VariantProgram] = {}
+    plain: dict[str, VariantProgram] = {}
+    cells: list[Cell] = []
+    sizes: dict[str, int] = {}
     for variant in study.variants:
         program = build_program(study, variant, data, probes=False if reference else None)
-        chunk = choose_chunk_size(
-            program, study.seeds.count, study.engine.memory_budget_mb, study.engine.chunk_size
-        )
-        programs[variant] = program
-        chunk_sizes[variant] = chunk
+        if chunk_sizes is not None:
+            chunk = chunk_sizes[variant]
+        else:
+            chunk = choose_chunk_size(
+                program, study.seeds.count, study.engine.memory_budget_mb, study.engine.chunk_size
+            )
+        programs[variant], sizes[variant] = program, chunk
         for k, ids, real in seed_chunks(study.seeds.base, study.seeds.count, chunk):
-            cells.append(_Cell(variant, k, ids, real))
-    return programs, cells, chunk_sizes
+            probed = program.probes and k * chunk < study.probes.seeds
+            cells.append(Cell(variant, k, ids, real, probed))
+        if program.probes and any(c.variant == variant and not c.probes for c in cells):
+            plain[variant] = VariantProgram(program.prepared, program.split, probes=False)
+    return _Plan(study, data, programs, plain, cells, sizes)
 
 
 def _compile(study: Study, variant: str, program: VariantProgram, chunk_size: int) -> float:
@@ -269,13 +317,52 @@ def reference_engine_checks_skipped(study: Study) -> CheckResult:
     )
 
 
-def reference_cell(
-    program: VariantProgram, seed_ids: np.ndarray
-) -> tuple[dict[str, np.ndarray], None, None]:
-    """One cell with plain ``model.fit`` per seed (``[engine] kind = "reference"``): from
-    the engine's initial weights and data order, History as ``{name: (seeds, epochs)}``."""
-    rows = [reference_history(program, int(s)) for s in seed_ids]
-    return {k: np.stack([r[k] for r in rows]).astype(np.float32) for k in rows[0]}, None, None
+def _prepare(study: Study | str | Path, seeds: int | None, remedies: bool) -> Study:
+    if not isinstance(study, Study):
+        study = load_study(study)
+    if seeds is not None:
+        study = study.with_seeds(count=seeds)
+    if remedies:
+        study = with_remedies(study)
+    return expand_sweep(study)
+
+
+def _compile_all(plan: _Plan, todo: list[Cell], progress: Progress) -> dict[str, float]:
+    """Compile every program the cells in ``todo`` need (before anything is written on a new
+    run: a model the engine cannot trace is bad input). Returns seconds per variant."""
+    reference = plan.study.engine.kind == "reference"
+    compile_s: dict[str, float] = {}
+    for variant in plan.programs:
+        mine = [c for c in todo if c.variant == variant]
+        if not mine:
+            continue
+        progress.variant_started(variant, len(mine), plan.chunk_sizes[variant])
+        if not reference:
+            needed = {id(plan.program_for(c)): plan.program_for(c) for c in mine}
+            compile_s[variant] = sum(
+                _compile(plan.study, variant, p, plan.chunk_sizes[variant]) for p in needed.values()
+            )
+        progress.compiled(variant, compile_s.get(variant, 0.0))
+    return compile_s
+
+
+def _executor(plan: _Plan, name: str | Executor, address: str | None) -> Executor:
+    reference = plan.study.engine.kind == "reference"
+    if not isinstance(name, str):
+        return name
+    if name == "local":
+        return LocalExecutor(plan.program_for, reference=reference)
+    if name == "ray":
+        from ablab._ray import RayExecutor
+
+        return RayExecutor(plan.study, plan.data, address=address, reference=reference)
+    raise StudyError(
+        where="executor",
+        key="--executor",
+        expected=f"one of {list(EXECUTORS)}",
+        got=repr(name),
+        fix="use --executor local or --executor ray",
+    )
 
 
 def run(
@@ -286,47 +373,133 @@ def run(
     remedies: bool = False,
     progress: Progress | None = None,
     on_cell: Callable[[int, int], None] | None = None,
+    executor: str | Executor = "local",
+    address: str | None = None,
 ) -> RunResult:
-    """Train every variant of ``study`` over its seeds and store the results.
+    """Train every variant (every sweep arm) of ``study`` over its seeds; store the results.
 
     study: a :class:`Study` or the path of a study TOML file. seeds: overrides
     ``[seeds] count``. remedies: add the BatchNormalization remedy variants
     (``ablab._remedies``). runs_dir: where the run folder goes (default ``./runs`` or
     ``$ABLAB_RUNS_DIR``). on_cell(done, total) is called after each stored cell.
-    Raises StudyError (nothing written) on bad input, RunInterrupted on Ctrl-C.
+    executor: "local" (this process), "ray" (a Ray cluster at ``address``; default
+    ``ray.init()``'s) or an :class:`~ablab._executors.Executor`.
+    Raises StudyError (nothing written) on bad input, RunInterrupted on Ctrl-C; a killed or
+    interrupted run is finished with :func:`resume`.
     """
-    if not isinstance(study, Study):
-        study = load_study(study)
-    if seeds is not None:
-        study = study.with_seeds(count=seeds)
-    if remedies:
-        study = with_remedies(study)
+    study = _prepare(study, seeds, remedies)
     progress = progress or _Silent()
     runs_root = Path(runs_dir) if runs_dir is not None else default_runs_dir()
-
     t0 = time.perf_counter()
-    programs, cells, chunk_sizes = _plan(study)
-    reference = study.engine.kind == "reference"
-    compile_s: dict[str, float] = {}
-    for variant, program in programs.items():  # before anything is written: a model the
-        n_cells = sum(c.variant == variant for c in cells)  # engine cannot trace is bad input
-        progress.variant_started(variant, n_cells, chunk_sizes[variant])
-        if not reference:
-            compile_s[variant] = _compile(study, variant, program, chunk_sizes[variant])
-        progress.compiled(variant, compile_s.get(variant, 0.0))
-    run_dir = RunDir.create(runs_root, study.name, study.resolved(), environment(), len(cells))
+    plan = _plan(study)
+    compile_s = _compile_all(plan, plan.cells, progress)
+    chosen = _executor(plan, executor, address)  # a Ray cluster that is not there: nothing written
+    run_dir = RunDir.create(
+        runs_root, study.name, study.resolved(), environment(), len(plan.cells), plan.to_json()
+    )
+    with run_dir.locked():
+        return _execute(plan, run_dir, plan.cells, chosen, progress, on_cell, t0, compile_s)
 
-    done = 0
-    parts: dict[str, list[tuple[np.ndarray, dict[str, np.ndarray]]]] = {v: [] for v in programs}
-    epoch_parts: dict[str, list[dict[str, np.ndarray]]] = {v: [] for v in programs}
+
+def resume(
+    run_ref: str | Path | RunDir,
+    *,
+    runs_dir: str | Path | None = None,
+    progress: Progress | None = None,
+    on_cell: Callable[[int, int], None] | None = None,
+    executor: str | Executor = "local",
+    address: str | None = None,
+) -> RunResult:
+    """Finish a killed, interrupted or failed run: train only its missing cells (the same
+    cells, chunk sizes and seeds it planned), then analyse it as a whole. The result is
+    bit-identical to an uninterrupted run of the same study and seeds.
+
+    run_ref: a run folder, a run id (or unique prefix) in ``runs_dir``, or ``latest``.
+    Raises StudyError (exit 2) for a complete run, a run still running in another
+    process, or a run folder this version cannot resume.
+    """
+    if isinstance(run_ref, RunDir):
+        run_dir = run_ref
+    else:
+        root = Path(runs_dir) if runs_dir is not None else default_runs_dir()
+        run_dir = resolve_run(root, str(run_ref))
+    progress = progress or _Silent()
+    meta = run_dir.read_json("study.json")
+    status = run_dir.read_json("status.json")
+    where = str(run_dir.path)
+    if status["state"] == "complete":
+        raise StudyError(
+            where=where,
+            key="--resume",
+            expected="a run that did not finish (killed, interrupted or failed)",
+            got="a complete run",
+            fix=f"nothing to resume; see it with `ablab show {run_dir.run_id}`",
+        )
+    stored_plan = meta.get("plan")
+    if not stored_plan:
+        raise StudyError(
+            where=where,
+            key="study.json plan",
+            expected="a run stored by an ablab that records its cell plan",
+            got="no plan (an older run)",
+            fix="run the study again",
+        )
     try:
-        for variant, program in programs.items():
-            mine = [c for c in cells if c.variant == variant]
-            for cell in mine:
-                if reference:
-                    out, step_p, epoch_p = reference_cell(program, cell.seed_ids[: cell.real])
-                else:
-                    out, step_p, epoch_p = program.run(cell.seed_ids)
+        study = Study.model_validate(meta["study"])
+    except Exception as exc:
+        raise StudyError(
+            where=where,
+            key="study.json",
+            expected="the stored study, loadable by this ablab version",
+            got=f"{type(exc).__name__}: {str(exc).splitlines()[0]}",
+            fix="resume with the ablab version that started the run, or run the study again",
+        ) from exc
+    if isinstance(study.model.builder, str) and study.model.builder.startswith("<callable"):
+        raise StudyError(
+            where=where,
+            key="model.builder",
+            expected="a builder named by file or module (a stored run can rebuild it)",
+            got=study.model.builder,
+            fix="give the builder as 'file.py:function' or 'module:function' to resume",
+        )
+    with run_dir.locked():
+        t0 = time.perf_counter()
+        plan = _plan(study, stored_plan["chunk_sizes"])
+        if plan.to_json() != stored_plan:
+            raise StudyError(
+                where=where,
+                key="study.json plan",
+                expected=f"the stored cell plan {stored_plan}",
+                got=f"{plan.to_json()} from this ablab version",
+                fix="resume with the ablab version that started the run",
+            )
+        run_dir.clean_partial_writes()
+        done = run_dir.done_cells()
+        todo = [c for c in plan.cells if c.key not in done]
+        compile_s = _compile_all(plan, todo, progress)
+        chosen = _executor(plan, executor, address)
+        run_dir.reopen(len(plan.cells) - len(todo), len(plan.cells))
+        return _execute(plan, run_dir, todo, chosen, progress, on_cell, t0, compile_s)
+
+
+def _execute(
+    plan: _Plan,
+    run_dir: RunDir,
+    todo: list[Cell],
+    executor: Executor,
+    progress: Progress,
+    on_cell: Callable[[int, int], None] | None,
+    t0: float,
+    compile_s: dict[str, float],
+) -> RunResult:
+    """Train ``todo`` with ``executor``, storing each cell as it arrives, then analyse the
+    whole run from its stored cells (the same path whether it ran in one go or resumed)."""
+    total = len(plan.cells)
+    done = total - len(todo)
+    try:
+        try:
+            for cell, (out, step_p, epoch_p) in executor.run_cells(todo):
+                program = plan.program_for(cell)
                 seed_ids = cell.seed_ids[: cell.real].astype(np.int64)
                 values = {k: v[: cell.real] for k, v in out.items()}
                 probes = None
@@ -334,67 +507,73 @@ def run(
                     step_p = {k: v[: cell.real] for k, v in step_p.items()}
                     epoch_p = {k: v[: cell.real] for k, v in epoch_p.items()}
                     probes = probe_table(
-                        variant, seed_ids, step_p, epoch_p, program.layout.steps_per_epoch
+                        cell.variant, seed_ids, step_p, epoch_p, program.layout.steps_per_epoch
                     )
-                    epoch_parts[variant].append(epoch_p)
                 run_dir.write_cell(
-                    variant, cell.chunk, history_table(variant, seed_ids, values), probes
+                    cell.variant, cell.chunk, history_table(cell.variant, seed_ids, values), probes
                 )
-                parts[variant].append((seed_ids, values))
                 done += 1
-                run_dir.write_status("running", done, len(cells))
-                progress.chunk_done(variant, cell.chunk, cell.real)
+                run_dir.write_status("running", done, total)
+                progress.chunk_done(cell.variant, cell.chunk, cell.real)
                 if on_cell is not None:
-                    on_cell(done, len(cells))
-
+                    on_cell(done, total)
+        finally:
+            executor.close()
         wall = time.perf_counter() - t0
-        histories = {
-            v: VariantHistory(
-                seeds=np.concatenate([s for s, _ in chunks]),
-                values={k: np.concatenate([vals[k] for _, vals in chunks]) for k in chunks[0][1]},
-            )
-            for v, chunks in parts.items()
-        }
-        total_runs = study.seeds.count * len(programs)
-        checks: list[CheckResult] = []
-        if declares_checks(study) and reference:
-            checks = [reference_engine_checks_skipped(study)]
-        elif declares_checks(study):
-            checks = run_checks(study, programs, progress=progress)
-        explain = {}
-        for v, program in programs.items():
-            epoch_p = (
-                {k: np.concatenate([c[k] for c in epoch_parts[v]]) for k in epoch_parts[v][0]}
-                if epoch_parts[v]
-                else None
-            )
-            explain[v] = {
-                "optimum": optimum_gaps(program, histories[v].values, epoch_p),
-                "bn": bn_diagnosis(program, histories[v].values, epoch_p),
-                "probes": epoch_p is not None,
-            }
-        result = RunResult(
-            run_id=run_dir.run_id,
-            run_dir=run_dir.path,
-            study=study,
-            state="complete",
-            wall_s=wall,
-            runs_per_s=total_runs / wall,
-            summary=summarize(histories),
-            histories=histories,
-            comparisons=compare(histories, str(study.baseline), study.verdicts),
-            checks=checks,
-            explain=explain,
-            compile_s=compile_s,
-        )
-        run_dir.finish("complete", done, len(cells), result.to_json())
+        trained = sum(c.real for c in todo)
+        result = _analyse(plan, run_dir, progress, wall, trained / wall, compile_s)
+        run_dir.finish("complete", done, total, result.to_json())
     except KeyboardInterrupt as exc:  # during training, checks or analysis
-        run_dir.finish("interrupted", done, len(cells), None)
-        raise RunInterrupted(str(run_dir.path), done, len(cells)) from exc
+        run_dir.finish("interrupted", done, total, None)
+        raise RunInterrupted(str(run_dir.path), done, total) from exc
     except BaseException:
-        run_dir.finish("failed", done, len(cells), None)
+        run_dir.finish("failed", done, total, None)
         raise
     return result
+
+
+def _analyse(
+    plan: _Plan,
+    run_dir: RunDir,
+    progress: Progress,
+    wall: float,
+    runs_per_s: float,
+    compile_s: dict[str, float],
+) -> RunResult:
+    """Verdicts, checks and explanations of a run whose cells are all stored -- computed
+    from the store, so a resumed run and an uninterrupted one give identical documents."""
+    study = plan.study
+    stored = variant_histories(run_dir.history())
+    histories = {v: stored[v] for v in plan.programs}
+    epoch_probes = epoch_probe_arrays(run_dir.probes())
+    reference = study.engine.kind == "reference"
+    checks: list[CheckResult] = []
+    if declares_checks(study) and reference:
+        checks = [reference_engine_checks_skipped(study)]
+    elif declares_checks(study):
+        checks = run_checks(study, plan.programs, progress=progress)
+    explain = {}
+    for v, program in plan.programs.items():
+        epoch_p = epoch_probes.get(v)
+        explain[v] = {
+            "optimum": optimum_gaps(program, histories[v].values, epoch_p),
+            "bn": bn_diagnosis(program, histories[v].values, epoch_p),
+            "probes": epoch_p is not None,
+        }
+    return RunResult(
+        run_id=run_dir.run_id,
+        run_dir=run_dir.path,
+        study=study,
+        state="complete",
+        wall_s=wall,
+        runs_per_s=runs_per_s,
+        summary=summarize(histories),
+        histories=histories,
+        comparisons=compare(histories, str(study.baseline), study.verdicts),
+        checks=checks,
+        explain=explain,
+        compile_s=compile_s,
+    )
 
 
 def load_run(run_dir: RunDir) -> tuple[dict[str, Any], dict[str, VariantHistory]]:
@@ -424,6 +603,7 @@ def run_document(
     comparisons = (
         compare(histories, baseline, spec) if baseline in histories and len(histories) > 1 else []
     )
+    comparison_docs = [c.to_json() for c in comparisons]
     return {
         "run_id": meta["run_id"],
         "run_dir": meta["run_dir"],
@@ -439,10 +619,11 @@ def run_document(
         "environment": meta["environment"],
         "study": meta["study"],
         "variants": summarize(histories),
-        "comparisons": [c.to_json() for c in comparisons],
+        "comparisons": comparison_docs,
         "verdict_rule": RULE,
         "checks": saved.get("checks", []),
         "explain": saved.get("explain", {}),
+        "sweep": sweep_effects(meta["study"], comparison_docs),
         "analysed": bool(saved),  # checks and explain exist only for a run that finished
     }
 

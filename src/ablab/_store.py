@@ -3,11 +3,15 @@
 Layout under a runs directory (default ``runs/``)::
 
     catalog.duckdb                      table `runs`: one row per run
-    <run_id>/study.json                 resolved study + environment (versioned)
+    <run_id>/study.json                 resolved study + environment + cell plan (versioned)
     <run_id>/status.json                state, cells done / total (versioned)
     <run_id>/cells/<variant>/chunk-<k>.parquet   history rows of one cell
+    <run_id>/probes/<variant>/chunk-<k>.parquet  probe rows of one cell (probed cells only)
     <run_id>/summary.json               the run's JSON summary (when it ended)
+    <run_id>/.lock                      held (flock) by the process running the run
 
+A swept study's variants are its arms (``variant@axis=value``), so a cell file is one
+(variant, sweep point, seed chunk). A cell is done when its history file exists.
 Every file is written atomically (temp file in the same folder + ``os.replace``),
 so an interrupted run leaves only whole files: each finished cell is readable.
 """
@@ -15,6 +19,7 @@ so an interrupted run leaves only whole files: each finished cell is readable.
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import json
 import logging
 import math
@@ -191,6 +196,7 @@ class RunDir:
         study: dict[str, Any],
         environment: dict[str, Any],
         cells_total: int,
+        plan: dict[str, Any] | None = None,
     ) -> RunDir:
         run_id = new_run_id(name)
         run = cls(runs_dir / run_id)
@@ -204,6 +210,7 @@ class RunDir:
                 "created_at": created.isoformat(),
                 "study": study,
                 "environment": environment,
+                "plan": plan,
             },
         )
         run.write_status("running", 0, cells_total)
@@ -226,6 +233,53 @@ class RunDir:
             ],
         )
         return run
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold this run's lock (``flock`` on ``.lock``) while running or resuming it. The
+        kernel drops the lock when the process dies, even by ``kill -9``, so a killed run is
+        resumable at once while a running one cannot be resumed twice."""
+        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise StudyError(
+                where=str(self.path),
+                key="RUN",
+                expected="a run no other process is running",
+                got=f"locked by process {holder}",
+                fix="wait for it to end (or stop it) before resuming",
+            ) from None
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def clean_partial_writes(self) -> None:
+        """Remove the temp files a killed writer left behind (never whole cells)."""
+        for folder in ("cells", "probes"):
+            for tmp in (self.path / folder).glob("*/.*.tmp"):
+                tmp.unlink(missing_ok=True)
+        for tmp in self.path.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+    def done_cells(self) -> set[tuple[str, int]]:
+        """(variant, chunk) of every cell whose history is stored."""
+        return {(f.parent.name, int(f.stem.split("-")[1])) for f in self.cell_files()}
+
+    def reopen(self, cells_done: int, cells_total: int) -> None:
+        """Mark a resumed run running again (status and catalog)."""
+        self.write_status("running", cells_done, cells_total)
+        _update_catalog(
+            self.runs_dir,
+            "UPDATE runs SET state = ?, finished_at = NULL, cells_done = ? WHERE run_id = ?",
+            ["running", cells_done, self.run_id],
+        )
 
     def write_status(self, state: str, cells_done: int, cells_total: int) -> None:
         atomic_write_json(

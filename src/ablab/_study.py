@@ -25,7 +25,18 @@ from pydantic import (
 
 from ablab._errors import StudyError, short_repr
 
-SECTIONS = ("data", "model", "train", "variants", "seeds", "engine", "verdicts", "checks", "probes")
+SECTIONS = (
+    "data",
+    "model",
+    "train",
+    "variants",
+    "seeds",
+    "engine",
+    "verdicts",
+    "checks",
+    "probes",
+    "sweep",
+)
 
 # Keras defaults (keras.Model.compile / keras.Model.fit, Keras 3.15).
 FIT_DEFAULT_BATCH_SIZE = 32
@@ -316,6 +327,21 @@ class ProbesSpec(_Strict):
     enabled: bool | Literal["auto"] = "auto"
     """true, false, or "auto": on for models up to ``max_params`` parameters."""
     max_params: PositiveInt = 100_000
+    seeds: PositiveInt = 1000
+    """Probe at least this many seeds per variant (the first seed chunks that cover them);
+    the other chunks run without probes. Probes are long tables (one row per seed, step and
+    quantity): at 100,000 seeds they would outweigh the History many times over, while the
+    explanations they feed are medians that 1,000 seeds pin down."""
+
+
+Scalar = bool | int | float | str
+
+
+class SweepArm(_Strict):
+    """One trained arm of a swept study: a declared variant at one sweep point."""
+
+    variant: str
+    point: dict[str, Scalar]
 
 
 class Study(_Strict):
@@ -333,6 +359,10 @@ class Study(_Strict):
     verdicts: VerdictSpec = Field(default_factory=VerdictSpec)
     checks: ChecksSpec = Field(default_factory=ChecksSpec)
     probes: ProbesSpec = Field(default_factory=ProbesSpec)
+    sweep: dict[str, list[Scalar]] = Field(default_factory=dict)
+    """Sweep axes crossed with the variants (``ablab._sweep``): ``batch_size = [8, 16, 32]``."""
+    arms: dict[str, SweepArm] = Field(default_factory=dict)
+    """Set by the sweep expansion: each variant (arm) name -> declared variant and point."""
     source: str = "<in code>"
     """Where the study came from: its file, or ``<in code>``."""
     root: str = "."
@@ -354,7 +384,9 @@ class Study(_Strict):
                 "name an existing variant",
             )
         for name, variant in self.variants.items():
-            if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.~+-]*", name) or name == "baseline":
+            if name in self.arms:  # a sweep arm, named by the expansion: variant@axis=value
+                pass
+            elif not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.~+-]*", name) or name == "baseline":
                 raise _KeyedError(
                     f"variants.{name}",
                     "a name of letters, digits and _ . ~ + - (not 'baseline')",

@@ -165,12 +165,45 @@ def print_explain(console: Console, explain: dict[str, dict[str, Any]]) -> None:
             console.print(f"  • {escape(line)}", soft_wrap=True)
 
 
+def sweep_table(sweep: dict[str, Any]) -> Table:
+    """The effect along the sweep: one row per (variant, sweep point) vs the baseline at the
+    same point, one column per axis."""
+    axes = list(sweep["axes"])
+    table = Table(
+        title=f"sweep: effect on final {sweep['metric']} vs the baseline at each point",
+        title_justify="left",
+    )
+    table.add_column("variant")
+    for axis in axes:
+        table.add_column(axis, justify="right")
+    for col in ("Δ mean [CI]", "Δ %", "verdict"):
+        table.add_column(col, justify="left" if col == "verdict" else "right")
+    rows = sorted(sweep["rows"], key=lambda r: r["variant"])  # stable: grid order per variant
+    for r in rows:
+        effect = (
+            "—"
+            if r["diff_mean"] is None
+            else f"{r['diff_mean']:+.4f} [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]"
+        )
+        rel = "—" if r.get("rel_diff") is None else f"{100 * r['rel_diff']:+.1f}"
+        table.add_row(
+            escape(f"{r['variant']} vs {r['baseline']}"),
+            *(str(r["point"].get(a, "")) for a in axes),
+            effect,
+            rel,
+            f"[{_VERDICT_STYLE.get(r['verdict'], '')}]{r['verdict']}[/]",
+        )
+    return table
+
+
 def print_run(console: Console, doc: dict[str, Any]) -> None:
     """The summary ``ablab run`` prints: tables, wall time, throughput, where it is stored."""
     console.print(summary_table(doc["variants"], doc.get("baseline")))
     if doc.get("comparisons"):
         console.print(comparison_table(doc["comparisons"]))
         console.print(f"verdict rule: {doc['verdict_rule']}", style="dim")
+    if doc.get("sweep") and doc["sweep"]["rows"]:
+        console.print(sweep_table(doc["sweep"]))
     if doc.get("checks"):
         console.print(checks_table(doc["checks"]))
     print_explain(console, doc.get("explain") or {})

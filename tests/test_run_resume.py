@@ -1,0 +1,161 @@
+"""Resumable runs (ablab._run.resume): a run killed with SIGKILL mid-way is finished by
+``ablab run --resume RUN`` and ends bit-identical to an uninterrupted run of the same seeds."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+import ablab
+from ablab._errors import StudyError
+from ablab._store import RunDir, list_runs
+from tests.conftest import TINY_STUDY
+
+ABLAB = str(Path(sys.executable).parent / "ablab")
+
+# 40 seeds in chunks of 2 -> 20 cells per variant; the first 2 chunks carry probes, the
+# rest run the probe-free program: a resumed run must rebuild both kinds of cell.
+MANY_CELLS = (
+    TINY_STUDY.replace("count = 6", "count = 40").replace("chunk_size = 4", "chunk_size = 2")
+    + "[probes]\nseeds = 4\n"
+)
+
+# What may differ between two runs of the same seeds: identity, time, where it ran.
+VOLATILE = {"run_id", "run_dir", "wall_s", "runs_per_s", "version"}
+
+
+def _sorted_rows(table: pa.Table) -> pa.Table:
+    table = table.drop_columns(["run_id"])
+    keys = [
+        k for k in ("variant", "seed", "kind", "probe", "step", "epoch") if k in table.schema.names
+    ]
+    return table.sort_by([(k, "ascending") for k in keys])
+
+
+def _document(run_dir: Path) -> dict:
+    doc = json.loads((run_dir / "summary.json").read_text())
+    return {k: v for k, v in doc.items() if k not in VOLATILE}
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    ra, rb = RunDir(a), RunDir(b)
+    assert _sorted_rows(ra.history()).equals(_sorted_rows(rb.history()))
+    assert _sorted_rows(ra.probes()).equals(_sorted_rows(rb.probes()))
+    assert _document(a) == _document(b)
+
+
+@pytest.fixture
+def study_file(tmp_path: Path) -> Path:
+    path = tmp_path / "many.toml"
+    path.write_text(MANY_CELLS)
+    return path
+
+
+def _cells(run_dir: Path) -> int:
+    return len(list((run_dir / "cells").glob("*/chunk-*.parquet")))
+
+
+def test_kill_9_then_resume_is_bit_identical(study_file: Path, tmp_path: Path) -> None:
+    reference = ablab.run(study_file, runs_dir=tmp_path / "whole")
+    assert reference.state == "complete"
+
+    runs = tmp_path / "killed"
+    log = tmp_path / "killed.log"
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(
+            [ABLAB, "run", str(study_file), "--runs-dir", str(runs), "--quiet", "--json"],
+            stdout=subprocess.DEVNULL,
+            stderr=sink,
+        )
+    run_dir = None
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        found = [p.parent for p in runs.glob("*/study.json")] if runs.is_dir() else []
+        if found and _cells(found[0]) >= 3:
+            run_dir = found[0]
+            break
+        time.sleep(0.005)
+    assert run_dir is not None, log.read_text()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "running"  # nobody could mark it: the process was killed
+    cells_before = _cells(run_dir)
+    assert 3 <= cells_before < 40, "the kill must land mid-run"
+    (run_dir / "cells" / "plain" / ".chunk-00019.parquet.x.tmp").write_bytes(b"half")
+
+    done = subprocess.run(
+        [ABLAB, "run", "--resume", run_dir.name, "--runs-dir", str(runs), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    assert doc["state"] == "complete" and doc["run_id"] == run_dir.name
+    assert _cells(run_dir) == 40
+    assert not list(run_dir.glob("*/*/.*.tmp")), "partial writes are cleaned"
+    _assert_same_run(reference.run_dir, run_dir)
+    (row,) = list_runs(runs)
+    assert row["state"] == "complete" and row["cells_done"] == 40
+
+
+def test_interrupted_run_resumes_in_process(study_file: Path, tmp_path: Path) -> None:
+    reference = ablab.run(study_file, runs_dir=tmp_path / "whole")
+
+    def stop(done: int, total: int) -> None:
+        if done == 25:  # into the second variant
+            raise KeyboardInterrupt
+
+    runs = tmp_path / "runs"
+    with pytest.raises(ablab.RunInterrupted):
+        ablab.run(study_file, runs_dir=runs, on_cell=stop)
+    (run_dir,) = [p.parent for p in runs.glob("*/study.json")]
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "interrupted"
+    trained: list[int] = []
+    result = ablab.resume("latest", runs_dir=runs, on_cell=lambda d, t: trained.append(d))
+    assert trained == list(range(26, 41))  # only the 15 missing cells
+    assert result.state == "complete"
+    _assert_same_run(reference.run_dir, run_dir)
+
+
+def test_resume_refuses_complete_and_locked_runs(study_file: Path, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    done = ablab.run(study_file, runs_dir=runs, seeds=2)
+    with pytest.raises(StudyError, match="complete run"):
+        ablab.resume(done.run_id, runs_dir=runs)
+
+    def stop(done: int, total: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(ablab.RunInterrupted) as info:
+        ablab.run(study_file, runs_dir=runs, seeds=4, on_cell=stop)
+    run_dir = RunDir(Path(info.value.run_dir))
+    # as if another process were running it
+    with run_dir.locked(), pytest.raises(StudyError, match="locked by process"):
+        ablab.resume(run_dir.path)
+    assert ablab.resume(run_dir.path).state == "complete"
+
+
+def test_resume_cli_usage_errors(study_file: Path, tmp_path: Path) -> None:
+    both = subprocess.run(
+        [ABLAB, "run", str(study_file), "--resume", "latest", "--runs-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert both.returncode == 2 and "drop STUDY" in both.stderr
+    missing = subprocess.run(
+        [ABLAB, "run", "--resume", "nope", "--runs-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert missing.returncode == 2 and "no such run" in missing.stderr
