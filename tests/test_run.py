@@ -177,3 +177,21 @@ def test_seed_study_verdicts(tmp_path: Path) -> None:
         ("plain ≡ plain_identity", True, 0.0),
         ("bn ≡ bn_after", True, 0.0),
     ]
+
+
+def test_probes_cover_the_first_chunks_only(tiny_study: Path, tmp_path: Path) -> None:
+    """``[probes] seeds = 3`` with chunks of 4: the first chunk (seeds 0-3) is probed, the
+    second runs the probe-free program; histories cover all 6 seeds either way."""
+    tiny_study.write_text(tiny_study.read_text() + "[probes]\nseeds = 3\n")
+    result = ablab.run(tiny_study, runs_dir=tmp_path / "runs")
+    probed = set(result.probes.column("seed").to_pylist())
+    assert probed == {0, 1, 2, 3}
+    assert result.histories["bn"].n_seeds == 6
+    meta = json.loads((result.run_dir / "study.json").read_text())
+    assert meta["plan"] == {
+        "chunk_sizes": {"plain": 4, "bn": 4},
+        "cells_total": 4,
+        "probed_chunks": {"plain": 1, "bn": 1},
+    }
+    explain = result.to_json()["explain"]["bn"]
+    assert explain["probes"] and explain["bn"][0]["updates"] == 9

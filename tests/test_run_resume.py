@@ -92,6 +92,14 @@ def test_kill_9_then_resume_is_bit_identical(study_file: Path, tmp_path: Path) -
     cells_before = _cells(run_dir)
     assert 3 <= cells_before < 40, "the kill must land mid-run"
     (run_dir / "cells" / "plain" / ".chunk-00019.parquet.x.tmp").write_bytes(b"half")
+    shown = subprocess.run(
+        [ABLAB, "show", run_dir.name, "--runs-dir", str(runs)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "state: killed" in shown.stdout
+    assert f"ablab run --resume {run_dir.name}" in shown.stdout
 
     done = subprocess.run(
         [ABLAB, "run", "--resume", run_dir.name, "--runs-dir", str(runs), "--json"],

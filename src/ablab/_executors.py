@@ -31,9 +31,10 @@ the probes are None for a cell without them."""
 EXECUTORS = ("local", "ray")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Cell:
-    """One unit of work: ``seed_ids`` (padded to the chunk size; the first ``real`` count)."""
+    """One unit of work: ``seed_ids`` (padded to the chunk size; the first ``real`` count).
+    Compared by identity (it holds an array); ``key`` names it."""
 
     variant: str
     chunk: int

@@ -581,6 +581,8 @@ def load_run(run_dir: RunDir) -> tuple[dict[str, Any], dict[str, VariantHistory]
     comparisons recomputed from the finished cells) and the histories, in study order."""
     meta = run_dir.read_json("study.json")
     status = run_dir.read_json("status.json")
+    if status["state"] == "running" and not run_dir.is_running():
+        status = {**status, "state": "killed"}  # marked running, but its process is gone
     stored = variant_histories(run_dir.history())
     order = [v for v in meta["study"].get("variants", {}) if v in stored]
     histories = {v: stored[v] for v in order + [v for v in stored if v not in order]}
@@ -625,6 +627,7 @@ def run_document(
         "explain": saved.get("explain", {}),
         "sweep": sweep_effects(meta["study"], comparison_docs),
         "analysed": bool(saved),  # checks and explain exist only for a run that finished
+        "resumable": status["state"] in ("interrupted", "failed", "killed"),
     }
 
 

@@ -260,6 +260,21 @@ class RunDir:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
+    def is_running(self) -> bool:
+        """Does a live process hold this run's lock (a run marked "running" whose process
+        was killed does not)?"""
+        path = self.path / ".lock"
+        if not path.exists():
+            return False
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # closing drops a lock we got
+        return False
+
     def clean_partial_writes(self) -> None:
         """Remove the temp files a killed writer left behind (never whole cells)."""
         for folder in ("cells", "probes"):

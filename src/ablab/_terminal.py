@@ -228,6 +228,11 @@ def print_show(console: Console, doc: dict[str, Any]) -> None:
         print_run(console, doc)
     else:
         console.print("no finished cells")
+    if doc.get("resumable"):
+        console.print(
+            f"this run is {doc['state']}: finish it with `ablab run --resume {doc['run_id']}`",
+            style="yellow",
+        )
 
 
 def runs_table(rows: list[dict[str, Any]]) -> Table:
