@@ -12,7 +12,9 @@ Measures, for the seed study (examples/bn_yes_or_no.toml):
 The last line printed is JSON:
 {"engine_runs_per_s", "engine_bn_runs_per_s", "fit_runs_per_s", "speedup", "init_10k_s",
  "compile_s", "peak_rss_mb", ...}
-Usage: python bench/throughput.py [--seeds 10000] [--fit-runs 5]
+With --engine-only, only the two engine figures without probes are measured (a quick A/B
+of an engine change); the JSON then carries the engine keys only.
+Usage: python bench/throughput.py [--seeds 10000] [--fit-runs 5] [--engine-only]
 """
 
 from __future__ import annotations
@@ -114,11 +116,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=10_000)
     parser.add_argument("--fit-runs", type=int, default=5)
+    parser.add_argument(
+        "--engine-only", action="store_true", help="only engine plain and bn, no probes, no fit"
+    )
     args = parser.parse_args()
 
     study = ablab.load_study(STUDY)
     eng = engine_figures(study, "plain", args.seeds)
     eng_bn = engine_figures(study, "bn", args.seeds)
+    if args.engine_only:
+        print(
+            json.dumps(
+                {
+                    "seeds": args.seeds,
+                    "engine_runs_per_s": round(eng["runs_per_s"], 1),
+                    "engine_bn_runs_per_s": round(eng_bn["runs_per_s"], 1),
+                    "chunk": eng["chunk"],
+                    "compile_s": round(eng["compile_s"], 2),
+                    "compile_bn_s": round(eng_bn["compile_s"], 2),
+                    "device": jax.devices()[0].platform,
+                }
+            )
+        )
+        return
     eng_probed = engine_figures(study, "plain", args.seeds, probes=True)
     eng_bn_probed = engine_figures(study, "bn", args.seeds, probes=True)
     fit = fit_figures(study, "plain", args.fit_runs)

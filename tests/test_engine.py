@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 
 import ablab
+import ablab._engine as engine
 from ablab._engine import (
     VariantProgram,
     choose_chunk_size,
+    compiler_options,
     epoch_permutation,
     first_non_finite_epoch,
     seed_chunks,
@@ -38,6 +40,30 @@ def test_a_seed_gives_the_same_result_in_any_chunk(
     big = program.train(np.arange(8, dtype=np.uint32))
     small = program.train(np.array([5], dtype=np.uint32))
     np.testing.assert_allclose(big["val_loss"][5], small["val_loss"][0], rtol=1e-5)
+
+
+def test_the_same_seeds_give_bit_identical_results_run_to_run(
+    seed_programs: dict[str, VariantProgram],
+) -> None:
+    # Resuming a killed run recomputes cells: the compiled program must be deterministic.
+    ids = np.arange(6, dtype=np.uint32)
+    for variant in ("plain", "bn"):
+        first, second = seed_programs[variant].train(ids), seed_programs[variant].train(ids)
+        for name in first:
+            np.testing.assert_array_equal(first[name], second[name], err_msg=f"{variant} {name}")
+
+
+def test_compiler_options_fall_back_when_a_flag_is_unknown(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert compiler_options() == engine.COMPILER_OPTIONS  # this jaxlib takes them all
+    bogus = {**engine.COMPILER_OPTIONS, "xla_cpu_no_such_flag_for_ablab": True}
+    monkeypatch.setattr(engine, "COMPILER_OPTIONS", bogus)
+    compiler_options.cache_clear()
+    try:
+        assert compiler_options() == engine.BASE_COMPILER_OPTIONS
+    finally:
+        compiler_options.cache_clear()
 
 
 def test_epoch_permutation_is_a_permutation_and_differs_by_epoch_and_seed() -> None:

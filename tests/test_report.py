@@ -23,6 +23,9 @@ from ablab._run import run_document
 from ablab._store import RunDir
 from tests.conftest import ROOT
 
+# The report study has no [sweep]: every figure but the sweep's (tests/test_sweep.py has it).
+UNSWEPT = [f for f in FIGURES if f != "sweep"]
+
 # Reference values below come from numpy on the stored tables: np.quantile's default (linear
 # interpolation, Hyndman-Fan type 7) is the definition DuckDB's quantile_cont uses too.
 
@@ -80,10 +83,10 @@ def test_every_figure_has_data_and_the_page_is_self_contained(
     report_run: ablab.RunResult, tmp_path: Path
 ) -> None:
     data = report_run.report_data()
-    assert data.available() == list(FIGURES)
+    assert data.available() == UNSWEPT
     path = report_run.write_report(tmp_path / "r.html")
     html = path.read_text()
-    for name in FIGURES:
+    for name in UNSWEPT:
         assert f'data-plot="{name}"' in html
     # nothing is fetched: no external scripts, styles, fonts or images
     assert not re.search(r"(src|href)=\"(https?:)?//", html)
@@ -192,7 +195,7 @@ def test_report_in_headless_chromium(report_run: ablab.RunResult) -> None:
         page.on("request", lambda r: requests.append(r.url))
         page.goto(path.resolve().as_uri(), wait_until="load")
         sizes = {}
-        for name in FIGURES:
+        for name in UNSWEPT:
             svg = page.locator(f'figure[data-plot="{name}"] svg')
             assert svg.count() == 1, name
             box = svg.bounding_box()

@@ -59,11 +59,12 @@ def variant_histories(table: pa.Table) -> dict[str, VariantHistory]:
     if table.num_rows == 0:
         return out
     names = [c for c in table.column_names if c not in (*KEY_COLUMNS, "run_id")]
-    variants = table.column("variant").to_numpy(zero_copy_only=False)
+    variants = table.column("variant")
     seeds_all = table.column("seed").to_numpy()
     epochs_all = table.column("epoch").to_numpy()
-    for variant in dict.fromkeys(variants):  # first-seen order
-        mask = variants == variant
+    # Arrow compute, not a numpy array of Python strings (one per row: too big at 100k seeds).
+    for variant in pc.unique(variants).to_pylist():  # first-seen order
+        mask = pc.equal(variants, variant).to_numpy(zero_copy_only=False)
         seeds, seed_index = np.unique(seeds_all[mask], return_inverse=True)
         n_epochs = int(epochs_all[mask].max())
         values = {}
@@ -120,8 +121,10 @@ def epoch_probe_arrays(table: pa.Table) -> dict[str, dict[str, np.ndarray]]:
     if table.num_rows == 0:
         return out
     table = table.filter(pc.equal(table.column("kind"), "epoch"))
-    variants = table.column("variant").to_numpy(zero_copy_only=False)
-    probes = table.column("probe").to_numpy(zero_copy_only=False)
+    if table.num_rows == 0:
+        return out
+    variants = table.column("variant").cast(pa.string()).to_numpy(zero_copy_only=False)
+    probes = table.column("probe").cast(pa.string()).to_numpy(zero_copy_only=False)
     seeds_all = table.column("seed").to_numpy()
     epochs_all = table.column("epoch").to_numpy()
     values_all = table.column("value").to_numpy()

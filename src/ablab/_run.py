@@ -543,9 +543,10 @@ def _analyse(
     """Verdicts, checks and explanations of a run whose cells are all stored -- computed
     from the store, so a resumed run and an uninterrupted one give identical documents."""
     study = plan.study
-    stored = variant_histories(run_dir.history())
-    histories = {v: stored[v] for v in plan.programs}
-    epoch_probes = epoch_probe_arrays(run_dir.probes())
+    histories = {  # one variant at a time: peak memory follows one arm, not the run
+        v: variant_histories(run_dir.history(v, run_id=False))[v] for v in plan.programs
+    }
+    epoch_probes = epoch_probe_arrays(run_dir.probes("epoch"))
     reference = study.engine.kind == "reference"
     checks: list[CheckResult] = []
     if declares_checks(study) and reference:
@@ -583,9 +584,12 @@ def load_run(run_dir: RunDir) -> tuple[dict[str, Any], dict[str, VariantHistory]
     status = run_dir.read_json("status.json")
     if status["state"] == "running" and not run_dir.is_running():
         status = {**status, "state": "killed"}  # marked running, but its process is gone
-    stored = variant_histories(run_dir.history())
-    order = [v for v in meta["study"].get("variants", {}) if v in stored]
-    histories = {v: stored[v] for v in order + [v for v in stored if v not in order]}
+    present = list(dict.fromkeys(f.parent.name for f in run_dir.cell_files()))
+    declared = list(meta["study"].get("variants", {}))
+    order = [v for v in declared if v in present] + [v for v in present if v not in declared]
+    histories = {  # one variant at a time (peak memory follows one arm)
+        v: variant_histories(run_dir.history(v, run_id=False))[v] for v in order
+    }
     saved = run_dir.read_json("summary.json") if (run_dir.path / "summary.json").exists() else {}
     meta = {**meta, "run_id": run_dir.run_id, "run_dir": str(run_dir.path)}
     return run_document(meta, status, saved, histories), histories

@@ -347,12 +347,21 @@ class RunDir:
     def read_json(self, name: str) -> dict[str, Any]:
         return json.loads((self.path / name).read_text())
 
-    def history(self) -> pa.Table:
-        """Every stored history row of this run (all finished cells)."""
+    def history(self, variant: str | None = None, *, run_id: bool = True) -> pa.Table:
+        """Every stored history row of this run (all finished cells), or of one variant's;
+        ``run_id=False`` leaves out the run_id column (one repeated string per row: 8 million
+        of them for 100,000 seeds x 4 variants x 20 epochs, which the analysis does not need)."""
         files = self.cell_files()
+        if variant is not None:
+            files = [f for f in files if f.parent.name == variant]
         if not files:
             return pa.table({})
-        return pa.concat_tables([pq.read_table(f) for f in files], promote_options="default")
+        tables = []
+        for f in files:
+            names = pq.ParquetFile(f).schema_arrow.names
+            columns = names if run_id else [c for c in names if c != "run_id"]
+            tables.append(pq.read_table(f, columns=columns, read_dictionary=["variant"]))
+        return pa.concat_tables(tables, promote_options="default")
 
     def done_probe_files(self) -> list[Path]:
         """Probe files of the cells whose history is stored (a run interrupted between the
@@ -360,12 +369,26 @@ class RunDir:
         done = {(f.parent.name, f.name) for f in self.cell_files()}
         return [f for f in self.probe_files() if (f.parent.name, f.name) in done]
 
-    def probes(self) -> pa.Table:
-        """Every stored probe row of this run (cells whose history is stored)."""
+    def probes(self, kind: str | None = None) -> pa.Table:
+        """Every stored probe row of this run (cells whose history is stored); ``kind``
+        ("step" / "epoch") reads only those rows, without the run_id column."""
         files = self.done_probe_files()
         if not files:
             return pa.table({})
-        return pa.concat_tables([pq.read_table(f) for f in files])
+        if kind is None:
+            return pa.concat_tables([pq.read_table(f) for f in files])
+        columns = ["variant", "seed", "kind", "step", "epoch", "probe", "value"]
+        return pa.concat_tables(
+            [
+                pq.read_table(
+                    f,
+                    columns=columns,
+                    filters=[("kind", "=", kind)],
+                    read_dictionary=["variant", "kind", "probe"],
+                )
+                for f in files
+            ]
+        )
 
 
 def resolve_run(runs_dir: Path, ref: str) -> RunDir:
