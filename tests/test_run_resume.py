@@ -59,14 +59,23 @@ def study_file(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> ablab.RunResult:
+    """The uninterrupted run both resume tests must reproduce."""
+    root = tmp_path_factory.mktemp("whole")
+    (root / "many.toml").write_text(MANY_CELLS)
+    result = ablab.run(root / "many.toml", runs_dir=root / "runs")
+    assert result.state == "complete"
+    return result
+
+
 def _cells(run_dir: Path) -> int:
     return len(list((run_dir / "cells").glob("*/chunk-*.parquet")))
 
 
-def test_kill_9_then_resume_is_bit_identical(study_file: Path, tmp_path: Path) -> None:
-    reference = ablab.run(study_file, runs_dir=tmp_path / "whole")
-    assert reference.state == "complete"
-
+def test_kill_9_then_resume_is_bit_identical(
+    study_file: Path, tmp_path: Path, reference: ablab.RunResult
+) -> None:
     runs = tmp_path / "killed"
     log = tmp_path / "killed.log"
     with log.open("wb") as sink:
@@ -99,6 +108,7 @@ def test_kill_9_then_resume_is_bit_identical(study_file: Path, tmp_path: Path) -
         timeout=120,
     )
     assert "state: killed" in shown.stdout
+    assert list_runs(runs)[0]["state"] == "killed"
     assert f"ablab run --resume {run_dir.name}" in shown.stdout
 
     done = subprocess.run(
@@ -117,9 +127,9 @@ def test_kill_9_then_resume_is_bit_identical(study_file: Path, tmp_path: Path) -
     assert row["state"] == "complete" and row["cells_done"] == 40
 
 
-def test_interrupted_run_resumes_in_process(study_file: Path, tmp_path: Path) -> None:
-    reference = ablab.run(study_file, runs_dir=tmp_path / "whole")
-
+def test_interrupted_run_resumes_in_process(
+    study_file: Path, tmp_path: Path, reference: ablab.RunResult
+) -> None:
     def stop(done: int, total: int) -> None:
         if done == 25:  # into the second variant
             raise KeyboardInterrupt
@@ -167,3 +177,23 @@ def test_resume_cli_usage_errors(study_file: Path, tmp_path: Path) -> None:
         text=True,
     )
     assert missing.returncode == 2 and "no such run" in missing.stderr
+
+
+def test_resume_refuses_another_environment(study_file: Path, tmp_path: Path) -> None:
+    """A cell computed by other software (here: the stored fingerprint says jax 0.0.1)
+    would not be bit-identical: refused, naming the difference, nothing trained."""
+    runs = tmp_path / "runs"
+
+    def stop(done: int, total: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(ablab.RunInterrupted) as info:
+        ablab.run(study_file, runs_dir=runs, seeds=4, on_cell=stop)
+    meta_path = Path(info.value.run_dir) / "study.json"
+    meta = json.loads(meta_path.read_text())
+    meta["plan"]["fingerprint"]["jax"] = "0.0.1"
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(StudyError, match=r"jax: stored '0\.0\.1'") as err:
+        ablab.resume("latest", runs_dir=runs)
+    assert err.value.key == "--resume"
+    assert len(list(Path(info.value.run_dir).glob("cells/*/chunk-*.parquet"))) == 1

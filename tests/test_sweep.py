@@ -14,6 +14,7 @@ import pytest
 
 import ablab
 from ablab._errors import StudyError
+from ablab._store import query
 from ablab._study import study_from_dict
 from ablab._sweep import arm_name, expand_sweep, sweep_effects, sweep_points
 from tests.conftest import TINY_STUDY
@@ -93,6 +94,21 @@ def test_builder_parameter_axis(tmp_path: Path) -> None:
         ({"batch_size": [8, 8]}, None, "sweep.batch_size", "distinct"),
         ({"batch_size": [0, 8]}, None, "sweep.batch_size", "greater than 0"),
         ({"epochs": [1, 2]}, {"epochs": 5}, "sweep.epochs", "no variant overrides"),
+        ({"params.width": [4, 8]}, None, "sweep.params.width", "a builder study"),
+        (
+            {"learning_rate": [0.1, 0.2]},
+            {"optimizer": {"name": "sgd", "learning_rate": 0.5}},
+            "sweep.learning_rate",
+            "no variant sets itself",
+        ),
+        (
+            {"learning_rate": [0.1], "optimizer.learning_rate": [0.2]},
+            None,
+            "sweep.optimizer.learning_rate",
+            "one axis per setting",
+        ),
+        ({"shuffle": ["true", True]}, None, "sweep", "distinct arms"),
+        ({"optimizer": ["adam", "keras/SGD"]}, None, "sweep", "valid folder name"),
     ],
 )
 def test_bad_axes_are_named(
@@ -171,6 +187,9 @@ def test_stored_swept_run_shows_sweep_table_and_report(
         ).stdout
     )
     assert doc["sweep"] == json.loads(json.dumps(result.to_json()["sweep"]))
+    # arm folders (bn@batch_size=16) are not read as hive partitions: no extra column
+    columns, _ = query(root / "runs", "SELECT * FROM history LIMIT 1")
+    assert not any("@" in c for c in columns)
     data = result.report_data()
     assert "sweep" in data.available()
     fig = data.figure("sweep")
@@ -182,3 +201,32 @@ def test_stored_swept_run_shows_sweep_table_and_report(
 
 def test_sweep_effects_ignores_unswept_studies() -> None:
     assert sweep_effects({"arms": {}}, []) is None
+
+
+def test_single_variant_sweep_compares_each_point_with_the_first() -> None:
+    raw = tomllib.loads(TINY_STUDY)
+    del raw["variants"]["bn"]
+    raw["sweep"] = {"learning_rate": [0.001, 0.01, 0.1]}
+    study = expand_sweep(study_from_dict(raw, source="one.toml"))
+    assert study.verdicts.pairs == [
+        ("plain@learning_rate=0.01", "plain@learning_rate=0.001"),
+        ("plain@learning_rate=0.1", "plain@learning_rate=0.001"),
+    ]
+    rows = sweep_effects(
+        study.resolved(),
+        [
+            {"variant": v, "baseline": b, "metric": "val_loss", "diff_mean": 0.0}
+            for v, b in study.verdicts.pairs
+        ],
+    )
+    assert rows is not None
+    assert [r["label"] for r in rows["rows"]] == ["plain vs plain@learning_rate=0.001"] * 2
+
+
+def test_remedies_with_a_sweep_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "s.toml"
+    path.write_text(TINY_STUDY + "[sweep]\nbatch_size = [16, 32]\n")
+    with pytest.raises(StudyError, match="--remedies") as info:
+        ablab.run(path, runs_dir=tmp_path / "runs", remedies=True)
+    assert "BatchNormalization.momentum" in info.value.fix
+    assert not (tmp_path / "runs").exists()

@@ -189,7 +189,9 @@ def _axis_positions(values: list[Any]) -> tuple[list[float], bool, list[str] | N
     numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
     if numeric:
         xs = [float(v) for v in values]
-        log = min(xs) > 0 and max(xs) / min(xs) >= 8
+        positive = [x for x in xs if x > 0]
+        # log when the values span >= 8x (a 0 among them, e.g. weight_decay: symlog)
+        log = len(positive) >= 2 and max(positive) / min(positive) >= 8 and min(xs) >= 0
         return xs, log, None
     return [float(i) for i in range(len(values))], False, [str(v) for v in values]
 
@@ -209,7 +211,7 @@ def sweep_figure(sweep: dict[str, Any]) -> Figure:
         groups: dict[str, list[dict[str, Any]]] = {}
         for r in rows:
             rest = ", ".join(f"{a}={r['point'][a]}" for a in others)
-            label = f"{r['variant']} vs {r['baseline']}" + (f" ({rest})" if rest else "")
+            label = r["label"] + (f" ({rest})" if rest else "")
             groups.setdefault(label, []).append(r)
         colors = variant_colors(list(groups))
         ax.axhline(0.0, color="black", linewidth=0.8)
@@ -222,8 +224,10 @@ def sweep_figure(sweep: dict[str, Any]) -> Figure:
             ax.errorbar(x, y, yerr=[lo, hi], color=colors[label], capsize=3, label=label)
             for xi, yi, r in zip(x, y, mine, strict=True):
                 ax.plot([xi], [yi], "o", color=VERDICT_COLORS.get(r["verdict"], "grey"), zorder=3)
-        if log:
+        if log and min(xs) > 0:
             ax.set_xscale("log", base=2 if all(float(v).is_integer() for v in xs) else 10)
+        elif log:  # a 0 among positive values: linear around 0, log beyond the smallest
+            ax.set_xscale("symlog", linthresh=min(x for x in xs if x > 0))
         ax.set_xticks(xs)
         ax.set_xticklabels(labels if labels is not None else [f"{v:g}" for v in xs])
         ax.minorticks_off()

@@ -40,15 +40,13 @@ import traceback
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from functools import cache
-from importlib import metadata
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ablab._data import Dataset
 from ablab._engine import VariantProgram
+from ablab._env import data_digest, environment_fingerprint
 from ablab._errors import AblabError, StudyError
 from ablab._executors import Cell, CellResult, train_cell
 from ablab._study import Study
@@ -75,8 +73,6 @@ _FORWARDED_ENV = (
 """Driver environment variables that shape XLA's programs or numbers: workers get the
 driver's values (``KERAS_BACKEND`` is always ``jax``)."""
 
-_VERSIONED = ("ablab", "keras", "jax", "jaxlib", "numpy")
-
 
 class RayExecutorError(AblabError):
     """The cluster could not be reached or lost a task (exit code 1)."""
@@ -86,48 +82,7 @@ class WorkerMismatch(RayExecutorError):
     """A worker runs other versions or numerics settings than the driver (exit code 1)."""
 
 
-# -- environment fingerprints -------------------------------------------------------------
-@cache
-def _source_digest() -> str:
-    """sha256 of ablab's own source files: two installs of the same version number with
-    different code (a local edit, another commit) must not pass as the same."""
-    root = Path(__file__).resolve().parent
-    h = hashlib.sha256()
-    for path in sorted(root.rglob("*")):
-        if path.is_file() and path.suffix in (".py", ".j2"):
-            h.update(path.relative_to(root).as_posix().encode())
-            h.update(path.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def environment_fingerprint() -> dict[str, str]:
-    """What must be equal on the driver and a worker for a cell's numbers to be equal:
-    versions, ablab's source, the OS and architecture, and the settings that change numbers
-    (Keras backend and floatx, JAX's x64 / matmul precision / PRNG, XLA flags)."""
-    import jax
-    import keras
-
-    fp = {"python": platform.python_version()}
-    for name in _VERSIONED:
-        try:
-            fp[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            fp[name] = "missing"
-    fp["ablab_source"] = _source_digest()
-    fp["platform"] = f"{platform.system()} {platform.machine()}"
-    fp["keras_backend"] = keras.backend.backend()
-    fp["floatx"] = keras.config.floatx()
-    for option in (
-        "jax_enable_x64",
-        "jax_default_matmul_precision",
-        "jax_default_prng_impl",
-        "jax_threefry_partitionable",
-    ):
-        fp[option] = str(getattr(jax.config, option, None))
-    fp["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "")
-    return fp
-
-
+# -- environment fingerprints (ablab._env) -------------------------------------------------
 def worker_location() -> dict[str, Any]:
     """Where a task ran: Ray node id, host, process id, full platform string, core count
     (reported, never compared: a cluster's nodes may differ in kernel or CPU count)."""
@@ -182,9 +137,7 @@ def study_fingerprint(study: Study, data: Dataset) -> str:
         import cloudpickle
 
         h.update(cloudpickle.dumps(builder))
-    for a in (data.x, data.y):
-        h.update(f"{a.dtype.str}{a.shape}".encode())
-        h.update(np.ascontiguousarray(a).data)
+    h.update(data_digest(data.x, data.y).encode())
     return h.hexdigest()[:24]
 
 

@@ -26,7 +26,7 @@ import pyarrow as pa
 from ablab._checks import CheckResult, run_checks
 from ablab._data import Dataset, load_dataset
 from ablab._engine import VariantProgram, choose_chunk_size, seed_chunks
-from ablab._env import environment
+from ablab._env import data_digest, environment, environment_fingerprint
 from ablab._errors import RunInterrupted, StudyError
 from ablab._executors import EXECUTORS, Cell, Executor, LocalExecutor
 from ablab._explain import bn_diagnosis, optimum_gaps
@@ -140,10 +140,12 @@ class RunResult:
         (``{"epoch", "diff_mean", "ci_low", "ci_high"}``); metric defaults to the verdicts'."""
         spec = self.study.verdicts
         metric = metric or resolve_metric(spec, self.histories)
+        # its own baseline: the [verdicts] pair (a sweep's: the baseline at the same point)
+        base = next((b for v, b in spec.pairs if v == variant), str(self.study.baseline))
         return paired_curve(
             self.histories,
             variant,
-            str(self.study.baseline),
+            base,
             metric,
             np.random.default_rng(spec.random_seed),
             confidence=spec.confidence,
@@ -198,13 +200,16 @@ class _Plan:
         return program if cell.probes == program.probes else self.plain[cell.variant]
 
     def to_json(self) -> dict[str, Any]:
-        """What a resumed run needs to cut the same cells (stored in study.json)."""
+        """What a resumed run needs to cut the same cells and compute the same bits (stored
+        in study.json): the cells, and the numerics fingerprint and data digest."""
         return {
             "chunk_sizes": self.chunk_sizes,
             "cells_total": len(self.cells),
             "probed_chunks": {
                 v: sum(c.probes for c in self.cells if c.variant == v) for v in self.programs
             },
+            "fingerprint": environment_fingerprint(),
+            "data": data_digest(self.data.x, self.data.y),
         }
 
 
@@ -323,6 +328,16 @@ def _prepare(study: Study | str | Path, seeds: int | None, remedies: bool) -> St
     if seeds is not None:
         study = study.with_seeds(count=seeds)
     if remedies:
+        if study.sweep:
+            raise StudyError(
+                where=study.source,
+                key="--remedies",
+                expected="a study without [sweep] (remedies change batch size, epochs and BN "
+                "momentum, which a sweep may be varying itself)",
+                got=f"[sweep] over {', '.join(study.sweep)}",
+                fix="sweep the remedy's setting instead, e.g. "
+                '"BatchNormalization.momentum" = [0.5, 0.9, 0.99], or drop --remedies',
+            )
         study = with_remedies(study)
     return expand_sweep(study)
 
@@ -394,9 +409,13 @@ def run(
     plan = _plan(study)
     compile_s = _compile_all(plan, plan.cells, progress)
     chosen = _executor(plan, executor, address)  # a Ray cluster that is not there: nothing written
-    run_dir = RunDir.create(
-        runs_root, study.name, study.resolved(), environment(), len(plan.cells), plan.to_json()
-    )
+    try:
+        run_dir = RunDir.create(  # locked from before anything is visible
+            runs_root, study.name, study.resolved(), environment(), len(plan.cells), plan.to_json()
+        )
+    except BaseException:
+        chosen.close()
+        raise
     with run_dir.locked():
         return _execute(plan, run_dir, plan.cells, chosen, progress, on_cell, t0, compile_s)
 
@@ -424,8 +443,19 @@ def resume(
         root = Path(runs_dir) if runs_dir is not None else default_runs_dir()
         run_dir = resolve_run(root, str(run_ref))
     progress = progress or _Silent()
+    with run_dir.locked():
+        return _resume_locked(run_dir, progress, on_cell, executor, address)
+
+
+def _resume_locked(
+    run_dir: RunDir,
+    progress: Progress,
+    on_cell: Callable[[int, int], None] | None,
+    executor: str | Executor,
+    address: str | None,
+) -> RunResult:
     meta = run_dir.read_json("study.json")
-    status = run_dir.read_json("status.json")
+    status = run_dir.read_json("status.json")  # read under the lock: final
     where = str(run_dir.path)
     if status["state"] == "complete":
         raise StudyError(
@@ -462,24 +492,46 @@ def resume(
             got=study.model.builder,
             fix="give the builder as 'file.py:function' or 'module:function' to resume",
         )
-    with run_dir.locked():
-        t0 = time.perf_counter()
-        plan = _plan(study, stored_plan["chunk_sizes"])
-        if plan.to_json() != stored_plan:
-            raise StudyError(
-                where=where,
-                key="study.json plan",
-                expected=f"the stored cell plan {stored_plan}",
-                got=f"{plan.to_json()} from this ablab version",
-                fix="resume with the ablab version that started the run",
-            )
-        run_dir.clean_partial_writes()
-        done = run_dir.done_cells()
-        todo = [c for c in plan.cells if c.key not in done]
-        compile_s = _compile_all(plan, todo, progress)
-        chosen = _executor(plan, executor, address)
+    t0 = time.perf_counter()
+    plan = _plan(study, stored_plan["chunk_sizes"])
+    _check_same_plan(where, stored_plan, plan.to_json())
+    run_dir.clean_partial_writes()
+    done = run_dir.done_cells()
+    todo = [c for c in plan.cells if c.key not in done]
+    compile_s = _compile_all(plan, todo, progress)
+    chosen = _executor(plan, executor, address)
+    try:
         run_dir.reopen(len(plan.cells) - len(todo), len(plan.cells))
-        return _execute(plan, run_dir, todo, chosen, progress, on_cell, t0, compile_s)
+    except BaseException:
+        chosen.close()
+        raise
+    return _execute(plan, run_dir, todo, chosen, progress, on_cell, t0, compile_s)
+
+
+def _check_same_plan(where: str, stored: dict[str, Any], now: dict[str, Any]) -> None:
+    """A resumed run must cut the same cells and compute the same bits as the run it
+    finishes: same cells, same data, same versions / source / numerics settings."""
+    diffs = [
+        f"{k}: stored {stored.get(k)!r}, now {now.get(k)!r}"
+        for k in ("chunk_sizes", "cells_total", "probed_chunks", "data")
+        if stored.get(k) != now.get(k)
+    ]
+    old_fp, new_fp = stored.get("fingerprint") or {}, now["fingerprint"]
+    diffs += [
+        f"{k}: stored {old_fp.get(k)!r}, now {new_fp.get(k)!r}"
+        for k in sorted(set(old_fp) | set(new_fp))
+        if old_fp.get(k) != new_fp.get(k)
+    ]
+    if diffs:
+        raise StudyError(
+            where=where,
+            key="--resume",
+            expected="the software, settings and data the run started with (its cells must "
+            "be bit-identical to an uninterrupted run's)",
+            got="; ".join(diffs),
+            fix="resume in the environment that started the run (same versions, ablab code, "
+            "XLA flags and data), or run the study again",
+        )
 
 
 def _execute(
@@ -606,9 +658,8 @@ def run_document(
     histories of its finished cells; summary and comparisons are recomputed from these."""
     baseline = meta["study"].get("baseline")
     spec = VerdictSpec.model_validate(meta["study"].get("verdicts") or {})
-    comparisons = (
-        compare(histories, baseline, spec) if baseline in histories and len(histories) > 1 else []
-    )
+    comparable = spec.pairs or baseline in histories  # a sweep's pairs: any finished point
+    comparisons = compare(histories, baseline, spec) if comparable and len(histories) > 1 else []
     comparison_docs = [c.to_json() for c in comparisons]
     return {
         "run_id": meta["run_id"],

@@ -30,7 +30,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +169,7 @@ class RunDir:
     """One run's folder."""
 
     path: Path
+    _lock_fd: int | None = field(default=None, repr=False, compare=False)
 
     @property
     def run_id(self) -> str:
@@ -201,44 +202,49 @@ class RunDir:
         run_id = new_run_id(name)
         run = cls(runs_dir / run_id)
         run.path.mkdir(parents=True)
-        created = _now()
-        atomic_write_json(
-            run.path / "study.json",
-            {
-                "version": FORMAT_VERSION,
-                "run_id": run_id,
-                "created_at": created.isoformat(),
-                "study": study,
-                "environment": environment,
-                "plan": plan,
-            },
-        )
-        run.write_status("running", 0, cells_total)
-        _update_catalog(
-            runs_dir,
-            "INSERT INTO runs (run_id, name, source, created_at, state, variants, baseline,"
-            " seeds, cells_done, cells_total, run_dir) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                run_id,
-                name,
-                study.get("source"),
-                created,
-                "running",
-                list(study.get("variants", {})),
-                study.get("baseline"),
-                study.get("seeds", {}).get("count"),
-                0,
-                cells_total,
-                str(run.path.resolve()),
-            ],
-        )
+        run._lock_fd = run._acquire()  # held before anything shows the run as running
+        try:
+            created = _now()
+            atomic_write_json(
+                run.path / "study.json",
+                {
+                    "version": FORMAT_VERSION,
+                    "run_id": run_id,
+                    "created_at": created.isoformat(),
+                    "study": study,
+                    "environment": environment,
+                    "plan": plan,
+                },
+            )
+            run.write_status("running", 0, cells_total)
+            _update_catalog(
+                runs_dir,
+                "INSERT INTO runs (run_id, name, source, created_at, state, variants, baseline,"
+                " seeds, cells_done, cells_total, run_dir)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    run_id,
+                    name,
+                    study.get("source"),
+                    created,
+                    "running",
+                    list(study.get("variants", {})),
+                    study.get("baseline"),
+                    study.get("seeds", {}).get("count"),
+                    0,
+                    cells_total,
+                    str(run.path.resolve()),
+                ],
+            )
+        except BaseException:
+            os.close(run._lock_fd)  # closing releases the flock
+            run._lock_fd = None
+            raise
         return run
 
-    @contextmanager
-    def locked(self) -> Iterator[None]:
-        """Hold this run's lock (``flock`` on ``.lock``) while running or resuming it. The
-        kernel drops the lock when the process dies, even by ``kill -9``, so a killed run is
-        resumable at once while a running one cannot be resumed twice."""
+    def _acquire(self) -> int:
+        """Take this run's lock (``flock`` on ``.lock``, our pid inside); StudyError if a
+        live process holds it."""
         fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -252,11 +258,22 @@ class RunDir:
                 got=f"locked by process {holder}",
                 fix="wait for it to end (or stop it) before resuming",
             ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        return fd
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold this run's lock while running or resuming it (taken here unless
+        :meth:`create` took it already), released at the end. The kernel drops the lock when
+        the process dies, even by ``kill -9``, so a killed run is resumable at once while a
+        running one cannot be resumed twice."""
+        if self._lock_fd is None:
+            self._lock_fd = self._acquire()
         try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, str(os.getpid()).encode(), 0)
             yield
         finally:
+            fd, self._lock_fd = self._lock_fd, None
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
@@ -417,7 +434,12 @@ def list_runs(runs_dir: Path) -> list[dict[str, Any]]:
     with catalog(runs_dir, read_only=True) as con:
         cur = con.execute("SELECT * FROM runs ORDER BY created_at DESC")
         cols = [d[0] for d in cur.description]
-        return [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
+        rows = [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
+    for row in rows:  # marked running, but no live process holds its lock: killed
+        folder = Path(row["run_dir"]) if row["run_dir"] else None
+        if row["state"] == "running" and folder is not None and folder.is_dir():
+            row["state"] = "running" if RunDir(folder).is_running() else "killed"
+    return rows
 
 
 def _parquet_view(
@@ -433,7 +455,11 @@ def _parquet_view(
         con.execute(f"CREATE TEMP TABLE {name} ({empty_columns})")
         return
     root = str(runs_dir.resolve()).replace("'", "''")
-    source = f"read_parquet('{root}/{pattern}', union_by_name = true, filename = true)"
+    # hive_partitioning off: a sweep arm's folder (bn@batch_size=8) is not a key=value partition
+    source = (
+        f"read_parquet('{root}/{pattern}', union_by_name = true, filename = true,"
+        " hive_partitioning = false)"
+    )
     where = ""
     if folder != "cells":
         where = (

@@ -33,7 +33,7 @@ def _fmt(value: Scalar) -> str:
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, float):
-        return format(value, "g")
+        return repr(value)  # shortest round-trip form: 0.001, 1e-05 -- never two values alike
     return str(value)
 
 
@@ -93,6 +93,14 @@ def _axis_kind(study: Study, axis: str) -> tuple[str, str]:
     if head == "optimizer" and rest:
         return "optimizer", rest
     if head == "params" and rest:
+        if study.model.builder is None:
+            raise _error(
+                study,
+                f"sweep.{axis}",
+                "a builder study (params go to [model] builder)",
+                "a study with layer lists, where params would change nothing",
+                "sweep a [train] key or <LayerClass>.<argument> instead",
+            )
         return "params", rest
     if study.model.builder is not None and not rest:
         return "params", axis
@@ -124,8 +132,31 @@ def _apply(
     layers = study.variant_layers(variant)
     layers = None if layers is None else [dict(s) for s in layers]
     optimizer_args: dict[str, Any] = {}
+    own_optimizer = spec.train.get("optimizer")
+    own_args = dict(own_optimizer) if isinstance(own_optimizer, dict) else {}
     for axis, value in point.items():
         kind, name = kinds[axis]
+        if kind == "optimizer" and name in own_args:
+            raise _error(
+                study,
+                f"sweep.{axis}",
+                f"an axis that no variant sets itself (variant {variant!r} sets its "
+                f"optimizer's {name})",
+                repr(own_args[name]),
+                f"drop {name} from [variants.{variant}] train.optimizer, or drop the axis",
+            )
+        if kind.startswith("layer:"):
+            cls = kind.split(":", 1)[1]
+            own = [s.get(name) for s in spec.layers or [] if s.get("layer") == cls and name in s]
+            if own:
+                raise _error(
+                    study,
+                    f"sweep.{axis}",
+                    f"an axis that no variant sets itself (variant {variant!r} gives its "
+                    f"{cls} {name} = {own[0]!r})",
+                    repr(own[0]),
+                    f"drop {name} from the {cls} in [variants.{variant}] layers, or the axis",
+                )
         if kind == "train":
             if name in spec.train:
                 raise _error(
@@ -158,6 +189,21 @@ def _apply(
     return spec.model_copy(update=update)
 
 
+def _check_arm_name(study: Study, name: str) -> None:
+    """An arm's name is a folder name in the run directory: no path separators, no NUL,
+    within file-name limits."""
+    if "/" in name or "\\" in name or "\0" in name or len(name.encode()) > 200:
+        raise _error(
+            study,
+            "sweep",
+            "axis names and values that make a valid folder name (no / or \\, at most "
+            "200 bytes per arm name)",
+            repr(name),
+            "shorten or rename the axes / values (a builder parameter can take a short "
+            "label and look the long value up itself)",
+        )
+
+
 def expand_sweep(study: Study) -> Study:
     """The study with its sweep expanded into arms (the study itself when it has no sweep,
     or was expanded already). Raises StudyError for a bad axis or value."""
@@ -165,6 +211,17 @@ def expand_sweep(study: Study) -> Study:
         return study
     _check_axes(study)
     kinds = {axis: _axis_kind(study, axis) for axis in study.sweep}
+    targets: dict[tuple[str, str], str] = {}
+    for axis, target in kinds.items():
+        if target in targets:
+            raise _error(
+                study,
+                f"sweep.{axis}",
+                "one axis per setting",
+                f"{axis!r} and {targets[target]!r} both set {target[0]} {target[1]!r}",
+                "keep one of the two axes",
+            )
+        targets[target] = axis
     points = sweep_points(study)
     variants: dict[str, VariantSpec] = {}
     arms: dict[str, SweepArm] = {}
@@ -173,9 +230,22 @@ def expand_sweep(study: Study) -> Study:
             name = arm_name(variant, point)
             variants[name] = _apply(study, variant, point, kinds)
             arms[name] = SweepArm(variant=variant, point=point)
+    if len(variants) != len(points) * len(study.variants):  # e.g. values "1" and 1
+        raise _error(
+            study,
+            "sweep",
+            "values that name distinct arms",
+            f"{len(points) * len(study.variants)} arms but only {len(variants)} distinct names",
+            'do not mix a value and its string form (1 and "1") in one axis',
+        )
+    for name in variants:
+        _check_arm_name(study, name)
     baseline = str(study.baseline)
     declared = study.verdicts.pairs or [(v, baseline) for v in study.variants if v != baseline]
-    pairs = [(arm_name(v, p), arm_name(b, p)) for p in points for v, b in declared]
+    if declared:  # each pair at every point
+        pairs = [(arm_name(v, p), arm_name(b, p)) for p in points for v, b in declared]
+    else:  # a single variant: each point against the sweep's first point
+        pairs = [(arm_name(baseline, p), arm_name(baseline, points[0])) for p in points[1:]]
     checks = study.checks.model_copy(
         update={
             "equivalent": [
@@ -225,9 +295,11 @@ def sweep_effects(
     study: dict[str, Any], comparisons: list[dict[str, Any]]
 ) -> dict[str, Any] | None:
     """The effect of each variant vs its baseline along the sweep: ``{"axes": {axis:
-    values}, "metric", "rows": [{"variant", "baseline", "point", "diff_mean", "ci_low",
-    "ci_high", "rel_diff", "verdict", "n"}]}`` from a resolved study (``Study.resolved()`` /
-    study.json) and its comparisons (``Comparison.to_json()``); None for an unswept study.
+    values}, "metric", "rows": [{"variant", "baseline", "point", "baseline_point", "label",
+    "arm", "diff_mean", "ci_low", "ci_high", "rel_diff", "verdict", "n"}]}`` (the baseline
+    is at the same point, except in a one-variant sweep: the first point) from a resolved
+    study (``Study.resolved()`` / study.json) and its comparisons (``Comparison.to_json()``);
+    None for an unswept study.
     Rows follow the sweep grid's order, then the variants'."""
     arms = study.get("arms") or {}
     if not arms:
@@ -242,6 +314,9 @@ def sweep_effects(
                 "variant": arm["variant"],
                 "baseline": base["variant"],
                 "point": arm["point"],
+                "baseline_point": base["point"],
+                "label": f"{arm['variant']} vs {base['variant']}"
+                + ("" if base["point"] == arm["point"] else f"@{point_label(base['point'])}"),
                 "arm": c["variant"],
                 **{k: c.get(k) for k in ("diff_mean", "ci_low", "ci_high", "rel_diff", "n")},
                 "verdict": c.get("verdict"),

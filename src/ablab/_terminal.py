@@ -187,7 +187,7 @@ def sweep_table(sweep: dict[str, Any]) -> Table:
         )
         rel = "—" if r.get("rel_diff") is None else f"{100 * r['rel_diff']:+.1f}"
         table.add_row(
-            escape(f"{r['variant']} vs {r['baseline']}"),
+            escape(r["label"]),
             *(str(r["point"].get(a, "")) for a in axes),
             effect,
             rel,
