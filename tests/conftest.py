@@ -10,6 +10,16 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from pathlib import Path
 
+# JAX's persistent compilation cache: many tests (and the CLI subprocesses they start, which
+# inherit these variables) compile the very same programs -- the same study, variant and chunk
+# size -- at ~2-3 s each; each is compiled once per suite and loaded from disk after. A cache
+# hit is the same XLA executable, so results are unchanged bit for bit. `make clean` removes it.
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR",
+    str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "xla-compilation-cache"),
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
 import jax
 import pytest
 

@@ -82,8 +82,14 @@ def test_builder_parameter_axis(tmp_path: Path) -> None:
     raw["sweep"] = {"width": [4, 6]}
     study = expand_sweep(study_from_dict(raw, source="b.toml", root=str(tmp_path)))
     assert study.variant_params("bn@width=6") == {"bn": True, "width": 6}
+    del raw["variants"]["bn"]  # train one variant (2 arms): the width reaches the builder
+    study = expand_sweep(study_from_dict(raw, source="b.toml", root=str(tmp_path)))
     result = ablab.run(study, runs_dir=tmp_path / "runs", seeds=2)
-    assert result.histories["bn@width=6"].values["loss"].shape == (2, 3)
+    # the linear model's rank (ablab._explain) is the builder's width at each point
+    ranks = {arm: e["optimum"]["rank"] for arm, e in result.to_json()["explain"].items()}
+    assert ranks == {"plain@width=4": 4, "plain@width=6": 6}
+    assert result.comparisons[0].variant == "plain@width=6"
+    assert result.comparisons[0].baseline == "plain@width=4"
 
 
 @pytest.mark.parametrize(
