@@ -78,9 +78,11 @@ import keras
 import numpy as np
 
 import ablab
-from ablab._data import load_dataset, split
 from ablab._engine import DEFAULT_MAX_CHUNK, VariantProgram, choose_chunk_size, seed_chunks
 from ablab._program import build_program
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from throughput import fresh_fit_runs_per_s  # bench/ is not a package
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = ROOT / "examples" / "bn_yes_or_no.toml"
@@ -223,42 +225,6 @@ def engine_point(
 
 
 # -- model.fit -----------------------------------------------------------------------------
-def fit_runs_per_s(study: ablab.Study, variant: str, runs: int) -> float:
-    """model.fit runs/s, a fresh model per seed (build + compile + fit), after one warm-up."""
-    parts = split(load_dataset(study), 0.0)
-    t = study.variant_train(variant)
-    layers = study.variant_layers(variant)
-    assert layers is not None
-
-    def fresh() -> keras.Model:
-        model = keras.Sequential(
-            [keras.Input(parts.x_train.shape[1:])]
-            + [
-                getattr(keras.layers, s["layer"])(**{k: v for k, v in s.items() if k != "layer"})
-                for s in layers
-            ]
-        )
-        model.compile(optimizer=keras.optimizers.get(t.optimizer_config()), loss=t.loss)
-        return model
-
-    def fit() -> None:
-        fresh().fit(
-            parts.x_train,
-            parts.y_train,
-            epochs=t.epochs,
-            batch_size=t.batch_size,
-            validation_split=t.validation_split,
-            shuffle=t.shuffle,
-            verbose=0,
-        )
-
-    fit()  # warm-up: first-use costs of Keras / JAX in this process
-    t0 = time.perf_counter()
-    for _ in range(runs):
-        fit()
-    return runs / (time.perf_counter() - t0)
-
-
 # -- output --------------------------------------------------------------------------------
 def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib
@@ -506,7 +472,7 @@ def main() -> None:
         (args.width_variant, w) for w in fit_widths if (args.width_variant, w) not in fit_cases
     ]
     for variant, w in fit_cases:
-        rps = fit_runs_per_s(widened(study, variant, w), variant, fit_runs)
+        rps = fresh_fit_runs_per_s(widened(study, variant, w), variant, fit_runs)
         fits.append({"variant": variant, "width": w, "runs": fit_runs, "runs_per_s": rps})
     results["fit"] = fits
     end = sgemm_gflops()

@@ -34,7 +34,7 @@ import keras
 import ablab
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import STUDY, fit_figures  # bench/ is not a package
+from throughput import STUDY, fresh_fit_runs_per_s  # bench/ is not a package
 
 
 def _peak_rss_mb() -> float:
@@ -60,7 +60,7 @@ def main() -> None:
     plan = meta["plan"]
     stored = sum(f.stat().st_size for f in result.run_dir.rglob("*") if f.is_file())
     n_runs = args.seeds * len(result.histories)
-    fit = fit_figures(study, "plain", args.fit_runs)
+    fit_rps = fresh_fit_runs_per_s(study, "plain", args.fit_runs)
     rows = [
         ("seeds per variant x variants", f"{args.seeds:,} x {len(result.histories)}"),
         ("training runs", f"{n_runs:,}"),
@@ -72,7 +72,7 @@ def main() -> None:
         ("peak RSS before the run (MB, imports)", f"{rss_before:,.0f}"),
         ("peak RSS of the process (MB)", f"{rss_run:,.0f}"),
         ("memory budget (MB)", f"{budget:,.0f}"),
-        ("model.fit, fresh model per seed (runs/s)", f"{fit['runs_per_s']:.3f}"),
+        ("model.fit, fresh model per seed (runs/s)", f"{fit_rps:.3f}"),
     ]
     print(
         f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
@@ -99,8 +99,8 @@ def main() -> None:
                 "within_budget": rss_run <= budget,
                 "verdicts": verdicts,
                 "checks_passed": all(c.passed is not False for c in result.checks),
-                "fit_runs_per_s": round(fit["runs_per_s"], 3),
-                "speedup": round((n_runs / wall) / fit["runs_per_s"], 1),
+                "fit_runs_per_s": round(fit_rps, 3),
+                "speedup": round((n_runs / wall) / fit_rps, 1),
                 "device": jax.devices()[0].platform,
             }
         )

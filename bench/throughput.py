@@ -25,6 +25,7 @@ import os
 import platform
 import resource
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
@@ -68,21 +69,25 @@ def engine_figures(
     }
 
 
-def fit_figures(study: ablab.Study, variant: str, runs: int) -> dict[str, float]:
+def fit_harness(
+    study: ablab.Study, variant: str
+) -> tuple[Callable[[], keras.Model], Callable[[keras.Model], None]]:
+    """``(fresh, fit)``: build + compile a fresh Keras model of ``variant`` the way a user
+    writes it, and ``model.fit`` it with the study's [train] settings."""
     parts = split(load_dataset(study), 0.0)
-    t = study.train
+    t = study.variant_train(variant)
     layers = study.variant_layers(variant)
     assert layers is not None
 
     def fresh() -> keras.Model:
         model = keras.Sequential(
-            [keras.Input((12,))]
+            [keras.Input(parts.x_train.shape[1:])]
             + [
                 getattr(keras.layers, s["layer"])(**{k: v for k, v in s.items() if k != "layer"})
                 for s in layers
             ]
         )
-        model.compile(optimizer=t.optimizer_config()["class_name"], loss=t.loss)
+        model.compile(optimizer=keras.optimizers.get(t.optimizer_config()), loss=t.loss)
         return model
 
     def fit(model: keras.Model) -> None:
@@ -96,11 +101,24 @@ def fit_figures(study: ablab.Study, variant: str, runs: int) -> dict[str, float]
             verbose=0,
         )
 
-    fit(fresh())  # warm-up: first-use costs of Keras/JAX in this process
+    return fresh, fit
+
+
+def fresh_fit_runs_per_s(study: ablab.Study, variant: str, runs: int) -> float:
+    """model.fit runs/s with a fresh model per seed (build + compile + fit: the seed
+    question's workflow), after one warm-up fit (first-use costs of Keras/JAX)."""
+    fresh, fit = fit_harness(study, variant)
+    fit(fresh())
     t0 = time.perf_counter()
     for _ in range(runs):
         fit(fresh())
-    cold = runs / (time.perf_counter() - t0)
+    return runs / (time.perf_counter() - t0)
+
+
+def fit_figures(study: ablab.Study, variant: str, runs: int) -> dict[str, float]:
+    """Fresh-model runs/s, and warm runs/s: one compiled model re-fit (no per-model tracing)."""
+    cold = fresh_fit_runs_per_s(study, variant, runs)
+    fresh, fit = fit_harness(study, variant)
     model = fresh()
     fit(model)
     weights = model.get_weights()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -18,15 +17,7 @@ import pytest
 import ablab
 from ablab._cli import main
 from ablab._mlflow import variant_metrics, variant_params
-
-
-def _require_mlflow() -> None:
-    try:
-        import mlflow  # noqa: F401
-    except ImportError:
-        if os.environ.get("CI"):
-            pytest.fail("mlflow is missing: `make test` installs the extra ablab[mlflow]")
-        pytest.skip("mlflow is not installed (pip install 'ablab[mlflow]')")
+from tests.conftest import require_extra
 
 
 def test_params_are_the_study_with_only_this_variant() -> None:
@@ -74,7 +65,7 @@ def test_metrics_aggregate_over_seeds_per_epoch() -> None:
 def test_an_unreachable_server_is_a_clear_failure(
     report_run: ablab.RunResult, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    _require_mlflow()
+    require_extra("mlflow", "mlflow")
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -86,7 +77,7 @@ def test_an_unreachable_server_is_a_clear_failure(
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real MLflow tracking server (SQLite store, proxied artifacts) on 127.0.0.1."""
-    _require_mlflow()
+    require_extra("mlflow", "mlflow")
     root = tmp_path_factory.mktemp("mlflow")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

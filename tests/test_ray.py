@@ -26,18 +26,9 @@ from ablab._engine import VariantProgram, seed_chunks
 from ablab._errors import StudyError
 from ablab._executors import Cell, CellResult, LocalExecutor
 from ablab._program import build_program
-from tests.conftest import TINY_STUDY
+from tests.conftest import TINY_STUDY, require_extra
 
 START_TIMEOUT_S = 120  # a cold `ray start` takes ~10 s here; CI machines may be slower
-
-
-def _require_ray() -> None:
-    try:
-        import ray  # noqa: F401
-    except ImportError:
-        if os.environ.get("CI"):
-            pytest.fail("ray is missing: `make test` installs the extra ablab[ray]")
-        pytest.skip("ray is not installed (pip install 'ablab[ray]')")
 
 
 def _free_port() -> int:
@@ -75,7 +66,7 @@ def ray_cluster() -> Iterator[str]:
     every Ray process of this user on the machine (another test run's, a developer's).
     Draining on SIGTERM is switched off: there is nothing to drain, and it waits 30 s.
     """
-    _require_ray()
+    require_extra("ray", "ray")
     import ray
 
     ray_bin = str(Path(sys.executable).parent / "ray")
@@ -290,7 +281,7 @@ def test_errors_keep_their_type_and_fields_across_the_wire() -> None:
 
 
 def test_unreachable_cluster_fails_fast(tiny) -> None:
-    _require_ray()
+    require_extra("ray", "ray")
     import ray
 
     from ablab._ray import RayExecutor, RayExecutorError

@@ -53,6 +53,16 @@ def history_table(variant: str, seeds: np.ndarray, values: dict[str, np.ndarray]
     return pa.table(cols)
 
 
+def _grid(
+    seeds: np.ndarray, row_seeds: np.ndarray, row_epochs: np.ndarray, values: np.ndarray
+) -> np.ndarray:
+    """Long rows (seed, 1-based epoch, value) as a (seeds, epochs) array over the sorted
+    ``seeds``; NaN where a row is missing."""
+    out = np.full((len(seeds), int(row_epochs.max())), np.nan)
+    out[np.searchsorted(seeds, row_seeds), row_epochs - 1] = values
+    return out
+
+
 def variant_histories(table: pa.Table) -> dict[str, VariantHistory]:
     """Invert :func:`history_table` over a whole run: {variant: VariantHistory}, seeds sorted."""
     out: dict[str, VariantHistory] = {}
@@ -65,14 +75,16 @@ def variant_histories(table: pa.Table) -> dict[str, VariantHistory]:
     # Arrow compute, not a numpy array of Python strings (one per row: too big at 100k seeds).
     for variant in pc.unique(variants).to_pylist():  # first-seen order
         mask = pc.equal(variants, variant).to_numpy(zero_copy_only=False)
-        seeds, seed_index = np.unique(seeds_all[mask], return_inverse=True)
-        n_epochs = int(epochs_all[mask].max())
-        values = {}
-        for name in names:
-            arr = np.full((len(seeds), n_epochs), np.nan)
-            col = table.column(name).to_numpy(zero_copy_only=False)[mask]
-            arr[seed_index, epochs_all[mask] - 1] = col
-            values[name] = arr
+        seeds = np.unique(seeds_all[mask])
+        values = {
+            name: _grid(
+                seeds,
+                seeds_all[mask],
+                epochs_all[mask],
+                table.column(name).to_numpy(zero_copy_only=False)[mask],
+            )
+            for name in names
+        }
         out[str(variant)] = VariantHistory(seeds=seeds, values=values)
     return out
 
@@ -131,13 +143,9 @@ def epoch_probe_arrays(table: pa.Table) -> dict[str, dict[str, np.ndarray]]:
     for variant in dict.fromkeys(variants):
         in_variant = variants == variant
         seeds = np.unique(seeds_all[in_variant])
-        n_epochs = int(epochs_all[in_variant].max())
         arrays: dict[str, np.ndarray] = {}
         for name in dict.fromkeys(probes[in_variant]):
             mask = in_variant & (probes == name)
-            arr = np.full((len(seeds), n_epochs), np.nan)
-            index = np.searchsorted(seeds, seeds_all[mask])
-            arr[index, epochs_all[mask] - 1] = values_all[mask]
-            arrays[str(name)] = arr
+            arrays[str(name)] = _grid(seeds, seeds_all[mask], epochs_all[mask], values_all[mask])
         out[str(variant)] = arrays
     return out

@@ -595,9 +595,7 @@ def _analyse(
     """Verdicts, checks and explanations of a run whose cells are all stored -- computed
     from the store, so a resumed run and an uninterrupted one give identical documents."""
     study = plan.study
-    histories = {  # one variant at a time: peak memory follows one arm, not the run
-        v: variant_histories(run_dir.history(v, run_id=False))[v] for v in plan.programs
-    }
+    histories = stored_histories(run_dir, list(plan.programs))
     epoch_probes = epoch_probe_arrays(run_dir.probes("epoch"))
     reference = study.engine.kind == "reference"
     checks: list[CheckResult] = []
@@ -629,6 +627,12 @@ def _analyse(
     )
 
 
+def stored_histories(run_dir: RunDir, variants: list[str]) -> dict[str, VariantHistory]:
+    """The stored histories of ``variants`` (each must have a finished cell), read one variant
+    at a time so the peak memory follows one arm, not the whole run."""
+    return {v: variant_histories(run_dir.history(v, run_id=False))[v] for v in variants}
+
+
 def load_run(run_dir: RunDir) -> tuple[dict[str, Any], dict[str, VariantHistory]]:
     """A stored run as ``ablab show RUN`` sees it: the document (metadata, state, a summary and
     comparisons recomputed from the finished cells) and the histories, in study order."""
@@ -639,9 +643,7 @@ def load_run(run_dir: RunDir) -> tuple[dict[str, Any], dict[str, VariantHistory]
     present = list(dict.fromkeys(f.parent.name for f in run_dir.cell_files()))
     declared = list(meta["study"].get("variants", {}))
     order = [v for v in declared if v in present] + [v for v in present if v not in declared]
-    histories = {  # one variant at a time (peak memory follows one arm)
-        v: variant_histories(run_dir.history(v, run_id=False))[v] for v in order
-    }
+    histories = stored_histories(run_dir, order)
     saved = run_dir.read_json("summary.json") if (run_dir.path / "summary.json").exists() else {}
     meta = {**meta, "run_id": run_dir.run_id, "run_dir": str(run_dir.path)}
     return run_document(meta, status, saved, histories), histories
