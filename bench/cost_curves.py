@@ -5,8 +5,10 @@ Dense(8) -> Dense(12) on 100 x 12 rows, 20 epochs, batch 32, Adam, MSE), each wi
 ``model.fit`` baseline measured in the same process:
 
 * **Seeds** -- the `plain` and `bn` variants at 1, 10, 100, 1,000, 10,000 and 100,000
-  seeds. Seeds are chunked exactly as `ablab run` chunks them (``choose_chunk_size`` with
-  the study's ``[engine] memory_budget_mb``), so 100,000 seeds run inside that budget.
+  seeds. Seeds are chunked and run exactly as `ablab run` does it (``choose_chunk_size``
+  with the study's ``[engine] memory_budget_mb``; the local executor with
+  ``default_workers()`` chunk calls at once, bounded by the budget), so 100,000 seeds run
+  inside that budget.
   Per point: the compile time of that chunk size (reported apart, never in runs/s), the
   train time of all the seeds (after one warm-up call of the compiled program: the first
   call allocates), runs/s = seeds / train time, CPU use (process CPU time / wall time
@@ -52,7 +54,8 @@ Usage:
   python bench/cost_curves.py --quick               # smoke run: small sizes, seconds
 Options: --max-seeds N, --seeds-variants plain,bn, --widths 8,16,..., --width-seeds N,
 --width-variant plain, --fit-runs N, --fit-widths 8,512, --max-chunk N (default: the
-engine's cap, as `ablab run`), --probes, --plot PATH, --json PATH.
+engine's cap, as `ablab run`), --workers N (default: as `ablab run`), --probes, --plot PATH,
+--json PATH.
 """
 
 from __future__ import annotations
@@ -78,11 +81,19 @@ import keras
 import numpy as np
 
 import ablab
-from ablab._engine import DEFAULT_MAX_CHUNK, VariantProgram, choose_chunk_size, seed_chunks
+from ablab._engine import (
+    DEFAULT_MAX_CHUNK,
+    VariantProgram,
+    choose_chunk_size,
+    default_workers,
+    seed_chunks,
+    workers_within_budget,
+)
+from ablab._executors import Cell
 from ablab._program import build_program
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import fresh_fit_runs_per_s  # bench/ is not a package
+from throughput import fresh_fit_runs_per_s, train_cells  # bench/ is not a package
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = ROOT / "examples" / "bn_yes_or_no.toml"
@@ -185,21 +196,29 @@ def flops_per_run(program: VariantProgram) -> float:
 
 # -- the engine ----------------------------------------------------------------------------
 def engine_point(
-    program: VariantProgram, seeds: int, budget_mb: float, max_chunk: int = DEFAULT_MAX_CHUNK
+    program: VariantProgram,
+    seeds: int,
+    budget_mb: float,
+    max_chunk: int = DEFAULT_MAX_CHUNK,
+    workers: int | None = None,
 ) -> dict[str, Any]:
-    """Compile, warm up and time ``seeds`` seeds of ``program``, chunked like `ablab run`."""
+    """Compile, warm up and time ``seeds`` seeds of ``program``, chunked and run like
+    `ablab run` (``workers`` chunk calls at once, default as `ablab run` picks them)."""
     chunk = choose_chunk_size(program, seeds, budget_mb, max_chunk=max_chunk)
     compile_s = program.compile(chunk)
-    chunks = list(seed_chunks(0, seeds, chunk))
-    program.train(chunks[0][1])  # warm-up: the first call of an executable allocates
+    wanted = workers or default_workers()
+    workers = workers_within_budget(wanted, [chunk * program.per_seed_bytes()], budget_mb)
+    cells = [
+        Cell("bench", k, ids, real, program.probes) for k, ids, real in seed_chunks(0, seeds, chunk)
+    ]
+    program.train(cells[0].seed_ids)  # warm-up: the first call of an executable allocates
 
     cpu_s = 0.0
 
     def one_pass() -> float:
         nonlocal cpu_s
         c0, t0 = time.process_time(), time.perf_counter()
-        for _, ids, _ in chunks:
-            program.train(ids)
+        train_cells(program, cells, workers)
         cpu_s += time.process_time() - c0
         return time.perf_counter() - t0
 
@@ -211,7 +230,8 @@ def engine_point(
     return {
         "seeds": seeds,
         "chunk": chunk,
-        "n_chunks": len(chunks),
+        "n_chunks": len(cells),
+        "workers": workers,
         "compile_s": compile_s,
         "train_s": train_s,
         "repeats": len(times),
@@ -400,6 +420,9 @@ def main() -> None:
         default=DEFAULT_MAX_CHUNK,
         help="seeds per program call at most (default: the engine's, as `ablab run`)",
     )
+    parser.add_argument(
+        "--workers", type=int, default=None, help="chunk calls at once (default: as ablab run)"
+    )
     parser.add_argument("--probes", action="store_true", help="record probes (default off)")
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "cost_curves.png")
     parser.add_argument(
@@ -435,7 +458,7 @@ def main() -> None:
         program = build_program(study, variant, probes=args.probes)
         curve[variant] = []
         for n in seeds:
-            point = engine_point(program, n, budget, args.max_chunk)
+            point = engine_point(program, n, budget, args.max_chunk, args.workers)
             curve[variant].append(point)
             print(
                 f"  seeds {variant} {n:,}: {point['runs_per_s']:,.1f} runs/s",
@@ -448,7 +471,7 @@ def main() -> None:
     for w in widths:
         wide = widened(study, args.width_variant, w)
         program = build_program(wide, args.width_variant, probes=args.probes)
-        point = engine_point(program, width_seeds, budget, args.max_chunk)
+        point = engine_point(program, width_seeds, budget, args.max_chunk, args.workers)
         point["width"] = w
         point["flops_per_run"] = flops_per_run(program)
         point["gflops"] = point["runs_per_s"] * point["flops_per_run"] / 1e9

@@ -2,7 +2,9 @@
 
 Measures, for the seed study (examples/bn_yes_or_no.toml):
   * engine runs/s at 10,000 seeds for `plain` (no BN) and `bn`, compile excluded
-    (compile is reported separately), chunked as `ablab run` chunks them;
+    (compile is reported separately), chunked and run as `ablab run` runs them (the local
+    executor, ``default_workers()`` chunk calls at once); also with one worker (calls one
+    after another) to show what the concurrent calls add;
   * `model.fit` runs/s on the same machine in the same process, the way a user
     trains one seed: build + compile + fit a fresh model per seed (the seed
     question's workflow); also the warm figure (one compiled model, weights reset
@@ -10,11 +12,11 @@ Measures, for the seed study (examples/bn_yes_or_no.toml):
   * initialization time for 10,000 seeds after compile; compile time; peak RSS.
 
 The last line printed is JSON:
-{"engine_runs_per_s", "engine_bn_runs_per_s", "fit_runs_per_s", "speedup", "init_10k_s",
- "compile_s", "peak_rss_mb", ...}
+{"engine_runs_per_s", "engine_bn_runs_per_s", "engine_1worker_runs_per_s", "workers",
+ "fit_runs_per_s", "speedup", "init_10k_s", "compile_s", "peak_rss_mb", ...}
 With --engine-only, only the two engine figures without probes are measured (a quick A/B
 of an engine change); the JSON then carries the engine keys only.
-Usage: python bench/throughput.py [--seeds 10000] [--fit-runs 5] [--engine-only]
+Usage: python bench/throughput.py [--seeds 10000] [--fit-runs 5] [--workers N] [--engine-only]
 """
 
 from __future__ import annotations
@@ -36,23 +38,34 @@ import numpy as np
 
 import ablab
 from ablab._data import load_dataset, split
-from ablab._engine import choose_chunk_size, seed_chunks
+from ablab._engine import VariantProgram, choose_chunk_size, default_workers, seed_chunks
+from ablab._executors import Cell, LocalExecutor
 from ablab._program import build_program
 
 STUDY = Path(__file__).resolve().parents[1] / "examples" / "bn_yes_or_no.toml"
 
 
+def train_cells(program: VariantProgram, cells: list[Cell], workers: int) -> None:
+    """Train ``cells`` of one program the way `ablab run` does: the local executor,
+    ``workers`` chunk calls at once."""
+    executor = LocalExecutor(lambda cell: program, workers=workers)
+    try:
+        for _ in executor.run_cells(cells):
+            pass
+    finally:
+        executor.close()
+
+
 def engine_figures(
-    study: ablab.Study, variant: str, seeds: int, probes: bool = False
+    study: ablab.Study, variant: str, seeds: int, probes: bool = False, workers: int = 1
 ) -> dict[str, float]:
     program = build_program(study, variant, probes=probes)
     chunk = choose_chunk_size(program, seeds, study.engine.memory_budget_mb)
     compile_s = program.compile(chunk)
-    chunks = list(seed_chunks(0, seeds, chunk))
-    program.train(chunks[0][1])  # warm-up (first call allocates)
+    cells = [Cell(variant, k, ids, real, probes) for k, ids, real in seed_chunks(0, seeds, chunk)]
+    program.train(cells[0].seed_ids)  # warm-up (first call allocates)
     t0 = time.perf_counter()
-    for _, ids, _ in chunks:
-        program.train(ids)
+    train_cells(program, cells, workers)
     train_s = time.perf_counter() - t0
     ids = np.arange(seeds, dtype=np.uint32)
     program.initial_weights(ids)  # compile the init program for this size
@@ -66,6 +79,7 @@ def engine_figures(
         "compile_s": compile_s,
         "init_s": init_s,
         "chunk": chunk,
+        "workers": workers,
     }
 
 
@@ -135,13 +149,19 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=10_000)
     parser.add_argument("--fit-runs", type=int, default=5)
     parser.add_argument(
+        "--workers", type=int, default=None, help="chunk calls at once (default: as ablab run)"
+    )
+    parser.add_argument(
         "--engine-only", action="store_true", help="only engine plain and bn, no probes, no fit"
     )
     args = parser.parse_args()
 
     study = ablab.load_study(STUDY)
-    eng = engine_figures(study, "plain", args.seeds)
-    eng_bn = engine_figures(study, "bn", args.seeds)
+    workers = args.workers or default_workers()
+    eng = engine_figures(study, "plain", args.seeds, workers=workers)
+    eng_bn = engine_figures(study, "bn", args.seeds, workers=workers)
+    eng_1 = engine_figures(study, "plain", args.seeds, workers=1)
+    eng_bn_1 = engine_figures(study, "bn", args.seeds, workers=1)
     if args.engine_only:
         print(
             json.dumps(
@@ -149,6 +169,9 @@ def main() -> None:
                     "seeds": args.seeds,
                     "engine_runs_per_s": round(eng["runs_per_s"], 1),
                     "engine_bn_runs_per_s": round(eng_bn["runs_per_s"], 1),
+                    "engine_1worker_runs_per_s": round(eng_1["runs_per_s"], 1),
+                    "engine_bn_1worker_runs_per_s": round(eng_bn_1["runs_per_s"], 1),
+                    "workers": workers,
                     "chunk": eng["chunk"],
                     "compile_s": round(eng["compile_s"], 2),
                     "compile_bn_s": round(eng_bn["compile_s"], 2),
@@ -157,13 +180,15 @@ def main() -> None:
             )
         )
         return
-    eng_probed = engine_figures(study, "plain", args.seeds, probes=True)
-    eng_bn_probed = engine_figures(study, "bn", args.seeds, probes=True)
+    eng_probed = engine_figures(study, "plain", args.seeds, probes=True, workers=workers)
+    eng_bn_probed = engine_figures(study, "bn", args.seeds, probes=True, workers=workers)
     fit = fit_figures(study, "plain", args.fit_runs)
     fit_bn = fit_figures(study, "bn", args.fit_runs)
     rows = [
-        ("engine plain (runs/s)", eng["runs_per_s"]),
-        ("engine bn (runs/s)", eng_bn["runs_per_s"]),
+        (f"engine plain, {workers} workers (runs/s)", eng["runs_per_s"]),
+        (f"engine bn, {workers} workers (runs/s)", eng_bn["runs_per_s"]),
+        ("engine plain, 1 worker (runs/s)", eng_1["runs_per_s"]),
+        ("engine bn, 1 worker (runs/s)", eng_bn_1["runs_per_s"]),
         ("engine plain with probes (runs/s)", eng_probed["runs_per_s"]),
         ("engine bn with probes (runs/s)", eng_bn_probed["runs_per_s"]),
         ("model.fit plain, fresh model per seed (runs/s)", fit["runs_per_s"]),
@@ -188,6 +213,9 @@ def main() -> None:
                 "seeds": args.seeds,
                 "engine_runs_per_s": round(eng["runs_per_s"], 1),
                 "engine_bn_runs_per_s": round(eng_bn["runs_per_s"], 1),
+                "engine_1worker_runs_per_s": round(eng_1["runs_per_s"], 1),
+                "engine_bn_1worker_runs_per_s": round(eng_bn_1["runs_per_s"], 1),
+                "workers": workers,
                 "engine_probes_runs_per_s": round(eng_probed["runs_per_s"], 1),
                 "engine_bn_probes_runs_per_s": round(eng_bn_probed["runs_per_s"], 1),
                 "fit_runs_per_s": round(fit["runs_per_s"], 3),

@@ -14,6 +14,7 @@ from ablab._engine import (
     epoch_permutation,
     first_non_finite_epoch,
     seed_chunks,
+    workers_within_budget,
 )
 from tests.conftest import make_program
 
@@ -112,5 +113,13 @@ def test_chunk_size_choice(
     seed_programs: dict[str, VariantProgram], budget_mb: float, explicit: int | None, expected: int
 ) -> None:
     assert choose_chunk_size(seed_programs["bn"], 1000, budget_mb, explicit) == expected
-    # 100,000 seeds at the 2,048 cap: 49 chunks of 2,041 (balanced, 9 seeds of padding)
-    assert choose_chunk_size(seed_programs["bn"], 100_000, 2048.0) == 2041
+    # 100,000 seeds at the 1,024 cap: 98 chunks of 1,021 (balanced, 58 seeds of padding)
+    assert choose_chunk_size(seed_programs["bn"], 100_000, 2048.0) == 1021
+
+
+def test_workers_within_budget() -> None:
+    mb = 2**20
+    assert workers_within_budget(2, [100 * mb, 300 * mb], 2048.0) == 2
+    assert workers_within_budget(8, [300 * mb], 1000.0) == 3  # the biggest cell sets the bound
+    assert workers_within_budget(4, [3000 * mb], 2048.0) == 1  # one cell over budget: one
+    assert workers_within_budget(3, [], 2048.0) == 3

@@ -112,6 +112,14 @@ def cli() -> None:
     metavar="HOST:PORT",
     help="The Ray cluster for --executor ray (default: $RAY_ADDRESS, else a local Ray).",
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Chunk calls to run at once in this process (default: [engine] workers, else one "
+    "per CPU core). Results do not depend on it.",
+)
 def run_cmd(
     study: Path | None,
     seeds: int | None,
@@ -124,6 +132,7 @@ def run_cmd(
     resume_ref: str | None,
     executor: str,
     address: str | None,
+    workers: int | None,
 ) -> None:
     """Train every variant of STUDY over many seeds; print a summary; store everything.
 
@@ -134,6 +143,10 @@ def run_cmd(
 
     if address is not None and executor != "ray":
         raise click.UsageError("--address needs --executor ray")
+    if workers is not None and executor != "local":
+        raise click.UsageError(
+            "--workers sets the local executor (a Ray cluster runs one cell per task CPU)"
+        )
     if resume_ref is not None:
         given = [
             name
@@ -152,7 +165,12 @@ def run_cmd(
 
         def start(**kw: Any) -> Any:
             return resume(
-                resume_ref, runs_dir=_runs_dir(runs_dir), executor=executor, address=address, **kw
+                resume_ref,
+                runs_dir=_runs_dir(runs_dir),
+                executor=executor,
+                address=address,
+                workers=workers,
+                **kw,
             )
     else:
         if study is None:
@@ -171,6 +189,7 @@ def run_cmd(
                 remedies=remedies,
                 executor=executor,
                 address=address,
+                workers=workers,
                 **kw,
             )
 

@@ -5,7 +5,8 @@ is (variant, sweep point, seed chunk). An executor takes the cells still to do a
 each one's result as it finishes; the run (``ablab._run``) stores every result the moment it
 arrives, so whatever an executor has finished survives an interruption.
 
-* :class:`LocalExecutor` trains the cells in this process, one compiled program call each.
+* :class:`LocalExecutor` trains the cells in this process, one compiled program call each,
+  ``workers`` calls at a time.
 * ``ablab._ray.RayExecutor`` ships them to a Ray cluster as Ray core tasks.
 
 A cell's result is a function of the study, the variant, the seed ids and the chunk size
@@ -15,6 +16,7 @@ only, so every executor produces the same numbers (the tests compare them bit fo
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -72,20 +74,64 @@ def reference_cell(program: VariantProgram, seed_ids: np.ndarray) -> CellResult:
 
 
 class LocalExecutor:
-    """Trains cells one after another in this process (each cell is one vmapped program
-    call that already uses every core XLA gives it)."""
+    """Trains cells in this process, ``workers`` program calls at a time (threads: XLA runs
+    each call outside the GIL), yielding them in completion order.
+
+    Why more than one: a single call of the engine's program keeps only part of the CPU busy
+    (see ``ablab._engine.default_workers``). Each cell's numbers are the same whichever
+    thread trains it, alone or beside another (tests/test_executors.py compares the bits).
+    The reference engine (``model.fit`` per seed on one shared Keras model) runs one cell
+    at a time.
+    """
 
     name = "local"
 
     def __init__(
-        self, program_for: Callable[[Cell], VariantProgram], *, reference: bool = False
+        self,
+        program_for: Callable[[Cell], VariantProgram],
+        *,
+        reference: bool = False,
+        workers: int = 1,
     ) -> None:
         self._program_for = program_for
         self._reference = reference
+        self.workers = 1 if reference else max(1, int(workers))
+        self._pool: ThreadPoolExecutor | None = None
+
+    def _train(self, cell: Cell) -> CellResult:
+        return train_cell(self._program_for(cell), cell, reference=self._reference)
 
     def run_cells(self, cells: Sequence[Cell]) -> Iterator[tuple[Cell, CellResult]]:
-        for cell in cells:
-            yield cell, train_cell(self._program_for(cell), cell, reference=self._reference)
+        if self.workers == 1 or len(cells) <= 1:
+            for cell in cells:
+                yield cell, self._train(cell)
+            return
+        # Submit in plan order, at most `workers` in flight (each holds a chunk's buffers);
+        # the next cell is submitted before a result is handed out, so the workers keep
+        # training while the caller stores it.
+        self._pool = pool = ThreadPoolExecutor(self.workers, thread_name_prefix="ablab-cell")
+        queue = iter(cells)
+        order = {id(cell): i for i, cell in enumerate(cells)}
+        pending: dict[Future[CellResult], Cell] = {}
+
+        def submit() -> None:
+            cell = next(queue, None)
+            if cell is not None:
+                pending[pool.submit(self._train, cell)] = cell
+
+        for _ in range(self.workers):
+            submit()
+        while pending:
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in sorted(finished, key=lambda f: order[id(pending[f])]):
+                cell = pending.pop(future)
+                result = future.result()  # a failed cell raises here, in the caller's thread
+                submit()
+                yield cell, result
 
     def close(self) -> None:
-        pass
+        """Drop the cells not started; wait for the ones running (a thread cannot be
+        stopped mid-call: at most one cell's time per worker)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None

@@ -25,7 +25,13 @@ import pyarrow as pa
 
 from ablab._checks import CheckResult, run_checks
 from ablab._data import Dataset, load_dataset
-from ablab._engine import VariantProgram, choose_chunk_size, seed_chunks
+from ablab._engine import (
+    VariantProgram,
+    choose_chunk_size,
+    default_workers,
+    seed_chunks,
+    workers_within_budget,
+)
 from ablab._env import data_digest, environment, environment_fingerprint
 from ablab._errors import RunInterrupted, StudyError
 from ablab._executors import EXECUTORS, Cell, Executor, LocalExecutor
@@ -194,6 +200,8 @@ class _Plan:
     """Per probed variant, a probe-free twin for its chunks beyond ``[probes] seeds``."""
     cells: list[Cell]
     chunk_sizes: dict[str, int]
+    workers: int
+    """Chunk calls the local executor runs at once (no effect on the numbers)."""
 
     def program_for(self, cell: Cell) -> VariantProgram:
         program = self.programs[cell.variant]
@@ -250,12 +258,16 @@ def _validate_pairs(study: Study) -> None:
             )
 
 
-def _plan(study: Study, chunk_sizes: dict[str, int] | None = None) -> _Plan:
+def _plan(
+    study: Study, chunk_sizes: dict[str, int] | None = None, workers: int | None = None
+) -> _Plan:
     """Validate everything and return the programs and the cells, without writing anything.
 
     chunk_sizes: the stored plan's (a resumed run cuts exactly the cells it started with);
     else each variant's from the memory budget (``choose_chunk_size``). A probed variant
     probes its first chunks covering ``[probes] seeds`` seeds; the rest run probe-free.
+    workers: overrides ``[engine] workers`` (default: ``default_workers()``), then bounded so
+    the cells in flight together fit the memory budget.
     """
     _validate_pairs(study)
     data = load_dataset(study)
@@ -278,7 +290,10 @@ def _plan(study: Study, chunk_sizes: dict[str, int] | None = None) -> _Plan:
             cells.append(Cell(variant, k, ids, real, probed))
         if program.probes and any(c.variant == variant and not c.probes for c in cells):
             plain[variant] = VariantProgram(program.prepared, program.split, probes=False)
-    return _Plan(study, data, programs, plain, cells, sizes)
+    wanted = 1 if reference else (workers or study.engine.workers or default_workers())
+    cell_bytes = [p.per_seed_bytes() * sizes[v] for v, p in programs.items()]
+    workers = workers_within_budget(wanted, cell_bytes, study.engine.memory_budget_mb)
+    return _Plan(study, data, programs, plain, cells, sizes, workers)
 
 
 def _compile(study: Study, variant: str, program: VariantProgram, chunk_size: int) -> float:
@@ -366,7 +381,7 @@ def _executor(plan: _Plan, name: str | Executor, address: str | None) -> Executo
     if not isinstance(name, str):
         return name
     if name == "local":
-        return LocalExecutor(plan.program_for, reference=reference)
+        return LocalExecutor(plan.program_for, reference=reference, workers=plan.workers)
     if name == "ray":
         from ablab._ray import RayExecutor
 
@@ -390,6 +405,7 @@ def run(
     on_cell: Callable[[int, int], None] | None = None,
     executor: str | Executor = "local",
     address: str | None = None,
+    workers: int | None = None,
 ) -> RunResult:
     """Train every variant (every sweep arm) of ``study`` over its seeds; store the results.
 
@@ -398,7 +414,8 @@ def run(
     (``ablab._remedies``). runs_dir: where the run folder goes (default ``./runs`` or
     ``$ABLAB_RUNS_DIR``). on_cell(done, total) is called after each stored cell.
     executor: "local" (this process), "ray" (a Ray cluster at ``address``; default
-    ``ray.init()``'s) or an :class:`~ablab._executors.Executor`.
+    ``ray.init()``'s) or an :class:`~ablab._executors.Executor`. workers: chunk calls the
+    local executor runs at once (overrides ``[engine] workers``; results do not change).
     Raises StudyError (nothing written) on bad input, RunInterrupted on Ctrl-C; a killed or
     interrupted run is finished with :func:`resume`.
     """
@@ -406,7 +423,7 @@ def run(
     progress = progress or _Silent()
     runs_root = Path(runs_dir) if runs_dir is not None else default_runs_dir()
     t0 = time.perf_counter()
-    plan = _plan(study)
+    plan = _plan(study, workers=workers)
     compile_s = _compile_all(plan, plan.cells, progress)
     chosen = _executor(plan, executor, address)  # a Ray cluster that is not there: nothing written
     try:
@@ -428,6 +445,7 @@ def resume(
     on_cell: Callable[[int, int], None] | None = None,
     executor: str | Executor = "local",
     address: str | None = None,
+    workers: int | None = None,
 ) -> RunResult:
     """Finish a killed, interrupted or failed run: train only its missing cells (the same
     cells, chunk sizes and seeds it planned), then analyse it as a whole. The result is
@@ -444,7 +462,7 @@ def resume(
         run_dir = resolve_run(root, str(run_ref))
     progress = progress or _Silent()
     with run_dir.locked():
-        return _resume_locked(run_dir, progress, on_cell, executor, address)
+        return _resume_locked(run_dir, progress, on_cell, executor, address, workers)
 
 
 def _resume_locked(
@@ -453,6 +471,7 @@ def _resume_locked(
     on_cell: Callable[[int, int], None] | None,
     executor: str | Executor,
     address: str | None,
+    workers: int | None,
 ) -> RunResult:
     meta = run_dir.read_json("study.json")
     status = run_dir.read_json("status.json")  # read under the lock: final
@@ -493,7 +512,7 @@ def _resume_locked(
             fix="give the builder as 'file.py:function' or 'module:function' to resume",
         )
     t0 = time.perf_counter()
-    plan = _plan(study, stored_plan["chunk_sizes"])
+    plan = _plan(study, stored_plan["chunk_sizes"], workers)
     _check_same_plan(where, stored_plan, plan.to_json())
     run_dir.clean_partial_writes()
     done = run_dir.done_cells()

@@ -274,7 +274,12 @@ class EngineSpec(_Strict):
 
     kind: Literal["vectorized", "reference"] = "vectorized"
     memory_budget_mb: float = Field(2048.0, gt=0)
+    """Bounds one chunk (its seeds x an estimate per seed), and the chunks in flight at once."""
     chunk_size: PositiveInt | None = None
+    workers: PositiveInt | None = None
+    """Chunk calls the local executor runs at once (``ablab._engine.default_workers()`` when
+    unset: one per CPU core, 1 on an accelerator), as many as the memory budget holds.
+    Results do not depend on it."""
 
 
 class VerdictSpec(_Strict):
