@@ -4,8 +4,8 @@ The seed study (examples/bn_yes_or_no.toml, `plain`: Dense(8) -> Dense(12) on 12
 batch 32, 90 training rows, 20 epochs, Adam) costs per run, counting the dense matmuls
 only (biases, the loss, Adam and BN are left out, so this is a lower bound)::
 
-    per optimizer step (b rows): forward 2*b*(12*8 + 8*12), backward 2x that (dW and dX of
-    the second layer, dW of the first: the data needs no gradient) -> 6*b*192 FLOPs
+    per optimizer step (b rows): forward 2*b*(12*8 + 8*12); backward 1.5x that (dW and dX of
+    the second layer, dW of the first: the data needs no gradient) -> 5*b*192 FLOPs
     per epoch: steps over 32 + 32 + 26 rows, then a forward pass over the 10 validation rows
     per run: 20 epochs
 
@@ -20,7 +20,8 @@ Two ceilings follow, both measured here in the same process as the engine's figu
   1,000, compiled with the engine's compiler options, as many calls at once as the engine
   runs), and numpy's stacked `matmul` for comparison. Ceiling = 1 / (time of these products
   per run): the runs/s reachable if everything else (the two shared-data matmuls, the loss,
-  Adam, validation, copies) took no time at all.
+  Adam, validation, copies) took no time at all (each product's time is scaled by the
+  step's rows: 32, 32, 26).
 
 The engine's own runs/s at 10,000 seeds (as `ablab run` runs them: the local executor) is
 measured in the same run. The last line printed is JSON: {"flops_per_run", "sgemm_gflops",
@@ -66,7 +67,7 @@ def flops_per_run() -> tuple[float, float]:
     """(all dense FLOPs per run, the per-seed products' share of them) for the seed study."""
     macs = 12 * 8 + 8 * 12  # per row, one forward
     steps = [32, 32, 26]
-    per_epoch = sum(6 * b * macs for b in steps) + 2 * 10 * macs
+    per_epoch = sum(5 * b * macs for b in steps) + 2 * 10 * macs
     per_seed_products = sum(3 * 2 * b * 8 * 12 for b in steps)  # three (b,8,12)-sized products
     return 20.0 * per_epoch, 20.0 * per_seed_products
 
@@ -118,13 +119,13 @@ def main() -> None:
     flops, product_flops = flops_per_run()
     sgemm = sgemm_gflops()
     products = product_seconds_per_seed(workers)
-    steps_per_epoch, epochs = 3, 20
-    per_run_s = epochs * steps_per_epoch * sum(p["xla_s"] for p in products.values())
+    rows_per_epoch, epochs = 32 + 32 + 26, 20  # the products were timed at 32 rows
+    per_run_s = epochs * rows_per_epoch / 32 * sum(p["xla_s"] for p in products.values())
     # Time per seed above is wall time with `workers` calls at once: per run on the machine.
     product_ceiling = 1.0 / per_run_s
     product_gflops = product_flops / per_run_s / 1e9
     study = ablab.load_study(STUDY)
-    engine = engine_figures(study, "plain", args.seeds, workers=workers)
+    engine = engine_figures(study, "plain", args.seeds, workers=(workers,))
     engine_gflops = engine["runs_per_s"] * flops / 1e9
     sgemm_rate = sgemm["numpy_gflops"]
 

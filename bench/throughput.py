@@ -4,7 +4,8 @@ Measures, for the seed study (examples/bn_yes_or_no.toml):
   * engine runs/s at 10,000 seeds for `plain` (no BN) and `bn`, compile excluded
     (compile is reported separately), chunked and run as `ablab run` runs them (the local
     executor, ``default_workers()`` chunk calls at once); also with one worker (calls one
-    after another) to show what the concurrent calls add;
+    after another) to show what the concurrent calls add -- the two timed in turn, three
+    times each, medians;
   * `model.fit` runs/s on the same machine in the same process, the way a user
     trains one seed: build + compile + fit a fresh model per seed (the seed
     question's workflow); also the warm figure (one compiled model, weights reset
@@ -26,9 +27,11 @@ import json
 import os
 import platform
 import resource
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
@@ -38,7 +41,13 @@ import numpy as np
 
 import ablab
 from ablab._data import load_dataset, split
-from ablab._engine import VariantProgram, choose_chunk_size, default_workers, seed_chunks
+from ablab._engine import (
+    VariantProgram,
+    choose_chunk_size,
+    default_workers,
+    seed_chunks,
+    workers_within_budget,
+)
 from ablab._executors import Cell, LocalExecutor
 from ablab._program import build_program
 
@@ -57,16 +66,32 @@ def train_cells(program: VariantProgram, cells: list[Cell], workers: int) -> Non
 
 
 def engine_figures(
-    study: ablab.Study, variant: str, seeds: int, probes: bool = False, workers: int = 1
-) -> dict[str, float]:
+    study: ablab.Study,
+    variant: str,
+    seeds: int,
+    probes: bool = False,
+    workers: tuple[int, ...] = (1,),
+    repeats: int = 1,
+) -> dict[str, Any]:
+    """Engine runs/s for ``seeds`` seeds of ``variant`` with each worker count in
+    ``workers`` (bounded by the memory budget, as `ablab run` bounds them), timed
+    ``repeats`` times in turn (A/B/A/B: a shared machine's drift hits every count alike);
+    the median per count. ``runs_per_s`` is the first count's."""
     program = build_program(study, variant, probes=probes)
-    chunk = choose_chunk_size(program, seeds, study.engine.memory_budget_mb)
+    budget = study.engine.memory_budget_mb
+    chunk = choose_chunk_size(program, seeds, budget)
     compile_s = program.compile(chunk)
     cells = [Cell(variant, k, ids, real, probes) for k, ids, real in seed_chunks(0, seeds, chunk)]
+    cell_bytes = [chunk * program.per_seed_bytes()]
+    bounded = [workers_within_budget(w, cell_bytes, budget) for w in workers]
     program.train(cells[0].seed_ids)  # warm-up (first call allocates)
-    t0 = time.perf_counter()
-    train_cells(program, cells, workers)
-    train_s = time.perf_counter() - t0
+    times: dict[int, list[float]] = {w: [] for w in bounded}
+    for _ in range(repeats):
+        for w in bounded:
+            t0 = time.perf_counter()
+            train_cells(program, cells, w)
+            times[w].append(time.perf_counter() - t0)
+    by_workers = {w: seeds / statistics.median(t) for w, t in times.items()}
     ids = np.arange(seeds, dtype=np.uint32)
     program.initial_weights(ids)  # compile the init program for this size
     t0 = time.perf_counter()
@@ -74,12 +99,12 @@ def engine_figures(
     jax.block_until_ready((tv, ntv))
     init_s = time.perf_counter() - t0
     return {
-        "runs_per_s": seeds / train_s,
-        "train_s": train_s,
+        "runs_per_s": by_workers[bounded[0]],
+        "runs_per_s_by_workers": by_workers,
         "compile_s": compile_s,
         "init_s": init_s,
         "chunk": chunk,
-        "workers": workers,
+        "workers": bounded[0],
     }
 
 
@@ -157,11 +182,12 @@ def main() -> None:
     args = parser.parse_args()
 
     study = ablab.load_study(STUDY)
-    workers = args.workers or default_workers()
-    eng = engine_figures(study, "plain", args.seeds, workers=workers)
-    eng_bn = engine_figures(study, "bn", args.seeds, workers=workers)
-    eng_1 = engine_figures(study, "plain", args.seeds, workers=1)
-    eng_bn_1 = engine_figures(study, "bn", args.seeds, workers=1)
+    wanted = args.workers or default_workers()
+    eng = engine_figures(study, "plain", args.seeds, workers=(wanted, 1), repeats=3)
+    eng_bn = engine_figures(study, "bn", args.seeds, workers=(wanted, 1), repeats=3)
+    workers = eng["workers"]
+    eng_1 = {"runs_per_s": eng["runs_per_s_by_workers"][1]}
+    eng_bn_1 = {"runs_per_s": eng_bn["runs_per_s_by_workers"][1]}
     if args.engine_only:
         print(
             json.dumps(
@@ -180,8 +206,8 @@ def main() -> None:
             )
         )
         return
-    eng_probed = engine_figures(study, "plain", args.seeds, probes=True, workers=workers)
-    eng_bn_probed = engine_figures(study, "bn", args.seeds, probes=True, workers=workers)
+    eng_probed = engine_figures(study, "plain", args.seeds, probes=True, workers=(workers,))
+    eng_bn_probed = engine_figures(study, "bn", args.seeds, probes=True, workers=(workers,))
     fit = fit_figures(study, "plain", args.fit_runs)
     fit_bn = fit_figures(study, "bn", args.fit_runs)
     rows = [

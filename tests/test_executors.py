@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import json
 import threading
 import time
 from pathlib import Path
@@ -11,15 +11,19 @@ import numpy as np
 import pytest
 
 import ablab
+import ablab._engine as _engine
+import ablab._executors as _executors
 from ablab._cli import main
-from ablab._engine import MAX_DEFAULT_WORKERS, default_workers
+from ablab._engine import MAX_DEFAULT_WORKERS, default_workers, usable_cores
+from ablab._errors import StudyError
 from ablab._executors import Cell, CellResult, LocalExecutor
 from ablab._run import _plan
+from tests.conftest import TINY_STUDY
 
 
 class FakeProgram:
     """Stands in for a VariantProgram: ``run`` sleeps ``delays[chunk]`` seconds, records
-    how many calls overlap, and fails for the chunks in ``fail``."""
+    which calls started and how many overlap, and fails for the chunks in ``fail``."""
 
     def __init__(self, delays: dict[int, float], fail: frozenset[int] = frozenset()) -> None:
         self.delays, self.fail = delays, fail
@@ -27,6 +31,9 @@ class FakeProgram:
         self.running = 0
         self.most_at_once = 0
         self._lock = threading.Lock()
+
+    def compile(self, chunk_size: int) -> float:
+        return 0.0
 
     def run(self, seed_ids: np.ndarray) -> CellResult:
         chunk = int(seed_ids[0])
@@ -48,28 +55,38 @@ def fake_cells(n: int) -> list[Cell]:
     return [Cell("v", k, np.array([k], np.uint32), 1, False) for k in range(n)]
 
 
-def test_concurrent_cells_are_bit_identical_to_one_at_a_time(tiny_study: Path) -> None:
-    # Every history value of every cell, from 1, 2 and 3 workers, compared bit for bit: the
-    # executor may train any cell in any thread, beside any other.
-    plan = _plan(ablab.load_study(tiny_study), workers=1)
+# Shuffled (a per-seed permutation each epoch), probed in its first chunk of 4 seeds and
+# probe-free after (the plain twin), BN: every program kind a run mixes, 3 cells a variant.
+MIXED_STUDY = (
+    TINY_STUDY.replace("shuffle = false", "shuffle = true").replace("count = 6", "count = 10")
+    + "[probes]\nenabled = true\nseeds = 4\n"
+)
+
+
+def test_concurrent_cells_are_bit_identical_to_one_at_a_time(tmp_path: Path) -> None:
+    # Every array of every cell (history, step and epoch probes), from 1, 2 and 3 workers,
+    # compared bit for bit: the executor may train any cell in any thread, beside any other.
+    path = tmp_path / "mixed.toml"
+    path.write_text(MIXED_STUDY)
+    plan = _plan(ablab.load_study(path), workers=1)
+    assert len(plan.cells) == 6 and sum(c.probes for c in plan.cells) == 2
     results = {}
     for workers in (1, 2, 3):
         executor = LocalExecutor(plan.program_for, workers=workers)
         try:
-            results[workers] = {c.key: out for c, (out, _, _) in executor.run_cells(plan.cells)}
+            results[workers] = {c.key: r for c, r in executor.run_cells(plan.cells)}
         finally:
             executor.close()
-    assert set(results[1]) == {c.key for c in plan.cells} and len(plan.cells) == 4
+    assert set(results[1]) == {c.key for c in plan.cells}
     for workers in (2, 3):
         assert set(results[workers]) == set(results[1])
-        for key, history in results[1].items():
-            for name, values in history.items():
-                other = results[workers][key][name]
-                assert values.dtype == other.dtype and values.tobytes() == other.tobytes(), (
-                    workers,
-                    key,
-                    name,
-                )
+        for key, parts in results[1].items():
+            for part, theirs in zip(parts, results[workers][key], strict=True):
+                assert (part is None) == (theirs is None), (workers, key)
+                for name, values in (part or {}).items():
+                    other = theirs[name]
+                    assert values.dtype == other.dtype and values.shape == other.shape
+                    assert values.tobytes() == other.tobytes(), (workers, key, name)
 
 
 def test_in_flight_calls_never_exceed_the_workers_and_results_come_as_they_finish() -> None:
@@ -82,24 +99,57 @@ def test_in_flight_calls_never_exceed_the_workers_and_results_come_as_they_finis
         executor.close()
     assert sorted(order) == [0, 1, 2, 3] and order[-1] == 0
     assert program.most_at_once == 2
-    assert program.started == [0, 1, 2, 3]  # submitted in plan order
+    # submitted in plan order (the first two start together, in either order)
+    assert set(program.started[:2]) == {0, 1} and program.started[2:] == [2, 3]
 
 
-def test_a_failed_cell_raises_in_the_caller_and_the_rest_is_dropped() -> None:
-    program = FakeProgram({k: 0.05 for k in range(20)}, fail=frozenset({1}))
+def test_a_failed_cell_hands_out_the_cells_running_then_raises_and_drops_the_rest() -> None:
+    # Cell 1 fails at once while cell 0 is still training: cell 0 is finished and handed out
+    # (the run stores it), then the failure is raised; cells 2.. never start.
+    program = FakeProgram({0: 0.3, 1: 0.01}, fail=frozenset({1}))
     executor = LocalExecutor(lambda cell: program, workers=2)
+    got = []
     with pytest.raises(RuntimeError, match="cell 1 failed"):
         try:
-            for _ in executor.run_cells(fake_cells(20)):
-                pass
+            for cell, _ in executor.run_cells(fake_cells(20)):
+                got.append(cell.chunk)
         finally:
             executor.close()
-    assert program.running == 0  # close() waited for the calls in flight
-    assert len(program.started) <= 5  # cells not started were cancelled, not trained
+    assert got == [0]
+    assert program.running == 0 and sorted(program.started) == [0, 1]
+
+
+def test_ctrl_c_while_waiting_hands_out_the_cells_running_then_raises(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Ctrl-C arrives while the caller waits for the next cell: the cells running are
+    # finished and handed out (an interrupted run keeps them), nothing new starts.
+    program = FakeProgram({k: 0.2 for k in range(10)})
+    real_wait = _executors.wait
+    calls = {"n": 0}
+
+    def interrupted_wait(*args: object, **kwargs: object) -> object:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_wait(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_executors, "wait", interrupted_wait)
+    executor = LocalExecutor(lambda cell: program, workers=2)
+    got = []
+    with pytest.raises(KeyboardInterrupt):
+        for cell, _ in executor.run_cells(fake_cells(10)):
+            got.append(cell.chunk)
+    # first wait: cell 0 and/or 1 finished, as many new cells submitted; the second wait
+    # is interrupted at once: every cell that had started is finished and handed out, a
+    # submitted one no thread had picked up yet is dropped, nothing more starts
+    assert sorted(got) == sorted(program.started) and set(got) >= {0, 1} and len(got) <= 4
+    assert program.running == 0
 
 
 def test_close_during_iteration_waits_for_the_calls_in_flight() -> None:
-    # What an interrupted run does: stop consuming, close; nothing keeps running after.
+    # A caller that stops consuming (its own exception while storing) closes the executor:
+    # nothing keeps running after.
     program = FakeProgram({k: 0.2 for k in range(10)})
     executor = LocalExecutor(lambda cell: program, workers=2)
     cells = executor.run_cells(fake_cells(10))
@@ -113,24 +163,62 @@ def test_the_reference_engine_trains_one_cell_at_a_time() -> None:
     assert LocalExecutor(lambda cell: FakeProgram({}), reference=True, workers=4).workers == 1
 
 
-def test_default_workers_is_one_per_usable_core_on_cpu() -> None:
-    cores = len(os.sched_getaffinity(0))
-    assert default_workers() == max(1, min(cores, MAX_DEFAULT_WORKERS))
+def test_default_workers_follow_the_usable_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_engine, "usable_cores", lambda: 2)
+    assert default_workers() == 2
+    monkeypatch.setattr(_engine, "usable_cores", lambda: 64)
+    assert default_workers() == MAX_DEFAULT_WORKERS
+    monkeypatch.setattr(_engine.jax, "default_backend", lambda: "gpu")
+    assert default_workers() == 1  # one device runs one program at a time
+
+
+def test_usable_cores_respects_affinity_and_a_cgroup_quota(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(_engine.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5})
+    quota = tmp_path / "cpu.max"
+    monkeypatch.setattr(_engine, "CGROUP_CPU_MAX", quota)
+    quota.write_text("max 100000\n")
+    assert usable_cores() == 6  # no quota: the affinity mask
+    quota.write_text("250000 100000\n")
+    assert usable_cores() == 3  # 2.5 CPUs of quota: 3 calls
+    quota.unlink()
+    assert usable_cores() == 6  # no cgroup v2 file
 
 
 def test_the_plan_bounds_workers_by_the_memory_budget(tiny_study: Path) -> None:
     study = ablab.load_study(tiny_study)
-    assert _plan(study, workers=3).workers == 3
-    assert _plan(study).workers == default_workers()
+    free = study.model_copy(update={"engine": study.engine.model_copy(update={"chunk_size": None})})
+    assert _plan(free, workers=3).workers == 3
+    assert _plan(free).workers == default_workers()
+    # the chunk size never depends on the workers (nor on the machine)
+    assert _plan(free, workers=1).chunk_sizes == _plan(free, workers=8).chunk_sizes
     pinned = study.model_copy(
         update={"engine": study.engine.model_copy(update={"workers": 2, "memory_budget_mb": 1e-3})}
     )
     plan = _plan(pinned)  # one cell alone is over this budget: one at a time
-    assert plan.workers == 1 and plan.chunk_sizes == {"plain": 4, "bn": 4}  # chunks unchanged
+    assert plan.workers == 1 and plan.chunk_sizes == {"plain": 4, "bn": 4}
 
 
-def test_cli_workers_option(tiny_study: Path, tmp_path: Path) -> None:
-    assert main(["run", str(tiny_study), "--runs-dir", str(tmp_path), "--workers", "2"]) == 0
-    assert main(["run", str(tiny_study), "--runs-dir", str(tmp_path), "--workers", "0"]) == 2
-    ray = ["run", str(tiny_study), "--runs-dir", str(tmp_path), "--workers", "2"]
-    assert main([*ray, "--executor", "ray"]) == 2
+def test_workers_refused_where_they_cannot_apply(tiny_study: Path) -> None:
+    study = ablab.load_study(tiny_study)
+    with pytest.raises(StudyError, match="positive number"):
+        _plan(study, workers=0)
+    reference = study.model_copy(
+        update={"engine": study.engine.model_copy(update={"kind": "reference"})}
+    )
+    with pytest.raises(StudyError, match="reference engine"):
+        _plan(reference, workers=2)
+    assert _plan(reference).workers == 1
+
+
+def test_cli_workers_option(
+    tiny_study: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = ["run", str(tiny_study), "--runs-dir", str(tmp_path), "--json"]
+    assert main([*run, "--workers", "3"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["executor"] == {"name": "local", "workers": 3}  # what trained the cells
+    assert main([*run, "--workers", "0"]) == 2
+    assert main([*run, "--workers", "2", "--executor", "ray"]) == 2
+    assert main([*run, "--workers", "2", "--engine", "reference"]) == 2

@@ -118,7 +118,8 @@ def cli() -> None:
     default=None,
     metavar="N",
     help="Chunk calls to run at once in this process (default: [engine] workers, else one "
-    "per CPU core). Results do not depend on it.",
+    "per usable CPU core, at most 8), as many as the memory budget holds. Results do not "
+    "depend on it.",
 )
 def run_cmd(
     study: Path | None,

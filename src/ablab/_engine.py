@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -59,17 +60,32 @@ DEFAULT_MAX_CHUNK = 1024
 MAX_DEFAULT_WORKERS = 8
 
 
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
+def usable_cores() -> int:
+    """CPU cores this process may use: its affinity mask, further limited by a cgroup v2 CPU
+    quota (``cpu.max``, as containers set it) where there is one."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = CGROUP_CPU_MAX.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
+
+
 def default_workers() -> int:
     """How many chunk calls to run at once: the usable CPU cores (at most
     ``MAX_DEFAULT_WORKERS``) on a CPU backend, 1 on an accelerator (one device runs one
     program at a time anyway)."""
     if jax.default_backend() != "cpu":
         return 1
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, MAX_DEFAULT_WORKERS))
+    return min(usable_cores(), MAX_DEFAULT_WORKERS)
 
 
 # XLA's CPU backend at optimization level 1 compiles the seed study's program in ~2 s

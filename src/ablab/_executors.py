@@ -15,7 +15,7 @@ only, so every executor produces the same numbers (the tests compare them bit fo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Protocol
@@ -82,6 +82,10 @@ class LocalExecutor:
     thread trains it, alone or beside another (tests/test_executors.py compares the bits).
     The reference engine (``model.fit`` per seed on one shared Keras model) runs one cell
     at a time.
+
+    On Ctrl-C while waiting, or when a cell fails, the cells already running are finished
+    and handed out before the exception is re-raised (the caller stores them: an
+    interrupted run keeps them); cells not started are dropped.
     """
 
     name = "local"
@@ -106,10 +110,15 @@ class LocalExecutor:
             for cell in cells:
                 yield cell, self._train(cell)
             return
+        # Compile here, in the caller's thread (its JAX / Keras settings apply; a no-op for
+        # programs `ablab run` compiled up front): the workers only run executables.
+        sizes = {(id(self._program_for(c)), len(c.seed_ids)): c for c in cells}
+        for cell in sizes.values():
+            self._program_for(cell).compile(len(cell.seed_ids))
         # Submit in plan order, at most `workers` in flight (each holds a chunk's buffers);
         # the next cell is submitted before a result is handed out, so the workers keep
         # training while the caller stores it.
-        self._pool = pool = ThreadPoolExecutor(self.workers, thread_name_prefix="ablab-cell")
+        pool = self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="ablab-cell")
         queue = iter(cells)
         order = {id(cell): i for i, cell in enumerate(cells)}
         pending: dict[Future[CellResult], Cell] = {}
@@ -119,19 +128,43 @@ class LocalExecutor:
             if cell is not None:
                 pending[pool.submit(self._train, cell)] = cell
 
-        for _ in range(self.workers):
-            submit()
-        while pending:
-            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in sorted(finished, key=lambda f: order[id(pending[f])]):
+        def in_order(futures: Iterable[Future[CellResult]]) -> list[Future[CellResult]]:
+            return sorted(futures, key=lambda f: order[id(pending[f])])
+
+        def drain() -> Iterator[tuple[Cell, CellResult]]:
+            """Finish the cells already running and hand out those that succeed."""
+            running = [f for f in in_order(pending) if not f.cancel()]
+            for future in running:
                 cell = pending.pop(future)
-                result = future.result()  # a failed cell raises here, in the caller's thread
+                if future.exception() is None:
+                    yield cell, future.result()
+            pending.clear()
+
+        try:
+            for _ in range(self.workers):
                 submit()
-                yield cell, result
+            while pending:
+                try:
+                    finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                except KeyboardInterrupt:
+                    yield from drain()
+                    raise
+                for future in in_order(finished):
+                    if future.exception() is not None:
+                        pending.pop(future)
+                        yield from drain()
+                        future.result()  # raises the cell's exception, its traceback kept
+                    cell = pending.pop(future)
+                    submit()
+                    yield cell, future.result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
 
     def close(self) -> None:
-        """Drop the cells not started; wait for the ones running (a thread cannot be
-        stopped mid-call: at most one cell's time per worker)."""
+        """Stop a ``run_cells`` the caller left unfinished: drop the cells not started, wait
+        for the ones running (a thread cannot be stopped mid-call: at most one cell's time
+        per worker); their results are not handed out."""
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None

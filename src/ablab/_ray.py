@@ -19,11 +19,11 @@ left exactly as configured on the driver -- it still sizes its thread pool to th
 cores. Limiting XLA to one thread (``--xla_cpu_multi_thread_eigen=false``) would be the
 tidy way to honour the 1-CPU share, but XLA's CPU thread count can change how a large
 contraction is split and summed, i.e. the last bits of the result; the executor would then
-no longer match a local run bit for bit. Instead: one cell is one vmapped program that
-already uses every core it gets (as locally), so start each node with as many Ray CPUs as
-cells you want to run on it at once -- ``ray start --num-cpus=1`` for one cell per machine
-using all its cores (the fastest for CPU-bound programs and the smallest memory), more to
-overlap one cell's Python/compile time with another's compute.
+no longer match a local run bit for bit. Instead, give each node as many Ray CPUs as cells
+it should run at once. One cell's program keeps only part of a CPU busy (its ops are tiny,
+each split over XLA's pool and joined again), so, as the local executor does with its
+workers, about one cell per core is fastest: ``ray start --num-cpus=<cores>`` (the default);
+fewer when memory is short.
 """
 
 from __future__ import annotations

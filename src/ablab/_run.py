@@ -108,6 +108,8 @@ class RunResult:
     explain: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Per variant: "optimum" (analytic baseline and gaps, or None), "bn" (diagnoses)."""
     compile_s: dict[str, float] = field(default_factory=dict)
+    executor: dict[str, Any] = field(default_factory=dict)
+    """Where the cells trained: ``{"name": "local", "workers": 2}`` or ``{"name": "ray"}``."""
     _report: Any = field(default=None, init=False, repr=False, compare=False)
 
     def report_data(self) -> ReportData:
@@ -172,6 +174,7 @@ class RunResult:
             "state": self.state,
             "wall_s": self.wall_s,
             "runs_per_s": self.runs_per_s,
+            "executor": self.executor,
             "baseline": self.study.baseline,
             "variants": self.summary,
             "comparisons": comparisons,
@@ -290,7 +293,17 @@ def _plan(
             cells.append(Cell(variant, k, ids, real, probed))
         if program.probes and any(c.variant == variant and not c.probes for c in cells):
             plain[variant] = VariantProgram(program.prepared, program.split, probes=False)
-    wanted = 1 if reference else (workers or study.engine.workers or default_workers())
+    asked = workers if workers is not None else study.engine.workers
+    if asked is not None and (asked < 1 or (reference and asked > 1)):
+        raise StudyError(
+            where=study.source,
+            key="engine.workers" if workers is None else "--workers",
+            expected="a positive number of chunk calls at once; 1 with the reference engine "
+            "(model.fit on one shared Keras model runs one cell at a time)",
+            got=repr(asked),
+            fix="drop it for the default (one per CPU core), or give N >= 1",
+        )
+    wanted = 1 if reference else (asked or default_workers())
     cell_bytes = [p.per_seed_bytes() * sizes[v] for v, p in programs.items()]
     workers = workers_within_budget(wanted, cell_bytes, study.engine.memory_budget_mb)
     return _Plan(study, data, programs, plain, cells, sizes, workers)
@@ -593,6 +606,9 @@ def _execute(
         wall = time.perf_counter() - t0
         trained = sum(c.real for c in todo)
         result = _analyse(plan, run_dir, progress, wall, trained / wall, compile_s)
+        result.executor = {"name": executor.name}
+        if isinstance(executor, LocalExecutor):
+            result.executor["workers"] = executor.workers
         run_dir.finish("complete", done, total, result.to_json())
     except KeyboardInterrupt as exc:  # during training, checks or analysis
         run_dir.finish("interrupted", done, total, None)
