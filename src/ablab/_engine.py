@@ -55,9 +55,9 @@ DEFAULT_MAX_CHUNK = 1024
 # this many. One call of the engine's program keeps only ~1.3 of 2 cores busy (its ops are
 # thousands of tiny per-seed products and elementwise passes, each split across XLA's thread
 # pool and joined again); two calls at once keep both busy. Measured on the seed study
-# (2-core CPU, bench/throughput.py times 1 and 2 workers in turn): 1.5-2.2x runs/s (plain
-# 2,630 -> 4,639, bn 2,601 -> 3,952 in one run), bit-identical results; 3 or 4 workers on
-# 2 cores were no faster than 2.
+# (2-core CPU, bench/throughput.py times 1 and 2 workers in turn): 1.2-2.4x runs/s, median
+# ~1.6x (plain 2,630 -> 4,639, bn 2,601 -> 3,952 in one run), bit-identical results; 3 or 4
+# workers on 2 cores were no faster than 2.
 MAX_DEFAULT_WORKERS = 8
 
 
