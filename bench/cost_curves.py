@@ -23,10 +23,14 @@ Dense(8) -> Dense(12) on 100 x 12 rows, 20 epochs, batch 32, Adam, MSE), each wi
   updates are left out, so small widths are under-counted)::
 
       F(rows)       = sum over Dense layers of 2 * rows * fan_in * fan_out   (one forward)
-      train step    = 3 * F(batch rows)   (forward + backward: d/dW and d/dx, ~2x forward)
-      flops per run = epochs * (3 * F(n_train) + F(n_val))   (every row once per epoch,
-                                                              validation forward only)
+      F1(rows)      = the first Dense layer's share of F(rows)
+      train step    = 3 * F(b) - F1(b)   (forward, d/dW of every layer, d/dx of every layer
+                                          but the first: the data needs no gradient)
+      flops per run = epochs * (3 * F(n_train) - F1(n_train) + F(n_val))
+                      (every row once per epoch, validation forward only)
       GFLOP/s       = runs/s * flops per run / 1e9
+
+  (bench/roofline.py counts the seed study the same way: 1,804,800 FLOPs per run.)
 
   It is compared with the machine's measured sgemm rate, timed at the start and at the end
   of the run (the better one is kept: a shared machine's rate moves): a square float32
@@ -181,17 +185,18 @@ def widened(study: ablab.Study, variant: str, width: int) -> ablab.Study:
 
 def flops_per_run(program: VariantProgram) -> float:
     """Dense-matmul FLOPs of training one seed (formula in the module docstring)."""
-    macs_per_row = 0  # sum of fan_in * fan_out over Dense layers
-    for layer in program.prepared.model.layers:
-        if isinstance(layer, keras.layers.Dense):
-            fan_in, fan_out = (int(d) for d in layer.kernel.shape)
-            macs_per_row += fan_in * fan_out
+    macs = [  # fan_in * fan_out of each Dense layer, in order
+        int(np.prod(layer.kernel.shape))
+        for layer in program.prepared.model.layers
+        if isinstance(layer, keras.layers.Dense)
+    ]
     lay = program.layout
 
     def forward(rows: int) -> float:
-        return 2.0 * rows * macs_per_row
+        return 2.0 * rows * sum(macs)
 
-    return lay.epochs * (3 * forward(lay.n_train) + forward(lay.n_val))
+    first = 2.0 * lay.n_train * macs[0]  # the first layer's input gradient is never computed
+    return lay.epochs * (3 * forward(lay.n_train) - first + forward(lay.n_val))
 
 
 # -- the engine ----------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from ablab._engine import MAX_DEFAULT_WORKERS, default_workers, usable_cores
 from ablab._errors import StudyError
 from ablab._executors import Cell, CellResult, LocalExecutor
 from ablab._run import _plan
+from ablab._store import RunDir
 from tests.conftest import TINY_STUDY
 
 
@@ -119,6 +120,15 @@ def test_a_failed_cell_hands_out_the_cells_running_then_raises_and_drops_the_res
     assert program.running == 0 and sorted(program.started) == [0, 1]
 
 
+def test_a_second_failure_among_the_running_cells_is_noted_on_the_first() -> None:
+    program = FakeProgram({0: 0.05, 1: 0.3}, fail=frozenset({0, 1}))
+    executor = LocalExecutor(lambda cell: program, workers=2)
+    with pytest.raises(RuntimeError, match="cell 0 failed") as info:
+        for _ in executor.run_cells(fake_cells(6)):
+            pass
+    assert any("also failed: RuntimeError: cell 1 failed" in n for n in info.value.__notes__)
+
+
 def test_ctrl_c_while_waiting_hands_out_the_cells_running_then_raises(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -164,6 +174,7 @@ def test_the_reference_engine_trains_one_cell_at_a_time() -> None:
 
 
 def test_default_workers_follow_the_usable_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_engine.jax, "default_backend", lambda: "cpu")
     monkeypatch.setattr(_engine, "usable_cores", lambda: 2)
     assert default_workers() == 2
     monkeypatch.setattr(_engine, "usable_cores", lambda: 64)
@@ -205,10 +216,12 @@ def test_workers_refused_where_they_cannot_apply(tiny_study: Path) -> None:
     with pytest.raises(StudyError, match="positive number"):
         _plan(study, workers=0)
     reference = study.model_copy(
-        update={"engine": study.engine.model_copy(update={"kind": "reference"})}
+        update={"engine": study.engine.model_copy(update={"kind": "reference", "workers": 2})}
     )
     with pytest.raises(StudyError, match="reference engine"):
-        _plan(reference, workers=2)
+        _plan(reference, workers=2)  # asked for explicitly: refused
+    # the study's own [engine] workers under --engine reference (the way out of a compile
+    # error): one cell at a time, no error
     assert _plan(reference).workers == 1
 
 
@@ -222,3 +235,32 @@ def test_cli_workers_option(
     assert main([*run, "--workers", "0"]) == 2
     assert main([*run, "--workers", "2", "--executor", "ray"]) == 2
     assert main([*run, "--workers", "2", "--engine", "reference"]) == 2
+
+
+def test_an_interrupted_run_stores_the_cells_that_were_running(
+    tiny_study: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Ctrl-C while `ablab run` waits on two workers: the cells running are finished and
+    # stored, the run is "interrupted" with exactly those cells done, and resume finishes it.
+    real_wait = _executors.wait
+    calls = {"n": 0}
+
+    def interrupted_wait(*args: object, **kwargs: object) -> object:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            time.sleep(0.5)  # both workers have picked up their cell by now
+            raise KeyboardInterrupt
+        return real_wait(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_executors, "wait", interrupted_wait)
+    runs = tmp_path / "runs"
+    with pytest.raises(ablab.RunInterrupted) as info:
+        ablab.run(tiny_study, runs_dir=runs, workers=2)
+    run = RunDir(Path(info.value.run_dir))
+    status = run.read_json("status.json")
+    assert status["state"] == "interrupted"
+    # the two cells submitted first were running (or done) when Ctrl-C came: both stored
+    assert status["cells_done"] == len(run.cell_files()) == 2
+    monkeypatch.setattr(_executors, "wait", real_wait)
+    result = ablab.resume("latest", runs_dir=runs, workers=2)
+    assert result.state == "complete" and len(run.cell_files()) == 4

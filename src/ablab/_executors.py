@@ -15,6 +15,7 @@ only, so every executor produces the same numbers (the tests compare them bit fo
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -131,14 +132,24 @@ class LocalExecutor:
         def in_order(futures: Iterable[Future[CellResult]]) -> list[Future[CellResult]]:
             return sorted(futures, key=lambda f: order[id(pending[f])])
 
+        also_failed: list[str] = []
+
         def drain() -> Iterator[tuple[Cell, CellResult]]:
-            """Finish the cells already running and hand out those that succeed."""
+            """Finish the cells already running and hand out those that succeed (the
+            failures are noted on the exception the caller gets)."""
             running = [f for f in in_order(pending) if not f.cancel()]
             for future in running:
                 cell = pending.pop(future)
-                if future.exception() is None:
+                err = future.exception()
+                if err is None:
                     yield cell, future.result()
+                else:
+                    also_failed.append(f"cell {cell.key} also failed: {type(err).__name__}: {err}")
             pending.clear()
+
+        def note(exc: BaseException) -> None:
+            for line in also_failed:
+                exc.add_note(line)
 
         try:
             for _ in range(self.workers):
@@ -146,13 +157,19 @@ class LocalExecutor:
             while pending:
                 try:
                     finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-                except KeyboardInterrupt:
+                except KeyboardInterrupt as interrupt:
                     yield from drain()
+                    note(interrupt)
                     raise
                 for future in in_order(finished):
-                    if future.exception() is not None:
+                    failed = future.exception()
+                    if failed is not None:
                         pending.pop(future)
-                        yield from drain()
+                        # Ctrl-C while the others finish: the cell's error still wins
+                        # (the run failed; it was not merely stopped)
+                        with contextlib.suppress(KeyboardInterrupt):
+                            yield from drain()
+                        note(failed)
                         future.result()  # raises the cell's exception, its traceback kept
                     cell = pending.pop(future)
                     submit()

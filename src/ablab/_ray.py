@@ -20,10 +20,11 @@ cores. Limiting XLA to one thread (``--xla_cpu_multi_thread_eigen=false``) would
 tidy way to honour the 1-CPU share, but XLA's CPU thread count can change how a large
 contraction is split and summed, i.e. the last bits of the result; the executor would then
 no longer match a local run bit for bit. Instead, give each node as many Ray CPUs as cells
-it should run at once. One cell's program keeps only part of a CPU busy (its ops are tiny,
-each split over XLA's pool and joined again), so, as the local executor does with its
-workers, about one cell per core is fastest: ``ray start --num-cpus=<cores>`` (the default);
-fewer when memory is short.
+it should run at once. One cell's program keeps only ~1.3 of 2 cores busy (its ops are tiny,
+each split over XLA's pool and joined again; measured on a 2-core machine, where two at
+once were fastest), so start from ``ray start --num-cpus=min(cores, 8)`` -- what the local
+executor would run -- and measure; fewer when memory is short (each worker process holds its
+own imports and compiled programs).
 """
 
 from __future__ import annotations

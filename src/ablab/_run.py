@@ -293,17 +293,19 @@ def _plan(
             cells.append(Cell(variant, k, ids, real, probed))
         if program.probes and any(c.variant == variant and not c.probes for c in cells):
             plain[variant] = VariantProgram(program.prepared, program.split, probes=False)
-    asked = workers if workers is not None else study.engine.workers
-    if asked is not None and (asked < 1 or (reference and asked > 1)):
+    if workers is not None and (workers < 1 or (reference and workers > 1)):
         raise StudyError(
             where=study.source,
-            key="engine.workers" if workers is None else "--workers",
+            key="--workers",
             expected="a positive number of chunk calls at once; 1 with the reference engine "
             "(model.fit on one shared Keras model runs one cell at a time)",
-            got=repr(asked),
-            fix="drop it for the default (one per CPU core), or give N >= 1",
+            got=repr(workers),
+            fix="drop --workers (default: one per CPU core; the reference engine runs one "
+            "cell at a time)",
         )
-    wanted = 1 if reference else (asked or default_workers())
+    # [engine] workers of a study run with --engine reference: one at a time, no error (the
+    # reference engine is the way out the compile error suggests for that very study).
+    wanted = 1 if reference else (workers or study.engine.workers or default_workers())
     cell_bytes = [p.per_seed_bytes() * sizes[v] for v, p in programs.items()]
     workers = workers_within_budget(wanted, cell_bytes, study.engine.memory_budget_mb)
     return _Plan(study, data, programs, plain, cells, sizes, workers)
@@ -709,6 +711,7 @@ def run_document(
         "cells_total": status["cells_total"],
         "wall_s": saved.get("wall_s"),
         "runs_per_s": saved.get("runs_per_s"),
+        "executor": saved.get("executor"),
         "baseline": baseline,
         "environment": meta["environment"],
         "study": meta["study"],
