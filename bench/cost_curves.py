@@ -88,16 +88,12 @@ import ablab
 from ablab._engine import (
     DEFAULT_MAX_CHUNK,
     VariantProgram,
-    choose_chunk_size,
     default_workers,
-    seed_chunks,
-    workers_within_budget,
 )
-from ablab._executors import Cell
 from ablab._program import build_program
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import fresh_fit_runs_per_s, train_cells  # bench/ is not a package
+from throughput import fresh_fit_runs_per_s, prepared_cells, train_cells  # bench/ is not a package
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = ROOT / "examples" / "bn_yes_or_no.toml"
@@ -209,14 +205,9 @@ def engine_point(
 ) -> dict[str, Any]:
     """Compile, warm up and time ``seeds`` seeds of ``program``, chunked and run like
     `ablab run` (``workers`` chunk calls at once, default as `ablab run` picks them)."""
-    chunk = choose_chunk_size(program, seeds, budget_mb, max_chunk=max_chunk)
-    compile_s = program.compile(chunk)
     wanted = workers or default_workers()
-    workers = workers_within_budget(wanted, [chunk * program.per_seed_bytes()], budget_mb)
-    cells = [
-        Cell("bench", k, ids, real, program.probes) for k, ids, real in seed_chunks(0, seeds, chunk)
-    ]
-    program.train(cells[0].seed_ids)  # warm-up: the first call of an executable allocates
+    cells, compile_s, (workers,) = prepared_cells(program, seeds, budget_mb, (wanted,), max_chunk)
+    chunk = len(cells[0].seed_ids)
 
     cpu_s = 0.0
 

@@ -42,6 +42,7 @@ import numpy as np
 import ablab
 from ablab._data import load_dataset, split
 from ablab._engine import (
+    DEFAULT_MAX_CHUNK,
     VariantProgram,
     choose_chunk_size,
     default_workers,
@@ -65,6 +66,28 @@ def train_cells(program: VariantProgram, cells: list[Cell], workers: int) -> Non
         executor.close()
 
 
+def prepared_cells(
+    program: VariantProgram,
+    seeds: int,
+    budget_mb: float,
+    workers: tuple[int, ...],
+    max_chunk: int = DEFAULT_MAX_CHUNK,
+) -> tuple[list[Cell], float, list[int]]:
+    """``seeds`` seeds of ``program`` cut into cells as `ablab run` cuts them (chunk size
+    from the memory budget), the program compiled for them and warmed up (its first call
+    allocates), and each worker count in ``workers`` bounded by the budget as `ablab run`
+    bounds it. Returns ``(cells, compile seconds, bounded worker counts)``."""
+    chunk = choose_chunk_size(program, seeds, budget_mb, max_chunk=max_chunk)
+    compile_s = program.compile(chunk)
+    cells = [
+        Cell("bench", k, ids, real, program.probes) for k, ids, real in seed_chunks(0, seeds, chunk)
+    ]
+    cell_bytes = [chunk * program.per_seed_bytes()]
+    bounded = [workers_within_budget(w, cell_bytes, budget_mb) for w in workers]
+    program.train(cells[0].seed_ids)
+    return cells, compile_s, bounded
+
+
 def engine_figures(
     study: ablab.Study,
     variant: str,
@@ -78,13 +101,9 @@ def engine_figures(
     ``repeats`` times in turn (A/B/A/B: a shared machine's drift hits every count alike);
     the median per count. ``runs_per_s`` is the first count's."""
     program = build_program(study, variant, probes=probes)
-    budget = study.engine.memory_budget_mb
-    chunk = choose_chunk_size(program, seeds, budget)
-    compile_s = program.compile(chunk)
-    cells = [Cell(variant, k, ids, real, probes) for k, ids, real in seed_chunks(0, seeds, chunk)]
-    cell_bytes = [chunk * program.per_seed_bytes()]
-    bounded = [workers_within_budget(w, cell_bytes, budget) for w in workers]
-    program.train(cells[0].seed_ids)  # warm-up (first call allocates)
+    cells, compile_s, bounded = prepared_cells(
+        program, seeds, study.engine.memory_budget_mb, workers
+    )
     times: dict[int, list[float]] = {w: [] for w in bounded}
     for _ in range(repeats):
         for w in bounded:
@@ -103,7 +122,7 @@ def engine_figures(
         "runs_per_s_by_workers": by_workers,
         "compile_s": compile_s,
         "init_s": init_s,
-        "chunk": chunk,
+        "chunk": len(cells[0].seed_ids),
         "workers": bounded[0],
     }
 
@@ -186,25 +205,21 @@ def main() -> None:
     eng = engine_figures(study, "plain", args.seeds, workers=(wanted, 1), repeats=3)
     eng_bn = engine_figures(study, "bn", args.seeds, workers=(wanted, 1), repeats=3)
     workers = eng["workers"]
-    eng_1 = {"runs_per_s": eng["runs_per_s_by_workers"][1]}
-    eng_bn_1 = {"runs_per_s": eng_bn["runs_per_s_by_workers"][1]}
+    one_plain, one_bn = eng["runs_per_s_by_workers"][1], eng_bn["runs_per_s_by_workers"][1]
+    engine_doc = {  # the engine's figures, in both the --engine-only and the full JSON
+        "seeds": args.seeds,
+        "engine_runs_per_s": round(eng["runs_per_s"], 1),
+        "engine_bn_runs_per_s": round(eng_bn["runs_per_s"], 1),
+        "engine_1worker_runs_per_s": round(one_plain, 1),
+        "engine_bn_1worker_runs_per_s": round(one_bn, 1),
+        "workers": workers,
+        "chunk": eng["chunk"],
+        "compile_s": round(eng["compile_s"], 2),
+        "compile_bn_s": round(eng_bn["compile_s"], 2),
+        "device": jax.devices()[0].platform,
+    }
     if args.engine_only:
-        print(
-            json.dumps(
-                {
-                    "seeds": args.seeds,
-                    "engine_runs_per_s": round(eng["runs_per_s"], 1),
-                    "engine_bn_runs_per_s": round(eng_bn["runs_per_s"], 1),
-                    "engine_1worker_runs_per_s": round(eng_1["runs_per_s"], 1),
-                    "engine_bn_1worker_runs_per_s": round(eng_bn_1["runs_per_s"], 1),
-                    "workers": workers,
-                    "chunk": eng["chunk"],
-                    "compile_s": round(eng["compile_s"], 2),
-                    "compile_bn_s": round(eng_bn["compile_s"], 2),
-                    "device": jax.devices()[0].platform,
-                }
-            )
-        )
+        print(json.dumps(engine_doc))
         return
     eng_probed = engine_figures(study, "plain", args.seeds, probes=True, workers=(workers,))
     eng_bn_probed = engine_figures(study, "bn", args.seeds, probes=True, workers=(workers,))
@@ -213,8 +228,8 @@ def main() -> None:
     rows = [
         (f"engine plain, {workers} workers (runs/s)", eng["runs_per_s"]),
         (f"engine bn, {workers} workers (runs/s)", eng_bn["runs_per_s"]),
-        ("engine plain, 1 worker (runs/s)", eng_1["runs_per_s"]),
-        ("engine bn, 1 worker (runs/s)", eng_bn_1["runs_per_s"]),
+        ("engine plain, 1 worker (runs/s)", one_plain),
+        ("engine bn, 1 worker (runs/s)", one_bn),
         ("engine plain with probes (runs/s)", eng_probed["runs_per_s"]),
         ("engine bn with probes (runs/s)", eng_bn_probed["runs_per_s"]),
         ("model.fit plain, fresh model per seed (runs/s)", fit["runs_per_s"]),
@@ -236,12 +251,7 @@ def main() -> None:
     print(
         json.dumps(
             {
-                "seeds": args.seeds,
-                "engine_runs_per_s": round(eng["runs_per_s"], 1),
-                "engine_bn_runs_per_s": round(eng_bn["runs_per_s"], 1),
-                "engine_1worker_runs_per_s": round(eng_1["runs_per_s"], 1),
-                "engine_bn_1worker_runs_per_s": round(eng_bn_1["runs_per_s"], 1),
-                "workers": workers,
+                **engine_doc,
                 "engine_probes_runs_per_s": round(eng_probed["runs_per_s"], 1),
                 "engine_bn_probes_runs_per_s": round(eng_bn_probed["runs_per_s"], 1),
                 "fit_runs_per_s": round(fit["runs_per_s"], 3),
@@ -252,10 +262,7 @@ def main() -> None:
                 "speedup_bn": round(eng_bn["runs_per_s"] / fit_bn["runs_per_s"], 1),
                 "speedup_vs_warm_fit": round(eng["runs_per_s"] / fit["warm_runs_per_s"], 1),
                 "init_10k_s": round(eng["init_s"], 4),
-                "compile_s": round(eng["compile_s"], 2),
-                "compile_bn_s": round(eng_bn["compile_s"], 2),
                 "peak_rss_mb": round(peak, 1),
-                "device": jax.devices()[0].platform,
             }
         )
     )
