@@ -25,24 +25,31 @@ if keras.backend.backend() != "jax":  # pragma: no cover - depends on the caller
     )
     raise ImportError(msg)
 
-from ablab._errors import AblabError, BadInput, RunInterrupted, StudyError
+from ablab._compare import CompareResult, compare
+from ablab._errors import AblabError, BadInput, InputError, RunInterrupted, StudyError
 from ablab._records import VariantHistory
 from ablab._report import ReportData, open_run
 from ablab._run import RunResult, resume, run
-from ablab._study import Study, load_study, study_from_dict
+from ablab._study import Study, VerdictSpec, load_study, study_from_dict
+from ablab._verdict import Comparison
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AblabError",
     "BadInput",
+    "CompareResult",
+    "Comparison",
+    "InputError",
     "ReportData",
     "RunInterrupted",
     "RunResult",
     "Study",
     "StudyError",
     "VariantHistory",
+    "VerdictSpec",
     "__version__",
+    "compare",
     "load_study",
     "open_run",
     "resume",

@@ -291,6 +291,69 @@ def check_cmd(
         raise SystemExit(EXIT_FAILURE)
 
 
+@cli.command("compare")
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option(
+    "--metric",
+    default=None,
+    help="The metric column (default: the only column besides variant and seed).",
+)
+@click.option("--baseline", default=None, help="The baseline variant (default: the first).")
+@click.option(
+    "--higher-is-better/--lower-is-better",
+    "higher_is_better",
+    default=None,
+    help="Direction (default: from the metric's name; losses lower, accuracy-like higher).",
+)
+@click.option(
+    "--margin",
+    type=float,
+    default=None,
+    help="Equivalence margin in metric units (default: 0.1 x the baseline's SD).",
+)
+@click.option(
+    "--margin-pct",
+    type=float,
+    default=None,
+    help="Equivalence margin in percent of the baseline's |median|.",
+)
+@click.option("--alpha", type=float, default=0.05, show_default=True)
+@click.option("--unpaired", is_flag=True, help="Do not pair seeds across variants.")
+@_json_option
+def compare_cmd(
+    file: Path,
+    metric: str | None,
+    baseline: str | None,
+    higher_is_better: bool | None,
+    margin: float | None,
+    margin_pct: float | None,
+    alpha: float,
+    unpaired: bool,
+    as_json: bool,
+) -> None:
+    """Verdicts for per-seed results made anywhere: FILE is a .csv or .parquet table in long
+    format (columns `variant`, `seed` and the metric; nan / inf = diverged), judged with the
+    same rule and output as `ablab run`."""
+    from ablab._compare import compare, read_results
+    from ablab._terminal import print_compare
+
+    result = compare(
+        read_results(file),
+        metric=metric,
+        baseline=baseline,
+        lower_is_better=None if higher_is_better is None else not higher_is_better,
+        margin=margin,
+        margin_pct=margin_pct,
+        alpha=alpha,
+        paired=False if unpaired else None,
+        source=str(file),
+    )
+    if as_json:
+        _dump(result.to_json())
+    else:
+        print_compare(_stdout(), result.to_json())
+
+
 @cli.command("show")
 @click.argument("run_ref", metavar="[RUN]", required=False)
 @_runs_dir_option

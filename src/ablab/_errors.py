@@ -28,12 +28,9 @@ class BadInput(AblabError):
     exit_code = EXIT_BAD_INPUT
 
 
-class StudyError(BadInput):
-    """Bad input: the study, its data, its model or an option.
-
-    The message always says where (file, key), what was expected, what was
-    got, and how to fix it.
-    """
+class InputError(BadInput):
+    """Bad input, in the one message form: where (file), which key (or column / option),
+    what was expected, what was got, and how to fix it."""
 
     def __init__(
         self,
@@ -51,6 +48,11 @@ class StudyError(BadInput):
         self.fix = fix
         msg = f"{where}: [{key}] expected {expected}; got {got}.\n  how to fix: {fix}"
         super().__init__(msg)
+
+
+class StudyError(InputError):
+    """Bad input: the study, its data, its model or an option (the message form of
+    :class:`InputError`)."""
 
 
 class RunInterrupted(AblabError):

@@ -22,17 +22,6 @@ def nearly_constant(values: np.ndarray) -> bool:
     return float(np.ptp(values)) <= 1e-12 * max(1.0, abs(float(values.mean())))
 
 
-def finite_pairs(baseline: np.ndarray, variant: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The pairs where both arms are finite (a diverged seed drops out of paired statistics)."""
-    keep = np.isfinite(baseline) & np.isfinite(variant)
-    return baseline[keep], variant[keep]
-
-
-def paired_differences(baseline: np.ndarray, variant: np.ndarray) -> np.ndarray:
-    """``variant - baseline`` per seed: (seeds,). Negative means a lower metric in the variant."""
-    return np.asarray(variant, dtype=np.float64) - np.asarray(baseline, dtype=np.float64)
-
-
 def improvement(diff: np.ndarray, lower: bool) -> np.ndarray:
     """Per-seed improvement of the variant over the baseline: positive = better.
 

@@ -210,6 +210,48 @@ def bootstrap_ci(
     return lo, hi
 
 
+def bootstrap_ci_two_sample(
+    variant: np.ndarray,
+    baseline: np.ndarray,
+    statistic: Callable[..., np.ndarray],
+    rng: np.random.Generator,
+    *,
+    confidence: float = 0.95,
+    n_resamples: int = 9999,
+) -> tuple[float, float]:
+    """Bootstrap interval of ``statistic(variant) - statistic(baseline)`` for unpaired arms:
+    (n1,), (n2,) -> (lo, hi). Each arm is resampled on its own (``scipy.stats.bootstrap`` with
+    ``paired=False``); BCa, or the percentile interval where BCa is undefined."""
+    v = np.sort(np.asarray(variant, dtype=np.float64))
+    b = np.sort(np.asarray(baseline, dtype=np.float64))
+
+    def diff(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
+        return statistic(x, axis=axis) - statistic(y, axis=axis)
+
+    point = float(diff(v, b, axis=0))
+    if nearly_constant(v) and nearly_constant(b):
+        return point, point
+    lo = hi = float("nan")
+    for method in ("BCa", "percentile"):
+        with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
+            warnings.simplefilter("ignore", stats.DegenerateDataWarning)
+            res = stats.bootstrap(
+                (v, b),
+                diff,
+                n_resamples=n_resamples,
+                batch=_batch(v.size + b.size),
+                confidence_level=confidence,
+                method=method,
+                vectorized=True,
+                paired=False,
+                rng=rng,
+            )
+        lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
+        if np.isfinite(lo) and np.isfinite(hi):
+            break
+    return lo, hi
+
+
 def prob_better_ci(
     gain: np.ndarray,
     rng: np.random.Generator,

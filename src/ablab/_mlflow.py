@@ -115,6 +115,9 @@ def variant_metrics(
             "p_tost",
             "margin",
             "seeds_needed",
+            "diverged",
+            "baseline_diverged",
+            "p_diverged",
         ):
             if comparison.get(key) is not None:
                 rows.append((f"{prefix}/{key}", float(comparison[key]), 0))

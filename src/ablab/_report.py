@@ -199,8 +199,8 @@ class ReportData:
         spec = self.verdict_spec
         out = {}
         for c in self.doc["comparisons"]:
-            if c["n"] < 2:
-                continue
+            if not c.get("paired", True) or (c.get("n_finite") or 0) < 2:
+                continue  # a paired curve needs >= 2 seeds on which both arms converged
             curve = paired_curve(
                 self.histories,
                 c["variant"],

@@ -283,26 +283,60 @@ class EngineSpec(_Strict):
 
 
 class VerdictSpec(_Strict):
-    """How variants are compared with the baseline (see ``ablab._verdict`` for the rule)."""
+    """How variants are compared with the baseline (see ``ablab._rule`` for the rule).
+
+    The equivalence margin is, by default, ``margin_sd`` (0.1) times the baseline's
+    across-seed standard deviation of the metric (``ablab._verdict.equivalence_margin`` says
+    why); ``margin`` (metric units) or ``margin_pct`` (percent of the baseline's |median|)
+    replace it. At most one of the two may be given.
+    """
 
     metric: str | None = None
     """History name compared at the final epoch; default val_loss (loss without validation)."""
     alpha: float = Field(0.05, gt=0, lt=1)
-    margin: float = Field(0.01, ge=0)
-    """Equivalence margin as a fraction of the baseline's median (default 1 %)."""
-    margin_abs: float | None = Field(None, ge=0)
-    """Equivalence margin in the metric's own units (overrides ``margin``)."""
+    margin: float | None = Field(None, ge=0)
+    """Equivalence margin in the metric's own units."""
+    margin_pct: float | None = Field(None, ge=0)
+    """Equivalence margin in percent of the baseline's |median| (not invariant to an offset)."""
+    margin_sd: float = Field(0.1, ge=0)
+    """Equivalence margin as a fraction of the baseline's across-seed SD (the default rule)."""
     confidence: float = Field(0.95, gt=0, lt=1)
     n_resamples: PositiveInt = 9999
     power: float = Field(0.8, gt=0, lt=1)
     effect: float | None = None
-    """A stated effect (metric units) for seed planning; default: the observed mean difference."""
+    """A stated effect (metric units) for seed planning; default: the observed outcomes."""
     higher_is_better: bool | None = None
     """Override the direction guessed from the metric's name."""
     random_seed: int = 0
-    """Seeds the bootstrap's generator (results are reproducible)."""
+    """Seeds the bootstrap's and the seed planner's generators (results are reproducible)."""
     pairs: list[tuple[str, str]] = Field(default_factory=list)
     """Explicit comparisons ``[variant, baseline]`` instead of every variant vs the baseline."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_margin(cls, data: Any) -> Any:
+        """Runs stored before the margin rule changed have ``margin`` (a fraction of the
+        baseline median) beside ``margin_abs``: read them with the meaning they had."""
+        if isinstance(data, Mapping) and "margin_abs" in data:
+            data = dict(data)
+            absolute, fraction = data.pop("margin_abs"), data.pop("margin", None)
+            if absolute is not None:
+                data["margin"] = absolute
+            elif fraction is not None:
+                data["margin_pct"] = 100.0 * fraction
+        return data
+
+    @model_validator(mode="after")
+    def _one_margin(self) -> VerdictSpec:
+        if self.margin is not None and self.margin_pct is not None:
+            raise _KeyedError(
+                "verdicts",
+                "at most one of `margin` (metric units) and `margin_pct` (percent of the "
+                "baseline median)",
+                f"margin = {self.margin!r} and margin_pct = {self.margin_pct!r}",
+                "keep one of them (or neither: 0.1 x the baseline's across-seed SD)",
+            )
+        return self
 
 
 class ChecksSpec(_Strict):

@@ -49,34 +49,41 @@ def _sig(value: float | None) -> str:
     return f"{value:.2g}" if value >= 1e-3 else f"{value:.1e}"
 
 
+def _margin_title(comparisons: list[dict[str, Any]]) -> str:
+    """ "margin ±0.0195 (0.1 × baseline SD (0.195))", or "margins per baseline"."""
+    first = comparisons[0]
+    margins = {round(c["margin"], 6) for c in comparisons if c["margin"] is not None}
+    if len(margins) > 1:
+        return f"margins per baseline ({first.get('margin_rule') or 'as set'})"
+    rule = first.get("margin_rule")
+    return f"margin ±{_fmt(first['margin'])}" + (f" = {rule}" if rule else "")
+
+
 def comparison_table(comparisons: list[dict[str, Any]]) -> Table:
-    """One row per variant vs the baseline: effect with CI, P(better), Cliff's delta, p, verdict."""
+    """One row per variant vs the baseline: effect with CI, P(better), Cliff's delta, p,
+    divergence (when any), verdict and seeds needed."""
     first = comparisons[0]
     better = "lower" if first["lower_is_better"] else "higher"
     baselines = sorted({c["baseline"] for c in comparisons})
     against = f"vs {baselines[0]}" if len(baselines) == 1 else "each variant vs its own baseline"
-    margins = {round(c["margin"], 6) for c in comparisons if c["margin"] is not None}
-    margin = f"margin ±{_fmt(first['margin'])}" if len(margins) <= 1 else "margins per baseline"
+    pairing = "paired seeds" if all(c.get("paired", True) for c in comparisons) else "unpaired"
     table = Table(
-        title=f"{against} on final {first['metric']} ({better} is better; paired seeds; {margin})",
+        title=f"{against} on final {first['metric']} ({better} is better; {pairing}; "
+        f"{_margin_title(comparisons)})",
         title_justify="left",
     )
     level = f"{100 * first.get('confidence', 0.95):g}%"
-    for col in (
-        "variant",
-        "n",
-        f"Δ mean [{level} CI]",
-        "Δ %",
-        "P(better)",
-        "Cliff δ",
-        "p (Holm)",
-        "verdict",
-        "seeds needed",
-    ):
+    diverging = any(c.get("diverged") or c.get("baseline_diverged") for c in comparisons)
+    columns = ["variant", "n", f"Δ mean [{level} CI]", "Δ %", "P(better)", "Cliff δ", "p (Holm)"]
+    columns += ["diverged (var / base)"] if diverging else []
+    columns += ["verdict", "seeds needed"]
+    for col in columns:
         table.add_column(col, justify="left" if col in ("variant", "verdict") else "right")
     for c in comparisons:
         if c["diff_mean"] is None:
             effect = "—"
+        elif c["ci_low"] is None:
+            effect = f"{c['diff_mean']:+.4f}"
         else:
             effect = f"{c['diff_mean']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}]"
         rel = "—" if c.get("rel_diff") is None else f"{100 * c['rel_diff']:+.1f}"
@@ -85,18 +92,29 @@ def comparison_table(comparisons: list[dict[str, Any]]) -> Table:
         style = _VERDICT_STYLE.get(c["verdict"], "")
         needed = "—" if c["seeds_needed"] is None else f"{c['seeds_needed']:,}"
         label = c["variant"] if len(baselines) == 1 else f"{c['variant']} vs {c['baseline']}"
-        table.add_row(
-            label,
-            str(c["n"]),
-            effect,
-            rel,
-            prob,
-            delta,
-            _sig(c["p_adjusted"]),
-            f"[{style}]{c['verdict']}[/{style}]",
-            needed,
-        )
+        cells = [label, str(c["n"]), effect, rel, prob, delta, _sig(c["p_adjusted"])]
+        if diverging:
+            div = f"{c.get('diverged', 0)} / {c.get('baseline_diverged', 0)}"
+            p_div = c.get("p_diverged_adjusted")
+            cells.append(div + (f" (p {_sig(p_div)})" if p_div is not None and p_div < 1 else ""))
+        verdict = c["verdict"] + (f" ({c['stability']})" if c.get("stability") else "")
+        cells += [f"[{style}]{escape(verdict)}[/{style}]", needed]
+        table.add_row(*cells)
     return table
+
+
+def print_reasons(console: Console, comparisons: list[dict[str, Any]]) -> None:
+    """Why each verdict, in words, and why a seed count is missing where it is."""
+    for c in comparisons:
+        label = (
+            c["variant"]
+            if c["baseline"] == comparisons[0]["baseline"]
+            else (f"{c['variant']} vs {c['baseline']}")
+        )
+        line = f"  {escape(label)}: {c['verdict']} — {escape(c.get('reason') or '')}"
+        if c["seeds_needed"] is None and c.get("seeds_needed_reason"):
+            line += f"; seeds needed: none ({escape(c['seeds_needed_reason'])})"
+        console.print(line, style="dim", soft_wrap=True)
 
 
 def checks_table(checks: list[dict[str, Any]]) -> Table:
@@ -196,12 +214,26 @@ def sweep_table(sweep: dict[str, Any]) -> Table:
     return table
 
 
+def print_comparisons(console: Console, doc: dict[str, Any]) -> None:
+    """The comparison table, each verdict's reason and the rule."""
+    console.print(comparison_table(doc["comparisons"]))
+    print_reasons(console, doc["comparisons"])
+    console.print(f"verdict rule: {doc['verdict_rule']}", style="dim")
+
+
+def print_compare(console: Console, doc: dict[str, Any]) -> None:
+    """``ablab compare``: the summary and comparison tables of ``ablab run``, and notes."""
+    console.print(summary_table(doc["variants"], doc["baseline"]))
+    print_comparisons(console, doc)
+    for note in doc.get("notes", []):
+        console.print(f"note: {escape(note)}", soft_wrap=True)
+
+
 def print_run(console: Console, doc: dict[str, Any]) -> None:
     """The summary ``ablab run`` prints: tables, wall time, throughput, where it is stored."""
     console.print(summary_table(doc["variants"], doc.get("baseline")))
     if doc.get("comparisons"):
-        console.print(comparison_table(doc["comparisons"]))
-        console.print(f"verdict rule: {doc['verdict_rule']}", style="dim")
+        print_comparisons(console, doc)
     if doc.get("sweep") and doc["sweep"]["rows"]:
         console.print(sweep_table(doc["sweep"]))
     if doc.get("checks"):

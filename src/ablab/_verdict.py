@@ -1,46 +1,68 @@
-"""Verdicts: each variant against the baseline, on paired seeds.
+"""Verdicts: each variant against its baseline on one metric's final values, seed by seed.
 
-The rule (also in the README and every report), at level ``alpha`` with equivalence
-``margin`` (absolute, in the metric's units):
+This module turns per-seed results into :class:`Comparison` rows: it pairs the seeds, encodes
+divergence as an outcome, sets the equivalence margin, runs the rule (``ablab._rule``) with
+Holm's correction across the study's comparisons, estimates effects with bootstrap intervals
+and plans seeds (``ablab._planning``). The same code serves ``ablab run`` (histories) and
+``ablab compare`` (per-seed values from anywhere).
 
-1. **equivalent** -- the paired TOST rejects "the mean difference is at least the margin"
-   (p_tost < alpha): whatever the difference is, it is smaller than the margin.
-2. **helps** / **hurts** -- otherwise, the Holm-adjusted Wilcoxon signed-rank p-value is
-   below alpha and the mean and the median improvement agree in sign, which gives the
-   direction (lower is better for losses, higher for accuracy-like metrics). Wilcoxon tests
-   the typical (rank) shift; if a few large losses pull the mean the other way, the
-   comparison is ``inconclusive`` rather than a verdict the seeds contradict.
-3. **inconclusive** -- neither: more seeds are needed (``seeds_needed`` says how many, for
-   the observed effect or a stated one, at the requested power).
-
-Identical variants give all-zero differences and come out ``equivalent``.
+**The margin.** By default the equivalence margin is ``margin_sd`` = 0.1 times the baseline's
+across-seed standard deviation of the metric. It is set by the spread, not the level, so it
+does not move when a constant is added to the metric and stays meaningful when the metric
+sits near 0. Why a tenth: a shift of 0.1 SD changes which of two single runs wins only
+slightly -- P(a variant run beats a baseline run) = Phi(0.1 / sqrt 2) = 0.53 instead of 0.50,
+Cliff's delta 0.056 -- well inside the "negligible" band of effect-size conventions (Cohen's
+d < 0.2; |delta| < 0.147, Romano et al. 2006), so a difference inside it is one no single
+training run could show. ``margin`` (absolute) or ``margin_pct`` (percent of the baseline's
+|median|) replace it.
 """
 
 from __future__ import annotations
 
 import zlib
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
 
-from ablab._estimators import (
-    cliffs_delta,
-    finite_pairs,
-    improvement,
-    paired_differences,
-    prob_better,
-)
-from ablab._hypothesis import holm, seeds_needed, tost_p, wilcoxon_p
-from ablab._intervals import bootstrap_ci, curve_ci, prob_better_ci
+from ablab._estimators import cliffs_delta, prob_better
+from ablab._hypothesis import holm, min_seeds
+from ablab._intervals import bootstrap_ci, bootstrap_ci_two_sample, curve_ci, prob_better_ci
+from ablab._planning import Outcomes, SeedPlan, plan
 from ablab._records import VariantHistory
+from ablab._rule import (
+    PAIRED_TEST,
+    R_DIVERGES_LESS,
+    R_DIVERGES_MORE,
+    R_EQUIVALENT,
+    R_LESS_STABLE,
+    R_MORE_STABLE,
+    R_NOT_SIGNIFICANT,
+    R_RANK,
+    R_RANK_MEAN_DISAGREE,
+    R_TOO_FEW,
+    R_TRADE_OFF,
+    UNPAIRED_TEST,
+    VERDICTS,
+    Evidence,
+    decide,
+    family_size,
+    paired_evidence,
+    rank_ready,
+    unpaired_evidence,
+)
 from ablab._study import VerdictSpec
 from ablab._summary import headline_metric
 
 RULE = (
-    "equivalent if the paired TOST shows |mean difference| < margin (p < alpha); else "
-    "helps / hurts if the Holm-adjusted Wilcoxon signed-rank p < alpha and the mean and median "
-    "improvement agree in sign (that sign is the direction); else inconclusive."
+    "divergence counts as the worst outcome. Too few seeds for the test to reach alpha after "
+    "Holm -> inconclusive. Else equivalent if the paired TOST puts the mean difference inside "
+    "the margin (p < alpha) and no seed diverged in one arm only; else, if the exact McNemar "
+    "test (Holm) shows one arm diverges more, that arm is less stable (hurts / helps), unless "
+    "the ranks say the opposite (a trade-off: inconclusive); else helps / hurts if the "
+    "Holm-adjusted Wilcoxon signed-rank p (Pratt zeros) < alpha in the direction of the signed "
+    "ranks, the mean agrees, and the winner does not diverge more often; else inconclusive."
 )
 
 _HIGHER_IS_BETTER = ("acc", "auc", "precision", "recall", "f1", "iou", "r2")
@@ -57,7 +79,12 @@ def lower_is_better(metric: str, override: bool | None = None) -> bool:
 
 @dataclass
 class Comparison:
-    """One variant vs the baseline on one metric (final epoch), over ``n`` finite pairs."""
+    """One variant vs its baseline on one metric's final values.
+
+    ``n``: seeds compared (pairs; the variant's seeds when unpaired), diverged ones included;
+    ``n_finite``: those where both arms converged (the effect estimates and the TOST use them).
+    Differences are ``variant - baseline`` in the metric's units.
+    """
 
     variant: str
     baseline: str
@@ -82,25 +109,301 @@ class Comparison:
     seeds_needed: int | None
     lower_is_better: bool
     confidence: float = 0.95
+    reason: str = ""
+    """One sentence: why this verdict (the rule's branch, in numbers)."""
+    paired: bool = True
+    test: str = PAIRED_TEST
+    n_baseline: int | None = None
+    n_finite: int | None = None
+    n_min: int | None = None
+    """The fewest seeds at which the test can reach alpha after the adjustment."""
+    diverged: int = 0
+    baseline_diverged: int = 0
+    p_diverged: float | None = None
+    p_diverged_adjusted: float | None = None
+    stability: str | None = None
+    """"more stable" / "less stable" where the divergence test is significant."""
+    margin_rule: str = ""
+    seeds_needed_method: str | None = None
+    seeds_needed_reason: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def decide(
-    p_adjusted: float,
-    p_tost: float,
-    mean_gain: float,
-    alpha: float,
-    median_gain: float | None = None,
-) -> str:
-    """The verdict rule (module docstring). A gain > 0 means the variant is better."""
-    median_gain = mean_gain if median_gain is None else median_gain
-    if p_tost < alpha:
-        return "equivalent"
-    if p_adjusted < alpha and mean_gain * median_gain > 0:
-        return "helps" if mean_gain > 0 else "hurts"
-    return "inconclusive"
+def _comparison(row: dict[str, Any]) -> Comparison:
+    """A Comparison from a row of computed fields; the estimates that could not be computed
+    (too few converged seeds) are None."""
+    values = {}
+    for f in fields(Comparison):
+        if f.name in row:
+            values[f.name] = row[f.name]
+        elif f.default is MISSING:
+            values[f.name] = None
+    return Comparison(**values)
+
+
+@dataclass
+class Arm:
+    """One arm's final values: ``seeds`` (n,) ids, ``values`` (n,) in metric units, and
+    ``diverged`` (n,) -- non-finite values, or seeds the run's divergence rule flagged."""
+
+    seeds: np.ndarray
+    values: np.ndarray
+    diverged: np.ndarray
+
+    @classmethod
+    def of(cls, seeds: np.ndarray, values: np.ndarray, diverged: np.ndarray | None = None) -> Arm:
+        values = np.asarray(values, dtype=np.float64)
+        flagged = ~np.isfinite(values)
+        if diverged is not None:
+            flagged = flagged | np.asarray(diverged, dtype=bool)
+        return cls(np.asarray(seeds), values, flagged)
+
+    def scores(self, lower: bool) -> np.ndarray:
+        """Higher-is-better values, -inf where diverged."""
+        s = -self.values if lower else self.values.copy()
+        return np.where(self.diverged, -np.inf, s)
+
+
+def equivalence_margin(spec: VerdictSpec, baseline_values: np.ndarray) -> tuple[float, str]:
+    """The margin (metric units) and how it was set (module docstring), from the baseline's
+    converged final values (seeds,)."""
+    if spec.margin is not None:
+        return float(spec.margin), "[verdicts] margin (absolute)"
+    finite = baseline_values[np.isfinite(baseline_values)]
+    if spec.margin_pct is not None:
+        median = float(np.median(finite)) if finite.size else float("nan")
+        return spec.margin_pct / 100.0 * abs(median), f"{spec.margin_pct:g} % of |baseline median|"
+    sd = float(np.std(finite, ddof=1)) if finite.size > 1 else 0.0
+    return spec.margin_sd * sd, f"{spec.margin_sd:g} × baseline SD ({sd:.3g})"
+
+
+@dataclass
+class _Prepared:
+    """One comparison before the family-wide adjustment."""
+
+    row: dict[str, Any]
+    evidence: Evidence
+    outcomes: Outcomes
+    margin: float
+
+
+def _paired_gain(base: Arm, var: Arm, lower: bool) -> np.ndarray:
+    """Per shared seed: improvement (score units); +inf only the baseline diverged, -inf only
+    the variant, NaN both (``ablab._rule`` encoding)."""
+    sb, sv = base.scores(lower), var.scores(lower)
+    with np.errstate(invalid="ignore"):
+        gain = sv - sb  # -inf - -inf = NaN (both diverged); finite - -inf = +inf
+    return gain
+
+
+def _prepare(
+    name: str,
+    base_name: str,
+    var: Arm,
+    base: Arm,
+    spec: VerdictSpec,
+    metric: str,
+    lower: bool,
+    paired: bool | None,
+) -> _Prepared:
+    margin, margin_rule = equivalence_margin(spec, base.values[~base.diverged])
+    shared, bi, vi = np.intersect1d(base.seeds, var.seeds, return_indices=True)
+    is_paired = paired is not False and shared.size >= 2
+    if is_paired:
+        base = Arm(base.seeds[bi], base.values[bi], base.diverged[bi])
+        var = Arm(var.seeds[vi], var.values[vi], var.diverged[vi])
+        gain = _paired_gain(base, var, lower)
+        ev = paired_evidence(gain[None, :], margin)
+        outcomes = Outcomes(paired=True, gain=gain)
+    else:
+        sv, sb = var.scores(lower), base.scores(lower)
+        ev = unpaired_evidence(sv[None, :], sb[None, :], margin)
+        outcomes = Outcomes(paired=False, variant=sv, baseline=sb)
+    finite_b = base.values[~base.diverged]
+    base_median = float(np.median(finite_b)) if finite_b.size else float("nan")
+    row: dict[str, Any] = {
+        "variant": name,
+        "baseline": base_name,
+        "metric": metric,
+        "n": ev.n,
+        "n_baseline": ev.n_baseline,
+        "margin": margin,
+        "margin_rule": margin_rule,
+        "lower_is_better": lower,
+        "confidence": spec.confidence,
+        "paired": is_paired,
+        "test": PAIRED_TEST if is_paired else UNPAIRED_TEST,
+        "diverged": int(ev.div_variant[0]),
+        "baseline_diverged": int(ev.div_baseline[0]),
+        "p_value": float(ev.p_rank[0]),
+        "p_tost": float(ev.p_tost[0]),
+        "p_diverged": float(ev.p_div[0]),
+    }
+    rng = np.random.default_rng([spec.random_seed, zlib.crc32(f"{name}|{base_name}".encode())])
+    row.update(_effects(base, var, is_paired, lower, base_median, spec, rng))
+    return _Prepared(row, ev, outcomes, margin)
+
+
+def _effects(
+    base: Arm,
+    var: Arm,
+    paired: bool,
+    lower: bool,
+    base_median: float,
+    spec: VerdictSpec,
+    rng: np.random.Generator,
+) -> dict[str, Any]:
+    """Effect estimates with bootstrap intervals: mean / median difference over converged
+    seeds (metric units), P(better) and Cliff's delta with divergence as the worst outcome."""
+    kw = {"confidence": spec.confidence, "n_resamples": spec.n_resamples}
+    ranked = rank_ready(np.concatenate([base.scores(lower), var.scores(lower)]))[0]
+    rb, rv = ranked[: base.values.size], ranked[base.values.size :]  # diverged: below all
+    out: dict[str, Any] = {"cliffs_delta": cliffs_delta(rb, rv, lower=False)}
+    if paired:
+        both = ~base.diverged & ~var.diverged
+        diff = var.values[both] - base.values[both]
+        out["n_finite"] = int(both.sum())
+        gain = rv - rb
+        out["prob_better"] = prob_better(gain, lower=False)
+        if gain.size >= 2:
+            out["prob_better_ci_low"], out["prob_better_ci_high"] = prob_better_ci(gain, rng, **kw)
+        if diff.size >= 2:
+            out["ci_low"], out["ci_high"] = bootstrap_ci(diff, np.mean, rng, **kw)
+            out["median_ci_low"], out["median_ci_high"] = bootstrap_ci(diff, np.median, rng, **kw)
+        if diff.size:
+            out["diff_mean"], out["diff_median"] = float(diff.mean()), float(np.median(diff))
+    else:
+        fv, fb = var.values[~var.diverged], base.values[~base.diverged]
+        out["n_finite"] = int(min(fv.size, fb.size))
+        out["prob_better"] = (1.0 + out["cliffs_delta"]) / 2.0
+        if fv.size and fb.size:
+            out["diff_mean"] = float(fv.mean() - fb.mean())
+            out["diff_median"] = float(np.median(fv) - np.median(fb))
+        if fv.size >= 2 and fb.size >= 2:
+            out["ci_low"], out["ci_high"] = bootstrap_ci_two_sample(fv, fb, np.mean, rng, **kw)
+            out["median_ci_low"], out["median_ci_high"] = bootstrap_ci_two_sample(
+                fv, fb, np.median, rng, **kw
+            )
+    if out.get("diff_mean") is not None and base_median:
+        out["rel_diff"] = out["diff_mean"] / base_median
+    return out
+
+
+def _reason(row: dict[str, Any], code: int, direction: float, alpha: float) -> str:
+    """The verdict's reason in words, with the numbers behind it (``direction``: the rank
+    statistic's side, +1 variant better)."""
+    side = "better" if direction > 0 else "worse"
+    n, nb = row["n"], row["n_baseline"]
+    dv, db = row["diverged"], row["baseline_diverged"]
+    div = f"diverged on {dv} of {n} seeds vs {db} of {nb} for the baseline"
+    if row["paired"]:
+        div_p = f"exact McNemar p (Holm) {row['p_diverged_adjusted']:.2g}"
+    else:
+        div_p = f"Fisher exact p (Holm) {row['p_diverged_adjusted']:.2g}"
+    rank_p = f"p (Holm) {row['p_adjusted']:.2g}"
+    if dv == n and db < nb:
+        div = f"diverged on every seed ({dv} of {n}) vs {db} of {nb} for the baseline"
+    words = {
+        R_TOO_FEW: f"too few seeds: {n} < {row['n_min']}, the fewest at which the test can "
+        f"reach alpha {alpha:g} after Holm",
+        R_EQUIVALENT: f"the mean difference is inside ±{row['margin']:.3g} "
+        f"(TOST p {row['p_tost']:.2g})",
+        R_MORE_STABLE: f"more stable: {div} ({div_p})",
+        R_LESS_STABLE: f"less stable: {div} ({div_p})",
+        R_TRADE_OFF: f"a trade-off: {div} ({div_p}), but the signed ranks point the other "
+        f"way ({rank_p})",
+        R_RANK: f"the signed ranks say {side} ({rank_p}), and the mean agrees",
+        R_RANK_MEAN_DISAGREE: f"the signed ranks say {side} ({rank_p}) but the mean says the "
+        "opposite: the typical seed and the average disagree",
+        R_DIVERGES_MORE: f"better on ranks ({rank_p}) but {div}: not called helps",
+        R_DIVERGES_LESS: f"worse on ranks ({rank_p}) but {div}: not called hurts",
+        R_NOT_SIGNIFICANT: f"no significant difference ({rank_p}) and not shown to be inside "
+        f"±{row['margin']:.3g} (TOST p {row['p_tost']:.2g})",
+    }
+    if not row["paired"]:
+        words[R_RANK] = words[R_RANK].replace("signed ranks", "ranks")
+    text = words[code]
+    if code in (R_RANK, R_NOT_SIGNIFICANT, R_EQUIVALENT) and (dv or db):
+        text += f"; {div}"
+    return text
+
+
+def compare_arms(
+    arms: Mapping[str, Arm],
+    pairs: list[tuple[str, str]],
+    spec: VerdictSpec,
+    metric: str,
+    *,
+    paired: bool | None = None,
+    plan_seeds: bool = True,
+) -> list[Comparison]:
+    """Each ``(variant, baseline)`` in ``pairs`` judged by the rule, with Holm's correction
+    across all of them (rank tests, plus the divergence tests of comparisons where divergence
+    differs).
+
+    ``paired``: None or True pair the arms by seed id when they share at least 2 seeds (else
+    they are compared unpaired); False never pairs. ``plan_seeds=False`` skips the seed
+    planning simulation (``seeds_needed`` None, ``seeds_needed_method`` "not planned").
+    """
+    lower = lower_is_better(metric, spec.higher_is_better)
+    prepared = [_prepare(v, b, arms[v], arms[b], spec, metric, lower, paired) for v, b in pairs]
+    if not prepared:
+        return []
+    evidence = [p.evidence for p in prepared]
+    family = family_size(evidence)
+    labels = [("rank", i) for i in range(len(prepared))]
+    labels += [("div", i) for i, ev in enumerate(evidence) if ev.div_differs[0]]
+    raw = [
+        float(evidence[i].p_rank[0]) if kind == "rank" else float(evidence[i].p_div[0])
+        for kind, i in labels
+    ]
+    adjusted = dict(zip(labels, holm(raw), strict=True))
+    out = []
+    for i, p in enumerate(prepared):
+        ev, row = p.evidence, p.row
+        p_rank_adj = adjusted[("rank", i)]
+        p_div_adj = adjusted.get(("div", i), 1.0)
+        codes, reasons = decide(
+            ev, np.array([p_rank_adj]), np.array([p_div_adj]), spec.alpha, family
+        )
+        row.update(
+            p_adjusted=p_rank_adj,
+            p_diverged_adjusted=p_div_adj,
+            verdict=VERDICTS[int(codes[0])],
+            n_min=min_seeds(spec.alpha, family, paired=row["paired"]),
+        )
+        if int(reasons[0]) in (R_MORE_STABLE, R_LESS_STABLE):
+            row["stability"] = "more stable" if int(reasons[0]) == R_MORE_STABLE else "less stable"
+        elif p_div_adj < spec.alpha:
+            rate = ev.div_rate_diff[0]
+            row["stability"] = "more stable" if rate < 0 else "less stable"
+        row["reason"] = _reason(row, int(reasons[0]), float(ev.direction[0]), spec.alpha)
+        seeds = _plan(p, spec, family, lower) if plan_seeds else SeedPlan(None, "not planned")
+        row.update(
+            seeds_needed=seeds.n,
+            seeds_needed_method=seeds.method,
+            seeds_needed_reason=seeds.reason,
+        )
+        out.append(_comparison(row))
+    return out
+
+
+def _plan(p: _Prepared, spec: VerdictSpec, family: int, lower: bool) -> SeedPlan:
+    """Seeds needed for this comparison (``ablab._planning``); with ``[verdicts] effect`` the
+    converged outcomes are shifted so that their mean difference is the stated effect."""
+    obs = p.outcomes
+    if spec.effect is not None and obs.paired and obs.gain is not None:
+        g = obs.gain.copy()
+        fin = np.isfinite(g)
+        if fin.any():
+            target = -spec.effect if lower else spec.effect  # metric units -> improvement
+            g[fin] = g[fin] - g[fin].mean() + target
+        obs = Outcomes(paired=True, gain=g)
+    name = f"{p.row['variant']}|{p.row['baseline']}|plan"
+    rng = np.random.default_rng([spec.random_seed, zlib.crc32(name.encode())])
+    return plan(obs, margin=p.margin, alpha=spec.alpha, family=family, power=spec.power, rng=rng)
 
 
 def paired_curve(
@@ -132,10 +435,6 @@ def paired_curve(
     }
 
 
-def _final(history: VariantHistory, metric: str) -> np.ndarray:
-    return history.values[metric][:, -1]
-
-
 def resolve_metric(spec: VerdictSpec, histories: dict[str, VariantHistory]) -> str:
     """The metric compared: the study's choice, else the summary's headline metric."""
     if spec.metric is not None:
@@ -143,83 +442,26 @@ def resolve_metric(spec: VerdictSpec, histories: dict[str, VariantHistory]) -> s
     return headline_metric(next(iter(histories.values())))
 
 
+def history_arm(history: VariantHistory, metric: str) -> Arm:
+    """An arm from a run's history: final-epoch values; diverged = non-finite there, or any
+    non-finite History value at an earlier epoch (the run's divergence rule)."""
+    return Arm.of(history.seeds, history.values[metric][:, -1], history.diverged_epoch > 0)
+
+
 def compare(
-    histories: dict[str, VariantHistory], baseline: str, spec: VerdictSpec
+    histories: dict[str, VariantHistory],
+    baseline: str,
+    spec: VerdictSpec,
+    *,
+    plan_seeds: bool = True,
 ) -> list[Comparison]:
     """Every non-baseline variant vs ``baseline`` -- or, when ``spec.pairs`` is set, each
-    ``[variant, its baseline]`` pair -- on ``spec.metric``'s final-epoch values.
-
-    Seeds are matched by id (the paired design); a seed missing or non-finite in either arm
-    is left out of that comparison. Holm's correction runs across all comparisons here.
-    """
+    ``[variant, its baseline]`` pair -- on ``spec.metric``'s final-epoch values, paired by
+    seed id (:func:`compare_arms`)."""
     metric = resolve_metric(spec, histories)
-    lower = lower_is_better(metric, spec.higher_is_better)
-    rows: list[dict[str, Any]] = []
     if spec.pairs:
         pairs = [(v, b) for v, b in spec.pairs if v in histories and b in histories]
     else:
         pairs = [(v, baseline) for v in histories if v != baseline]
-    for name, base_name in pairs:
-        hist, base = histories[name], histories[base_name]
-        # Each comparison's own generator: its CI does not depend on the other variants.
-        rng = np.random.default_rng([spec.random_seed, zlib.crc32(f"{name}|{base_name}".encode())])
-        base_final = _final(base, metric)
-        finite_base = base_final[np.isfinite(base_final)]
-        base_median = float(np.median(finite_base)) if finite_base.size else float("nan")
-        margin = spec.margin_abs if spec.margin_abs is not None else spec.margin * abs(base_median)
-        _, bi, vi = np.intersect1d(base.seeds, hist.seeds, return_indices=True)
-        b, v = finite_pairs(base_final[bi], _final(hist, metric)[vi])
-        row: dict[str, Any] = {
-            "variant": name,
-            "baseline": base_name,
-            "metric": metric,
-            "n": int(b.size),
-            "margin": margin,
-            "lower_is_better": lower,
-            "confidence": spec.confidence,
-        }
-        if b.size < 2:
-            row.update(verdict="inconclusive", p_value=1.0, seeds_needed=None)
-            rows.append(row)
-            continue
-        diff = paired_differences(b, v)
-        gain = improvement(diff, lower)
-        ci = bootstrap_ci(
-            diff, np.mean, rng, confidence=spec.confidence, n_resamples=spec.n_resamples
-        )
-        mci = bootstrap_ci(
-            diff, np.median, rng, confidence=spec.confidence, n_resamples=spec.n_resamples
-        )
-        pci = prob_better_ci(gain, rng, confidence=spec.confidence, n_resamples=spec.n_resamples)
-        effect = spec.effect if spec.effect is not None else float(diff.mean())
-        row.update(
-            diff_mean=float(diff.mean()),
-            ci_low=ci[0],
-            ci_high=ci[1],
-            diff_median=float(np.median(diff)),
-            median_ci_low=mci[0],
-            median_ci_high=mci[1],
-            rel_diff=float(diff.mean() / base_median) if base_median else None,
-            prob_better=prob_better(diff, lower),
-            prob_better_ci_low=pci[0],
-            prob_better_ci_high=pci[1],
-            cliffs_delta=cliffs_delta(b, v, lower),
-            p_value=wilcoxon_p(diff),
-            p_tost=tost_p(diff, margin),
-            # planned at alpha / m (Bonferroni), a safe bound for Holm's first step
-            seeds_needed=seeds_needed(
-                effect, float(diff.std(ddof=1)), alpha=spec.alpha / len(pairs), power=spec.power
-            ),
-            _gain=(float(gain.mean()), float(np.median(gain))),
-        )
-        rows.append(row)
-    adjusted = holm([r["p_value"] for r in rows]) if rows else []
-    out = []
-    for row, p_adj in zip(rows, adjusted, strict=True):
-        row["p_adjusted"] = p_adj
-        if "_gain" in row:
-            mean_gain, median_gain = row.pop("_gain")
-            row["verdict"] = decide(p_adj, row["p_tost"], mean_gain, spec.alpha, median_gain)
-        fields = {f: row.get(f) for f in Comparison.__dataclass_fields__}
-        out.append(Comparison(**fields))
-    return out
+    arms = {name: history_arm(h, metric) for name, h in histories.items()}
+    return compare_arms(arms, pairs, spec, metric, plan_seeds=plan_seeds)
