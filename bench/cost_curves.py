@@ -85,12 +85,9 @@ import keras
 import numpy as np
 
 import ablab
-from ablab._engine import (
-    DEFAULT_MAX_CHUNK,
-    VariantProgram,
-    default_workers,
-)
-from ablab._program import build_program
+from ablab.engine.build import build_program
+from ablab.engine.program import VariantProgram
+from ablab.engine.sizing import DEFAULT_MAX_CHUNK, default_workers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import fresh_fit_runs_per_s, prepared_cells, train_cells  # bench/ is not a package

@@ -47,7 +47,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import ablab
-from ablab._engine import compiler_options, default_workers
+from ablab.engine.sizing import default_workers
+from ablab.engine.xla import compiler_options
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cost_curves import machine, sgemm_gflops  # bench/ is not a package

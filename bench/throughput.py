@@ -40,17 +40,17 @@ import keras
 import numpy as np
 
 import ablab
-from ablab._data import load_dataset, split
-from ablab._engine import (
+from ablab.engine.build import build_program
+from ablab.engine.data import load_dataset, split
+from ablab.engine.program import VariantProgram
+from ablab.engine.sizing import (
     DEFAULT_MAX_CHUNK,
-    VariantProgram,
     choose_chunk_size,
     default_workers,
     seed_chunks,
     workers_within_budget,
 )
-from ablab._executors import Cell, LocalExecutor
-from ablab._program import build_program
+from ablab.execution.executors import Cell, LocalExecutor
 
 STUDY = Path(__file__).resolve().parents[1] / "examples" / "bn_yes_or_no.toml"
 

@@ -24,8 +24,8 @@ import jax
 import pytest
 
 import ablab
-from ablab._engine import VariantProgram
-from ablab._program import build_program
+from ablab.engine.build import build_program
+from ablab.engine.program import VariantProgram
 
 # Strict dtype promotion: silent float64/int promotions inside the engine fail loudly.
 jax.config.update("jax_numpy_dtype_promotion", "strict")

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 import ablab
-from ablab import _checks
-from ablab._checks import check_seeds, run_checks, trajectory_deviation
-from ablab._cli import main
+from ablab.analysis import checks as _checks
+from ablab.analysis.checks import check_seeds, run_checks, trajectory_deviation
+from ablab.cli import main
 from tests.conftest import SEED_STUDY, TINY_STUDY, make_program
 from tests.faults import GradScale
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import ablab
-from ablab._cli import main
+from ablab.cli import main
 from tests.conftest import TINY_STUDY
 
 ABLAB = [sys.executable, "-m", "ablab"]
@@ -219,7 +219,7 @@ def test_report_command_writes_one_html_file(
 
 
 def test_progress_only_for_a_person_at_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
-    from ablab import _cli
+    from ablab import cli as _cli
 
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True, raising=False)
     monkeypatch.setenv("TTY_COMPATIBLE", "1")  # rich: treat stderr as a terminal

@@ -15,10 +15,11 @@ import pyarrow.parquet as pq
 import pytest
 
 import ablab
-from ablab._cli import main
-from ablab._records import VariantHistory
-from ablab._verdict import Comparison
-from ablab._verdict import compare as compare_histories
+from ablab.cli import main
+from ablab.stats.verdicts import Comparison
+from ablab.stats.verdicts import compare as compare_histories
+from ablab.store.records import VariantHistory
+from ablab.store.results import read_results
 
 SPEC = ablab.VerdictSpec(n_resamples=999)
 
@@ -61,15 +62,57 @@ def test_same_rule_and_output_as_a_run() -> None:
 
 def test_unpaired_input_is_detected_and_said() -> None:
     rng = np.random.default_rng(1)
-    result = ablab.compare({"a": rng.normal(1.0, 0.1, 30), "b": rng.normal(0.9, 0.1, 45)})
+    result = ablab.compare(
+        {"a": rng.normal(1.0, 0.1, 30), "b": rng.normal(0.9, 0.1, 45)}, lower_is_better=True
+    )
     (c,) = result.comparisons
     assert not c.paired and c.n == 45 and c.n_baseline == 30
     assert any("unpaired" in note for note in result.notes)
     # paired input analysed unpaired on request loses power: a larger p for the same data
     values = _values()
-    paired = ablab.compare(values, spec=SPEC).comparisons[0]
-    unpaired = ablab.compare(values, spec=SPEC, paired=False).comparisons[0]
+    paired = ablab.compare(values, metric="val_loss", spec=SPEC).comparisons[0]
+    unpaired = ablab.compare(values, metric="val_loss", spec=SPEC, paired=False).comparisons[0]
     assert paired.p_value < unpaired.p_value
+
+
+def test_the_spec_is_honoured_and_keywords_override_it() -> None:
+    values = _values()
+    strict = ablab.VerdictSpec(n_resamples=99, alpha=0.01, pairs=[("bn", "plain")])
+    (c,) = ablab.compare(values, spec=strict, lower_is_better=True).comparisons
+    assert c.variant == "bn" and c.n_min == 8  # alpha 0.01: 2^(1-n) < 0.01 from n = 8
+    (c,) = ablab.compare(values, spec=strict, alpha=0.05, lower_is_better=True).comparisons
+    assert c.n_min == 6
+
+
+def test_the_direction_must_be_known_or_is_said_to_be_guessed() -> None:
+    accuracy = {"a": np.linspace(0.90, 0.97, 8), "b": np.linspace(0.80, 0.87, 8)}
+    with pytest.raises(ablab.InputError, match="lower_is_better"):
+        ablab.compare(accuracy)  # a bare mapping says nothing about its direction
+    (c,) = ablab.compare(accuracy, lower_is_better=False).comparisons
+    assert c.verdict == "hurts"
+    frame = _long(_values()).rename(columns={"val_loss": "score"})
+    result = ablab.compare(frame, spec=SPEC)
+    assert any("guessed from the name 'score'" in note for note in result.notes)
+
+
+def test_arms_sharing_few_seeds_are_compared_unpaired() -> None:
+    rng = np.random.default_rng(3)
+    frame = pd.DataFrame(
+        {
+            "variant": ["a"] * 30 + ["b"] * 30,
+            "seed": list(range(30)) + list(range(28, 58)),  # 2 shared seed ids
+            "val_loss": np.r_[rng.normal(1.0, 0.1, 30), rng.normal(0.7, 0.1, 30)],
+        }
+    )
+    (c,) = ablab.compare(frame, spec=SPEC).comparisons
+    assert not c.paired and c.verdict == "helps"
+
+
+def test_mixed_type_columns_are_bad_input() -> None:
+    frame = pd.DataFrame({"variant": ["a", "a", "b", "b"], "seed": [1, "2", 1, "2"]})
+    frame["val_loss"] = [1.0, 2.0, 1.0, 2.0]
+    with pytest.raises(ablab.InputError, match="one type"):
+        ablab.compare(frame)
 
 
 def test_direction_override_and_explicit_pairs() -> None:
@@ -148,7 +191,7 @@ def test_empty_metric_cells_are_divergence_as_pandas_writes_nan(tmp_path: Path) 
     frame = _long(_values())
     frame.loc[frame["variant"] == "bn", "val_loss"] = np.nan  # every bn seed diverged
     frame.to_csv(tmp_path / "r.csv", index=False)  # pandas: NaN -> empty cell
-    result = ablab.compare(ablab._compare.read_results(tmp_path / "r.csv"), spec=SPEC)
+    result = ablab.compare(read_results(tmp_path / "r.csv"), spec=SPEC)
     by = {c.variant: c for c in result.comparisons}
     assert by["bn"].diverged == 40 and by["bn"].verdict == "hurts"
     assert "every seed" in by["bn"].reason

@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 import ablab
-from ablab._data import Dataset, load_dataset, split
-from ablab._study import study_from_dict
+from ablab.engine.data import Dataset, load_dataset, split
+from ablab.study.loading import study_from_dict
 from tests.conftest import SEED_STUDY
 
 
@@ -162,7 +162,7 @@ def test_row_seed_permutes_rows_once_and_pairs_targets() -> None:
 
 
 def test_standardize_uses_the_training_split_only() -> None:
-    from ablab._data import standardized
+    from ablab.engine.data import standardized
 
     x = np.arange(40, dtype=np.float32).reshape(20, 2) ** 1.5
     x[:, 1] = 7.0  # a constant column keeps scale 1

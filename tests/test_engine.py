@@ -6,16 +6,11 @@ import numpy as np
 import pytest
 
 import ablab
-import ablab._engine as engine
-from ablab._engine import (
-    VariantProgram,
-    choose_chunk_size,
-    compiler_options,
-    epoch_permutation,
-    first_non_finite_epoch,
-    seed_chunks,
-    workers_within_budget,
-)
+from ablab.engine import xla
+from ablab.engine.program import VariantProgram, epoch_permutation
+from ablab.engine.sizing import choose_chunk_size, seed_chunks, workers_within_budget
+from ablab.engine.xla import compiler_options
+from ablab.store.records import first_non_finite_epoch
 from tests.conftest import make_program
 
 
@@ -57,12 +52,12 @@ def test_the_same_seeds_give_bit_identical_results_run_to_run(
 def test_compiler_options_fall_back_when_a_flag_is_unknown(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    assert compiler_options() == engine.COMPILER_OPTIONS  # this jaxlib takes them all
-    bogus = {**engine.COMPILER_OPTIONS, "xla_cpu_no_such_flag_for_ablab": True}
-    monkeypatch.setattr(engine, "COMPILER_OPTIONS", bogus)
+    assert compiler_options() == xla.COMPILER_OPTIONS  # this jaxlib takes them all
+    bogus = {**xla.COMPILER_OPTIONS, "xla_cpu_no_such_flag_for_ablab": True}
+    monkeypatch.setattr(xla, "COMPILER_OPTIONS", bogus)
     compiler_options.cache_clear()
     try:
-        assert compiler_options() == engine.BASE_COMPILER_OPTIONS
+        assert compiler_options() == xla.BASE_COMPILER_OPTIONS
     finally:
         compiler_options.cache_clear()
 

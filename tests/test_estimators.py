@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ablab._estimators import cliffs_delta, prob_better
+from ablab.stats.estimators import cliffs_delta, prob_better
 
 
 def test_prob_better_by_hand() -> None:

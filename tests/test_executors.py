@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 
 import ablab
-import ablab._engine as _engine
-import ablab._executors as _executors
-from ablab._cli import main
-from ablab._engine import MAX_DEFAULT_WORKERS, default_workers, usable_cores
-from ablab._errors import StudyError
-from ablab._executors import Cell, CellResult, LocalExecutor
-from ablab._run import _plan
-from ablab._store import RunDir
+from ablab.cli import main
+from ablab.engine import sizing as _engine
+from ablab.engine.sizing import MAX_DEFAULT_WORKERS, default_workers, usable_cores
+from ablab.errors import InputError
+from ablab.execution import executors as _executors
+from ablab.execution.executors import Cell, CellResult, LocalExecutor
+from ablab.execution.plan import make_plan
+from ablab.store.rundir import RunDir
 from tests.conftest import TINY_STUDY
 
 
@@ -69,7 +69,7 @@ def test_concurrent_cells_are_bit_identical_to_one_at_a_time(tmp_path: Path) -> 
     # compared bit for bit: the executor may train any cell in any thread, beside any other.
     path = tmp_path / "mixed.toml"
     path.write_text(MIXED_STUDY)
-    plan = _plan(ablab.load_study(path), workers=1)
+    plan = make_plan(ablab.load_study(path), workers=1)
     assert len(plan.cells) == 6 and sum(c.probes for c in plan.cells) == 2
     results = {}
     for workers in (1, 2, 3):
@@ -200,29 +200,29 @@ def test_usable_cores_respects_affinity_and_a_cgroup_quota(
 def test_the_plan_bounds_workers_by_the_memory_budget(tiny_study: Path) -> None:
     study = ablab.load_study(tiny_study)
     free = study.model_copy(update={"engine": study.engine.model_copy(update={"chunk_size": None})})
-    assert _plan(free, workers=3).workers == 3
-    assert _plan(free).workers == default_workers()
+    assert make_plan(free, workers=3).workers == 3
+    assert make_plan(free).workers == default_workers()
     # the chunk size never depends on the workers (nor on the machine)
-    assert _plan(free, workers=1).chunk_sizes == _plan(free, workers=8).chunk_sizes
+    assert make_plan(free, workers=1).chunk_sizes == make_plan(free, workers=8).chunk_sizes
     pinned = study.model_copy(
         update={"engine": study.engine.model_copy(update={"workers": 2, "memory_budget_mb": 1e-3})}
     )
-    plan = _plan(pinned)  # one cell alone is over this budget: one at a time
+    plan = make_plan(pinned)  # one cell alone is over this budget: one at a time
     assert plan.workers == 1 and plan.chunk_sizes == {"plain": 4, "bn": 4}
 
 
 def test_workers_refused_where_they_cannot_apply(tiny_study: Path) -> None:
     study = ablab.load_study(tiny_study)
-    with pytest.raises(StudyError, match="positive number"):
-        _plan(study, workers=0)
+    with pytest.raises(InputError, match="positive number"):
+        make_plan(study, workers=0)
     reference = study.model_copy(
         update={"engine": study.engine.model_copy(update={"kind": "reference", "workers": 2})}
     )
-    with pytest.raises(StudyError, match="reference engine"):
-        _plan(reference, workers=2)  # asked for explicitly: refused
+    with pytest.raises(InputError, match="reference engine"):
+        make_plan(reference, workers=2)  # asked for explicitly: refused
     # the study's own [engine] workers under --engine reference (the way out of a compile
     # error): one cell at a time, no error
-    assert _plan(reference).workers == 1
+    assert make_plan(reference).workers == 1
 
 
 def test_cli_workers_option(

@@ -8,8 +8,8 @@ from sklearn.decomposition import PCA
 from sklearn.linear_model import LinearRegression
 
 import ablab
-from ablab._data import Split
-from ablab._explain import bn_diagnosis, linear_optimum, linear_rank, optimum_gaps
+from ablab.analysis.explain import bn_diagnosis, linear_optimum, linear_rank, optimum_gaps
+from ablab.engine.data import Split
 from tests.conftest import make_program
 
 

@@ -7,8 +7,8 @@ import re
 import numpy as np
 from matplotlib.colors import to_rgba
 
-from ablab import _figures as figs
-from ablab._figures import Band
+from ablab.output import figures as figs
+from ablab.output.figures import Band
 
 
 def _band(n: int, offset: float = 0.0) -> Band:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from ablab._hypothesis import (
+from ablab.stats.hypothesis import (
     fisher_p,
     holm,
     mcnemar_exact_p,

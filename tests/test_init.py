@@ -8,8 +8,8 @@ import pytest
 from scipy import stats
 
 import ablab
-from ablab._engine import VariantProgram
-from ablab._init import initial_state
+from ablab.engine.initial_state import initial_state
+from ablab.engine.program import VariantProgram
 from tests.conftest import make_program
 
 SEEDS = np.arange(1000, dtype=np.uint32)

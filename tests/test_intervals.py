@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from ablab._intervals import (
+from ablab.stats.intervals import (
     LARGE_N,
     LINDEBERG_MAX,
     bootstrap_ci,

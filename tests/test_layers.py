@@ -1,5 +1,5 @@
 """Breadth: layers, losses, metrics, optimizers and data sources the vectorized engine runs,
-each held to ``keras.Model.fit`` from identical initial weights (``ablab._reference``: fit
+each held to ``keras.Model.fit`` from identical initial weights (``ablab.engine.reference``: fit
 itself, this process, same Keras); Dropout > 0 against fit's distribution; a model the
 engine cannot run named by its layer, and run by the reference engine instead.
 
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import ablab
-from ablab._reference import reference_history
+from ablab.engine.reference import reference_history
 from tests.conftest import make_program
 from tests.layer_models import activation_names
 
@@ -228,8 +228,8 @@ def test_dropout_follows_fit_in_distribution(tmp_path: Path) -> None:
     model.fit runs whose dropout RNG is Keras' own (not ablab's): two-sample tests."""
     from scipy import stats
 
-    from ablab._backend_worker import fit_history
-    from ablab._reference import all_rows, fit_arguments, fresh_model, permutations
+    from ablab.engine.fit_worker import fit_history
+    from ablab.engine.reference import all_rows, fit_arguments, fresh_model, permutations
 
     layers = [_dense(16, activation="relu"), {"layer": "Dropout", "rate": 0.5}, _dense(12)]
     study = _study(tmp_path, SYNTHETIC, {"layers": layers}, epochs=3)
@@ -256,7 +256,7 @@ def test_dropout_follows_fit_in_distribution(tmp_path: Path) -> None:
 def test_a_layer_the_engine_cannot_run_is_named_and_the_reference_engine_runs_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from ablab._cli import main
+    from ablab.cli import main
 
     study = tmp_path / "host.toml"
     study.write_text(

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 import ablab
-from ablab._cli import main
-from ablab._mlflow import variant_metrics, variant_params
+from ablab.cli import main
+from ablab.output.mlflow_export import variant_metrics, variant_params
 from tests.conftest import require_extra
 
 

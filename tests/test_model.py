@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import ablab
-from ablab._model import prepare_model, stable_layer_ids
-from ablab._study import study_from_dict
+from ablab.engine.model import prepare_model, stable_layer_ids
+from ablab.study.loading import study_from_dict
 from tests.conftest import SEED_STUDY
 
 X = np.zeros((4, 12), np.float32)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from ablab._planning import SIM_MAX, Outcomes, _noether, _simulate, plan
+from ablab.stats.planning import SIM_MAX, Outcomes, _noether, _simulate, plan
 
 
 def _plan(gain: np.ndarray, margin: float = 0.01, family: int = 1, seed: int = 0):
@@ -32,7 +32,8 @@ def test_planned_seeds_give_the_power_they_promise() -> None:
     # simulation's own error is ~+-10 %
     assert 75 <= p.n <= 120
     obs = Outcomes(paired=True, gain=gain)
-    kw = {"margin": 0.01, "alpha": 0.05, "family": 1, "rng": np.random.default_rng(9)}
+    kw = {"margin": 0.01, "margin_se": 0.0, "alpha": 0.05, "family": 1}
+    kw["rng"] = np.random.default_rng(9)
     assert _simulate(obs, p.n, **kw)[0] >= 0.7  # a fresh simulation agrees (MC error ~0.03)
     assert _simulate(obs, p.n // 2, **kw)[0] < 0.8
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 import ablab
-from ablab import _probes
-from ablab._probes import probes_enabled
-from ablab._reference import all_rows, fit_arguments, fresh_model
+from ablab.engine import probes as _probes
+from ablab.engine.probes import probes_enabled
+from ablab.engine.reference import all_rows, fit_arguments, fresh_model
 from tests.conftest import make_program
 
 SEEDS = np.array([0, 3], dtype=np.uint32)

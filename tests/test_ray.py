@@ -21,11 +21,12 @@ import psutil
 import pytest
 
 import ablab
-from ablab._data import load_dataset
-from ablab._engine import VariantProgram, seed_chunks
-from ablab._errors import StudyError
-from ablab._executors import Cell, CellResult, LocalExecutor
-from ablab._program import build_program
+from ablab.engine.build import build_program
+from ablab.engine.data import load_dataset
+from ablab.engine.program import VariantProgram
+from ablab.engine.sizing import seed_chunks
+from ablab.errors import InputError, StudyError
+from ablab.execution.executors import Cell, CellResult, LocalExecutor
 from tests.conftest import TINY_STUDY, require_extra
 
 START_TIMEOUT_S = 120  # a cold `ray start` takes ~10 s here; CI machines may be slower
@@ -164,7 +165,7 @@ def _assert_identical(a: CellResult, b: CellResult) -> None:
 
 @pytest.mark.slow
 def test_cells_on_two_nodes_equal_the_local_executor_bit_for_bit(ray_cluster: str, tiny) -> None:
-    from ablab._ray import RayExecutor
+    from ablab.execution.ray_executor import RayExecutor
 
     study, data, programs, cells = tiny
     assert len(cells) == 4 and all(c.probes for c in cells)  # probes travel too
@@ -190,7 +191,7 @@ def test_ablab_run_with_ray_executor_stores_the_local_run(ray_cluster: str, tmp_
     and probes, and prints the same verdicts, as the local executor."""
     import json
 
-    from ablab._store import RunDir
+    from ablab.store.rundir import RunDir
 
     path = tmp_path / "tiny.toml"
     path.write_text(TINY_STUDY)
@@ -219,7 +220,7 @@ def test_ablab_run_with_ray_executor_stores_the_local_run(ray_cluster: str, tmp_
 
 def test_driver_refuses_a_worker_with_other_versions(ray_cluster: str, tiny) -> None:
     """The worker compares before training (nothing compiled) and the driver refuses."""
-    from ablab._ray import RayExecutor, WorkerMismatch, environment_fingerprint
+    from ablab.execution.ray_executor import RayExecutor, WorkerMismatch, environment_fingerprint
 
     study, data, _, cells = tiny
     executor = RayExecutor(study, data, address=ray_cluster)
@@ -232,7 +233,7 @@ def test_driver_refuses_a_worker_with_other_versions(ray_cluster: str, tiny) -> 
 
 
 def test_a_failing_cell_raises_the_original_error(ray_cluster: str, tiny) -> None:
-    from ablab._ray import RayExecutor
+    from ablab.execution.ray_executor import RayExecutor
 
     study, data, _, cells = tiny
     bad = Cell("no_such_variant", 0, cells[0].seed_ids, cells[0].real, False)
@@ -246,7 +247,7 @@ def test_a_failing_cell_raises_the_original_error(ray_cluster: str, tiny) -> Non
 
 
 def test_check_worker_names_every_difference() -> None:
-    from ablab._ray import WorkerMismatch, check_worker, environment_fingerprint
+    from ablab.execution.ray_executor import WorkerMismatch, check_worker, environment_fingerprint
 
     driver = environment_fingerprint()
     check_worker(driver, dict(driver), {})  # equal: accepted
@@ -266,7 +267,7 @@ def test_check_worker_names_every_difference() -> None:
 def test_errors_keep_their_type_and_fields_across_the_wire() -> None:
     """ablab's StudyError (keyword-only __init__) does not survive plain pickling; the
     executor's own transport rebuilds it whole."""
-    from ablab._ray import _Failure
+    from ablab.execution.ray_executor import _Failure
 
     err = StudyError(where="s.toml", key="train.epochs", expected="a", got="b", fix="c")
     back = _Failure.of(err).rebuild({"host": "h", "pid": 1})
@@ -284,7 +285,7 @@ def test_unreachable_cluster_fails_fast(tiny) -> None:
     require_extra("ray", "ray")
     import ray
 
-    from ablab._ray import RayExecutor, RayExecutorError
+    from ablab.execution.ray_executor import RayExecutor, RayExecutorError
 
     study, data, _, _ = tiny
     t0 = time.monotonic()
@@ -294,11 +295,11 @@ def test_unreachable_cluster_fails_fast(tiny) -> None:
     assert not ray.is_initialized()
 
 
-def test_missing_ray_is_a_study_error(tiny, monkeypatch: pytest.MonkeyPatch) -> None:
-    from ablab._ray import RayExecutor
+def test_missing_ray_is_an_input_error(tiny, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ablab.execution.ray_executor import RayExecutor
 
     study, data, _, _ = tiny
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
-    with pytest.raises(StudyError, match=r"pip install 'ablab\[ray\]'") as info:
+    with pytest.raises(InputError, match=r"pip install 'ablab\[ray\]'") as info:
         RayExecutor(study, data)
     assert info.value.exit_code == 2

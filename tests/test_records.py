@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ablab._records import history_table, variant_histories
+from ablab.store.records import history_table, variant_histories
 
 
 def test_round_trip_and_divergence_column() -> None:

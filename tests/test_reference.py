@@ -1,7 +1,7 @@
 """Fidelity contract: from identical initial weights the vectorized engine reproduces
 ``keras.Model.fit``'s per-epoch History (same Keras, JAX backend).
 
-Expected values come from ``keras.Model.fit`` 3.15 itself (``ablab._reference``), run in
+Expected values come from ``keras.Model.fit`` 3.15 itself (``ablab.engine.reference``), run in
 this process from the engine's own initial weights. Tolerance: rtol 1e-5, except for
 BatchNormalization models, which get 1e-4 (the issue's ceiling). Why: their *training* loss
 matches fit to ~2e-7, but val_loss runs in inference mode on the moving statistics, which
@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import ablab
-from ablab._reference import reference_history
+from ablab.engine.reference import reference_history
 from tests.conftest import SEED_STUDY, make_program
 
 SEEDS = np.array([0, 7], dtype=np.uint32)

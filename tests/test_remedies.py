@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ablab
-from ablab._remedies import remedy_variants, with_remedies
+from ablab.study.remedies import remedy_variants, with_remedies
 
 
 def test_seed_study_remedies(seed_study: ablab.Study) -> None:

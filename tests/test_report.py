@@ -16,11 +16,11 @@ import pytest
 from matplotlib.figure import Figure
 
 import ablab
-from ablab._env import environment
-from ablab._records import VariantHistory
-from ablab._report import FIGURES, ReportData, _probe_bands, write_report
-from ablab._run import run_document
-from ablab._store import RunDir
+from ablab.analysis.document import run_document
+from ablab.execution.env import environment
+from ablab.output.report import FIGURES, ReportData, _probe_bands, write_report
+from ablab.store.records import VariantHistory
+from ablab.store.rundir import RunDir
 from tests.conftest import ROOT
 
 # The report study has no [sweep]: every figure but the sweep's (tests/test_sweep.py has it).
@@ -123,7 +123,7 @@ def test_a_run_without_finished_cells_has_no_report(
     shutil.copytree(
         report_run.run_dir, copy, ignore=shutil.ignore_patterns("*.parquet", "report.html")
     )
-    with pytest.raises(ablab.StudyError, match="at least one finished cell"):
+    with pytest.raises(ablab.InputError, match="at least one finished cell"):
         write_report(RunDir(copy))
     assert not (copy / "report.html").exists()
 

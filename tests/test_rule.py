@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ablab._rule import (
+from ablab.stats.rule import (
     EQUIVALENT,
     HELPS,
     HURTS,
@@ -108,11 +108,13 @@ def test_stability_decides_and_a_trade_off_is_inconclusive() -> None:
     assert (verdict[0], reason[0]) == (INCONCLUSIVE, R_TRADE_OFF)
 
 
-def test_family_counts_divergence_tests_only_where_divergence_differs() -> None:
+def test_family_counts_divergence_tests_only_where_they_could_reject() -> None:
     plain = paired_evidence(np.ones((1, 10)), 0.1)
     diverging = paired_evidence(np.r_[np.ones(9), -np.inf][None, :], 0.1)
-    assert family_size([plain, plain]) == 2
-    assert family_size([plain, diverging]) == 3
+    assert family_size([plain, plain], 0.05) == 2
+    assert family_size([plain, diverging], 0.05) == 2  # 1 discordant pair: p >= 1, left out
+    six = paired_evidence(np.r_[np.ones(4), np.full(6, -np.inf)][None, :], 0.1)
+    assert family_size([plain, six], 0.05) == 3  # 6 discordant: 2^-5 < 0.05 can reject
 
 
 def test_unpaired_evidence_and_rule() -> None:
@@ -126,3 +128,38 @@ def test_unpaired_evidence_and_rule() -> None:
     b[0, :20] = -np.inf  # the baseline diverges on a third: the variant is more stable
     ev = unpaired_evidence(v, b, margin=0.1)
     assert ev.div_baseline[0] == 20 and ev.p_div[0] < 1e-5
+
+
+def test_few_non_zero_pairs_among_many_ties_get_the_exact_p() -> None:
+    # 16 ties and 4 wins: the exact sign-flip p is 2 / 2^4 = 0.125 (the normal approximation
+    # said 0.046, a false "helps"); enumerated over the non-zero pairs whatever n is
+    gain = np.r_[np.zeros(16), np.full(4, 0.05)][None, :]
+    ev = paired_evidence(gain, margin=0.0)
+    assert ev.p_rank[0] == pytest.approx(0.125)
+    assert _judge(gain, margin=0.0)[0][0] == INCONCLUSIVE
+
+
+def test_an_estimated_margin_does_not_make_equivalence_liberal() -> None:
+    # true difference exactly at the margin (0.1 x the baseline's true SD): the TOST's null
+    # holds, so "equivalent" must come out at most alpha -- with the margin estimated from
+    # each replicate's own baseline and its standard error carried into the test
+    rng = np.random.default_rng(6)
+    reps, n = 2000, 30
+    base = rng.normal(0.0, 1.0, (reps, n))
+    var = 0.995 * base + np.sqrt(1 - 0.995**2) * rng.normal(0.0, 1.0, (reps, n)) + 0.1
+    margin = 0.1 * base.std(axis=1, ddof=1)
+    ev = paired_evidence(var - base, margin, margin / np.sqrt(2 * (n - 1)))
+    verdict, _ = judge_alone(ev, 0.05)
+    assert np.mean(verdict == EQUIVALENT) <= 0.05 + 3 * np.sqrt(0.05 * 0.95 / reps)
+
+
+def test_divergence_in_both_arms_does_not_block_a_real_effect() -> None:
+    # both arms diverge on ~10 % of seeds at random; the variant is 0.5 SD better elsewhere:
+    # chance differences in divergence must not turn most of its wins into "inconclusive"
+    rng = np.random.default_rng(7)
+    reps, n = 1000, 100
+    gain = rng.normal(0.5, 1.0, (reps, n))
+    gain[rng.random((reps, n)) < 0.1] = -np.inf
+    gain[rng.random((reps, n)) < 0.1] = np.inf
+    verdict, _ = _judge(gain, margin=0.05)
+    assert np.mean(verdict == HELPS) > 0.7

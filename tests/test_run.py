@@ -11,8 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 
 import ablab
-from ablab._records import variant_histories
-from ablab._store import RunDir, list_runs, query
+from ablab.store.catalog import query
+from ablab.store.records import variant_histories
+from ablab.store.rundir import RunDir, list_runs
 
 
 def test_run_returns_tables_and_stores_everything(tiny_study: Path, tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""Resumable runs (ablab._run.resume): a run killed with SIGKILL mid-way is finished by
+"""Resumable runs (ablab.execution.pipeline.resume): a run killed with SIGKILL mid-way is
+finished by
 ``ablab run --resume RUN`` and ends bit-identical to an uninterrupted run of the same seeds."""
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import pyarrow as pa
 import pytest
 
 import ablab
-from ablab._errors import StudyError
-from ablab._store import RunDir, list_runs
+from ablab.errors import InputError
+from ablab.store.rundir import RunDir, list_runs
 from tests.conftest import TINY_STUDY
 
 ABLAB = str(Path(sys.executable).parent / "ablab")
@@ -42,6 +43,8 @@ def _sorted_rows(table: pa.Table) -> pa.Table:
 
 def _document(run_dir: Path) -> dict:
     doc = json.loads((run_dir / "summary.json").read_text())
+    # where the study file was (each run here reads its own copy) is not a result
+    doc["study"] = {k: v for k, v in doc["study"].items() if k not in ("source", "root")}
     return {k: v for k, v in doc.items() if k not in VOLATILE}
 
 
@@ -149,7 +152,7 @@ def test_interrupted_run_resumes_in_process(
 def test_resume_refuses_complete_and_locked_runs(study_file: Path, tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     done = ablab.run(study_file, runs_dir=runs, seeds=2)
-    with pytest.raises(StudyError, match="complete run"):
+    with pytest.raises(InputError, match="complete run"):
         ablab.resume(done.run_id, runs_dir=runs)
 
     def stop(done: int, total: int) -> None:
@@ -159,7 +162,7 @@ def test_resume_refuses_complete_and_locked_runs(study_file: Path, tmp_path: Pat
         ablab.run(study_file, runs_dir=runs, seeds=4, on_cell=stop)
     run_dir = RunDir(Path(info.value.run_dir))
     # as if another process were running it
-    with run_dir.locked(), pytest.raises(StudyError, match="locked by process"):
+    with run_dir.locked(), pytest.raises(InputError, match="locked by process"):
         ablab.resume(run_dir.path)
     assert ablab.resume(run_dir.path).state == "complete"
 
@@ -193,7 +196,7 @@ def test_resume_refuses_another_environment(study_file: Path, tmp_path: Path) ->
     meta = json.loads(meta_path.read_text())
     meta["plan"]["fingerprint"]["jax"] = "0.0.1"
     meta_path.write_text(json.dumps(meta))
-    with pytest.raises(StudyError, match=r"jax: stored '0\.0\.1'") as err:
+    with pytest.raises(InputError, match=r"jax: stored '0\.0\.1'") as err:
         ablab.resume("latest", runs_dir=runs)
     assert err.value.key == "--resume"
     assert len(list(Path(info.value.run_dir).glob("cells/*/chunk-*.parquet"))) == 1

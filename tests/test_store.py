@@ -8,7 +8,9 @@ import pyarrow as pa
 import pytest
 
 import ablab
-from ablab._store import RunDir, atomic_write_bytes, list_runs, query, resolve_run
+from ablab.store.catalog import query
+from ablab.store.io import atomic_write_bytes
+from ablab.store.rundir import RunDir, list_runs, resolve_run
 
 
 def _fake_run(runs: Path, name: str, rows: int) -> RunDir:
@@ -58,7 +60,7 @@ def test_json_is_strict_nan_becomes_null() -> None:
 
     import numpy as np
 
-    from ablab._store import dumps
+    from ablab.store.io import dumps
 
     doc = json.loads(dumps({"a": float("nan"), "b": np.float32(1.5), "c": [np.inf, np.int64(3)]}))
     assert doc == {"a": None, "b": 1.5, "c": [None, 3]}
@@ -69,7 +71,7 @@ def test_catalog_writes_wait_for_a_reader_holding_the_lock(tmp_path: Path) -> No
     import sys
     import time
 
-    from ablab._store import CATALOG, _update_catalog, catalog
+    from ablab.store.catalog import CATALOG, catalog, update_catalog
 
     with catalog(tmp_path):
         pass
@@ -86,7 +88,7 @@ def test_catalog_writes_wait_for_a_reader_holding_the_lock(tmp_path: Path) -> No
     )
     assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
     t0 = time.monotonic()
-    ok = _update_catalog(tmp_path, "INSERT INTO runs (run_id) VALUES (?)", ["x"])
+    ok = update_catalog(tmp_path, "INSERT INTO runs (run_id) VALUES (?)", ["x"])
     holder.communicate()  # waits, and closes its pipe
     assert ok and time.monotonic() - t0 > 0.5  # it waited for the lock, then wrote
     assert [r["run_id"] for r in list_runs(tmp_path)] == ["x"]
@@ -104,7 +106,7 @@ def test_resolve_run_by_id_prefix_path_latest(tmp_path: Path) -> None:
     assert resolve_run(tmp_path, run.run_id[:10]).path == run.path
     assert resolve_run(tmp_path, str(run.path)).path == run.path
     assert resolve_run(tmp_path, "latest").path == run.path
-    with pytest.raises(ablab.StudyError, match="no such run"):
+    with pytest.raises(ablab.InputError, match="no such run"):
         resolve_run(tmp_path, "zzz")
 
 
@@ -143,7 +145,7 @@ def test_probes_of_unfinished_cells_are_not_queried(tmp_path: Path) -> None:
         probes,
     )  # cell 1: probes + history
     # cell 2 was interrupted after its probes were written, before its history
-    from ablab._store import atomic_write_parquet
+    from ablab.store.io import atomic_write_parquet
 
     orphan = probes.add_column(0, "run_id", pa.array([run.run_id]))
     atomic_write_parquet(run.path / "probes" / "a" / "chunk-00002.parquet", orphan)

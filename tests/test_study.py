@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import ablab
-from ablab._study import study_from_dict
+from ablab.study.loading import study_from_dict
 from tests.conftest import SEED_STUDY
 
 
@@ -146,7 +146,7 @@ def test_in_code_study_accepts_a_callable_builder() -> None:
 def test_losses_and_metrics_with_arguments_become_keras_configs() -> None:
     import keras
 
-    from ablab._study import TrainSpec
+    from ablab.study.schema import TrainSpec
 
     train = TrainSpec.model_validate(
         {
@@ -170,7 +170,7 @@ def test_losses_and_metrics_with_arguments_become_keras_configs() -> None:
 def test_learning_rate_schedules_and_example_studies_load() -> None:
     import keras
 
-    from ablab._remedies import with_remedies
+    from ablab.study.remedies import with_remedies
     from tests.conftest import ROOT
 
     mlp = ablab.load_study(ROOT / "examples" / "digits_mlp.toml")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ablab._records import VariantHistory
-from ablab._summary import final_distribution, summarize_variant
+from ablab.stats.summary import final_distribution, summarize_variant
+from ablab.store.records import VariantHistory
 
 
 def test_final_distribution_by_hand() -> None:

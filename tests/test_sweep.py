@@ -1,4 +1,4 @@
-"""Sweeps (ablab._sweep): axes crossed with variants, verdicts per point, the effect table."""
+"""Sweeps (ablab.study.sweep): axes crossed with variants, verdicts per point, the effect table."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 import ablab
-from ablab._errors import StudyError
-from ablab._store import query
-from ablab._study import study_from_dict
-from ablab._sweep import arm_name, expand_sweep, sweep_effects, sweep_points
+from ablab.errors import InputError, StudyError
+from ablab.store.catalog import query
+from ablab.study.loading import study_from_dict
+from ablab.study.sweep import arm_name, expand_sweep, sweep_effects, sweep_points
 from tests.conftest import TINY_STUDY
 
 ABLAB = str(Path(sys.executable).parent / "ablab")
@@ -85,7 +85,7 @@ def test_builder_parameter_axis(tmp_path: Path) -> None:
     del raw["variants"]["bn"]  # train one variant (2 arms): the width reaches the builder
     study = expand_sweep(study_from_dict(raw, source="b.toml", root=str(tmp_path)))
     result = ablab.run(study, runs_dir=tmp_path / "runs", seeds=2)
-    # the linear model's rank (ablab._explain) is the builder's width at each point
+    # the linear model's rank (ablab.analysis.explain) is the builder's width at each point
     ranks = {arm: e["optimum"]["rank"] for arm, e in result.to_json()["explain"].items()}
     assert ranks == {"plain@width=4": 4, "plain@width=6": 6}
     assert result.comparisons[0].variant == "plain@width=6"
@@ -232,7 +232,7 @@ def test_single_variant_sweep_compares_each_point_with_the_first() -> None:
 def test_remedies_with_a_sweep_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "s.toml"
     path.write_text(TINY_STUDY + "[sweep]\nbatch_size = [16, 32]\n")
-    with pytest.raises(StudyError, match="--remedies") as info:
+    with pytest.raises(InputError, match="--remedies") as info:
         ablab.run(path, runs_dir=tmp_path / "runs", remedies=True)
     assert "BatchNormalization.momentum" in info.value.fix
     assert not (tmp_path / "runs").exists()

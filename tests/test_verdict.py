@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 import ablab
-from ablab._errors import StudyError
-from ablab._records import VariantHistory
-from ablab._study import VerdictSpec
-from ablab._verdict import compare, lower_is_better, paired_curve
+from ablab.errors import StudyError
+from ablab.stats.verdicts import compare, lower_is_better, paired_curve
+from ablab.store.records import VariantHistory
+from ablab.study.schema import VerdictSpec
 from tests.conftest import make_program
 
 FAST = VerdictSpec(n_resamples=999)

@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ablab._records import VariantHistory
-from ablab._study import VerdictSpec
-from ablab._verdict import compare
+from ablab.stats.verdicts import compare
+from ablab.store.records import VariantHistory
+from ablab.study.schema import VerdictSpec
 
 FAST = VerdictSpec(n_resamples=999)
 

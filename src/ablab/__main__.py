@@ -1,5 +1,5 @@
 """``python -m ablab`` is the ``ablab`` command."""
 
-from ablab._cli import run_main
+from ablab.cli import run_main
 
 run_main()

@@ -1,0 +1,94 @@
+"""Keras behind one door: the backend check, and every private Keras attribute or ``keras.src``
+import ablab relies on. A Keras upgrade is an audit of this file (and its test,
+tests/test_keras_compat.py), not of the engine.
+
+Tested range: ``keras>=3.15.1,<3.16`` (pinned in pyproject.toml). What is used and why:
+
+* ``Model._flatten_layers`` -- every layer, nested ones included, in a stable order (the
+  engine keys initial weights and probes by it);
+* ``Layer._trainable_variables`` / ``_non_trainable_variables`` -- a layer's *own* variables,
+  without those of nested layers;
+* ``Layer._seed_generators`` -- the RNG state of Dropout-like layers (per-seed keys);
+* ``Variable._initializer`` -- the initializer a variable was built with (initial weights
+  drawn vectorized for many seeds without rebuilding the model);
+* ``Model._symbolic_build`` -- builds a subclassed model from example data as ``fit`` does;
+* ``Trainer._update_metrics_variables`` -- the stateless metric update of ``train_step``;
+* ``keras.src.trainers.data_adapters`` (``array_slicing`` -- ``fit``'s validation split;
+  ``data_adapter_utils`` -- ``fit``'s unpacking of ``(x, y, sample_weight)``),
+  ``keras.src.initializers.random_initializers.RandomInitializer``,
+  ``keras.src.backend`` and ``keras.src.utils.naming.to_snake_case``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+import keras
+
+if keras.backend.backend() != "jax":  # pragma: no cover - depends on the caller's process
+    msg = (
+        f"ablab's engine runs Keras on the JAX backend, but Keras was already loaded with "
+        f"the {keras.backend.backend()!r} backend. Set KERAS_BACKEND=jax before importing "
+        f"keras (or import ablab first)."
+    )
+    raise ImportError(msg)
+
+from keras.src import backend as keras_backend
+from keras.src.initializers.random_initializers import RandomInitializer
+from keras.src.trainers.data_adapters import array_slicing, data_adapter_utils
+from keras.src.utils.naming import to_snake_case
+
+TESTED_RANGE = ">=3.15.1,<3.16"
+
+__all__ = [
+    "TESTED_RANGE",
+    "RandomInitializer",
+    "array_slicing",
+    "data_adapter_utils",
+    "flatten_layers",
+    "initializer_of",
+    "keras",
+    "keras_backend",
+    "own_variables",
+    "seed_generators",
+    "symbolic_build",
+    "to_snake_case",
+    "update_metrics_variables",
+]
+
+
+def flatten_layers(
+    model: keras.Layer, *, include_self: bool = True, recursive: bool = True
+) -> Iterator[keras.Layer]:
+    """Every layer of ``model`` (nested ones when ``recursive``), in Keras' own stable order."""
+    return model._flatten_layers(include_self=include_self, recursive=recursive)
+
+
+def own_variables(layer: keras.Layer) -> list[keras.Variable]:
+    """The variables ``layer`` itself creates (trainable, then not), not its sublayers'."""
+    return list(layer._trainable_variables) + list(layer._non_trainable_variables)
+
+
+def seed_generators(layer: keras.Layer) -> list[Any]:
+    """The layer's ``keras.random.SeedGenerator`` objects (their ``.state`` is the RNG state)."""
+    return list(layer._seed_generators)
+
+
+def initializer_of(variable: keras.Variable) -> Any:
+    """The initializer ``variable`` was created with (None once it holds a value)."""
+    return variable._initializer
+
+
+def symbolic_build(model: keras.Model, data_batch: tuple[Any, Any]) -> None:
+    """Build ``model`` (and its compiled metrics) from one example batch, as ``fit`` does."""
+    model._symbolic_build(data_batch=data_batch)
+
+
+def update_metrics_variables(model: keras.Model, *args: Any) -> tuple[Any, Any]:
+    """``Trainer._update_metrics_variables(metrics_variables, unscaled_loss, x, y, y_pred,
+    sample_weight)``: the stateless metric update -> ``(logs, new metrics variables)``."""
+    return model._update_metrics_variables(*args)

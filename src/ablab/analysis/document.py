@@ -1,0 +1,206 @@
+"""The run document: one typed JSON document of a run, built by one function.
+
+``ablab run --json`` prints it, ``summary.json`` stores it, ``ablab show RUN --json`` rebuilds it
+from a run folder (summary and comparisons recomputed from the finished cells), and the
+terminal, the HTML report, MLflow export and the figures read it. Its parts are typed here
+(``RunDocument`` and friends); the JSON keys are the field names.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypedDict
+
+from ablab.stats.summary import summarize
+from ablab.stats.verdicts import RULE, compare
+from ablab.store.records import VariantHistory, variant_histories
+from ablab.store.rundir import RunDir
+from ablab.study.schema import VerdictSpec
+from ablab.study.sweep import sweep_effects
+
+
+class FinalDistribution(TypedDict):
+    """Final-epoch values of one metric over seeds (non-finite seeds left out)."""
+
+    mean: float | None
+    median: float | None
+    q05: float | None
+    q95: float | None
+
+
+class VariantSummary(TypedDict, total=False):
+    """One variant: ``n_seeds``, ``diverged``, ``metric`` (the headline one) and
+    ``final_<metric>`` (a :class:`FinalDistribution`) -- the last key is named by the metric,
+    so it is not declared here."""
+
+    n_seeds: int
+    diverged: int
+    metric: str
+
+
+class CheckDoc(TypedDict):
+    """``ablab.analysis.checks.CheckResult.to_json()``."""
+
+    name: str
+    kind: str
+    passed: bool | None
+    max_abs_dev: float | None
+    max_rel_dev: float | None
+    first_bad_step: int | None
+    tolerance: float
+    detail: str
+
+
+class ComparisonDoc(TypedDict, total=False):
+    """``ablab.stats.verdicts.Comparison.to_json()``: its fields, by name."""
+
+    variant: str
+    baseline: str
+    metric: str
+    n: int
+    verdict: str
+    reason: str
+    diff_mean: float | None
+    ci_low: float | None
+    ci_high: float | None
+    p_value: float | None
+    p_adjusted: float | None
+    margin: float | None
+    margin_rule: str
+    seeds_needed: int | None
+    lower_is_better: bool
+    paired: bool
+
+
+class RunDocument(TypedDict):
+    """A run, as every reader of it sees it."""
+
+    run_id: str
+    run_dir: str
+    name: str | None
+    description: str | None
+    created_at: str | None
+    state: str
+    cells_done: int | None
+    cells_total: int | None
+    wall_s: float | None
+    runs_per_s: float | None
+    executor: dict[str, Any] | None
+    baseline: str | None
+    environment: dict[str, Any] | None
+    study: dict[str, Any]
+    variants: dict[str, VariantSummary]
+    comparisons: list[ComparisonDoc]
+    verdict_rule: str
+    checks: list[CheckDoc]
+    explain: dict[str, Any]
+    sweep: dict[str, Any] | None
+    analysed: bool
+    resumable: bool
+
+
+def build_document(
+    *,
+    run_id: str,
+    run_dir: str,
+    study: dict[str, Any],
+    state: str,
+    variants: dict[str, Any],
+    comparisons: list[dict[str, Any]],
+    checks: list[dict[str, Any]],
+    explain: dict[str, Any],
+    wall_s: float | None = None,
+    runs_per_s: float | None = None,
+    executor: dict[str, Any] | None = None,
+    created_at: str | None = None,
+    environment: dict[str, Any] | None = None,
+    cells_done: int | None = None,
+    cells_total: int | None = None,
+    analysed: bool = True,
+) -> RunDocument:
+    """The one builder of a :class:`RunDocument` (``study``: the resolved study, as stored in
+    study.json; ``variants``: ``ablab.stats.summary.summarize``; ``comparisons`` / ``checks``:
+    their ``to_json()``)."""
+    return {
+        "run_id": run_id,
+        "run_dir": run_dir,
+        "name": study.get("name"),
+        "description": study.get("description"),
+        "created_at": created_at,
+        "state": state,
+        "cells_done": cells_done,
+        "cells_total": cells_total,
+        "wall_s": wall_s,
+        "runs_per_s": runs_per_s,
+        "executor": executor,
+        "baseline": study.get("baseline"),
+        "environment": environment,
+        "study": study,
+        "variants": variants,
+        "comparisons": comparisons,  # type: ignore[typeddict-item]
+        "verdict_rule": RULE,
+        "checks": checks,  # type: ignore[typeddict-item]
+        "explain": explain,
+        "sweep": sweep_effects(study, comparisons),
+        "analysed": analysed,  # checks and explain exist only for a run that finished
+        "resumable": state in ("interrupted", "failed", "killed"),
+    }
+
+
+def stored_histories(run_dir: RunDir, variants: list[str]) -> dict[str, VariantHistory]:
+    """The stored histories of ``variants`` (each must have a finished cell), read one variant
+    at a time so the peak memory follows one arm, not the whole run."""
+    return {v: variant_histories(run_dir.history(v, run_id=False))[v] for v in variants}
+
+
+def load_run(run_dir: RunDir) -> tuple[RunDocument, dict[str, VariantHistory]]:
+    """A stored run as ``ablab show RUN`` sees it: the document (metadata, state, a summary and
+    comparisons recomputed from the finished cells) and the histories, in study order."""
+    meta = run_dir.read_json("study.json")
+    status = run_dir.read_json("status.json")
+    if status["state"] == "running" and not run_dir.is_running():
+        status = {**status, "state": "killed"}  # marked running, but its process is gone
+    present = list(dict.fromkeys(f.parent.name for f in run_dir.cell_files()))
+    declared = list(meta["study"].get("variants", {}))
+    order = [v for v in declared if v in present] + [v for v in present if v not in declared]
+    histories = stored_histories(run_dir, order)
+    saved = run_dir.read_json("summary.json") if (run_dir.path / "summary.json").exists() else {}
+    meta = {**meta, "run_id": run_dir.run_id, "run_dir": str(run_dir.path)}
+    return run_document(meta, status, saved, histories), histories
+
+
+def run_document(
+    meta: dict[str, Any],
+    status: dict[str, Any],
+    saved: dict[str, Any],
+    histories: dict[str, VariantHistory],
+) -> RunDocument:
+    """The document of a stored run from its parts: ``meta`` (study.json plus run_id /
+    run_dir), ``status`` (status.json), ``saved`` (summary.json, {} if the run never finished)
+    and the histories of its finished cells; summary and comparisons are recomputed."""
+    baseline = meta["study"].get("baseline")
+    spec = VerdictSpec.model_validate(meta["study"].get("verdicts") or {})
+    comparable = spec.pairs or baseline in histories  # a sweep's pairs: any finished point
+    comparisons = compare(histories, baseline, spec) if comparable and len(histories) > 1 else []
+    return build_document(
+        run_id=meta["run_id"],
+        run_dir=meta["run_dir"],
+        study=meta["study"],
+        state=status["state"],
+        variants=summarize(histories),
+        comparisons=[c.to_json() for c in comparisons],
+        checks=saved.get("checks", []),
+        explain=saved.get("explain", {}),
+        wall_s=saved.get("wall_s"),
+        runs_per_s=saved.get("runs_per_s"),
+        executor=saved.get("executor"),
+        created_at=meta.get("created_at"),
+        environment=meta["environment"],
+        cells_done=status["cells_done"],
+        cells_total=status["cells_total"],
+        analysed=bool(saved),
+    )
+
+
+def load_result(run_dir: RunDir) -> RunDocument:
+    """What ``ablab show RUN`` shows: metadata, state and a summary recomputed from the cells."""
+    return load_run(run_dir)[0]

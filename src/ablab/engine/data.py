@@ -1,0 +1,296 @@
+"""Load a study's rows and split them exactly like ``keras.Model.fit(validation_split=...)``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ablab.errors import StudyError
+from ablab.study.schema import DataSpec, Study
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """All rows of a study, float32, before any split.
+
+    x: (rows, *features); y: (rows, *targets).
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+
+    @property
+    def rows(self) -> int:
+        return int(self.x.shape[0])
+
+
+@dataclass(frozen=True)
+class Split:
+    """Train and validation rows, as ``fit`` cuts them (validation = the last fraction)."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray | None
+    y_val: np.ndarray | None
+
+    @property
+    def n_train(self) -> int:
+        return int(self.x_train.shape[0])
+
+    @property
+    def n_val(self) -> int:
+        return 0 if self.x_val is None else int(self.x_val.shape[0])
+
+
+def _err(study: Study, key: str, expected: str, got: str, fix: str) -> StudyError:
+    return StudyError(where=study.source, key=key, expected=expected, got=got, fix=fix)
+
+
+def _synthetic(spec: DataSpec) -> np.ndarray:
+    syn = spec.synthetic
+    assert syn is not None
+    # RandomState(seed) draws the same stream as the legacy `np.random.seed(seed)`.
+    rng = np.random.RandomState(syn.seed)
+    if syn.kind == "normal":
+        return rng.normal(syn.mean, syn.std, syn.shape)
+    return rng.uniform(syn.low, syn.high, syn.shape)
+
+
+def _read_table(path: Path) -> dict[str, np.ndarray]:
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path) if path.suffix == ".parquet" else pacsv.read_csv(path)
+    return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+
+
+def _read_file(study: Study, key: str, path_text: str) -> np.ndarray | dict[str, np.ndarray]:
+    path = Path(study.root) / path_text
+    if not path.is_file():
+        raise _err(
+            study,
+            key,
+            "an existing data file",
+            f"{str(path)!r} (no such file)",
+            "check the path; relative paths resolve against the study file's folder",
+        )
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npy":
+            return np.load(path, allow_pickle=False)
+        if suffix == ".npz":
+            with np.load(path, allow_pickle=False) as npz:
+                return {k: npz[k] for k in npz.files}
+        if suffix in (".csv", ".parquet"):
+            return _read_table(path)
+    except Exception as exc:  # the reader's own message is the 'got'
+        raise _err(
+            study,
+            key,
+            f"a readable {suffix} file",
+            f"{type(exc).__name__}: {exc}",
+            "check the file's format",
+        ) from exc
+    raise _err(
+        study,
+        key,
+        "a .npy, .npz, .csv or .parquet file",
+        repr(path.name),
+        "convert the data to one of those formats",
+    )
+
+
+def _columns(study: Study, key: str, cols: dict[str, np.ndarray], names: list[str]) -> np.ndarray:
+    missing = [n for n in names if n not in cols]
+    if missing:
+        raise _err(
+            study,
+            key,
+            f"columns among {sorted(cols)}",
+            f"missing {missing}",
+            "name existing columns",
+        )
+    return np.stack([np.asarray(cols[n], dtype=np.float64) for n in names], axis=1)
+
+
+def _from_path(study: Study) -> tuple[np.ndarray, np.ndarray]:
+    spec = study.data
+    assert spec.path is not None
+    loaded = _read_file(study, "data.path", spec.path)
+    target_loaded = None
+    if spec.target_path is not None:
+        target_loaded = _read_file(study, "data.target_path", spec.target_path)
+
+    if isinstance(loaded, np.ndarray):
+        x = loaded
+    elif spec.path.lower().endswith(".npz"):
+        if spec.x_key not in loaded:
+            raise _err(
+                study,
+                "data.x_key",
+                f"an array name among {sorted(loaded)}",
+                repr(spec.x_key),
+                "set x_key to the features array's name",
+            )
+        x = loaded[spec.x_key]
+    else:  # table
+        feature_names = spec.features
+        if feature_names is None:
+            feature_names = [c for c in loaded if c != spec.target]  # None: every column
+        x = _columns(study, "data.features", loaded, feature_names)
+
+    if target_loaded is not None:
+        if isinstance(target_loaded, np.ndarray):
+            y = target_loaded
+        else:
+            name = spec.target if spec.target in target_loaded else next(iter(target_loaded))
+            y = np.asarray(target_loaded[name])
+    elif spec.target in (None, "input"):
+        y = x
+    elif isinstance(loaded, dict) and spec.target in loaded:
+        y = np.asarray(loaded[spec.target])
+        if not spec.path.lower().endswith(".npz") and y.ndim == 1:
+            y = y[:, None]
+    else:
+        available = sorted(loaded) if isinstance(loaded, dict) else []
+        raise _err(
+            study,
+            "data.target",
+            f'"input", or a column / array name among {available}, or a target_path',
+            repr(spec.target),
+            'set target = "input" for an autoencoder, or name the target',
+        )
+    return x, y
+
+
+def _sklearn(study: Study) -> tuple[np.ndarray, np.ndarray]:
+    """A dataset that ships inside scikit-learn (no download): features and its target,
+    or the features as the target when ``target = "input"`` is set explicitly."""
+    spec = study.data
+    try:
+        from sklearn import datasets
+    except ImportError as exc:
+        raise _err(
+            study,
+            "data.sklearn",
+            "scikit-learn installed",
+            "it is not",
+            "pip install 'ablab[datasets]' (or scikit-learn)",
+        ) from exc
+    x, y = getattr(datasets, f"load_{spec.sklearn}")(return_X_y=True)
+    if spec.target_is_input():
+        return x, x
+    return x, y.reshape(-1, 1)  # one column: class index (sparse losses) or value
+
+
+def load_dataset(study: Study) -> Dataset:
+    """All rows of ``study`` as float32 arrays, validated (non-empty, finite, same row count)."""
+    spec = study.data
+    if spec.sklearn is not None:
+        x, y = _sklearn(study)
+    elif spec.synthetic is not None:
+        x = _synthetic(spec)
+        if spec.target not in (None, "input"):
+            raise _err(
+                study,
+                "data.target",
+                '"input" for synthetic data',
+                repr(spec.target),
+                'use target = "input", or load your data from a file',
+            )
+        y = x
+    else:
+        x, y = _from_path(study)
+    try:
+        x = np.asarray(x, dtype=np.float32)
+        y = np.asarray(y, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise _err(
+            study,
+            "data",
+            "numeric data",
+            f"{type(exc).__name__}: {exc}",
+            "encode non-numeric columns as numbers first",
+        ) from exc
+    if x.ndim < 2:
+        x = x.reshape(-1, 1)
+    if y.ndim < 1:
+        raise _err(
+            study,
+            "data.target",
+            "one target per row",
+            f"shape {y.shape}",
+            "give the target a row dimension",
+        )
+    if x.shape[0] == 0:
+        raise _err(study, "data", "at least one row", "0 rows", "point the study at non-empty data")
+    if y.shape[0] != x.shape[0]:
+        raise _err(
+            study,
+            "data.target",
+            f"{x.shape[0]} target rows (one per input row)",
+            f"{y.shape[0]} rows",
+            "make features and target the same length",
+        )
+    for name, arr in (("features", x), ("target", y)):
+        bad = ~np.isfinite(arr)
+        if bad.any():
+            row = int(np.argwhere(bad)[0][0])
+            raise _err(
+                study,
+                "data",
+                f"finite {name} (no NaN or inf)",
+                f"{int(bad.sum())} non-finite values, the first in row {row}",
+                "drop or impute the non-finite values before the study",
+            )
+    if spec.row_seed is not None:
+        order = np.random.default_rng(spec.row_seed).permutation(x.shape[0])
+        x, y = x[order], y[order]
+    return Dataset(x=x, y=y)
+
+
+def standardized(parts: Split, *, target_too: bool) -> Split:
+    """Features scaled by the training split's mean and standard deviation (a constant
+    column keeps scale 1); validation rows use the same statistics. ``target_too``: the
+    target as well (an autoencoder's target is its input)."""
+    mean = parts.x_train.mean(axis=0)
+    std = parts.x_train.std(axis=0)
+    std = np.where(std > 0, std, 1.0).astype(np.float32)
+
+    def scale(a: np.ndarray | None) -> np.ndarray | None:
+        return None if a is None else ((a - mean) / std).astype(np.float32)
+
+    x_train, x_val = scale(parts.x_train), scale(parts.x_val)
+    assert x_train is not None
+    if not target_too:
+        return Split(x_train, parts.y_train, x_val, parts.y_val)
+    y_train = scale(parts.y_train)
+    assert y_train is not None
+    return Split(x_train, y_train, x_val, scale(parts.y_val))
+
+
+def split(data: Dataset, validation_split: float, *, where: str = "<study>") -> Split:
+    """Cut like ``fit``: train = the first ``floor(rows * (1 - validation_split))`` rows.
+
+    Uses Keras' own ``train_validation_split`` (keras/src/trainers/data_adapters/
+    array_slicing.py) so the boundary is Keras' to the row.
+    """
+    if validation_split == 0.0:
+        return Split(data.x, data.y, None, None)
+    from ablab._keras import array_slicing
+
+    try:
+        (x_tr, y_tr, _), (x_va, y_va, _) = array_slicing.train_validation_split(
+            (data.x, data.y, None), validation_split=validation_split
+        )
+    except ValueError as exc:
+        raise StudyError(
+            where=where,
+            key="train.validation_split",
+            expected="a fraction that leaves at least one training and one validation row",
+            got=f"{validation_split} of {data.rows} rows",
+            fix="use a validation_split between 1/rows and 1 - 1/rows, or more data",
+        ) from exc
+    return Split(np.asarray(x_tr), np.asarray(y_tr), np.asarray(x_va), np.asarray(y_va))

@@ -1,0 +1,322 @@
+"""Build a variant's real Keras model once, keeping each variable's initializer and a stable id.
+
+The model is built inside ``keras.StatelessScope`` so every variable still
+holds its own initializer when we look (Keras drops it once a variable is
+initialized). Each variable gets a *stable id* that does not depend on Keras'
+process-global layer-name counter (the second model built in a process gets
+``dense_2``): an explicitly named layer keeps its name, an auto-named one
+becomes ``<class>#<ordinal among layers of that class>``. Initial weights are
+keyed by (seed, stable id), so inserting an ``Activation`` or a
+``BatchNormalization`` leaves every other layer's initial weights unchanged --
+the variants of a study are paired.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from ablab._keras import (
+    flatten_layers,
+    initializer_of,
+    keras_backend,
+    own_variables,
+    seed_generators,
+    symbolic_build,
+    to_snake_case,
+)
+from ablab.errors import StudyError, short_repr
+from ablab.study.schema import Study, TrainSpec
+
+
+@dataclass
+class PreparedModel:
+    """A compiled, symbolically built Keras model and what the engine needs to know about it.
+
+    ``initializers`` and ``stable_ids`` are indexed like ``model.variables``
+    order of ``trainable_variables`` then ``non_trainable_variables``.
+    """
+
+    model: keras.Model
+    train: TrainSpec
+    trainable_ids: list[str]
+    non_trainable_ids: list[str]
+    trainable_inits: list[Callable[..., Any]]
+    non_trainable_inits: list[Callable[..., Any]]
+    seed_state: list[bool]
+    """Per non-trainable variable: is it a SeedGenerator state (per-seed RNG, e.g. Dropout)?"""
+
+
+def _auto_named(layer: keras.Layer) -> bool:
+    base = to_snake_case(type(layer).__name__)
+    return re.fullmatch(rf"{re.escape(base)}(_\d+)?", layer.name) is not None
+
+
+def stable_layer_ids(model: keras.Model) -> dict[int, str]:
+    """``id(layer) -> stable id`` for every layer inside ``model`` (recursively)."""
+    counts: dict[str, int] = {}
+    ids: dict[int, str] = {}
+    for layer in flatten_layers(model, include_self=False):
+        cls = to_snake_case(type(layer).__name__)
+        ordinal = counts.get(cls, 0)
+        counts[cls] = ordinal + 1
+        ids[id(layer)] = f"{cls}#{ordinal}" if _auto_named(layer) else layer.name
+    return ids
+
+
+def stable_variable_ids(model: keras.Model) -> dict[int, str]:
+    """``id(variable) -> "<stable layer id>/<variable name>"`` for every variable of ``model``."""
+    layer_ids = stable_layer_ids(model)
+    out: dict[int, str] = {}
+    for layer in flatten_layers(model, include_self=False):
+        own = own_variables(layer)
+        own += [sg.state for sg in seed_generators(layer)]
+        for v in own:
+            out.setdefault(id(v), f"{layer_ids[id(layer)]}/{v.name}")
+    for v in model.variables:  # variables owned by the model itself
+        out.setdefault(id(v), f"model/{v.name}")
+    return out
+
+
+def compile_losses(train: TrainSpec) -> dict[str, Any]:
+    """``loss`` and ``metrics`` keyword arguments of ``model.compile`` for ``train``. Names
+    stay strings, so Keras resolves them as compile does (e.g. "accuracy" by target shape)."""
+    loss = train.loss_config()
+    metrics = [keras.metrics.get(m) if isinstance(m, dict) else m for m in train.metric_configs()]
+    return {"loss": keras.losses.get(loss) if isinstance(loss, dict) else loss, "metrics": metrics}
+
+
+def _layer_from_spec(study: Study, key: str, spec: dict[str, Any]) -> keras.Layer:
+    spec = dict(spec)
+    name = spec.pop("layer", None)
+    if isinstance(name, type) and issubclass(name, keras.layers.Layer):  # a class, in code
+        cls: Any = name
+        name = cls.__name__
+    elif isinstance(name, str) and ":" in name:  # "file.py:Class" or "module:Class"
+        cls = _import_object(study, f"{key}.layer", name)
+    elif not isinstance(name, str):
+        raise StudyError(
+            where=study.source,
+            key=key,
+            expected='a table naming its class, e.g. {layer = "Dense", units = 8}',
+            got=short_repr(spec),
+            fix='add `layer = "ClassName"`',
+        )
+    else:
+        cls = getattr(keras.layers, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, keras.layers.Layer)):
+        import difflib
+
+        known = [n for n in dir(keras.layers) if isinstance(getattr(keras.layers, n), type)]
+        close = difflib.get_close_matches(name, known, n=3)
+        hint = f"did you mean {', '.join(close)}?" if close else "see keras.io/api/layers"
+        raise StudyError(
+            where=study.source,
+            key=f"{key}.layer",
+            expected="a keras.layers class name (or 'file.py:Class' for your own layer)",
+            got=repr(name),
+            fix=f"use a class from keras.layers ({hint})",
+        )
+    try:
+        return cls(**spec)
+    except Exception as exc:
+        raise StudyError(
+            where=study.source,
+            key=key,
+            expected=f"keyword arguments that keras.layers.{name} accepts",
+            got=f"{short_repr(spec)} -> {type(exc).__name__}: {exc}",
+            fix=f"check the arguments of keras.layers.{name}",
+        ) from exc
+
+
+def _import_object(study: Study, key: str, ref: str) -> Any:
+    """``file.py:name`` (relative to the study's folder) or ``package.module:name``."""
+    fix = 'write "models.py:name" (a file beside the study) or "package.module:name"'
+    if ":" not in ref:
+        raise StudyError(
+            where=study.source, key=key, expected="'file.py:name'", got=repr(ref), fix=fix
+        )
+    target, attr = ref.rsplit(":", 1)
+    try:
+        if target.endswith(".py"):
+            path = (Path(study.root) / target).resolve()
+            if not path.is_file():
+                raise FileNotFoundError(f"no such file {path}")
+            mod_name = f"ablab_user_{abs(hash(str(path)))}"
+            module = sys.modules.get(mod_name)
+            if module is None:  # load each file once, so its classes stay the same objects
+                spec = importlib.util.spec_from_file_location(mod_name, path)
+                assert spec is not None and spec.loader is not None
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[mod_name] = module
+                spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+        return getattr(module, attr)
+    except Exception as exc:
+        raise StudyError(
+            where=study.source,
+            key=key,
+            expected="an importable name",
+            got=f"{ref!r} -> {type(exc).__name__}: {exc}",
+            fix=fix,
+        ) from exc
+
+
+def resolve_builder(study: Study) -> Callable[..., Any]:
+    """The builder: a callable, ``file.py:function`` (beside the study) or ``module:fn``."""
+    builder = study.model.builder
+    if callable(builder):
+        return builder
+    assert isinstance(builder, str)
+    fn = _import_object(study, "model.builder", builder)
+    if not callable(fn):
+        raise StudyError(
+            where=study.source,
+            key="model.builder",
+            expected="a callable",
+            got=short_repr(fn),
+            fix="point builder at a function",
+        )
+    return fn
+
+
+def _construct(study: Study, variant: str, input_shape: tuple[int, ...]) -> keras.Model:
+    layers = study.variant_layers(variant)
+    key_root = (
+        f"variants.{variant}.layers"
+        if study.variants[variant].layers is not None
+        else "model.layers"
+    )
+    if layers is not None:
+        built = [_layer_from_spec(study, f"{key_root}[{i}]", s) for i, s in enumerate(layers)]
+        return keras.Sequential([keras.Input(shape=input_shape), *built], name=variant)
+    fn = resolve_builder(study)
+    params = study.variant_params(variant)
+    try:
+        model = fn(**params)
+    except Exception as exc:
+        raise StudyError(
+            where=study.source,
+            key=f"variants.{variant}.params",
+            expected="builder parameters the builder accepts without raising",
+            got=f"{short_repr(params)} -> {type(exc).__name__}: {exc}",
+            fix="fix the builder or the parameters passed to it",
+        ) from exc
+    if not isinstance(model, keras.Model):
+        raise StudyError(
+            where=study.source,
+            key="model.builder",
+            expected="a builder returning an uncompiled keras.Model",
+            got=f"{type(model).__name__}",
+            fix="return a keras.Model from the builder",
+        )
+    if not model.built:
+        model.build((None, *input_shape))
+    return model
+
+
+def prepare_model(
+    study: Study, variant: str, x_example: np.ndarray, y_example: np.ndarray
+) -> PreparedModel:
+    """Build, compile and symbolically build ``variant``'s model; check it fits the target.
+
+    x_example / y_example: a few rows (rows, ...) used only for shapes and dtypes.
+    """
+    input_shape = tuple(int(d) for d in x_example.shape[1:])
+    with keras.StatelessScope():
+        model = _construct(study, variant, input_shape)
+        inits = {id(v): initializer_of(v) for v in model.variables}
+    # Leaving the scope gave every variable a (throw-away) value; the engine draws its own.
+    _check_output_shape(study, variant, model, x_example, y_example)
+    train = study.variant_train(variant)
+    try:
+        optimizer = keras.optimizers.get(train.optimizer_config())
+    except Exception as exc:
+        raise StudyError(
+            where=study.source,
+            key="train.optimizer",
+            expected="a keras.optimizers name and its keyword arguments",
+            got=f"{short_repr(train.optimizer)} -> {type(exc).__name__}: {exc}",
+            fix='e.g. optimizer = "adam" or {name = "sgd", momentum = 0.9}',
+        ) from exc
+    try:
+        model.compile(optimizer=optimizer, **compile_losses(train))
+        symbolic_build(model, (x_example, y_example))
+    except Exception as exc:
+        raise StudyError(
+            where=study.source,
+            key="train",
+            expected="a loss and metrics Keras knows, that fit the model's output",
+            got=f"loss={train.loss!r}, metrics={train.metrics!r} -> {type(exc).__name__}: {exc}",
+            fix='use keras loss / metric names, e.g. loss = "mse"',
+        ) from exc
+    ids = stable_variable_ids(model)
+    seed_states = {id(sg.state) for layer in flatten_layers(model) for sg in seed_generators(layer)}
+    tv, ntv = model.trainable_variables, model.non_trainable_variables
+    for v in (*tv, *ntv):
+        if inits.get(id(v)) is None:
+            raise StudyError(
+                where=study.source,
+                key=f"variants.{variant}",
+                expected="every model variable created when the model is built",
+                got=f"variable {v.path} without an initializer",
+                fix="create weights in build() via add_weight(initializer=...)",
+            )
+    return PreparedModel(
+        model=model,
+        train=train,
+        trainable_ids=[ids[id(v)] for v in tv],
+        non_trainable_ids=[ids[id(v)] for v in ntv],
+        trainable_inits=[inits[id(v)] for v in tv],
+        non_trainable_inits=[inits[id(v)] for v in ntv],
+        seed_state=[id(v) in seed_states for v in ntv],
+    )
+
+
+def _check_output_shape(
+    study: Study, variant: str, model: keras.Model, x: np.ndarray, y: np.ndarray
+) -> None:
+    try:
+        spec = keras_backend.compute_output_spec(
+            model, keras.KerasTensor(x.shape, "float32"), training=False
+        )
+    except Exception as exc:
+        raise StudyError(
+            where=study.source,
+            key=f"variants.{variant}",
+            expected=f"a model that accepts inputs of shape {x.shape[1:]}",
+            got=f"{type(exc).__name__}: {exc}",
+            fix="make the first layer match the data's features",
+        ) from exc
+    if not hasattr(spec, "shape"):
+        raise StudyError(
+            where=study.source,
+            key=f"variants.{variant}",
+            expected="a model with a single output",
+            got=short_repr(spec),
+            fix="return one output tensor",
+        )
+    out_shape = tuple(spec.shape[1:])
+    target_shape = tuple(y.shape[1:])
+    loss = study.variant_train(variant).loss_name
+    # sparse categorical targets are class indices: (batch,) or (batch, 1)
+    ok = target_shape in ((), (1,)) if "sparse" in loss else out_shape == target_shape
+    if not ok:
+        raise StudyError(
+            where=study.source,
+            key=f"variants.{variant}",
+            expected=f"model output shape (batch, {', '.join(map(str, target_shape))})"
+            f" matching the target",
+            got=f"(batch, {', '.join(map(str, out_shape))})",
+            fix="make the last layer's units equal the target's width",
+        )

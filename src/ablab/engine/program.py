@@ -1,0 +1,371 @@
+"""The vectorized engine: one compiled program trains a chunk of seeds of one variant.
+
+Inside the program, per seed: ``lax.scan`` over epochs, and inside each epoch
+``lax.scan`` over the full batches (plus one call for a last partial batch), each
+step being the model's own ``JAXTrainer.train_step`` -- the very function
+``model.fit`` runs on the JAX backend (stateless_call + compute_loss +
+optimizer.stateless_apply + metric updates). Metrics are reset at each epoch
+start, validation runs ``test_step`` over the validation rows in inference mode
+at each epoch end, exactly as ``fit`` -> ``evaluate`` does. ``jax.vmap`` maps this
+over seeds and ``jax.jit`` compiles it once per variant and chunk size.
+
+Data order follows ``fit``: the validation rows are the last fraction (cut before
+any shuffling); ``shuffle=True`` draws a fresh permutation of the training rows
+every epoch from the seed's own key (shared by every variant: paired); the last
+partial batch is kept; the epoch ``loss`` is the batch-size-weighted mean of the
+pre-update batch losses (Keras' loss tracker).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import keras
+import numpy as np
+
+from ablab._keras import flatten_layers
+from ablab.engine.data import Split
+from ablab.engine.initial_state import SHUFFLE_STREAM, initial_state, stream_key
+from ablab.engine.model import PreparedModel
+from ablab.engine.probes import (
+    BN_PROBE_ROWS,
+    bn_probes,
+    make_probe_spec,
+    step_probes,
+    train_mode_test_step,
+    train_step_with_grads,
+)
+from ablab.engine.xla import compiler_options
+
+
+def epoch_permutation(seed_id: int | jax.Array, epoch: int | jax.Array, n: int) -> jax.Array:
+    """The training-row order seed ``seed_id`` uses in ``epoch`` when ``shuffle=True``: (n,)."""
+    key = jax.random.fold_in(stream_key(jnp.asarray(seed_id, jnp.uint32), SHUFFLE_STREAM), epoch)
+    return jax.random.permutation(key, n)
+
+
+def _batches(n: int, batch_size: int) -> tuple[int, int]:
+    """(number of full batches, rows in the last partial batch)."""
+    return n // batch_size, n % batch_size
+
+
+@dataclass(frozen=True)
+class EpochLayout:
+    """Static shape facts of one training program."""
+
+    n_train: int
+    n_val: int
+    batch_size: int
+    val_batch_size: int
+    epochs: int
+    shuffle: bool
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.n_train / self.batch_size)
+
+
+class VariantProgram:
+    """Trains any number of seeds of one prepared variant on one split.
+
+    ``train(seed_ids)`` returns ``{log name: (seeds, epochs) float32}`` with the
+    same names ``model.fit`` puts in its History (``loss``, metrics,
+    ``val_loss``, ``val_<metric>``).
+    """
+
+    def __init__(self, prepared: PreparedModel, split: Split, probes: bool = False) -> None:
+        self.prepared = prepared
+        self.probes = probes
+        self._probe_spec = make_probe_spec(prepared) if probes else None
+        self.split = split
+        train = prepared.train
+        self.layout = EpochLayout(
+            n_train=split.n_train,
+            n_val=split.n_val,
+            batch_size=train.batch_size,
+            val_batch_size=train.validation_batch_size or train.batch_size,
+            epochs=train.epochs,
+            shuffle=train.shuffle,
+        )
+        model = prepared.model
+        self._optimizer0 = [np.asarray(v.value) for v in model.optimizer.variables]
+        self._metrics0 = [np.asarray(v.value) for v in model.metrics_variables]
+        self._data = (
+            jnp.asarray(split.x_train),
+            jnp.asarray(split.y_train),
+            None if split.x_val is None else jnp.asarray(split.x_val),
+            None if split.y_val is None else jnp.asarray(split.y_val),
+        )
+        self._compiled: dict[tuple[str, int], Any] = {}  # (program, seeds) -> executable
+        self._compiling = threading.Lock()  # cells of one program may run in several threads
+        self.compile_seconds: dict[int, float] = {}
+
+    # -- the traced program --------------------------------------------------------------
+    def _train_seed(
+        self, seed_id: jax.Array, tv: list, ntv: list, data: tuple, mode: str | None = None
+    ) -> tuple[dict, dict | None, dict | None]:
+        """One seed: ``(history {name: (epochs,)}, per-step trace, per-epoch probes)``.
+
+        mode None: history only. "trajectory": trace = ``{"loss": (steps,), "weights":
+        [(steps, *shape)]}`` (the running loss and the weights after each optimizer step).
+        "probes": trace = per-step probe scalars, plus per-epoch probes (``ablab.engine.probes``).
+        """
+        model = self.prepared.model
+        lay = self.layout
+        x_tr, y_tr, x_va, y_va = data
+        nfull, rem = _batches(lay.n_train, lay.batch_size)
+        vfull, vrem = _batches(lay.n_val, lay.val_batch_size)
+        metrics0 = self._metrics0
+        tv0, ntv0 = tv, ntv
+        probing = mode == "probes"
+
+        def train_step(st: tuple, batch: tuple) -> tuple[dict, tuple, Any]:
+            if probing:
+                return train_step_with_grads(model, st, batch)
+            logs, st = model.train_step(st, batch)
+            return logs, st, None
+
+        def test_step(st: tuple, batch: tuple) -> tuple[dict, tuple, Any]:
+            logs, st = model.test_step(st, batch)
+            return logs, st, None
+
+        def trace(logs: dict, state: tuple, grads: Any) -> dict:
+            if probing:
+                assert self._probe_spec is not None
+                return step_probes(self._probe_spec, list(state[0]), list(tv0), list(grads))
+            return {"loss": logs["loss"], "weights": list(state[0])}
+
+        def run_batches(
+            step: Callable,
+            state: Any,
+            x: jax.Array,
+            y: jax.Array,
+            full: int,
+            part: int,
+            bs: int,
+            traced: bool = False,
+        ) -> tuple[Any, Any, Any]:
+            logs, traces = None, []
+            if full:
+                xb = x[: full * bs].reshape(full, bs, *x.shape[1:])
+                yb = y[: full * bs].reshape(full, bs, *y.shape[1:])
+
+                def body(st: Any, batch: tuple) -> tuple[Any, tuple]:
+                    out_logs, st, extra = step(st, batch)
+                    return st, (out_logs, trace(out_logs, st, extra) if traced else None)
+
+                state, (stacked, steps) = jax.lax.scan(body, state, (xb, yb))
+                logs = jax.tree.map(lambda a: a[-1], stacked)
+                traces.append(steps)
+            if part:
+                logs, state, extra = step(state, (x[full * bs :], y[full * bs :]))
+                if traced:
+                    traces.append(jax.tree.map(lambda a: a[None], trace(logs, state, extra)))
+            steps = None
+            if traced:
+                steps = jax.tree.map(lambda *a: jnp.concatenate(a), *traces)
+            return state, logs, steps
+
+        def epoch(carry: tuple, epoch_index: jax.Array) -> tuple[tuple, tuple]:
+            tv, ntv, ov = carry
+            if lay.shuffle:
+                perm = epoch_permutation(seed_id, epoch_index, lay.n_train)
+                x_ep, y_ep = x_tr[perm], y_tr[perm]
+            else:
+                x_ep, y_ep = x_tr, y_tr
+            state = (tv, ntv, ov, metrics0)
+            state, logs, steps = run_batches(
+                train_step, state, x_ep, y_ep, nfull, rem, lay.batch_size, mode is not None
+            )
+            tv, ntv, ov, _ = state
+            out = dict(logs)
+            vbs = lay.val_batch_size
+            if lay.n_val:
+                _, val_logs, _ = run_batches(
+                    test_step, (tv, ntv, metrics0), x_va, y_va, vfull, vrem, vbs
+                )
+                out.update({f"val_{k}": v for k, v in val_logs.items()})
+            per_epoch = None
+            if probing:
+                tfull, trem = _batches(lay.n_train, vbs)
+                _, tr_logs, _ = run_batches(
+                    test_step, (tv, ntv, metrics0), x_tr, y_tr, tfull, trem, vbs
+                )
+                per_epoch = {"train_loss_inference": tr_logs["loss"]}
+                if lay.n_val:
+
+                    def train_mode_step(st: tuple, batch: tuple) -> tuple[dict, tuple, Any]:
+                        logs, st = train_mode_test_step(model, st, batch, ov)
+                        return logs, st, None
+
+                    _, tm_logs, _ = run_batches(
+                        train_mode_step, (tv, ntv, metrics0), x_va, y_va, vfull, vrem, vbs
+                    )
+                    per_epoch["val_loss_train_mode"] = tm_logs["loss"]
+                assert self._probe_spec is not None
+                per_epoch.update(bn_probes(self._probe_spec, list(tv), list(ntv), list(ntv0), x_tr))
+            return (tv, ntv, ov), (out, steps, per_epoch)
+
+        carry0 = (tv, ntv, self._optimizer0)
+        _, (history, steps, per_epoch) = jax.lax.scan(epoch, carry0, jnp.arange(lay.epochs))
+        history = {k: jnp.asarray(v, jnp.float32) for k, v in history.items()}
+        if mode is not None:  # (epochs, steps per epoch, ...) -> (steps, ...)
+            steps = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), steps)
+        return history, steps, per_epoch
+
+    def _all_seeds(self, seed_ids: jax.Array, data: tuple, mode: str | None) -> tuple:
+        """Initial state for every seed, then ``_train_seed`` vmapped over seeds."""
+        tv, ntv = initial_state(self.prepared, seed_ids)
+        fn = functools.partial(self._train_seed, mode=mode)
+        return jax.vmap(fn, in_axes=(0, 0, 0, None))(seed_ids, tv, ntv, data)
+
+    def _executable(self, program: str, n: int) -> Any:
+        """The compiled ``program`` ("train", "trajectory" or "init") for ``n`` seeds (cached)."""
+        key = (program, n)
+        with self._compiling:
+            if key not in self._compiled:
+                self._compiled[key] = self._compile_program(program, n)
+            return self._compiled[key]
+
+    def _compile_program(self, program: str, n: int) -> Any:
+        ids = jax.ShapeDtypeStruct((n,), jnp.uint32)
+        if program == "init":
+            lowered = jax.jit(lambda i: initial_state(self.prepared, i)).lower(ids)
+        else:
+            mode = "trajectory" if program == "trajectory" else ("probes" if self.probes else None)
+            fn = functools.partial(self._all_seeds, mode=mode)
+            lowered = jax.jit(fn).lower(ids, self._data)
+        return lowered.compile(compiler_options=compiler_options())
+
+    # -- public -----------------------------------------------------------------------
+    def culprit(self, exc: BaseException) -> str | None:
+        """The layer behind a failure to compile, as ``"name (Class)"``: the innermost layer
+        running when ``exc`` was raised, else the first layer that fails on its own under
+        ``vmap`` (forward and gradient, abstractly); None if no layer is to blame."""
+        return self._layer_in_traceback(exc) or self._first_unbatchable_layer()
+
+    def _first_unbatchable_layer(self) -> str | None:
+        model = self.prepared.model
+        for layer in flatten_layers(model, include_self=False):
+            if isinstance(layer, keras.Model | keras.layers.InputLayer) or not layer.built:
+                continue
+            try:
+                inputs = layer.input
+            except (AttributeError, ValueError):
+                continue
+
+            def spec(t: Any) -> jax.ShapeDtypeStruct:
+                return jax.ShapeDtypeStruct((2, *(d or 3 for d in t.shape)), t.dtype)
+
+            specs = jax.tree.map(spec, inputs)
+            tv = [jnp.zeros(v.shape, v.dtype) for v in layer.trainable_variables]
+            ntv = [jnp.zeros(v.shape, v.dtype) for v in layer.non_trainable_variables]
+
+            def loss(tv: list, x: Any, layer: keras.Layer = layer, ntv: list = ntv) -> Any:
+                out, _ = layer.stateless_call(tv, ntv, x, training=True)
+                return sum(jnp.sum(o.astype(jnp.float32)) for o in jax.tree.leaves(out))
+
+            try:
+                jax.eval_shape(jax.vmap(jax.value_and_grad(loss), in_axes=(None, 0)), tv, specs)
+            except Exception:
+                return f"{layer.name} ({type(layer).__name__})"
+        return None
+
+    def _layer_in_traceback(self, exc: BaseException) -> str | None:
+        found = None
+        seen: set[int] = set()
+        err: BaseException | None = exc
+        while err is not None and id(err) not in seen:
+            seen.add(id(err))
+            tb = err.__traceback__
+            while tb is not None:
+                owner = tb.tb_frame.f_locals.get("self")
+                if isinstance(owner, keras.Layer) and not isinstance(owner, keras.Model):
+                    found = owner
+                tb = tb.tb_next
+            if found is not None:
+                break
+            err = err.__cause__ or err.__context__
+        return None if found is None else f"{found.name} ({type(found).__name__})"
+
+    def compile(self, chunk_size: int) -> float:
+        """Compile the program for ``chunk_size`` seeds ahead of time; returns seconds spent."""
+        if chunk_size not in self.compile_seconds:
+            t0 = time.perf_counter()
+            self._executable("train", chunk_size)
+            self.compile_seconds.setdefault(chunk_size, time.perf_counter() - t0)
+        return self.compile_seconds[chunk_size]
+
+    def run(self, seed_ids: np.ndarray) -> tuple[dict, dict | None, dict | None]:
+        """Train ``seed_ids`` (seeds,) in one call: ``(history, step probes, epoch probes)``,
+        each ``{name: (seeds, epochs or steps)}``; the probes are None when off."""
+        ids = np.asarray(seed_ids, dtype=np.uint32)
+        self.compile(len(ids))
+        history, steps, per_epoch = self._executable("train", len(ids))(
+            jnp.asarray(ids), self._data
+        )
+        as_np = lambda d: None if d is None else {k: np.asarray(v) for k, v in d.items()}  # noqa: E731
+        return as_np(history), as_np(steps), as_np(per_epoch)  # type: ignore[return-value]
+
+    def train(self, seed_ids: np.ndarray) -> dict[str, np.ndarray]:
+        """Train seeds ``seed_ids`` (seeds,) in one program call: ``{name: (seeds, epochs)}``."""
+        return self.run(seed_ids)[0]
+
+    def trajectories(self, seed_ids: np.ndarray) -> dict[str, np.ndarray]:
+        """Per-step trajectories of a few seeds (for checks): ``{"loss": (seeds, steps),
+        <trainable stable id>: (seeds, steps + 1, *shape)}`` -- weights start at the initial
+        values (step 0) and follow each optimizer step; loss is the epoch's running loss as
+        ``fit`` reports it after each batch. Memory grows with steps x parameters: keep the
+        seed count small."""
+        ids = jnp.asarray(seed_ids, dtype=jnp.uint32)
+        _, steps, _ = self._executable("trajectory", len(ids))(ids, self._data)
+        tv0, _ = self.initial_weights(np.asarray(seed_ids))
+        out = {"loss": np.asarray(steps["loss"])}
+        for vid, init, traj in zip(self.prepared.trainable_ids, tv0, steps["weights"], strict=True):
+            out[vid] = np.concatenate([init[:, None], np.asarray(traj)], axis=1)
+        return out
+
+    def initial_weights(self, seed_ids: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """The initial (trainable, non-trainable) values of every seed: each (seeds, *shape)."""
+        ids = jnp.asarray(seed_ids, dtype=jnp.uint32)
+        tv, ntv = self._executable("init", len(ids))(ids)
+        return [np.asarray(a) for a in tv], [np.asarray(a) for a in ntv]
+
+    def per_seed_bytes(self) -> int:
+        """A conservative estimate of the memory one seed needs inside the program."""
+        model = self.prepared.model
+        params = sum(int(np.prod(v.shape)) for v in model.variables)
+        opt = sum(int(np.prod(v.shape)) for v in model.optimizer.variables)
+        acts = 0
+        for layer in model.layers:
+            try:
+                shape = layer.output.shape
+            except (AttributeError, ValueError):
+                continue
+            acts += int(np.prod([d for d in shape[1:] if d is not None]))
+        acts = max(acts, int(np.prod(self.split.x_train.shape[1:])))
+        lay = self.layout
+        elems = 4 * params + opt + 4 * acts * max(lay.batch_size, lay.val_batch_size)
+        if lay.shuffle:  # a per-seed permuted copy of the training rows
+            elems += (
+                2
+                * lay.n_train
+                * (
+                    int(np.prod(self.split.x_train.shape[1:]))
+                    + int(np.prod(self.split.y_train.shape[1:]))
+                )
+            )
+        elems += 16 * lay.epochs * lay.steps_per_epoch  # logs
+        if self.probes:  # per-step probe scalars and the BN probe's chunk of activations
+            assert self._probe_spec is not None
+            elems += (3 * len(self._probe_spec.layers) + 1) * lay.epochs * lay.steps_per_epoch
+            elems += 2 * min(lay.n_train, BN_PROBE_ROWS) * acts * len(self._probe_spec.bn)
+        return 4 * elems

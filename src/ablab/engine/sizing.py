@@ -1,0 +1,106 @@
+"""Sizing: how many seeds one compiled call trains (chunks) and how many calls run at once
+(workers), from the memory budget and the machine's usable cores."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import jax
+import numpy as np
+
+if TYPE_CHECKING:
+    from ablab.engine.program import VariantProgram
+
+# Largest chunk the engine compiles by default, measured on the seed study (2-core CPU):
+# throughput per call is flat from ~512 seeds up, larger chunks only raise peak memory, and
+# more, smaller cells keep every worker busy to the end (10,000 seeds = 10 cells of 1,000,
+# 5 rounds on 2 workers; with 2,048: 5 cells, 3 rounds, the last one half idle).
+DEFAULT_MAX_CHUNK = 1024
+
+# Chunk calls one process runs at once by default on a CPU backend: one per core, at most
+# this many. One call of the engine's program keeps only ~1.3 of 2 cores busy (its ops are
+# thousands of tiny per-seed products and elementwise passes, each split across XLA's thread
+# pool and joined again); two calls at once keep both busy. Measured on the seed study
+# (2-core CPU, bench/throughput.py times 1 and 2 workers in turn): 1.2-2.4x runs/s, median
+# ~1.6x (plain 2,630 -> 4,639, bn 2,601 -> 3,952 in one run), bit-identical results; 3 or 4
+# workers on 2 cores were no faster than 2.
+MAX_DEFAULT_WORKERS = 8
+
+
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
+def usable_cores() -> int:
+    """CPU cores this process may use: its affinity mask, further limited by a cgroup v2 CPU
+    quota (``cpu.max``, as containers set it) where there is one."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = CGROUP_CPU_MAX.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
+
+
+def default_workers() -> int:
+    """How many chunk calls to run at once: the usable CPU cores (at most
+    ``MAX_DEFAULT_WORKERS``) on a CPU backend, 1 on an accelerator (one device runs one
+    program at a time anyway)."""
+    if jax.default_backend() != "cpu":
+        return 1
+    return min(usable_cores(), MAX_DEFAULT_WORKERS)
+
+
+def choose_chunk_size(
+    program: VariantProgram,
+    n_seeds: int,
+    memory_budget_mb: float,
+    chunk_size: int | None = None,
+    max_chunk: int = DEFAULT_MAX_CHUNK,
+) -> int:
+    """Seeds per compiled call: the explicit ``chunk_size``, else what fits the memory budget.
+
+    Capped at ``max_chunk`` (measured: bigger chunks do not run faster) and at ``n_seeds``,
+    then evened out so the last chunk carries little padding.
+    """
+    if chunk_size is not None:
+        return max(1, min(chunk_size, n_seeds))
+    fit = int(memory_budget_mb * 2**20 // max(1, program.per_seed_bytes()))
+    cap = max(1, min(fit, max_chunk, n_seeds))
+    # Balance the chunks (10,000 seeds at cap 1,024 -> 10 x 1,000, not 10 x 1,024 with padding).
+    n_chunks = math.ceil(n_seeds / cap)
+    return math.ceil(n_seeds / n_chunks)
+
+
+def workers_within_budget(wanted: int, cell_bytes: list[int], memory_budget_mb: float) -> int:
+    """How many of ``wanted`` chunk calls may run at once when each in-flight cell holds up
+    to ``max(cell_bytes)``: as many as the memory budget holds, at least one.
+
+    The chunk size itself never depends on the worker count (nor on the machine), so a
+    study cuts the same cells, and computes the same numbers, everywhere.
+    """
+    biggest = max(cell_bytes, default=0)
+    if biggest <= 0:
+        return max(1, wanted)
+    return max(1, min(wanted, int(memory_budget_mb * 2**20 // biggest)))
+
+
+def seed_chunks(base: int, count: int, chunk: int) -> Iterator[tuple[int, np.ndarray, int]]:
+    """Yield ``(chunk index, seed ids padded to chunk, number of real seeds)``.
+
+    Every chunk has the same length so one compiled program serves them all; the
+    last one is padded with extra seed ids whose results are dropped.
+    """
+    n_chunks = math.ceil(count / chunk)
+    for k in range(n_chunks):
+        start = base + k * chunk
+        real = min(chunk, base + count - start)
+        yield k, np.arange(start, start + chunk, dtype=np.uint32), real

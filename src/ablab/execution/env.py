@@ -1,0 +1,98 @@
+"""The environment a run was made in: versions of what matters and the machine; and the
+numerics fingerprint -- what must be equal for two processes to compute the same bits
+(Ray workers vs their driver, a resumed run vs the one that started it)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import sys
+from functools import cache
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+_VERSIONED = ("ablab", "keras", "jax", "jaxlib", "numpy")
+
+_PACKAGES = ("ablab", "keras", "jax", "jaxlib", "numpy", "scipy", "pyarrow", "duckdb")
+
+
+def environment() -> dict[str, Any]:
+    """Versions of python, keras, jax, numpy, ... and a description of the machine."""
+    import jax
+
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "versions": versions,
+        "keras_backend": os.environ.get("KERAS_BACKEND", "jax"),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or None,
+        "cpu_count": os.cpu_count(),
+        "jax_devices": [str(d) for d in jax.devices()],
+        "executable": sys.executable,
+    }
+
+
+@cache
+def _source_digest() -> str:
+    """sha256 of ablab's own source files: two installs of the same version number with
+    different code (a local edit, another commit) must not pass as the same."""
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and path.suffix in (".py", ".j2"):
+            h.update(path.relative_to(root).as_posix().encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def environment_fingerprint() -> dict[str, str]:
+    """What must be equal on the driver and a worker for a cell's numbers to be equal:
+    versions, ablab's source, the OS and architecture, and the settings that change numbers
+    (Keras backend and floatx, JAX's x64 / matmul precision / PRNG, XLA flags, the JAX
+    backend in use, the engine's compiler options)."""
+    import jax
+    import keras
+
+    fp = {"python": platform.python_version()}
+    for name in _VERSIONED:
+        try:
+            fp[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            fp[name] = "missing"
+    fp["ablab_source"] = _source_digest()
+    fp["platform"] = f"{platform.system()} {platform.machine()}"
+    fp["keras_backend"] = keras.backend.backend()
+    fp["floatx"] = keras.config.floatx()
+    for option in (
+        "jax_enable_x64",
+        "jax_default_matmul_precision",
+        "jax_default_prng_impl",
+        "jax_threefry_partitionable",
+    ):
+        fp[option] = str(getattr(jax.config, option, None))
+    fp["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "")
+    fp["jax_backend"] = jax.default_backend()
+    from ablab.engine.program import compiler_options  # the options the engine really compiles with
+
+    fp["compiler_options"] = json.dumps(compiler_options(), sort_keys=True)
+    return fp
+
+
+def data_digest(x: np.ndarray, y: np.ndarray) -> str:
+    """sha256 of a dataset's rows (dtype, shape, bytes): a resumed run must see the same data."""
+    h = hashlib.sha256()
+    for a in (x, y):
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(np.ascontiguousarray(a).data)
+    return h.hexdigest()[:24]

@@ -1,0 +1,293 @@
+"""Run a study: plan cells (variant x seed chunk), train them, store each as it finishes.
+
+A swept study is first expanded into arms (``ablab.study.sweep``), so a cell is (variant, sweep
+point, seed chunk). A killed or interrupted run is finished by :func:`resume`, which trains
+only the cells whose history file is missing and then analyses the run from its store.
+
+Everything that can be wrong with the input is checked before the run folder is
+created: the study, the data, the split, and every variant's model (built,
+compiled and shape-checked against the target). Each finished cell is written
+atomically; Ctrl-C marks the run ``interrupted`` and keeps every finished cell.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from ablab.analysis.checks import CheckResult, run_checks
+from ablab.analysis.document import stored_histories
+from ablab.analysis.explain import bn_diagnosis, optimum_gaps
+from ablab.errors import InputError, RunInterrupted
+from ablab.execution.env import environment
+from ablab.execution.executors import EXECUTORS, Cell, Executor, LocalExecutor
+from ablab.execution.plan import (
+    Plan,
+    check_same_plan,
+    compile_all,
+    declares_checks,
+    make_plan,
+    prepare_study,
+    reference_engine_checks_skipped,
+)
+from ablab.execution.progress import Progress, Silent
+from ablab.execution.result import RunResult
+from ablab.stats.summary import summarize
+from ablab.stats.verdicts import compare
+from ablab.store.records import (
+    epoch_probe_arrays,
+    history_table,
+    probe_table,
+)
+from ablab.store.rundir import RunDir, default_runs_dir, resolve_run
+from ablab.study.schema import Study
+
+
+def _executor(plan: Plan, name: str | Executor, address: str | None) -> Executor:
+    reference = plan.study.engine.kind == "reference"
+    if not isinstance(name, str):
+        return name
+    if name == "local":
+        return LocalExecutor(plan.program_for, reference=reference, workers=plan.workers)
+    if name == "ray":
+        from ablab.execution.ray_executor import RayExecutor
+
+        return RayExecutor(plan.study, plan.data, address=address, reference=reference)
+    raise InputError(
+        where="executor",
+        key="--executor",
+        expected=f"one of {list(EXECUTORS)}",
+        got=repr(name),
+        fix="use --executor local or --executor ray",
+    )
+
+
+def run(
+    study: Study | str | Path,
+    *,
+    seeds: int | None = None,
+    runs_dir: str | Path | None = None,
+    remedies: bool = False,
+    progress: Progress | None = None,
+    on_cell: Callable[[int, int], None] | None = None,
+    executor: str | Executor = "local",
+    address: str | None = None,
+    workers: int | None = None,
+) -> RunResult:
+    """Train every variant (every sweep arm) of ``study`` over its seeds; store the results.
+
+    study: a :class:`Study` or the path of a study TOML file. seeds: overrides
+    ``[seeds] count``. remedies: add the BatchNormalization remedy variants
+    (``ablab.study.remedies``). runs_dir: where the run folder goes (default ``./runs`` or
+    ``$ABLAB_RUNS_DIR``). on_cell(done, total) is called after each stored cell.
+    executor: "local" (this process), "ray" (a Ray cluster at ``address``; default
+    ``ray.init()``'s) or an :class:`~ablab.execution.executors.Executor`. workers: chunk calls the
+    local executor runs at once (overrides ``[engine] workers``; results do not change).
+    Raises StudyError (nothing written) on bad input, RunInterrupted on Ctrl-C; a killed or
+    interrupted run is finished with :func:`resume`.
+    """
+    study = prepare_study(study, seeds, remedies)
+    progress = progress or Silent()
+    runs_root = Path(runs_dir) if runs_dir is not None else default_runs_dir()
+    t0 = time.perf_counter()
+    plan = make_plan(study, workers=workers)
+    compile_s = compile_all(plan, plan.cells, progress)
+    chosen = _executor(plan, executor, address)  # a Ray cluster that is not there: nothing written
+    try:
+        run_dir = RunDir.create(  # locked from before anything is visible
+            runs_root, study.name, study.resolved(), environment(), len(plan.cells), plan.to_json()
+        )
+    except BaseException:
+        chosen.close()
+        raise
+    with run_dir.locked():
+        return _execute(plan, run_dir, plan.cells, chosen, progress, on_cell, t0, compile_s)
+
+
+def resume(
+    run_ref: str | Path | RunDir,
+    *,
+    runs_dir: str | Path | None = None,
+    progress: Progress | None = None,
+    on_cell: Callable[[int, int], None] | None = None,
+    executor: str | Executor = "local",
+    address: str | None = None,
+    workers: int | None = None,
+) -> RunResult:
+    """Finish a killed, interrupted or failed run: train only its missing cells (the same
+    cells, chunk sizes and seeds it planned), then analyse it as a whole. The result is
+    bit-identical to an uninterrupted run of the same study and seeds.
+
+    run_ref: a run folder, a run id (or unique prefix) in ``runs_dir``, or ``latest``.
+    Raises StudyError (exit 2) for a complete run, a run still running in another
+    process, or a run folder this version cannot resume.
+    """
+    if isinstance(run_ref, RunDir):
+        run_dir = run_ref
+    else:
+        root = Path(runs_dir) if runs_dir is not None else default_runs_dir()
+        run_dir = resolve_run(root, str(run_ref))
+    progress = progress or Silent()
+    with run_dir.locked():
+        return _resume_locked(run_dir, progress, on_cell, executor, address, workers)
+
+
+def _resume_locked(
+    run_dir: RunDir,
+    progress: Progress,
+    on_cell: Callable[[int, int], None] | None,
+    executor: str | Executor,
+    address: str | None,
+    workers: int | None,
+) -> RunResult:
+    meta = run_dir.read_json("study.json")
+    status = run_dir.read_json("status.json")  # read under the lock: final
+    where = str(run_dir.path)
+    if status["state"] == "complete":
+        raise InputError(
+            where=where,
+            key="--resume",
+            expected="a run that did not finish (killed, interrupted or failed)",
+            got="a complete run",
+            fix=f"nothing to resume; see it with `ablab show {run_dir.run_id}`",
+        )
+    stored_plan = meta.get("plan")
+    if not stored_plan:
+        raise InputError(
+            where=where,
+            key="study.json plan",
+            expected="a run stored by an ablab that records its cell plan",
+            got="no plan (an older run)",
+            fix="run the study again",
+        )
+    try:
+        study = Study.model_validate(meta["study"])
+    except Exception as exc:
+        raise InputError(
+            where=where,
+            key="study.json",
+            expected="the stored study, loadable by this ablab version",
+            got=f"{type(exc).__name__}: {str(exc).splitlines()[0]}",
+            fix="resume with the ablab version that started the run, or run the study again",
+        ) from exc
+    if isinstance(study.model.builder, str) and study.model.builder.startswith("<callable"):
+        raise InputError(
+            where=where,
+            key="model.builder",
+            expected="a builder named by file or module (a stored run can rebuild it)",
+            got=study.model.builder,
+            fix="give the builder as 'file.py:function' or 'module:function' to resume",
+        )
+    t0 = time.perf_counter()
+    plan = make_plan(study, stored_plan["chunk_sizes"], workers)
+    check_same_plan(where, stored_plan, plan.to_json())
+    run_dir.clean_partial_writes()
+    done = run_dir.done_cells()
+    todo = [c for c in plan.cells if c.key not in done]
+    compile_s = compile_all(plan, todo, progress)
+    chosen = _executor(plan, executor, address)
+    try:
+        run_dir.reopen(len(plan.cells) - len(todo), len(plan.cells))
+    except BaseException:
+        chosen.close()
+        raise
+    return _execute(plan, run_dir, todo, chosen, progress, on_cell, t0, compile_s)
+
+
+def _execute(
+    plan: Plan,
+    run_dir: RunDir,
+    todo: list[Cell],
+    executor: Executor,
+    progress: Progress,
+    on_cell: Callable[[int, int], None] | None,
+    t0: float,
+    compile_s: dict[str, float],
+) -> RunResult:
+    """Train ``todo`` with ``executor``, storing each cell as it arrives, then analyse the
+    whole run from its stored cells (the same path whether it ran in one go or resumed)."""
+    total = len(plan.cells)
+    done = total - len(todo)
+    try:
+        try:
+            for cell, (out, step_p, epoch_p) in executor.run_cells(todo):
+                program = plan.program_for(cell)
+                seed_ids = cell.seed_ids[: cell.real].astype(np.int64)
+                values = {k: v[: cell.real] for k, v in out.items()}
+                probes = None
+                if step_p is not None and epoch_p is not None:
+                    step_p = {k: v[: cell.real] for k, v in step_p.items()}
+                    epoch_p = {k: v[: cell.real] for k, v in epoch_p.items()}
+                    probes = probe_table(
+                        cell.variant, seed_ids, step_p, epoch_p, program.layout.steps_per_epoch
+                    )
+                run_dir.write_cell(
+                    cell.variant, cell.chunk, history_table(cell.variant, seed_ids, values), probes
+                )
+                done += 1
+                run_dir.write_status("running", done, total)
+                progress.chunk_done(cell.variant, cell.chunk, cell.real)
+                if on_cell is not None:
+                    on_cell(done, total)
+        finally:
+            executor.close()
+        wall = time.perf_counter() - t0
+        trained = sum(c.real for c in todo)
+        result = _analyse(plan, run_dir, progress, wall, trained / wall, compile_s)
+        result.executor = {"name": executor.name}
+        if isinstance(executor, LocalExecutor):
+            result.executor["workers"] = executor.workers
+        run_dir.finish("complete", done, total, result.to_json())
+    except KeyboardInterrupt as exc:  # during training, checks or analysis
+        run_dir.finish("interrupted", done, total, None)
+        raise RunInterrupted(str(run_dir.path), done, total) from exc
+    except BaseException:
+        run_dir.finish("failed", done, total, None)
+        raise
+    return result
+
+
+def _analyse(
+    plan: Plan,
+    run_dir: RunDir,
+    progress: Progress,
+    wall: float,
+    runs_per_s: float,
+    compile_s: dict[str, float],
+) -> RunResult:
+    """Verdicts, checks and explanations of a run whose cells are all stored -- computed
+    from the store, so a resumed run and an uninterrupted one give identical documents."""
+    study = plan.study
+    histories = stored_histories(run_dir, list(plan.programs))
+    epoch_probes = epoch_probe_arrays(run_dir.probes("epoch"))
+    reference = study.engine.kind == "reference"
+    checks: list[CheckResult] = []
+    if declares_checks(study) and reference:
+        checks = [reference_engine_checks_skipped(study)]
+    elif declares_checks(study):
+        checks = run_checks(study, plan.programs, progress=progress)
+    explain = {}
+    for v, program in plan.programs.items():
+        epoch_p = epoch_probes.get(v)
+        explain[v] = {
+            "optimum": optimum_gaps(program, histories[v].values, epoch_p),
+            "bn": bn_diagnosis(program, histories[v].values, epoch_p),
+            "probes": epoch_p is not None,
+        }
+    return RunResult(
+        run_id=run_dir.run_id,
+        run_dir=run_dir.path,
+        study=study,
+        state="complete",
+        wall_s=wall,
+        runs_per_s=runs_per_s,
+        summary=summarize(histories),
+        histories=histories,
+        comparisons=compare(histories, str(study.baseline), study.verdicts),
+        checks=checks,
+        explain=explain,
+        compile_s=compile_s,
+    )

@@ -1,0 +1,113 @@
+"""What a run produced: :class:`RunResult`, the object ``ablab.run`` returns (its figures and
+report are drawn lazily by ``ablab.output``: the one place this layer reaches up)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+
+from ablab.analysis.checks import CheckResult
+from ablab.analysis.document import RunDocument, build_document
+from ablab.stats.verdicts import Comparison, paired_curve, resolve_metric
+from ablab.store.records import VariantHistory
+from ablab.store.rundir import RunDir
+from ablab.study.schema import Study
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from ablab.output.report import ReportData
+
+
+@dataclass
+class RunResult:
+    """What a run produced. ``histories[variant].values[name]`` is (seeds, epochs)."""
+
+    run_id: str
+    run_dir: Path
+    study: Study
+    state: str
+    wall_s: float
+    runs_per_s: float
+    summary: dict[str, dict[str, Any]]
+    histories: dict[str, VariantHistory]
+    comparisons: list[Comparison] = field(default_factory=list)
+    checks: list[CheckResult] = field(default_factory=list)
+    explain: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per variant: "optimum" (analytic baseline and gaps, or None), "bn" (diagnoses)."""
+    compile_s: dict[str, float] = field(default_factory=dict)
+    executor: dict[str, Any] = field(default_factory=dict)
+    """Where the cells trained: ``{"name": "local", "workers": 2}`` or ``{"name": "ray"}``."""
+    _report: Any = field(default=None, init=False, repr=False, compare=False)
+
+    def report_data(self) -> ReportData:
+        """The stored run's report data (figures, HTML), computed once from the run folder."""
+        from ablab.output.report import ReportData
+
+        if self._report is None:
+            self._report = ReportData.from_run(RunDir(self.run_dir))
+        return self._report
+
+    def plot(self, kind: str | None = None) -> Figure:
+        """A matplotlib Figure: by default the overview (headline metric per epoch, final
+        distribution over seeds, forest plot of the paired differences); ``kind`` names one
+        of the report's figures (``ablab.output.report.FIGURES``: curves, paired, distributions,
+        forest, weights, bn, optimum, checks)."""
+        return self.report_data().plot(kind)
+
+    def write_report(self, path: str | Path | None = None) -> Path:
+        """Write the self-contained HTML report (default ``<run_dir>/report.html``)."""
+        from ablab.output.report import write_report
+
+        return write_report(RunDir(self.run_dir), Path(path) if path is not None else None)
+
+    def _repr_html_(self) -> str:
+        from ablab.output.report import summary_html
+
+        return summary_html(self.to_json())
+
+    @property
+    def history(self) -> pa.Table:
+        """Every stored history row (variant, seed, epoch, ...) as an Arrow table."""
+        return RunDir(self.run_dir).history()
+
+    def curve(self, variant: str, metric: str | None = None) -> dict[str, np.ndarray]:
+        """Per-epoch paired difference of ``variant`` vs the baseline with a 95 % bootstrap band
+        (``{"epoch", "diff_mean", "ci_low", "ci_high"}``); metric defaults to the verdicts'."""
+        spec = self.study.verdicts
+        metric = metric or resolve_metric(spec, self.histories)
+        # its own baseline: the [verdicts] pair (a sweep's: the baseline at the same point)
+        base = next((b for v, b in spec.pairs if v == variant), str(self.study.baseline))
+        return paired_curve(
+            self.histories,
+            variant,
+            base,
+            metric,
+            np.random.default_rng(spec.random_seed),
+            confidence=spec.confidence,
+        )
+
+    @property
+    def probes(self) -> pa.Table:
+        """Every stored probe row (variant, seed, kind, step, epoch, probe, value)."""
+        return RunDir(self.run_dir).probes()
+
+    def to_json(self) -> RunDocument:
+        """The ``ablab run --json`` document (``ablab.analysis.document.RunDocument``)."""
+        return build_document(
+            run_id=self.run_id,
+            run_dir=str(self.run_dir),
+            study=self.study.resolved(),
+            state=self.state,
+            variants=self.summary,
+            comparisons=[c.to_json() for c in self.comparisons],
+            checks=[c.to_json() for c in self.checks],
+            explain=self.explain,
+            wall_s=self.wall_s,
+            runs_per_s=self.runs_per_s,
+            executor=self.executor,
+        )

@@ -1,0 +1,50 @@
+"""Per-variant summaries of a run: final-epoch distribution over seeds and divergence counts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ablab.store.records import VariantHistory
+
+
+def headline_metric(history: VariantHistory) -> str:
+    """The metric a summary leads with: ``val_loss`` when there is validation, else ``loss``."""
+    return "val_loss" if "val_loss" in history.values else "loss"
+
+
+def final_distribution(values: np.ndarray) -> dict[str, float | None]:
+    """Mean, median, 5 % and 95 % quantiles (numpy's default linear interpolation).
+
+    values: (seeds,) final-epoch values; non-finite seeds are left out (counted as
+    diverged elsewhere). All None when no seed is finite.
+    """
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return {"mean": None, "median": None, "q05": None, "q95": None}
+    q05, q50, q95 = np.quantile(finite, [0.05, 0.5, 0.95])
+    return {
+        "mean": float(finite.mean()),
+        "median": float(q50),
+        "q05": float(q05),
+        "q95": float(q95),
+    }
+
+
+def summarize_variant(history: VariantHistory) -> dict[str, Any]:
+    """``{"n_seeds", "diverged", "metric", "final_<metric>": {...}}`` for one variant."""
+    metric = headline_metric(history)
+    diverged = int((history.diverged_epoch > 0).sum())
+    final = history.values[metric][:, -1]
+    out: dict[str, Any] = {"n_seeds": history.n_seeds, "diverged": diverged, "metric": metric}
+    out[f"final_{metric}"] = final_distribution(final)
+    if metric != "val_loss":
+        # Keep the documented key present: without validation data it is null.
+        out["final_val_loss"] = {"mean": None, "median": None, "q05": None, "q95": None}
+    return out
+
+
+def summarize(histories: dict[str, VariantHistory]) -> dict[str, dict[str, Any]]:
+    """Summaries of every variant, in the order given."""
+    return {name: summarize_variant(h) for name, h in histories.items()}

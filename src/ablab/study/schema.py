@@ -1,0 +1,472 @@
+"""The study: a validated description of what to train, how, in which variants, over which seeds.
+
+A study comes from a TOML file (:func:`load_study`) or is built in code
+(``Study(...)``); in code a builder may be a Python callable. Names, meanings
+and defaults of ``[train]`` follow ``keras.Model.compile`` / ``keras.Model.fit``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from ablab.errors import StudyError
+from ablab.study.keras_names import keras_object_config, metric_name, snake_case
+
+SECTIONS = (
+    "data",
+    "model",
+    "train",
+    "variants",
+    "seeds",
+    "engine",
+    "verdicts",
+    "checks",
+    "probes",
+    "sweep",
+)
+
+# Keras defaults (keras.Model.compile / keras.Model.fit, Keras 3.15).
+FIT_DEFAULT_BATCH_SIZE = 32
+
+
+class _KeyedError(ValueError):
+    """A cross-field problem that knows its key, its offending value and its fix."""
+
+    def __init__(self, key: str, expected: str, got: str, fix: str) -> None:
+        self.key, self.expected, self.got, self.fix = key, expected, got, fix
+        super().__init__(f"[{key}] expected {expected}; got {got}")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, frozen=False)
+
+
+class SyntheticData(_Strict):
+    """Generated data, drawn exactly like ``np.random.seed(seed); np.random.<kind>(...)``."""
+
+    kind: Literal["normal", "uniform"] = "normal"
+    shape: tuple[PositiveInt, ...]
+    seed: int = 0
+    mean: float = 0.0
+    std: float = Field(1.0, gt=0)
+    low: float = 0.0
+    high: float = 1.0
+
+    @field_validator("shape")
+    @classmethod
+    def _rank(cls, shape: tuple[int, ...]) -> tuple[int, ...]:
+        if len(shape) < 2:
+            msg = "a shape of at least 2 dimensions (rows, features...), e.g. [100, 12]"
+            raise ValueError(msg)
+        return shape
+
+
+class DataSpec(_Strict):
+    """Where the rows come from and what the target is.
+
+    ``target``: ``"input"`` (autoencoder: target = input), a column name (csv /
+    parquet) or an array name (npz). ``target_path``: a second file holding the
+    target (npy / npz / csv / parquet).
+    """
+
+    synthetic: SyntheticData | None = None
+    path: str | None = None
+    sklearn: Literal["digits", "iris", "wine", "breast_cancer", "diabetes"] | None = None
+    target: str | None = None
+    """None: the input (synthetic data, files) or the dataset's own target (sklearn)."""
+    target_path: str | None = None
+    features: list[str] | None = None
+    x_key: str = "x"
+    row_seed: int | None = Field(None, ge=0)
+    """Permute the rows once with this seed before the validation split (same for every
+    variant and seed); default: keep the file's order, as ``fit`` does."""
+    standardize: bool = False
+    """Scale features to zero mean, unit variance with statistics of the training split
+    only (and the target too when it is the input)."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSpec:
+        given = [k for k in ("synthetic", "path", "sklearn") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise _KeyedError(
+                "data",
+                "exactly one of `synthetic`, `path` or `sklearn`",
+                " and ".join(given) if given else "none",
+                'keep one data source: synthetic = {...}, path = "file" or sklearn = "digits"',
+            )
+        return self
+
+    def target_is_input(self) -> bool:
+        """Is the target the input itself (an autoencoder)?"""
+        if self.synthetic is not None:
+            return True
+        if self.sklearn is not None:  # the dataset's own target unless input is asked for
+            return self.target == "input"
+        return self.target in (None, "input") and self.target_path is None
+
+
+class OptimizerSpec(_Strict):
+    """``{name = "adam", learning_rate = 1e-3, ...}``: a keras.optimizers name and its kwargs.
+
+    ``learning_rate`` may be a schedule: ``{schedule = "ExponentialDecay",
+    initial_learning_rate = 0.01, decay_steps = 100, decay_rate = 0.9}`` (any class of
+    ``keras.optimizers.schedules`` and its arguments).
+    """
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+
+class ObjectSpec(_Strict):
+    """``{name = "sparse_categorical_crossentropy", from_logits = true}``: a Keras loss or
+    metric by name (snake_case function name or class name) with constructor arguments."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+
+class TrainSpec(_Strict):
+    """``model.compile`` / ``model.fit`` arguments, with Keras' own defaults."""
+
+    optimizer: str | OptimizerSpec = "rmsprop"
+    loss: str | ObjectSpec
+    metrics: list[str | ObjectSpec] = Field(default_factory=list)
+    epochs: PositiveInt = 1
+    batch_size: PositiveInt = FIT_DEFAULT_BATCH_SIZE
+    validation_split: float = Field(0.0, ge=0.0, lt=1.0)
+    validation_batch_size: PositiveInt | None = None
+    shuffle: bool = True
+
+    def optimizer_config(self) -> dict[str, Any]:
+        """The optimizer as ``keras.optimizers.get`` takes it (JSON: it also goes to the
+        other backends' worker processes)."""
+        if isinstance(self.optimizer, str):
+            return {"class_name": self.optimizer, "config": {}}
+        kwargs = dict(self.optimizer.model_extra or {})
+        lr = kwargs.get("learning_rate")
+        if isinstance(lr, dict):
+            sched = dict(lr)
+            name = sched.pop("schedule", None) or sched.pop("name", None)
+            kwargs["learning_rate"] = {
+                "module": "keras.optimizers.schedules",
+                "class_name": str(name),
+                "config": sched,
+                "registered_name": None,
+            }
+        return {"class_name": self.optimizer.name, "config": kwargs}
+
+    @property
+    def loss_name(self) -> str:
+        """The loss's name in snake_case, lower-cased (``mse``, ``sparse_categorical_...``)."""
+        name = self.loss if isinstance(self.loss, str) else self.loss.name
+        return snake_case(name) if name[:1].isupper() else name.lower()
+
+    def loss_config(self) -> str | dict[str, Any]:
+        return keras_object_config(self.loss)
+
+    def metric_configs(self) -> list[str | dict[str, Any]]:
+        return [keras_object_config(m, metric=True) for m in self.metrics]
+
+    def metric_names(self) -> list[str]:
+        """The History names of the metrics (see :func:`metric_name`)."""
+        return [metric_name(m) for m in self.metrics]
+
+
+class ModelSpec(_Strict):
+    """The model: an inline layer list, or a builder ``file.py:function`` / ``module:function``.
+
+    A builder is called with ``params`` (updated by the variant's ``params``) as
+    keyword arguments and returns an uncompiled ``keras.Model``.
+    """
+
+    layers: list[dict[str, Any]] | None = None
+    builder: str | Callable[..., Any] | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ModelSpec:
+        if self.layers is not None and self.builder is not None:
+            raise _KeyedError("model", "either `layers` or `builder`", "both", "remove one of them")
+        return self
+
+
+class VariantSpec(_Strict):
+    """One variant: its own layer list, or builder parameters, and optional train overrides."""
+
+    layers: list[dict[str, Any]] | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    train: dict[str, Any] = Field(default_factory=dict)
+    description: str = ""
+
+
+class SeedSpec(_Strict):
+    """Seeds ``base, base + 1, ..., base + count - 1``; seed i is paired across variants."""
+
+    count: PositiveInt = 1000
+    base: int = Field(0, ge=0, lt=2**31)
+
+
+class EngineSpec(_Strict):
+    """Which engine trains the seeds, and how the vectorized one splits them into chunks (one
+    compiled program per variant). ``kind = "reference"`` runs plain ``model.fit`` per seed
+    (slower; for models the vectorized engine cannot trace), from the same initial weights
+    and data order, into the same tables."""
+
+    kind: Literal["vectorized", "reference"] = "vectorized"
+    memory_budget_mb: float = Field(2048.0, gt=0)
+    """Bounds one chunk (its seeds x an estimate per seed), and the chunks in flight at once."""
+    chunk_size: PositiveInt | None = None
+    workers: PositiveInt | None = None
+    """Chunk calls the local executor runs at once (``ablab.engine.program.default_workers()`` when
+    unset: one per CPU core, 1 on an accelerator), as many as the memory budget holds.
+    Results do not depend on it."""
+
+
+class VerdictSpec(_Strict):
+    """How variants are compared with the baseline (see ``ablab.stats.rule`` for the rule).
+
+    The equivalence margin is, by default, ``margin_sd`` (0.1) times the baseline's
+    across-seed standard deviation of the metric (``ablab.stats.verdicts.equivalence_margin`` says
+    why); ``margin`` (metric units) or ``margin_pct`` (percent of the baseline's |median|)
+    replace it. At most one of the two may be given.
+    """
+
+    metric: str | None = None
+    """History name compared at the final epoch; default val_loss (loss without validation)."""
+    alpha: float = Field(0.05, gt=0, lt=1)
+    margin: float | None = Field(None, ge=0)
+    """Equivalence margin in the metric's own units."""
+    margin_pct: float | None = Field(None, ge=0)
+    """Equivalence margin in percent of the baseline's |median| (not invariant to an offset)."""
+    margin_sd: float = Field(0.1, ge=0)
+    """Equivalence margin as a fraction of the baseline's across-seed SD (the default rule)."""
+    confidence: float = Field(0.95, gt=0, lt=1)
+    n_resamples: PositiveInt = 9999
+    power: float = Field(0.8, gt=0, lt=1)
+    effect: float | None = None
+    """A stated effect (metric units) for seed planning; default: the observed outcomes."""
+    higher_is_better: bool | None = None
+    """Override the direction guessed from the metric's name."""
+    random_seed: int = 0
+    """Seeds the bootstrap's and the seed planner's generators (results are reproducible)."""
+    pairs: list[tuple[str, str]] = Field(default_factory=list)
+    """Explicit comparisons ``[variant, baseline]`` instead of every variant vs the baseline."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_margin(cls, data: Any) -> Any:
+        """Runs stored before the margin rule changed have ``margin`` (a fraction of the
+        baseline median) beside ``margin_abs``: read them with the meaning they had."""
+        if isinstance(data, Mapping) and "margin_abs" in data:
+            data = dict(data)
+            absolute, fraction = data.pop("margin_abs"), data.pop("margin", None)
+            if absolute is not None:
+                data["margin"] = absolute
+            elif fraction is not None:
+                data["margin_pct"] = 100.0 * fraction
+        return data
+
+    @model_validator(mode="after")
+    def _one_margin(self) -> VerdictSpec:
+        if self.margin is not None and self.margin_pct is not None:
+            raise _KeyedError(
+                "verdicts",
+                "at most one of `margin` (metric units) and `margin_pct` (percent of the "
+                "baseline median)",
+                f"margin = {self.margin!r} and margin_pct = {self.margin_pct!r}",
+                "keep one of them (or neither: 0.1 x the baseline's across-seed SD)",
+            )
+        return self
+
+
+class ChecksSpec(_Strict):
+    """Checks that catch framework bugs instead of believing them (``ablab.analysis.checks``)."""
+
+    equivalent: list[list[str]] = Field(default_factory=list)
+    """Groups of variants that must train identically from identical initial weights."""
+    identity_probe: bool | list[str] = False
+    """Insert Activation('linear') after every layer of these variants (true: all) and
+    check the trajectory does not change."""
+    backends: list[Literal["jax", "torch", "tensorflow"]] | None = None
+    """model.fit under these Keras backends vs the engine (jax = the fidelity check).
+    Not declared: `ablab run` skips them and `ablab check` runs all three."""
+    seeds: PositiveInt = 3
+    """Seeds per variant that the trajectory and backend checks train."""
+    tolerance: float = Field(1e-5, gt=0)
+    """Equivalence / identity probe: max |a - b| / max(|a|, |b|, 1) over steps and weights."""
+    fidelity_tolerance: float = Field(1e-4, gt=0)
+    """JAX model.fit vs the engine: max relative deviation per epoch."""
+    backend_tolerance: float = Field(1e-4, gt=0)
+    """torch / tensorflow model.fit vs the engine: max relative deviation per epoch."""
+
+
+class ProbesSpec(_Strict):
+    """What the engine records besides the History (``ablab.engine.probes``)."""
+
+    enabled: bool | Literal["auto"] = "auto"
+    """true, false, or "auto": on for models up to ``max_params`` parameters."""
+    max_params: PositiveInt = 100_000
+    seeds: PositiveInt = 1000
+    """Probe at least this many seeds per variant (the first seed chunks that cover them);
+    the other chunks run without probes. Probes are long tables (one row per seed, step and
+    quantity): at 100,000 seeds they would outweigh the History many times over, while the
+    explanations they feed are medians that 1,000 seeds pin down."""
+
+
+Scalar = bool | int | float | str
+
+
+class SweepArm(_Strict):
+    """One trained arm of a swept study: a declared variant at one sweep point."""
+
+    variant: str
+    point: dict[str, Scalar]
+
+
+class Study(_Strict):
+    """A validated study. Build in code or load with :func:`load_study`."""
+
+    name: str = "study"
+    description: str = ""
+    data: DataSpec
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    train: TrainSpec
+    variants: dict[str, VariantSpec] = Field(default_factory=lambda: {"default": VariantSpec()})
+    baseline: str | None = None
+    seeds: SeedSpec = Field(default_factory=SeedSpec)
+    engine: EngineSpec = Field(default_factory=EngineSpec)
+    verdicts: VerdictSpec = Field(default_factory=VerdictSpec)
+    checks: ChecksSpec = Field(default_factory=ChecksSpec)
+    probes: ProbesSpec = Field(default_factory=ProbesSpec)
+    sweep: dict[str, list[Scalar]] = Field(default_factory=dict)
+    """Sweep axes crossed with the variants (``ablab.study.sweep``): ``batch_size = [8, 16]``."""
+    arms: dict[str, SweepArm] = Field(default_factory=dict)
+    """Set by the sweep expansion: each variant (arm) name -> declared variant and point."""
+    source: str = "<in code>"
+    """Where the study came from: its file, or ``<in code>``."""
+    root: str = "."
+    """Directory that relative paths (data, builder files) are resolved against."""
+
+    @model_validator(mode="after")
+    def _check(self) -> Study:
+        if not self.variants:
+            raise _KeyedError(
+                "variants", "at least one variant", "none", "add a [variants.NAME] table"
+            )
+        if self.baseline is None:
+            self.baseline = next(iter(self.variants))
+        if self.baseline not in self.variants:
+            raise _KeyedError(
+                "variants.baseline",
+                f"one of the variants {list(self.variants)}",
+                repr(self.baseline),
+                "name an existing variant",
+            )
+        for name, variant in self.variants.items():
+            if name in self.arms:  # a sweep arm, named by the expansion: variant@axis=value
+                pass
+            elif not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.~+-]*", name) or name == "baseline":
+                raise _KeyedError(
+                    f"variants.{name}",
+                    "a name of letters, digits and _ . ~ + - (not 'baseline')",
+                    repr(name),
+                    "rename the variant, e.g. bn_after",
+                )
+            if self.model.builder is None and self.model.layers is None and variant.layers is None:
+                raise _KeyedError(
+                    f"variants.{name}.layers",
+                    "a layer list",
+                    "nothing",
+                    "give the variant `layers = [...]`, or [model] layers / builder",
+                )
+            if self.model.builder is not None and variant.layers is not None:
+                raise _KeyedError(
+                    f"variants.{name}",
+                    "`params` for the builder",
+                    "`layers`",
+                    "a builder study varies builder params; drop `layers`",
+                )
+        for i, group in enumerate(self.checks.equivalent):
+            unknown = [g for g in group if g not in self.variants]
+            if len(group) < 2 or unknown:
+                raise _KeyedError(
+                    f"checks.equivalent[{i}]",
+                    f"two or more of the variants {list(self.variants)}",
+                    repr(group),
+                    'list existing variant names, e.g. ["a", "b"]',
+                )
+        for i, pair in enumerate(self.verdicts.pairs):
+            unknown = [v for v in pair if v not in self.variants]
+            if unknown:
+                raise _KeyedError(
+                    f"verdicts.pairs[{i}]",
+                    f"variants among {list(self.variants)}",
+                    repr(list(pair)),
+                    "name existing variants: [variant, baseline]",
+                )
+        probe = self.checks.identity_probe
+        for name in probe if isinstance(probe, list) else []:
+            if name not in self.variants:
+                raise _KeyedError(
+                    "checks.identity_probe",
+                    f"variants among {list(self.variants)}",
+                    repr(name),
+                    "name existing variants, or use true for all",
+                )
+        return self
+
+    # -- resolution -----------------------------------------------------------------
+    def variant_train(self, variant: str) -> TrainSpec:
+        """The train spec of ``variant``: ``[train]`` updated with the variant's overrides."""
+        overrides = self.variants[variant].train
+        if not overrides:
+            return self.train
+        merged = {**self.train.model_dump(exclude_unset=False), **overrides}
+        try:
+            return TrainSpec.model_validate(merged)
+        except ValidationError as exc:
+            from ablab.study.loading import to_study_error  # loading builds on this module
+
+            raise to_study_error(exc, self.source, prefix=f"variants.{variant}.train") from exc
+
+    def variant_layers(self, variant: str) -> list[dict[str, Any]] | None:
+        spec = self.variants[variant]
+        return spec.layers if spec.layers is not None else self.model.layers
+
+    def variant_params(self, variant: str) -> dict[str, Any]:
+        return {**self.model.params, **self.variants[variant].params}
+
+    def with_seeds(self, count: int | None = None, base: int | None = None) -> Study:
+        """A copy with the seed count / base replaced (``--seeds N``)."""
+        if count is not None and count <= 0:
+            raise StudyError(
+                where=self.source,
+                key="seeds.count",
+                expected="a positive number of seeds",
+                got=repr(count),
+                fix="pass --seeds N with N >= 1",
+            )
+        seeds = self.seeds.model_copy(
+            update={k: v for k, v in {"count": count, "base": base}.items() if v is not None}
+        )
+        return self.model_copy(update={"seeds": seeds})
+
+    def resolved(self) -> dict[str, Any]:
+        """A JSON-able dict of the whole resolved study (callables named by qualname)."""
+        data = self.model_dump(mode="python")
+        builder = self.model.builder
+        if callable(builder):
+            data["model"]["builder"] = f"<callable {builder.__module__}.{builder.__qualname__}>"
+        return data
