@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 import ablab
-from ablab.engine import xla
 from ablab.engine.program import VariantProgram, epoch_permutation
-from ablab.engine.sizing import choose_chunk_size, seed_chunks, workers_within_budget
-from ablab.engine.xla import compiler_options
 from ablab.store.records import first_non_finite_epoch
 from tests.conftest import make_program
 
@@ -49,19 +45,6 @@ def test_the_same_seeds_give_bit_identical_results_run_to_run(
             np.testing.assert_array_equal(first[name], second[name], err_msg=f"{variant} {name}")
 
 
-def test_compiler_options_fall_back_when_a_flag_is_unknown(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    assert compiler_options() == xla.COMPILER_OPTIONS  # this jaxlib takes them all
-    bogus = {**xla.COMPILER_OPTIONS, "xla_cpu_no_such_flag_for_ablab": True}
-    monkeypatch.setattr(xla, "COMPILER_OPTIONS", bogus)
-    compiler_options.cache_clear()
-    try:
-        assert compiler_options() == xla.BASE_COMPILER_OPTIONS
-    finally:
-        compiler_options.cache_clear()
-
-
 def test_epoch_permutation_is_a_permutation_and_differs_by_epoch_and_seed() -> None:
     p00 = np.asarray(epoch_permutation(0, 0, 90))
     assert sorted(p00.tolist()) == list(range(90))
@@ -84,37 +67,3 @@ def test_divergence_is_recorded_not_raised() -> None:
     out = make_program(study, "a").train(np.arange(4, dtype=np.uint32))
     first = first_non_finite_epoch(out)
     assert (first >= 0).all() and (first < 5).all()
-
-
-def test_first_non_finite_epoch_by_hand() -> None:
-    h = {
-        "loss": np.array([[1.0, 2.0, np.nan], [1.0, 1.0, 1.0]]),
-        "val_loss": np.array([[1.0, np.inf, 1.0], [1.0, 1.0, 1.0]]),
-    }
-    np.testing.assert_array_equal(first_non_finite_epoch(h), [1, -1])
-
-
-def test_seed_chunks_cover_every_seed_once_with_equal_lengths() -> None:
-    chunks = list(seed_chunks(base=10, count=7, chunk=3))
-    assert [len(ids) for _, ids, _ in chunks] == [3, 3, 3]
-    real = np.concatenate([ids[:n] for _, ids, n in chunks])
-    np.testing.assert_array_equal(real, np.arange(10, 17))
-
-
-@pytest.mark.parametrize(
-    ("budget_mb", "explicit", "expected"), [(2048.0, None, 1000), (2048.0, 7, 7), (1e-3, None, 1)]
-)
-def test_chunk_size_choice(
-    seed_programs: dict[str, VariantProgram], budget_mb: float, explicit: int | None, expected: int
-) -> None:
-    assert choose_chunk_size(seed_programs["bn"], 1000, budget_mb, explicit) == expected
-    # 100,000 seeds at the 1,024 cap: 98 chunks of 1,021 (balanced, 58 seeds of padding)
-    assert choose_chunk_size(seed_programs["bn"], 100_000, 2048.0) == 1021
-
-
-def test_workers_within_budget() -> None:
-    mb = 2**20
-    assert workers_within_budget(2, [100 * mb, 300 * mb], 2048.0) == 2
-    assert workers_within_budget(8, [300 * mb], 1000.0) == 3  # the biggest cell sets the bound
-    assert workers_within_budget(4, [3000 * mb], 2048.0) == 1  # one cell over budget: one
-    assert workers_within_budget(3, [], 2048.0) == 3

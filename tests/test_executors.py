@@ -12,8 +12,7 @@ import pytest
 
 import ablab
 from ablab.cli import main
-from ablab.engine import sizing as _engine
-from ablab.engine.sizing import MAX_DEFAULT_WORKERS, default_workers, usable_cores
+from ablab.engine.sizing import default_workers
 from ablab.errors import InputError
 from ablab.execution import executors as _executors
 from ablab.execution.executors import Cell, CellResult, LocalExecutor
@@ -171,30 +170,6 @@ def test_close_during_iteration_waits_for_the_calls_in_flight() -> None:
 def test_the_reference_engine_trains_one_cell_at_a_time() -> None:
     # model.fit per seed on one shared Keras model is not thread-safe.
     assert LocalExecutor(lambda cell: FakeProgram({}), reference=True, workers=4).workers == 1
-
-
-def test_default_workers_follow_the_usable_cores(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_engine.jax, "default_backend", lambda: "cpu")
-    monkeypatch.setattr(_engine, "usable_cores", lambda: 2)
-    assert default_workers() == 2
-    monkeypatch.setattr(_engine, "usable_cores", lambda: 64)
-    assert default_workers() == MAX_DEFAULT_WORKERS
-    monkeypatch.setattr(_engine.jax, "default_backend", lambda: "gpu")
-    assert default_workers() == 1  # one device runs one program at a time
-
-
-def test_usable_cores_respects_affinity_and_a_cgroup_quota(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    monkeypatch.setattr(_engine.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5})
-    quota = tmp_path / "cpu.max"
-    monkeypatch.setattr(_engine, "CGROUP_CPU_MAX", quota)
-    quota.write_text("max 100000\n")
-    assert usable_cores() == 6  # no quota: the affinity mask
-    quota.write_text("250000 100000\n")
-    assert usable_cores() == 3  # 2.5 CPUs of quota: 3 calls
-    quota.unlink()
-    assert usable_cores() == 6  # no cgroup v2 file
 
 
 def test_the_plan_bounds_workers_by_the_memory_budget(tiny_study: Path) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ablab.store.records import history_table, variant_histories
+from ablab.store.records import first_non_finite_epoch, history_table, variant_histories
 
 
 def test_round_trip_and_divergence_column() -> None:
@@ -34,3 +34,11 @@ def test_rows_of_several_chunks_are_reassembled_in_seed_order() -> None:
     back = variant_histories(pa.concat_tables([a, b]))["v"]
     np.testing.assert_array_equal(back.seeds, [0, 1, 2, 3])
     np.testing.assert_array_equal(back.values["loss"][:, 0], [0.0, 1.0, 2.0, 3.0])
+
+
+def test_first_non_finite_epoch_by_hand() -> None:
+    h = {
+        "loss": np.array([[1.0, 2.0, np.nan], [1.0, 1.0, 1.0]]),
+        "val_loss": np.array([[1.0, np.inf, 1.0], [1.0, 1.0, 1.0]]),
+    }
+    np.testing.assert_array_equal(first_non_finite_epoch(h), [1, -1])

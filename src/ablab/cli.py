@@ -5,7 +5,9 @@ Exit codes: 0 ok, 1 failure, 2 bad input (nothing written), 130 interrupted.
 
 from __future__ import annotations
 
+import functools
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -137,9 +139,7 @@ def run_cmd(
     """Train every variant of STUDY over many seeds; print a summary; store everything.
 
     `ablab run --resume RUN` finishes a run that was killed or interrupted."""
-    from ablab.execution.pipeline import resume, run
-    from ablab.output.terminal import RichProgress, print_run
-    from ablab.study.loading import load_study
+    from ablab.output.terminal import RichProgress
 
     if address is not None and executor != "ray":
         raise click.UsageError("--address needs --executor ray")
@@ -147,59 +147,73 @@ def run_cmd(
         raise click.UsageError(
             "--workers sets the local executor (a Ray cluster runs one cell per task CPU)"
         )
+    where = {"runs_dir": _runs_dir(runs_dir), "executor": executor, "address": address}
+    where["workers"] = workers
     if resume_ref is not None:
-        given = [
-            name
-            for name, value in (
-                ("STUDY", study),
-                ("--seeds", seeds),
-                ("--remedies", remedies or None),
-                ("--engine", engine),
-            )
-            if value is not None
-        ]
-        if given:
-            raise click.UsageError(
-                f"--resume RUN continues the run as it was planned; drop {', '.join(given)}"
-            )
-
-        def start(**kw: Any) -> Any:
-            return resume(
-                resume_ref,
-                runs_dir=_runs_dir(runs_dir),
-                executor=executor,
-                address=address,
-                workers=workers,
-                **kw,
-            )
+        start = _resume_start(resume_ref, study, seeds, remedies, engine, where)
     else:
-        if study is None:
-            raise click.UsageError("give a STUDY file, or --resume RUN")
-        spec = load_study(study)
-        if engine is not None:
-            spec = spec.model_copy(
-                update={"engine": spec.engine.model_copy(update={"kind": engine})}
-            )
-
-        def start(**kw: Any) -> Any:
-            return run(
-                spec,
-                seeds=seeds,
-                runs_dir=_runs_dir(runs_dir),
-                remedies=remedies,
-                executor=executor,
-                address=address,
-                workers=workers,
-                **kw,
-            )
-
-    err = Console(stderr=True)
+        start = _run_start(study, seeds, remedies, engine, where)
     if _show_progress(quiet, as_json):
-        with RichProgress(err) as bars:
+        with RichProgress(Console(stderr=True)) as bars:
             result = start(progress=bars)
     else:
         result = start()
-    doc = result.to_json()
+    _print_result(result, as_json, with_report)
+
+
+def _resume_start(
+    ref: str,
+    study: Path | None,
+    seeds: int | None,
+    remedies: bool,
+    engine: str | None,
+    where: dict[str, Any],
+) -> Callable[..., Any]:
+    """`ablab run --resume RUN`: the run continues as planned, so no planning option."""
+    from ablab.execution.pipeline import resume
+
+    given = [
+        name
+        for name, value in (
+            ("STUDY", study),
+            ("--seeds", seeds),
+            ("--remedies", remedies or None),
+            ("--engine", engine),
+        )
+        if value is not None
+    ]
+    if given:
+        raise click.UsageError(
+            f"--resume RUN continues the run as it was planned; drop {', '.join(given)}"
+        )
+    return functools.partial(resume, ref, **where)
+
+
+def _run_start(
+    study: Path | None,
+    seeds: int | None,
+    remedies: bool,
+    engine: str | None,
+    where: dict[str, Any],
+) -> Callable[..., Any]:
+    """`ablab run STUDY`: the study file, with the command line's overrides."""
+    from ablab.execution.pipeline import run
+    from ablab.study.loading import load_study
+
+    if study is None:
+        raise click.UsageError("give a STUDY file, or --resume RUN")
+    spec = load_study(study)
+    if engine is not None:
+        spec = spec.model_copy(update={"engine": spec.engine.model_copy(update={"kind": engine})})
+    return functools.partial(run, spec, seeds=seeds, remedies=remedies, **where)
+
+
+def _print_result(result: Any, as_json: bool, with_report: bool) -> None:
+    """The run's document (JSON or tables), its report if asked, and exit code 1 when a
+    declared check failed."""
+    from ablab.output.terminal import print_run
+
+    doc: dict[str, Any] = dict(result.to_json())
     if with_report:
         from ablab.output.report import write_report
         from ablab.store.rundir import RunDir

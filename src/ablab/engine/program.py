@@ -37,6 +37,7 @@ from ablab.engine.initial_state import SHUFFLE_STREAM, initial_state, stream_key
 from ablab.engine.model import PreparedModel
 from ablab.engine.probes import (
     BN_PROBE_ROWS,
+    ProbeSpec,
     bn_probes,
     make_probe_spec,
     step_probes,
@@ -71,6 +72,134 @@ class EpochLayout:
     @property
     def steps_per_epoch(self) -> int:
         return math.ceil(self.n_train / self.batch_size)
+
+
+def _run_batches(
+    step: Callable,
+    trace: Callable | None,
+    state: Any,
+    x: jax.Array,
+    y: jax.Array,
+    full: int,
+    part: int,
+    bs: int,
+) -> tuple[Any, Any, Any]:
+    """``full`` batches of ``bs`` rows (``lax.scan``) then a last partial one of ``part`` rows,
+    as ``fit`` feeds them: ``(state, the last batch's logs, per-step traces or None)``."""
+    logs, traces = None, []
+    if full:
+        xb = x[: full * bs].reshape(full, bs, *x.shape[1:])
+        yb = y[: full * bs].reshape(full, bs, *y.shape[1:])
+
+        def body(st: Any, batch: tuple) -> tuple[Any, tuple]:
+            out_logs, st, extra = step(st, batch)
+            return st, (out_logs, trace(out_logs, st, extra) if trace else None)
+
+        state, (stacked, steps) = jax.lax.scan(body, state, (xb, yb))
+        logs = jax.tree.map(lambda a: a[-1], stacked)
+        traces.append(steps)
+    if part:
+        logs, state, extra = step(state, (x[full * bs :], y[full * bs :]))
+        if trace:
+            traces.append(jax.tree.map(lambda a: a[None], trace(logs, state, extra)))
+    steps = None
+    if trace:
+        steps = jax.tree.map(lambda *a: jnp.concatenate(a), *traces)
+    return state, logs, steps
+
+
+def _test_step(model: keras.Model) -> Callable:
+    """``model.test_step`` in the ``(logs, state, extra)`` form :func:`_run_batches` takes."""
+
+    def step(st: tuple, batch: tuple) -> tuple[dict, tuple, Any]:
+        logs, st = model.test_step(st, batch)
+        return logs, st, None
+
+    return step
+
+
+@dataclass(frozen=True)
+class EpochEnd:
+    """What a recorder sees at the end of an epoch (inside the traced program, one seed)."""
+
+    model: keras.Model
+    layout: EpochLayout
+    tv: Any
+    ntv: Any
+    ov: Any
+    ntv0: Any
+    metrics0: Any
+    data: tuple
+
+
+class Recorder:
+    """What a seed's training records besides the History: nothing (this base class), the
+    weight trajectory (:class:`Trajectory`) or the probes (:class:`Probes`). One compiled
+    program per recorder; the History is the same whichever records."""
+
+    traced = False
+    """Does it record something after every optimizer step?"""
+
+    def train_step(self, model: keras.Model, st: tuple, batch: tuple) -> tuple[dict, tuple, Any]:
+        """One optimizer step as ``fit`` runs it: ``(logs, state, extra for step())``."""
+        logs, st = model.train_step(st, batch)
+        return logs, st, None
+
+    def step(self, logs: dict, state: tuple, extra: Any, tv0: list) -> dict:
+        """What is recorded after a step (``traced`` recorders only)."""
+        raise NotImplementedError
+
+    def epoch_end(self, ctx: EpochEnd) -> dict | None:
+        """What is recorded at the end of an epoch, or None."""
+        return None
+
+
+class Trajectory(Recorder):
+    """The checks' recorder: the running loss and every weight after each optimizer step,
+    ``{"loss": (steps,), "weights": [(steps, *shape)]}``."""
+
+    traced = True
+
+    def step(self, logs: dict, state: tuple, extra: Any, tv0: list) -> dict:
+        return {"loss": logs["loss"], "weights": list(state[0])}
+
+
+class Probes(Recorder):
+    """Per-step probe scalars (``ablab.engine.probes.step_probes``, from the gradients) and
+    per-epoch probes: inference-mode train loss, train-mode val loss, BatchNormalization's
+    statistics (``bn_probes``)."""
+
+    traced = True
+
+    def __init__(self, spec: ProbeSpec) -> None:
+        self.spec = spec
+
+    def train_step(self, model: keras.Model, st: tuple, batch: tuple) -> tuple[dict, tuple, Any]:
+        return train_step_with_grads(model, st, batch)
+
+    def step(self, logs: dict, state: tuple, extra: Any, tv0: list) -> dict:
+        return step_probes(self.spec, list(state[0]), list(tv0), list(extra))
+
+    def epoch_end(self, ctx: EpochEnd) -> dict:
+        lay, model = ctx.layout, ctx.model
+        x_tr, y_tr, x_va, y_va = ctx.data
+        vbs = lay.val_batch_size
+        tfull, trem = _batches(lay.n_train, vbs)
+        state = (ctx.tv, ctx.ntv, ctx.metrics0)
+        _, tr_logs, _ = _run_batches(_test_step(model), None, state, x_tr, y_tr, tfull, trem, vbs)
+        per_epoch = {"train_loss_inference": tr_logs["loss"]}
+        if lay.n_val:
+
+            def train_mode_step(st: tuple, batch: tuple) -> tuple[dict, tuple, Any]:
+                logs, st = train_mode_test_step(model, st, batch, ctx.ov)
+                return logs, st, None
+
+            vfull, vrem = _batches(lay.n_val, vbs)
+            _, tm_logs, _ = _run_batches(train_mode_step, None, state, x_va, y_va, vfull, vrem, vbs)
+            per_epoch["val_loss_train_mode"] = tm_logs["loss"]
+        bn = bn_probes(self.spec, list(ctx.tv), list(ctx.ntv), list(ctx.ntv0), x_tr)
+        per_epoch.update(bn)
+        return per_epoch
 
 
 class VariantProgram:
@@ -110,14 +239,10 @@ class VariantProgram:
 
     # -- the traced program --------------------------------------------------------------
     def _train_seed(
-        self, seed_id: jax.Array, tv: list, ntv: list, data: tuple, mode: str | None = None
+        self, seed_id: jax.Array, tv: list, ntv: list, data: tuple, recorder: Recorder
     ) -> tuple[dict, dict | None, dict | None]:
-        """One seed: ``(history {name: (epochs,)}, per-step trace, per-epoch probes)``.
-
-        mode None: history only. "trajectory": trace = ``{"loss": (steps,), "weights":
-        [(steps, *shape)]}`` (the running loss and the weights after each optimizer step).
-        "probes": trace = per-step probe scalars, plus per-epoch probes (``ablab.engine.probes``).
-        """
+        """One seed: ``(history {name: (epochs,)}, per-step trace, per-epoch probes)``; what
+        is traced besides the History is the ``recorder``'s (:class:`Recorder`)."""
         model = self.prepared.model
         lay = self.layout
         x_tr, y_tr, x_va, y_va = data
@@ -125,54 +250,12 @@ class VariantProgram:
         vfull, vrem = _batches(lay.n_val, lay.val_batch_size)
         metrics0 = self._metrics0
         tv0, ntv0 = tv, ntv
-        probing = mode == "probes"
 
         def train_step(st: tuple, batch: tuple) -> tuple[dict, tuple, Any]:
-            if probing:
-                return train_step_with_grads(model, st, batch)
-            logs, st = model.train_step(st, batch)
-            return logs, st, None
+            return recorder.train_step(model, st, batch)
 
-        def test_step(st: tuple, batch: tuple) -> tuple[dict, tuple, Any]:
-            logs, st = model.test_step(st, batch)
-            return logs, st, None
-
-        def trace(logs: dict, state: tuple, grads: Any) -> dict:
-            if probing:
-                assert self._probe_spec is not None
-                return step_probes(self._probe_spec, list(state[0]), list(tv0), list(grads))
-            return {"loss": logs["loss"], "weights": list(state[0])}
-
-        def run_batches(
-            step: Callable,
-            state: Any,
-            x: jax.Array,
-            y: jax.Array,
-            full: int,
-            part: int,
-            bs: int,
-            traced: bool = False,
-        ) -> tuple[Any, Any, Any]:
-            logs, traces = None, []
-            if full:
-                xb = x[: full * bs].reshape(full, bs, *x.shape[1:])
-                yb = y[: full * bs].reshape(full, bs, *y.shape[1:])
-
-                def body(st: Any, batch: tuple) -> tuple[Any, tuple]:
-                    out_logs, st, extra = step(st, batch)
-                    return st, (out_logs, trace(out_logs, st, extra) if traced else None)
-
-                state, (stacked, steps) = jax.lax.scan(body, state, (xb, yb))
-                logs = jax.tree.map(lambda a: a[-1], stacked)
-                traces.append(steps)
-            if part:
-                logs, state, extra = step(state, (x[full * bs :], y[full * bs :]))
-                if traced:
-                    traces.append(jax.tree.map(lambda a: a[None], trace(logs, state, extra)))
-            steps = None
-            if traced:
-                steps = jax.tree.map(lambda *a: jnp.concatenate(a), *traces)
-            return state, logs, steps
+        def trace(logs: dict, state: tuple, extra: Any) -> dict:
+            return recorder.step(logs, state, extra, tv0)
 
         def epoch(carry: tuple, epoch_index: jax.Array) -> tuple[tuple, tuple]:
             tv, ntv, ov = carry
@@ -182,50 +265,43 @@ class VariantProgram:
             else:
                 x_ep, y_ep = x_tr, y_tr
             state = (tv, ntv, ov, metrics0)
-            state, logs, steps = run_batches(
-                train_step, state, x_ep, y_ep, nfull, rem, lay.batch_size, mode is not None
+            step_trace = trace if recorder.traced else None
+            state, logs, steps = _run_batches(
+                train_step, step_trace, state, x_ep, y_ep, nfull, rem, lay.batch_size
             )
             tv, ntv, ov, _ = state
             out = dict(logs)
-            vbs = lay.val_batch_size
             if lay.n_val:
-                _, val_logs, _ = run_batches(
-                    test_step, (tv, ntv, metrics0), x_va, y_va, vfull, vrem, vbs
-                )
+                _, val_logs, _ = _run_batches(
+                    _test_step(model), None, (tv, ntv, metrics0), x_va, y_va, vfull, vrem,
+                    lay.val_batch_size,
+                )  # fmt: skip
                 out.update({f"val_{k}": v for k, v in val_logs.items()})
-            per_epoch = None
-            if probing:
-                tfull, trem = _batches(lay.n_train, vbs)
-                _, tr_logs, _ = run_batches(
-                    test_step, (tv, ntv, metrics0), x_tr, y_tr, tfull, trem, vbs
-                )
-                per_epoch = {"train_loss_inference": tr_logs["loss"]}
-                if lay.n_val:
-
-                    def train_mode_step(st: tuple, batch: tuple) -> tuple[dict, tuple, Any]:
-                        logs, st = train_mode_test_step(model, st, batch, ov)
-                        return logs, st, None
-
-                    _, tm_logs, _ = run_batches(
-                        train_mode_step, (tv, ntv, metrics0), x_va, y_va, vfull, vrem, vbs
-                    )
-                    per_epoch["val_loss_train_mode"] = tm_logs["loss"]
-                assert self._probe_spec is not None
-                per_epoch.update(bn_probes(self._probe_spec, list(tv), list(ntv), list(ntv0), x_tr))
-            return (tv, ntv, ov), (out, steps, per_epoch)
+            ctx = EpochEnd(model, lay, tv, ntv, ov, ntv0, metrics0, data)
+            return (tv, ntv, ov), (out, steps, recorder.epoch_end(ctx))
 
         carry0 = (tv, ntv, self._optimizer0)
         _, (history, steps, per_epoch) = jax.lax.scan(epoch, carry0, jnp.arange(lay.epochs))
         history = {k: jnp.asarray(v, jnp.float32) for k, v in history.items()}
-        if mode is not None:  # (epochs, steps per epoch, ...) -> (steps, ...)
+        if recorder.traced:  # (epochs, steps per epoch, ...) -> (steps, ...)
             steps = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), steps)
         return history, steps, per_epoch
 
-    def _all_seeds(self, seed_ids: jax.Array, data: tuple, mode: str | None) -> tuple:
+    def _all_seeds(self, seed_ids: jax.Array, data: tuple, recorder: Recorder) -> tuple:
         """Initial state for every seed, then ``_train_seed`` vmapped over seeds."""
         tv, ntv = initial_state(self.prepared, seed_ids)
-        fn = functools.partial(self._train_seed, mode=mode)
+        fn = functools.partial(self._train_seed, recorder=recorder)
         return jax.vmap(fn, in_axes=(0, 0, 0, None))(seed_ids, tv, ntv, data)
+
+    def _recorder(self, program: str) -> Recorder:
+        """The recorder of a compiled program: "trajectory" (the checks' weight
+        trajectories), else probes when the program probes, else the History alone."""
+        if program == "trajectory":
+            return Trajectory()
+        if self.probes:
+            assert self._probe_spec is not None
+            return Probes(self._probe_spec)
+        return Recorder()
 
     def _executable(self, program: str, n: int) -> Any:
         """The compiled ``program`` ("train", "trajectory" or "init") for ``n`` seeds (cached)."""
@@ -240,8 +316,7 @@ class VariantProgram:
         if program == "init":
             lowered = jax.jit(lambda i: initial_state(self.prepared, i)).lower(ids)
         else:
-            mode = "trajectory" if program == "trajectory" else ("probes" if self.probes else None)
-            fn = functools.partial(self._all_seeds, mode=mode)
+            fn = functools.partial(self._all_seeds, recorder=self._recorder(program))
             lowered = jax.jit(fn).lower(ids, self._data)
         return lowered.compile(compiler_options=compiler_options())
 

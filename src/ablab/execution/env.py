@@ -9,6 +9,7 @@ import json
 import os
 import platform
 import sys
+from collections.abc import Mapping
 from functools import cache
 from importlib import metadata
 from pathlib import Path
@@ -54,6 +55,12 @@ def _source_digest() -> str:
             h.update(path.relative_to(root).as_posix().encode())
             h.update(path.read_bytes())
     return h.hexdigest()[:16]
+
+
+def differing_keys(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+    """The keys (sorted) whose values differ between two fingerprints, a key missing on one
+    side included: what a resume or a Ray worker check reports."""
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
 def environment_fingerprint() -> dict[str, str]:

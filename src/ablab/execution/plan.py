@@ -21,7 +21,7 @@ from ablab.engine.sizing import (
     workers_within_budget,
 )
 from ablab.errors import InputError, StudyError
-from ablab.execution.env import data_digest, environment_fingerprint
+from ablab.execution.env import data_digest, differing_keys, environment_fingerprint
 from ablab.execution.executors import Cell
 from ablab.execution.progress import Progress
 from ablab.study.loading import load_study
@@ -90,10 +90,7 @@ def _validate_pairs(study: Study) -> None:
             got=repr(study.verdicts.metric),
             fix="name the loss or a metric listed in [train] metrics",
         )
-    pairs = study.verdicts.pairs or [(v, str(study.baseline)) for v in study.variants]
-    for variant, base in pairs:
-        if variant == base:
-            continue
+    for variant, base in study.comparison_pairs():
         a, b = study.variant_train(variant), study.variant_train(base)
         if a.validation_split != b.validation_split:
             raise StudyError(
@@ -244,8 +241,7 @@ def check_same_plan(where: str, stored: dict[str, Any], now: dict[str, Any]) -> 
     old_fp, new_fp = stored.get("fingerprint") or {}, now["fingerprint"]
     diffs += [
         f"{k}: stored {old_fp.get(k)!r}, now {new_fp.get(k)!r}"
-        for k in sorted(set(old_fp) | set(new_fp))
-        if old_fp.get(k) != new_fp.get(k)
+        for k in differing_keys(old_fp, new_fp)
     ]
     if diffs:
         raise InputError(

@@ -48,7 +48,7 @@ import numpy as np
 from ablab.engine.data import Dataset
 from ablab.engine.program import VariantProgram
 from ablab.errors import AblabError, InputError
-from ablab.execution.env import data_digest, environment_fingerprint
+from ablab.execution.env import data_digest, differing_keys, environment_fingerprint
 from ablab.execution.executors import Cell, CellResult, train_cell
 from ablab.study.schema import Study
 
@@ -106,8 +106,7 @@ def worker_location() -> dict[str, Any]:
 def check_worker(driver: dict[str, str], worker: dict[str, str], where: dict[str, Any]) -> None:
     """Refuse a worker whose fingerprint differs from the driver's (its numbers could
     differ from a local run's); the message names every difference."""
-    keys = sorted(set(driver) | set(worker))
-    diffs = [k for k in keys if driver.get(k) != worker.get(k)]
+    diffs = differing_keys(driver, worker)
     if not diffs:
         return
     detail = "; ".join(

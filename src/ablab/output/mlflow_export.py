@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from ablab.errors import AblabError, InputError
+from ablab.stats.summary import spread
 from ablab.store.rundir import RunDir
 
 PARAM_LIMIT = 6000  # MLflow's longest param value
@@ -91,7 +92,7 @@ def variant_metrics(
             col = clean[:, epoch]
             if not np.isfinite(col).any():
                 continue
-            q05, q50, q95 = np.nanquantile(col, [0.05, 0.5, 0.95])
+            q05, q50, q95 = spread(col)
             for stat, v in (("mean", np.nanmean(col)), ("median", q50), ("q05", q05), ("q95", q95)):
                 rows.append((f"{name}/{stat}", float(v), epoch + 1))
     metric = summary["metric"]

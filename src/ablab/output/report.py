@@ -27,6 +27,7 @@ from ablab.output import figures as figs
 from ablab.output.figures import Band
 from ablab.output.formatting import fmt, sig
 from ablab.output.terminal import explain_lines
+from ablab.stats.summary import QUANTILES, spread
 from ablab.stats.verdicts import paired_curve
 from ablab.store.io import atomic_write_bytes
 from ablab.store.records import VariantHistory
@@ -81,7 +82,7 @@ def _band(x: np.ndarray, values: np.ndarray) -> Band:
     if clean.size == 0:
         empty = np.zeros(0)
         return Band(empty, empty, empty, empty)
-    low, median, high = np.nanquantile(clean, [0.05, 0.5, 0.95], axis=0)
+    low, median, high = spread(clean, axis=0)
     return Band(x, median, low, high)
 
 
@@ -107,7 +108,7 @@ def _probe_bands(
         rows = con.execute(
             f"WITH p AS (SELECT variant, probe, {axis} AS x, {value} AS value "
             "FROM read_parquet(?) WHERE kind = ? AND suffix(probe, ?)) "
-            "SELECT variant, probe, x, quantile_cont(value, [0.05, 0.5, 0.95]) "
+            f"SELECT variant, probe, x, quantile_cont(value, {list(QUANTILES)}) "
             "FROM p WHERE isfinite(value) AND (x % ? = 0 OR x = 1 OR x = ?) "
             "GROUP BY ALL ORDER BY variant, probe, x",
             [files, kind, suffix, every, last],

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from scipy import special, stats
@@ -188,21 +189,35 @@ def bootstrap_ci(
         if shortcut is not None:
             return shortcut
         methods = ("percentile",)
+    return _scipy_interval((values,), statistic, rng, methods, confidence, n_resamples)
+
+
+def _scipy_interval(
+    samples: tuple[np.ndarray, ...],
+    statistic: Callable[..., np.ndarray],
+    rng: np.random.Generator,
+    methods: tuple[str, ...],
+    confidence: float,
+    n_resamples: int,
+    **options: Any,
+) -> tuple[float, float]:
+    """``scipy.stats.bootstrap`` with the first of ``methods`` that gives a finite interval
+    (BCa's jackknife acceleration is 0/0 on near-constant data: scipy warns and returns NaN,
+    and the percentile interval is used instead), resampling in batches."""
     lo = hi = float("nan")
     for method in methods:
         with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
-            # BCa's jackknife acceleration is 0/0 on near-constant data: scipy warns and
-            # returns NaN, and the percentile interval is used instead.
             warnings.simplefilter("ignore", stats.DegenerateDataWarning)
             res = stats.bootstrap(
-                (values,),
+                samples,
                 statistic,
                 n_resamples=n_resamples,
-                batch=_batch(values.size),
+                batch=_batch(sum(x.size for x in samples)),
                 confidence_level=confidence,
                 method=method,
                 vectorized=True,
                 rng=rng,
+                **options,
             )
         lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
         if np.isfinite(lo) and np.isfinite(hi):
@@ -231,25 +246,8 @@ def bootstrap_ci_two_sample(
     point = float(diff(v, b, axis=0))
     if nearly_constant(v) and nearly_constant(b):
         return point, point
-    lo = hi = float("nan")
-    for method in ("BCa", "percentile"):
-        with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
-            warnings.simplefilter("ignore", stats.DegenerateDataWarning)
-            res = stats.bootstrap(
-                (v, b),
-                diff,
-                n_resamples=n_resamples,
-                batch=_batch(v.size + b.size),
-                confidence_level=confidence,
-                method=method,
-                vectorized=True,
-                paired=False,
-                rng=rng,
-            )
-        lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
-        if np.isfinite(lo) and np.isfinite(hi):
-            break
-    return lo, hi
+    methods = ("BCa", "percentile")
+    return _scipy_interval((v, b), diff, rng, methods, confidence, n_resamples, paired=False)
 
 
 def prob_better_ci(

@@ -14,6 +14,16 @@ def headline_metric(history: VariantHistory) -> str:
     return "val_loss" if "val_loss" in history.values else "loss"
 
 
+QUANTILES = (0.05, 0.5, 0.95)
+"""The spread every summary, band and export shows: 5 %, median, 95 % over seeds."""
+
+
+def spread(values: np.ndarray, axis: int | None = None) -> np.ndarray:
+    """The 5 %, 50 % and 95 % quantiles over seeds, ignoring NaN (numpy's default linear
+    interpolation): (3, ...) -- one row per quantile -- for ``values`` (seeds, ...) and axis 0."""
+    return np.nanquantile(values, QUANTILES, axis=axis)
+
+
 def final_distribution(values: np.ndarray) -> dict[str, float | None]:
     """Mean, median, 5 % and 95 % quantiles (numpy's default linear interpolation).
 
@@ -23,7 +33,7 @@ def final_distribution(values: np.ndarray) -> dict[str, float | None]:
     finite = values[np.isfinite(values)]
     if finite.size == 0:
         return {"mean": None, "median": None, "q05": None, "q95": None}
-    q05, q50, q95 = np.quantile(finite, [0.05, 0.5, 0.95])
+    q05, q50, q95 = spread(finite)
     return {
         "mean": float(finite.mean()),
         "median": float(q50),

@@ -53,7 +53,7 @@ from ablab.stats.rule import (
 )
 from ablab.stats.summary import headline_metric
 from ablab.store.records import VariantHistory
-from ablab.study.schema import VerdictSpec
+from ablab.study.schema import VerdictSpec, default_pairs
 
 RULE = (
     "divergence counts as the worst outcome. Too few seeds for the test to reach alpha after "
@@ -507,6 +507,6 @@ def compare(
     if spec.pairs:
         pairs = [(v, b) for v, b in spec.pairs if v in histories and b in histories]
     else:
-        pairs = [(v, baseline) for v in histories if v != baseline]
+        pairs = default_pairs(histories, baseline)
     arms = {name: history_arm(h, metric) for name, h in histories.items()}
     return compare_arms(arms, pairs, spec, metric, plan_seeds=plan_seeds)

@@ -8,7 +8,7 @@ and defaults of ``[train]`` follow ``keras.Model.compile`` / ``keras.Model.fit``
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
 from pydantic import (
@@ -234,6 +234,12 @@ class EngineSpec(_Strict):
     Results do not depend on it."""
 
 
+def default_pairs(variants: Iterable[str], baseline: str) -> list[tuple[str, str]]:
+    """The comparisons a study makes without ``[verdicts] pairs``: every variant but the
+    baseline against the baseline, in the variants' order."""
+    return [(v, baseline) for v in variants if v != baseline]
+
+
 class VerdictSpec(_Strict):
     """How variants are compared with the baseline (see ``ablab.stats.rule`` for the rule).
 
@@ -428,6 +434,10 @@ class Study(_Strict):
         return self
 
     # -- resolution -----------------------------------------------------------------
+    def comparison_pairs(self) -> list[tuple[str, str]]:
+        """``[verdicts] pairs``, else :func:`default_pairs` of the variants."""
+        return list(self.verdicts.pairs) or default_pairs(self.variants, str(self.baseline))
+
     def variant_train(self, variant: str) -> TrainSpec:
         """The train spec of ``variant``: ``[train]`` updated with the variant's overrides."""
         overrides = self.variants[variant].train

@@ -241,7 +241,7 @@ def expand_sweep(study: Study) -> Study:
     for name in variants:
         _check_arm_name(study, name)
     baseline = str(study.baseline)
-    declared = study.verdicts.pairs or [(v, baseline) for v in study.variants if v != baseline]
+    declared = study.comparison_pairs()
     if declared:  # each pair at every point
         pairs = [(arm_name(v, p), arm_name(b, p)) for p in points for v, b in declared]
     else:  # a single variant: each point against the sweep's first point

@@ -1,0 +1,70 @@
+"""Chunk and worker sizing (ablab.engine.sizing): chunks cover every seed once, the chunk size
+follows the memory budget, workers are bounded by the cores and the budget."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ablab.engine import sizing as _engine
+from ablab.engine.program import VariantProgram
+from ablab.engine.sizing import (
+    MAX_DEFAULT_WORKERS,
+    choose_chunk_size,
+    default_workers,
+    seed_chunks,
+    usable_cores,
+    workers_within_budget,
+)
+
+
+def test_seed_chunks_cover_every_seed_once_with_equal_lengths() -> None:
+    chunks = list(seed_chunks(base=10, count=7, chunk=3))
+    assert [len(ids) for _, ids, _ in chunks] == [3, 3, 3]
+    real = np.concatenate([ids[:n] for _, ids, n in chunks])
+    np.testing.assert_array_equal(real, np.arange(10, 17))
+
+
+@pytest.mark.parametrize(
+    ("budget_mb", "explicit", "expected"), [(2048.0, None, 1000), (2048.0, 7, 7), (1e-3, None, 1)]
+)
+def test_chunk_size_choice(
+    seed_programs: dict[str, VariantProgram], budget_mb: float, explicit: int | None, expected: int
+) -> None:
+    assert choose_chunk_size(seed_programs["bn"], 1000, budget_mb, explicit) == expected
+    # 100,000 seeds at the 1,024 cap: 98 chunks of 1,021 (balanced, 58 seeds of padding)
+    assert choose_chunk_size(seed_programs["bn"], 100_000, 2048.0) == 1021
+
+
+def test_workers_within_budget() -> None:
+    mb = 2**20
+    assert workers_within_budget(2, [100 * mb, 300 * mb], 2048.0) == 2
+    assert workers_within_budget(8, [300 * mb], 1000.0) == 3  # the biggest cell sets the bound
+    assert workers_within_budget(4, [3000 * mb], 2048.0) == 1  # one cell over budget: one
+    assert workers_within_budget(3, [], 2048.0) == 3
+
+
+def test_default_workers_follow_the_usable_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_engine.jax, "default_backend", lambda: "cpu")
+    monkeypatch.setattr(_engine, "usable_cores", lambda: 2)
+    assert default_workers() == 2
+    monkeypatch.setattr(_engine, "usable_cores", lambda: 64)
+    assert default_workers() == MAX_DEFAULT_WORKERS
+    monkeypatch.setattr(_engine.jax, "default_backend", lambda: "gpu")
+    assert default_workers() == 1  # one device runs one program at a time
+
+
+def test_usable_cores_respects_affinity_and_a_cgroup_quota(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(_engine.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5})
+    quota = tmp_path / "cpu.max"
+    monkeypatch.setattr(_engine, "CGROUP_CPU_MAX", quota)
+    quota.write_text("max 100000\n")
+    assert usable_cores() == 6  # no quota: the affinity mask
+    quota.write_text("250000 100000\n")
+    assert usable_cores() == 3  # 2.5 CPUs of quota: 3 calls
+    quota.unlink()
+    assert usable_cores() == 6  # no cgroup v2 file
