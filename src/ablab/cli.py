@@ -352,12 +352,12 @@ def compare_cmd(
 @_json_option
 def show_cmd(run_ref: str | None, runs_dir: Path | None, as_json: bool) -> None:
     """List stored runs, or summarise RUN (id, unique prefix, path or 'latest')."""
-    from ablab.analysis.document import load_result
-    from ablab.output.terminal import print_show, runs_table
     from ablab.store.rundir import list_runs, resolve_run
 
     root = _runs_dir(runs_dir)
-    if run_ref is None:
+    if run_ref is None:  # the list needs the catalog only, not the statistics
+        from ablab.output.terminal import runs_table
+
         rows = list_runs(root)
         if as_json:
             _dump({"runs": rows})
@@ -366,6 +366,9 @@ def show_cmd(run_ref: str | None, runs_dir: Path | None, as_json: bool) -> None:
         else:
             _stdout().print(f"no runs under {root}")
         return
+    from ablab.analysis.document import load_result
+    from ablab.output.terminal import print_show
+
     doc = load_result(resolve_run(root, run_ref))
     if as_json:
         _dump(doc)
