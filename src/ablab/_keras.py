@@ -1,6 +1,6 @@
 """Keras behind one door: the backend check, and every private Keras attribute or ``keras.src``
 import ablab relies on. A Keras upgrade is an audit of this file (and its test,
-tests/test_keras_compat.py), not of the engine.
+tests/test_architecture.py), not of the engine.
 
 Tested range: ``keras>=3.15.1,<3.16`` (pinned in pyproject.toml). What is used and why:
 

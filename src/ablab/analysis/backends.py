@@ -1,7 +1,7 @@
 """Train sampled seeds with plain ``model.fit`` under other Keras backends, in subprocesses.
 
 Each backend gets one fresh interpreter (``KERAS_BACKEND`` set before Keras loads) running
-``ablab/_backend_worker.py`` on a job folder: the model as Keras JSON, compile and fit
+``ablab/engine/fit_worker.py`` on a job folder: the model as Keras JSON, compile and fit
 arguments, the rows, every seed's initial weights (``set_weights`` order) and, when shuffling,
 the engine's own per-epoch permutations. Backends run concurrently.
 """
@@ -113,7 +113,9 @@ def run_backends(
                     "PYTHONWARNINGS": "ignore",
                 }
                 procs[backend] = subprocess.Popen(
-                    [sys.executable, str(WORKER), str(job_dir)],
+                    # -P: the worker's folder (engine/, with modules named data, model, ...)
+                    # must not shadow packages the worker or the user's code imports
+                    [sys.executable, "-P", str(WORKER), str(job_dir)],
                     env=env,
                     stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE,

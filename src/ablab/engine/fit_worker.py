@@ -3,7 +3,7 @@
 This file runs in two ways:
 
 * imported (``ablab.engine.reference``): the JAX backend, in ablab's own process;
-* as a script, ``python _backend_worker.py JOB_DIR``, in a fresh interpreter whose
+* as a script, ``python -P ablab/engine/fit_worker.py JOB_DIR``, in a fresh interpreter whose
   ``KERAS_BACKEND`` is set to jax, torch or tensorflow -- so it must not import ablab.
 
 A job folder holds ``job.json`` (model JSON, compile and fit arguments, per-seed entries)

@@ -44,11 +44,16 @@ def environment() -> dict[str, Any]:
     }
 
 
+def source_root() -> Path:
+    """The ``ablab`` package folder: every subpackage's code and templates below it."""
+    return Path(__file__).resolve().parents[1]
+
+
 @cache
 def _source_digest() -> str:
     """sha256 of ablab's own source files: two installs of the same version number with
     different code (a local edit, another commit) must not pass as the same."""
-    root = Path(__file__).resolve().parent
+    root = source_root()
     h = hashlib.sha256()
     for path in sorted(root.rglob("*")):
         if path.is_file() and path.suffix in (".py", ".j2"):

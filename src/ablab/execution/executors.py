@@ -79,7 +79,7 @@ class LocalExecutor:
     each call outside the GIL), yielding them in completion order.
 
     Why more than one: a single call of the engine's program keeps only part of the CPU busy
-    (see ``ablab.engine.program.default_workers``). Each cell's numbers are the same whichever
+    (see ``ablab.engine.sizing.default_workers``). Each cell's numbers are the same whichever
     thread trains it, alone or beside another (tests/test_executors.py compares the bits).
     The reference engine (``model.fit`` per seed on one shared Keras model) runs one cell
     at a time.

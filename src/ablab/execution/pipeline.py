@@ -86,8 +86,8 @@ def run(
     executor: "local" (this process), "ray" (a Ray cluster at ``address``; default
     ``ray.init()``'s) or an :class:`~ablab.execution.executors.Executor`. workers: chunk calls the
     local executor runs at once (overrides ``[engine] workers``; results do not change).
-    Raises StudyError (nothing written) on bad input, RunInterrupted on Ctrl-C; a killed or
-    interrupted run is finished with :func:`resume`.
+    Raises StudyError / InputError (nothing written) on bad input, RunInterrupted on Ctrl-C;
+    a killed or interrupted run is finished with :func:`resume`.
     """
     study = prepare_study(study, seeds, remedies)
     progress = progress or Silent()
@@ -122,7 +122,7 @@ def resume(
     bit-identical to an uninterrupted run of the same study and seeds.
 
     run_ref: a run folder, a run id (or unique prefix) in ``runs_dir``, or ``latest``.
-    Raises StudyError (exit 2) for a complete run, a run still running in another
+    Raises InputError (exit 2) for a complete run, a run still running in another
     process, or a run folder this version cannot resume.
     """
     if isinstance(run_ref, RunDir):

@@ -97,7 +97,11 @@ class RunResult:
         return RunDir(self.run_dir).probes()
 
     def to_json(self) -> RunDocument:
-        """The ``ablab run --json`` document (``ablab.analysis.document.RunDocument``)."""
+        """The ``ablab run --json`` document (``ablab.analysis.document.RunDocument``): the
+        run's results, with its metadata (creation time, environment, cells) from its folder."""
+        folder = RunDir(self.run_dir)
+        meta = folder.read_json("study.json") if (folder.path / "study.json").exists() else {}
+        status = folder.read_json("status.json") if (folder.path / "status.json").exists() else {}
         return build_document(
             run_id=self.run_id,
             run_dir=str(self.run_dir),
@@ -110,4 +114,8 @@ class RunResult:
             wall_s=self.wall_s,
             runs_per_s=self.runs_per_s,
             executor=self.executor,
+            created_at=meta.get("created_at"),
+            environment=meta.get("environment"),
+            cells_done=status.get("cells_done"),
+            cells_total=status.get("cells_total"),
         )

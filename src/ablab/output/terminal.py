@@ -41,11 +41,13 @@ _VERDICT_STYLE = {"helps": "green", "hurts": "red", "equivalent": "cyan", "incon
 
 
 def _margin_title(comparisons: list[dict[str, Any]]) -> str:
-    """ "margin ±0.0195 (0.1 × baseline SD (0.195))", or "margins per baseline"."""
+    """ "margin ±0.0195 = 0.1 × baseline SD (0.195)", or, when the baselines differ, "margins
+    per baseline (0.1 × baseline SD)" -- the rule without any one baseline's numbers."""
     first = comparisons[0]
     margins = {round(c["margin"], 6) for c in comparisons if c["margin"] is not None}
     if len(margins) > 1:
-        return f"margins per baseline ({first.get('margin_rule') or 'as set'})"
+        rules = {str(c.get("margin_rule") or "as set").split(" (")[0] for c in comparisons}
+        return f"margins per baseline ({', '.join(sorted(rules))})"
     rule = first.get("margin_rule")
     return f"margin ±{fmt(first['margin'])}" + (f" = {rule}" if rule else "")
 

@@ -129,7 +129,7 @@ class RunDir:
         return run
 
     def _acquire(self) -> int:
-        """Take this run's lock (``flock`` on ``.lock``, our pid inside); StudyError if a
+        """Take this run's lock (``flock`` on ``.lock``, our pid inside); InputError if a
         live process holds it."""
         fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:

@@ -229,7 +229,7 @@ class EngineSpec(_Strict):
     """Bounds one chunk (its seeds x an estimate per seed), and the chunks in flight at once."""
     chunk_size: PositiveInt | None = None
     workers: PositiveInt | None = None
-    """Chunk calls the local executor runs at once (``ablab.engine.program.default_workers()`` when
+    """Chunk calls the local executor runs at once (``ablab.engine.sizing.default_workers()`` when
     unset: one per CPU core, 1 on an accelerator), as many as the memory budget holds.
     Results do not depend on it."""
 
