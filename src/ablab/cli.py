@@ -169,8 +169,9 @@ def _resume_start(
     engine: str | None,
     where: dict[str, Any],
 ) -> Callable[..., Any]:
-    """`ablab run --resume RUN`: the run continues as planned, so no planning option."""
-    from ablab.execution.pipeline import resume
+    """`ablab run --resume RUN`: the run continues as planned, so no planning option. The
+    options and the run are checked before the engine (Keras, JAX) is imported."""
+    from ablab.store.rundir import resolve_run
 
     given = [
         name
@@ -186,7 +187,11 @@ def _resume_start(
         raise click.UsageError(
             f"--resume RUN continues the run as it was planned; drop {', '.join(given)}"
         )
-    return functools.partial(resume, ref, **where)
+    run_dir = resolve_run(where["runs_dir"], ref)  # a bad reference fails here, in a second
+
+    from ablab.execution.pipeline import resume
+
+    return functools.partial(resume, run_dir, **where)
 
 
 def _run_start(
@@ -196,8 +201,8 @@ def _run_start(
     engine: str | None,
     where: dict[str, Any],
 ) -> Callable[..., Any]:
-    """`ablab run STUDY`: the study file, with the command line's overrides."""
-    from ablab.execution.pipeline import run
+    """`ablab run STUDY`: the study file, with the command line's overrides. A bad study file
+    fails before the engine (Keras, JAX) is imported."""
     from ablab.study.loading import load_study
 
     if study is None:
@@ -205,6 +210,9 @@ def _run_start(
     spec = load_study(study)
     if engine is not None:
         spec = spec.model_copy(update={"engine": spec.engine.model_copy(update={"kind": engine})})
+
+    from ablab.execution.pipeline import run
+
     return functools.partial(run, spec, seeds=seeds, remedies=remedies, **where)
 
 

