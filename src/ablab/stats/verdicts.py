@@ -211,8 +211,6 @@ class _Prepared:
     row: dict[str, Any]
     evidence: Evidence
     outcomes: Outcomes
-    margin: float
-    margin_se: float
 
 
 def _paired_gain(base: Arm, var: Arm, lower: bool) -> np.ndarray:
@@ -271,7 +269,7 @@ def _prepare(
     }
     rng = np.random.default_rng([spec.random_seed, zlib.crc32(f"{name}|{base_name}".encode())])
     row.update(_effects(base, var, is_paired, lower, base_median, spec, rng))
-    return _Prepared(row, ev, outcomes, margin, margin_se)
+    return _Prepared(row, ev, outcomes)
 
 
 def _effects(
@@ -442,8 +440,8 @@ def _plan(p: _Prepared, spec: VerdictSpec, family: int, lower: bool) -> SeedPlan
     rng = np.random.default_rng([spec.random_seed, zlib.crc32(name.encode())])
     return plan(
         obs,
-        margin=p.margin,
-        margin_se=p.margin_se,
+        margin=p.row["margin"],
+        margin_se=p.row["margin_se"],
         alpha=spec.alpha,
         family=family,
         power=spec.power,
