@@ -102,6 +102,11 @@ def test_query_runs_sql(stored: tuple[Path, dict], capsys: pytest.CaptureFixture
     assert "query failed" in capsys.readouterr().err
 
 
+def _with_data(lines: str) -> str:
+    """TINY_STUDY with its [data] table replaced by ``lines``."""
+    return TINY_STUDY.replace('synthetic = { kind = "normal", shape = [100, 12], seed = 1 }', lines)
+
+
 BAD_INPUTS = {
     "malformed_toml": ("[data\n", "(syntax)"),
     "unknown_section": (TINY_STUDY + "\n[extra]\nx = 1\n", "extra"),
@@ -139,6 +144,51 @@ BAD_INPUTS = {
         ),
         "data",
     ),
+    # issue #16: each of these ended in a traceback, an OOM kill or nonsense verdicts
+    "epochs_huge": (TINY_STUDY.replace("epochs = 3", "epochs = 1e12"), "train.epochs"),
+    "seeds_huge": (TINY_STUDY.replace("count = 6", "count = 1e12"), "seeds.count"),
+    "csv_text_column": (_with_data('path = "text.csv"\ntarget = "y"'), "data.features"),
+    "csv_without_target": (_with_data('path = "reg.csv"'), "data.target"),
+    "synthetic_huge": (TINY_STUDY.replace("[100, 12]", "[1e9, 1e9]"), "data.synthetic.shape"),
+    "dense_huge_for_the_budget": (
+        TINY_STUDY.replace(
+            '"Dense", units = 8 }, { layer = "Dense", units = 12 }]',
+            '"Dense", units = 100000000 }, { layer = "Dense", units = 12 }]',
+        )
+        + "memory_budget_mb = 2048\n",
+        "engine.memory_budget_mb",
+    ),
+    "sparse_ce_on_a_regression_target": (
+        _with_data('path = "reg.csv"\ntarget = "y"').replace(
+            'loss = "mse"', 'loss = "sparse_categorical_crossentropy"'
+        ),
+        "train.loss",
+    ),
+    "sparse_ce_on_diabetes": (
+        _with_data('sklearn = "diabetes"').replace(
+            'loss = "mse"', 'loss = "sparse_categorical_crossentropy"'
+        ),
+        "train.loss",
+    ),
+    "learning_rate_negative": (
+        TINY_STUDY.replace(
+            'optimizer = "adam"', 'optimizer = { name = "sgd", learning_rate = -1 }'
+        ),
+        "train.optimizer.learning_rate",
+    ),
+    "learning_rate_nan": (
+        TINY_STUDY.replace(
+            'optimizer = "adam"', 'optimizer = { name = "sgd", learning_rate = nan }'
+        ),
+        "train.optimizer.learning_rate",
+    ),
+    "memory_budget_tiny": (TINY_STUDY + "memory_budget_mb = 1e-6\n", "engine.memory_budget_mb"),
+}
+BAD_INPUT_TEXT = {  # what the message must say besides its key
+    "csv_text_column": "'color'",
+    "csv_without_target": "set `target`",
+    "dense_huge_for_the_budget": "GiB",
+    "sparse_ce_on_diabetes": "labels from 25 to 346",
 }
 
 
@@ -152,6 +202,14 @@ def test_bad_input_exit_2_clear_message_nothing_written(
     x[3, 3] = np.nan
     np.save(tmp_path / "nan.npy", x)
     np.save(tmp_path / "empty.npy", np.ones((0, 12)))
+    rng = np.random.default_rng(0)
+    cols = {f"f{i}": rng.normal(size=40) for i in range(12)}
+    table = {**cols, "color": ["blue", "red"] * 20, "y": rng.normal(size=40)}
+    for name, columns in (("text.csv", table), ("reg.csv", {**cols, "y": table["y"]})):
+        lines = [",".join(columns)] + [
+            ",".join(str(columns[c][r]) for c in columns) for r in range(40)
+        ]
+        (tmp_path / name).write_text("\n".join(lines) + "\n")
     study = tmp_path / "s.toml"
     study.write_text(text)
     runs = tmp_path / "runs"
@@ -159,6 +217,8 @@ def test_bad_input_exit_2_clear_message_nothing_written(
     err = capsys.readouterr().err
     assert str(study) in err and f"[{key}]" in err and "how to fix" in err, err
     assert "expected" in err and "got" in err
+    assert BAD_INPUT_TEXT.get(case, "") in err, err
+    assert "Traceback" not in err
     assert not runs.exists()
 
 
@@ -269,3 +329,49 @@ def test_progress_bars_in_a_real_terminal_and_report_at_the_end(tmp_path: Path) 
     (report,) = (tmp_path / "runs").glob("*/report.html")
     assert 'data-plot="checks"' in report.read_text()
     assert "report: " in screen
+
+
+# The tiny study with `bn` replaced by `huge`: the same layers as `plain`, trained with SGD at a
+# learning rate of 1e6 (every seed's loss is inf after the first epoch).
+DIVERGING_STUDY = TINY_STUDY.replace(
+    '[variants.bn]\nlayers = [{ layer = "Dense", units = 8 }, { layer = "BatchNormalization" },\n'
+    '          { layer = "Dense", units = 12 }]',
+    '[variants.huge]\nlayers = [{ layer = "Dense", units = 8 }, { layer = "Dense", units = 12 }]\n'
+    'train = { optimizer = { name = "sgd", learning_rate = 1e6 } }',
+)
+HUGE_LINE = (
+    "huge: 2 of 2 seeds diverged at epoch 1 (loss inf); learning_rate 1e+06 "
+    "(plain: 0.001, adam's default) is the likely cause"
+)
+
+
+def test_a_diverged_variant_is_named_by_run_and_show(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """(The report's "why" shows the same document's lines: tests/test_report.py.)"""
+    study = tmp_path / "s.toml"
+    study.write_text(DIVERGING_STUDY)
+    runs = tmp_path / "runs"
+    assert main(["run", str(study), "--seeds", "2", "--runs-dir", str(runs)]) == 0
+    assert HUGE_LINE in capsys.readouterr().out  # a diverged variant is a finding: exit 0
+    assert main(["show", "latest", "--runs-dir", str(runs), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert list(doc["divergence"]) == ["huge"] and doc["divergence"]["huge"]["text"] == HUGE_LINE
+    assert main(["show", "latest", "--runs-dir", str(runs)]) == 0
+    assert HUGE_LINE in capsys.readouterr().out
+
+
+def test_a_baseline_that_diverges_on_every_seed_fails_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    study = tmp_path / "s.toml"
+    study.write_text(DIVERGING_STUDY.replace('baseline = "plain"', 'baseline = "huge"'))
+    runs = tmp_path / "runs"
+    assert main(["run", str(study), "--seeds", "2", "--runs-dir", str(runs), "--json"]) == 1
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["state"] == "complete"  # stored, and its document printed
+    (error,) = captured.err.strip().splitlines()
+    assert error.startswith("error: the baseline huge diverged on every seed (2 of 2 at epoch 1")
+    assert "learning_rate 1e+06" in error and "the run is stored" in error
+    (status,) = runs.glob("*/status.json")
+    assert json.loads(status.read_text())["state"] == "complete"

@@ -183,3 +183,34 @@ def test_standardize_uses_the_training_split_only() -> None:
 def test_two_data_sources_are_refused() -> None:
     with pytest.raises(ablab.StudyError, match="exactly one of"):
         study_from_dict({**_train_only(), "data": {"sklearn": "iris", "path": "x.npy"}})
+
+
+def test_text_columns_are_named_with_the_fix(tmp_path: Path) -> None:
+    """A text column ended in `ValueError: could not convert string to float: 'blue'`
+    (issue #16)."""
+    (tmp_path / "d.csv").write_text("a,color,y\n1.0,blue,0.5\n2.0,red,0.1\n")
+    with pytest.raises(ablab.StudyError, match=r"\[data\.features\]") as info:
+        load_dataset(_study(tmp_path, {"path": "d.csv", "target": "y"}))
+    assert "['color']" in str(info.value) and "'blue'" in str(info.value)
+    assert "features = [...]" in str(info.value)
+    data = load_dataset(_study(tmp_path, {"path": "d.csv", "target": "y", "features": ["a"]}))
+    assert data.x.shape == (2, 1)
+    (tmp_path / "t.csv").write_text("a,label\n1.0,cat\n2.0,dog\n")
+    with pytest.raises(ablab.StudyError, match=r"\[data\.target\].*'label'"):
+        load_dataset(_study(tmp_path, {"path": "t.csv", "target": "label"}))
+
+
+def test_a_table_without_target_is_refused_not_an_autoencoder(tmp_path: Path) -> None:
+    """A CSV study without `target` silently became an autoencoder and then failed on the
+    output shape with the wrong fix (issue #16). `target = "input"` still says it."""
+    (tmp_path / "d.csv").write_text("a,b\n1.0,2.0\n3.0,4.0\n")
+    with pytest.raises(ablab.StudyError, match="set `target`"):
+        load_dataset(_study(tmp_path, {"path": "d.csv"}))
+    np.savez(tmp_path / "d.npz", x=np.ones((2, 3)), y=np.zeros(2))
+    with pytest.raises(ablab.StudyError, match="set `target`"):
+        load_dataset(_study(tmp_path, {"path": "d.npz"}))
+    data = load_dataset(_study(tmp_path, {"path": "d.csv", "target": "input"}))
+    np.testing.assert_array_equal(data.x, data.y)
+    np.save(tmp_path / "d.npy", np.ones((2, 3)))  # one unnamed array: the input, as documented
+    data = load_dataset(_study(tmp_path, {"path": "d.npy"}))
+    np.testing.assert_array_equal(data.x, data.y)

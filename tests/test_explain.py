@@ -8,8 +8,16 @@ from sklearn.decomposition import PCA
 from sklearn.linear_model import LinearRegression
 
 import ablab
-from ablab.analysis.explain import bn_diagnosis, linear_optimum, linear_rank, optimum_gaps
+from ablab.analysis.explain import (
+    bn_diagnosis,
+    diverged_baselines,
+    divergence_summary,
+    linear_optimum,
+    linear_rank,
+    optimum_gaps,
+)
 from ablab.engine.data import Split
+from ablab.store.records import VariantHistory
 from tests.conftest import make_program
 
 
@@ -81,3 +89,74 @@ def test_bn_diagnosis_in_words(seed_study: ablab.Study) -> None:
     assert "after 60 updates with momentum 0.99" in d["text"] and "~45 %" in d["text"]
     assert 0.3 < d["moving_mean_progress"] < 0.6
     assert "val_loss_train_mode" in d and "val_loss_inference" in d
+
+
+def _hist(**values: np.ndarray) -> VariantHistory:
+    n = next(iter(values.values())).shape[0]
+    return VariantHistory(seeds=np.arange(n), values=values)
+
+
+DIVERGE_STUDY = {
+    "baseline": "plain",
+    "train": {"optimizer": "adam"},
+    "variants": {
+        "plain": {},
+        "huge": {"train": {"optimizer": {"name": "sgd", "learning_rate": 1000.0}}},
+        "small": {"train": {"optimizer": {"name": "adam", "learning_rate": 1e-4}}},
+    },
+}
+
+
+def test_divergence_summary_counts_epochs_kinds_and_names_the_likely_cause() -> None:
+    ok = np.ones((4, 3))
+    inf = np.full((4, 3), np.inf)
+    inf[:, 1:] = np.nan  # inf at epoch 1, then NaN
+    mixed = ok.copy()
+    mixed[0, 1:] = np.inf  # seed 0: loss inf from epoch 2
+    mixed[1, 2] = np.nan  # seed 1: loss nan at epoch 3
+    histories = {
+        "plain": _hist(loss=ok, val_loss=ok),
+        "huge": _hist(loss=inf, val_loss=np.full((4, 3), np.nan)),
+        "small": _hist(loss=mixed, val_loss=ok),
+    }
+    div = divergence_summary(histories, DIVERGE_STUDY)
+    assert list(div) == ["huge", "small"]  # only variants with a diverged seed
+    huge = div["huge"]
+    assert (huge["diverged"], huge["n_seeds"], huge["first_epoch"], huge["median_epoch"]) == (
+        4,
+        4,
+        1,
+        1,
+    )
+    assert huge["values"] == {"loss inf": 4}
+    assert huge["cause"] is not None and huge["cause"]["setting"] == "learning_rate"
+    assert huge["text"] == (
+        "huge: 4 of 4 seeds diverged at epoch 1 (loss inf); learning_rate 1000 "
+        "(plain: 0.001, adam's default) is the likely cause"
+    )
+    small = div["small"]
+    assert small["values"] == {"loss inf": 1, "loss nan": 1}
+    # a smaller learning rate than the baseline's is not named as a cause
+    assert small["cause"] is None
+    assert small["text"] == (
+        "small: 2 of 4 seeds diverged at epochs 2–3 (median 2.5; loss inf on 1, loss nan on 1)"
+    )
+    assert not huge["is_baseline"] and diverged_baselines(div) == []
+
+
+def test_a_diverged_baseline_is_named_by_the_usual_range_only() -> None:
+    nan = np.full((3, 2), np.nan)
+    study = {
+        "baseline": "plain",
+        "train": {"optimizer": {"name": "sgd", "learning_rate": 1e6}},
+        "variants": {"plain": {}, "other": {}},
+    }
+    histories = {"plain": _hist(loss=nan), "other": _hist(loss=nan)}
+    div = divergence_summary(histories, study)
+    # the same learning rate in both arms: named because it is out of the usual range only
+    assert div["other"]["text"].endswith(
+        "learning_rate 1e+06 (above the usual range, < 1) is the likely cause"
+    )
+    (message,) = diverged_baselines(div)
+    assert message.startswith("the baseline plain diverged on every seed (3 of 3 at epoch 1")
+    assert "loss nan" in message and "learning_rate 1e+06" in message

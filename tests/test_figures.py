@@ -63,18 +63,57 @@ def _row(variant: str, verdict: str, mean: float) -> dict:
     }
 
 
-def test_forest_colours_by_verdict_and_skips_empty_rows() -> None:
+def test_forest_colours_by_verdict_and_labels_every_row() -> None:
     rows = [
         _row("bn", "helps", -0.05),
         _row("x", "hurts", 0.04),
-        {**_row("y", "x", 0), "diff_mean": None},
+        {**_row("y", "inconclusive", 0), "diff_mean": None, "n": 4, "n_finite": 1},
     ]
     ax = figs.forest_figure(rows).axes[0]
     labels = [t.get_text() for t in ax.get_yticklabels()]
-    assert labels == ["x vs plain — hurts", "bn vs plain — helps"]  # top row first
+    # top row first; a comparison without an estimate is a labelled row, not left out
+    assert labels == [
+        "y vs plain — no estimate",
+        "x vs plain — hurts",
+        "bn vs plain — helps",
+    ]
+    assert [t.get_text() for t in ax.texts] == ["too few converged seeds (1 of 4)"]
     points = [line for line in ax.get_lines() if line.get_marker() == "o"]
     assert to_rgba(points[0].get_color()) == to_rgba(figs.VERDICT_COLORS["helps"])
     assert points[0].get_xdata()[0] == -0.05
+
+
+def test_forest_shows_a_fully_diverged_variant_as_a_labelled_row() -> None:
+    diverged = {**_row("huge", "hurts", 0), "diff_mean": None, "ci_low": None, "ci_high": None}
+    diverged.update(n=4, n_finite=0, diverged=4, baseline_diverged=0)
+    ax = figs.forest_figure([_row("bn", "helps", -0.05), diverged]).axes[0]
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert labels == ["huge vs plain — all seeds diverged", "bn vs plain — helps"]
+    assert [t.get_text() for t in ax.texts] == ["all 4 seeds diverged: no estimate"]
+    assert ax.get_ylim() == (-0.7, 1.7)  # room for both rows
+    low, high = ax.get_xlim()
+    assert low > -0.1 and high < 0.1  # the x axis follows the estimates only
+    # the baseline diverged on every seed
+    both = {**diverged, "diverged": 0, "baseline_diverged": 4}
+    ax = figs.forest_figure([both]).axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == [
+        "huge vs plain — baseline diverged on every seed"
+    ]
+
+
+def test_curves_and_ecdf_count_diverged_seeds_in_the_legend() -> None:
+    empty = Band(np.zeros(0), np.zeros(0), np.zeros(0), np.zeros(0))
+    diverged = {"bn": (3, 4), "x": (4, 4)}
+    colors = figs.variant_colors(["plain", "bn", "x"])
+    bands = {"plain": _band(3), "bn": _band(3), "x": empty}
+    ax = figs.curves_figure({"val_loss": bands}, colors, diverged=diverged).axes[0]
+    labels = ax.get_legend_handles_labels()[1]
+    assert labels == ["plain", "bn (3 of 4 seeds diverged, left out)", "x (all 4 seeds diverged)"]
+    one = (np.array([0.0, 1.0]), np.array([1.0, 1.0]))
+    ax = figs.ecdf_figure({"plain": one, "bn": one}, colors, "val_loss", diverged=diverged).axes[0]
+    labels = ax.get_legend_handles_labels()[1]
+    assert labels == ["plain", "bn (3 of 4 seeds diverged, left out)", "x (all 4 seeds diverged)"]
+    assert np.size(ax.get_lines()[-1].get_xdata()) == 0  # x: a legend entry, nothing drawn
 
 
 def test_checks_figure_marks_bit_identical_and_tolerance() -> None:

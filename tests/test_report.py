@@ -213,9 +213,13 @@ def test_report_in_headless_chromium(report_run: ablab.RunResult) -> None:
 
 
 def _hand_made(
-    values: dict[str, dict[str, np.ndarray]], verdicts: dict | None = None, state: str = "complete"
+    values: dict[str, dict[str, np.ndarray]],
+    verdicts: dict | None = None,
+    state: str = "complete",
+    study_extra: dict | None = None,
 ) -> ReportData:
-    """A ReportData from hand-made histories {variant: {name: (seeds, epochs)}}: no training."""
+    """A ReportData from hand-made histories {variant: {name: (seeds, epochs)}}: no training
+    (``study_extra``: more keys of the stored study, e.g. its train settings)."""
     histories = {
         v: VariantHistory(seeds=np.arange(next(iter(h.values())).shape[0]), values=h)
         for v, h in values.items()
@@ -225,6 +229,7 @@ def _hand_made(
         "baseline": next(iter(values)),
         "variants": {v: {} for v in values},
         "verdicts": verdicts or {"n_resamples": 200},
+        **(study_extra or {}),
     }
     meta = {"run_id": "r1", "run_dir": "/nowhere", "study": study, "environment": environment()}
     status = {"state": state, "cells_done": 1, "cells_total": 2}
@@ -316,3 +321,101 @@ def test_long_trajectories_are_thinned_but_keep_step_one(tmp_path: Path) -> None
         [str(tmp_path / "p.parquet")], "step", "/kernel_sum", since_first=True
     ).values()
     np.testing.assert_allclose(drift.high, drift.x - 1.0)
+
+
+def _diverging() -> dict[str, dict[str, np.ndarray]]:
+    """a: fine; b: 2 of 5 seeds blow up (loss 1e27, then inf) while their val_loss stays
+    finite but huge (1e6); c: every seed inf from epoch 1."""
+    rng = np.random.default_rng(1)
+    b_loss, b_val = 1.0 + rng.random((5, 3)), 1.0 + rng.random((5, 3))
+    b_loss[:2, 0], b_loss[:2, 1:], b_val[:2] = 1e27, np.inf, 1e6
+    c = np.full((5, 3), np.inf)
+    return {
+        "a": {"loss": 1.0 + rng.random((5, 3)), "val_loss": 1.0 + rng.random((5, 3))},
+        "b": {"loss": b_loss, "val_loss": b_val},
+        "c": {"loss": c, "val_loss": np.full((5, 3), np.nan)},
+    }
+
+
+def _weight_probes(path: Path) -> str:
+    """Per-step kernel sums of 5 seeds of a, b and c; the diverged seeds' (b's first two, all
+    of c's) run to 1e27."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    steps = np.arange(1, 7, dtype=np.int32)
+    parts = []
+    for variant, blown in (("a", 0), ("b", 2), ("c", 5)):
+        value = 1.0 + np.tile(steps / 10.0, 5) + np.repeat(np.arange(5) / 100.0, 6)
+        value[: blown * 6] = 1e27
+        parts.append(
+            pa.table(
+                {
+                    "variant": [variant] * 30,
+                    "seed": np.repeat(np.arange(5, dtype=np.int64), 6),
+                    "kind": ["step"] * 30,
+                    "step": np.tile(steps, 5),
+                    "epoch": np.tile((steps - 1) // 2 + 1, 5),
+                    "probe": ["dense#0/kernel_sum"] * 30,
+                    "value": value,
+                }
+            )
+        )
+    pq.write_table(pa.concat_tables(parts), path)
+    return str(path)
+
+
+def test_diverged_seeds_do_not_scale_the_figures_and_are_counted(tmp_path: Path) -> None:
+    hand = _hand_made(_diverging())
+    data = ReportData(hand.doc, hand.histories, [_weight_probes(tmp_path / "p.parquet")])
+    assert data.available() == UNSWEPT[:5]  # curves ... weights (no BN, optimum or checks)
+    for kind in ("curves", "paired", "distributions", "weights"):
+        for ax in data.figure(kind).axes:
+            for low, high in (ax.get_xlim(), ax.get_ylim()):
+                assert low > -10 and high < 10, (kind, ax.get_title(), low, high)
+    for ax in data.overview().axes:
+        assert ax.get_xlim()[1] < 10 and ax.get_ylim()[1] < 10, ax.get_title()
+    # only the seeds that never diverged are drawn: b's three, none of c's
+    np.testing.assert_array_equal(
+        data.finals["b"][1][1:], np.sort(data.histories["b"].values["val_loss"][2:, -1])
+    )
+    assert "c" not in data.finals and "c" not in data.weights["dense#0"]["sum"]
+    legend = data.figure("curves").axes[0].get_legend_handles_labels()[1]
+    assert legend == ["a", "b (2 of 5 seeds diverged, left out)", "c (all 5 seeds diverged)"]
+    weights = data.figure("weights").axes[0].get_legend_handles_labels()[1]
+    assert weights == ["a", "b (2 of 5 seeds diverged, left out)", "c (all 5 seeds diverged)"]
+    forest = [t.get_text() for t in data.figure("forest").axes[0].get_yticklabels()]
+    assert forest == [
+        "c vs a — all seeds diverged",
+        f"b vs a — {data.doc['comparisons'][0]['verdict']}",
+    ]
+
+
+def test_the_why_section_and_the_terminal_name_a_diverged_variant() -> None:
+    import io
+
+    from rich.console import Console
+
+    from ablab.output.terminal import print_run
+
+    study = {
+        "train": {"optimizer": "adam"},
+        "variants": {
+            "a": {},
+            "b": {},
+            "c": {"train": {"optimizer": {"name": "sgd", "learning_rate": 1000.0}}},
+        },
+    }
+    data = _hand_made(_diverging(), study_extra=study)
+    line = (
+        "c: 5 of 5 seeds diverged at epoch 1 (loss inf); learning_rate 1000 "
+        "(a: 0.001, adam's default) is the likely cause"
+    )
+    assert data.doc["divergence"]["c"]["text"] == line
+    # b's two seeds reach 1e27 at epoch 1 (finite) and overflow at epoch 2
+    assert data.doc["divergence"]["b"]["text"] == "b: 2 of 5 seeds diverged at epoch 2 (loss inf)"
+    why = unescape(data.html()).split('<section id="why">')[1].split("</section>")[0]
+    assert line in why and "b: 2 of 5 seeds diverged" in why
+    out = io.StringIO()
+    print_run(Console(file=out, width=300), data.doc)
+    assert line in out.getvalue()

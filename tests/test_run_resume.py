@@ -111,8 +111,15 @@ def test_kill_9_then_resume_is_bit_identical(
         timeout=120,
     )
     assert "state: killed" in shown.stdout
-    assert list_runs(runs)[0]["state"] == "killed"
+    (row,) = list_runs(runs)
+    assert row["state"] == "killed"
+    assert f"{status['cells_done']}/40 cells" in shown.stdout  # the list agrees with show RUN
+    assert row["cells_done"] == status["cells_done"]
     assert f"ablab run --resume {run_dir.name}" in shown.stdout
+    # a finished cell damaged after the kill (issue #16: the resume trained the missing
+    # cells, then crashed reading this one in the analysis, and every resume after it too)
+    hurt = run_dir / "cells" / "plain" / "chunk-00001.parquet"
+    hurt.write_bytes(hurt.read_bytes()[:100])
 
     done = subprocess.run(
         [ABLAB, "run", "--resume", run_dir.name, "--runs-dir", str(runs), "--json"],
@@ -200,3 +207,38 @@ def test_resume_refuses_another_environment(study_file: Path, tmp_path: Path) ->
         ablab.resume("latest", runs_dir=runs)
     assert err.value.key == "--resume"
     assert len(list(Path(info.value.run_dir).glob("cells/*/chunk-*.parquet"))) == 1
+
+
+def test_a_damaged_cell_of_a_complete_run_is_named_then_repaired(
+    study_file: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A truncated cell of a finished run crashed `ablab show` / `report` / every `query`
+    of the runs folder, and `--resume` answered "complete, nothing to resume" (issue #16).
+    Now readers skip it with a warning naming it, and --resume re-trains it to the bits."""
+    from ablab.cli import main
+
+    runs = tmp_path / "runs"
+    done = ablab.run(study_file, runs_dir=runs, seeds=4)  # 2 cells per variant, all probed
+    run_dir = RunDir(done.run_dir)
+    before = _sorted_rows(run_dir.history()), _sorted_rows(run_dir.probes())
+    summary = _document(run_dir.path)
+    for kind in ("cells", "probes"):
+        hurt = run_dir.path / kind / "bn" / "chunk-00001.parquet"
+        hurt.write_bytes(hurt.read_bytes()[:-40])
+    with caplog.at_level("WARNING", logger="ablab"):
+        assert main(["show", done.run_id, "--runs-dir", str(runs), "--json"]) == 0
+        assert main(["report", done.run_id, "--runs-dir", str(runs)]) == 0
+        assert main(["query", "SELECT count(*) FROM runs", "--runs-dir", str(runs)]) == 0
+        assert main(["query", "SELECT count(*) FROM history", "--runs-dir", str(runs)]) == 0
+    assert "cells/bn/chunk-00001.parquet is damaged" in caplog.text
+    assert f"ablab run --resume {done.run_id}" in caplog.text
+
+    repaired = ablab.resume(done.run_id, runs_dir=runs)
+    assert repaired.state == "complete"
+    run_dir = RunDir(run_dir.path)
+    assert run_dir.damaged_files() == {}
+    assert _sorted_rows(run_dir.history()).equals(before[0])
+    assert _sorted_rows(run_dir.probes()).equals(before[1])
+    assert _document(run_dir.path) == summary
+    with pytest.raises(InputError, match="every cell intact"):
+        ablab.resume(done.run_id, runs_dir=runs)

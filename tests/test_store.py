@@ -151,3 +151,77 @@ def test_probes_of_unfinished_cells_are_not_queried(tmp_path: Path) -> None:
     atomic_write_parquet(run.path / "probes" / "a" / "chunk-00002.parquet", orphan)
     assert query(tmp_path, "SELECT count(*) FROM probes")[1] == [(1,)]
     assert run.probes().num_rows == 1
+
+
+def _current_umask() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("Umask:"):
+            return int(line.split()[1], 8)
+    raise AssertionError("no Umask line")  # Linux only, as CI is
+
+
+def test_run_files_are_readable_per_the_umask(tmp_path: Path) -> None:
+    """mkstemp's 0600 made a shared runs folder unreadable to the group (issue #16)."""
+    import stat
+
+    from ablab.store.io import atomic_write_json
+
+    run = _fake_run(tmp_path, "shared", 2)
+    atomic_write_bytes(run.path / "report.html", b"<html>")  # how the report is written
+    atomic_write_json(run.path / "x.json", {})
+    want = 0o666 & ~_current_umask()
+    files = [p for p in run.path.rglob("*") if p.is_file() and p.name != ".lock"]
+    assert {"study.json", "status.json", "summary.json", "report.html", "cells.sha256"} <= {
+        p.name for p in files
+    }
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in files} == {p.name: want for p in files}
+    assert want & 0o044 or _current_umask() & 0o044  # readable by others unless the umask says
+
+
+def test_a_damaged_cell_is_named_and_skipped_never_fatal(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A cell whose bytes no longer match its recorded checksum -- a flipped byte reads as
+    valid Parquet, a truncated file does not -- is skipped by every reader with a warning
+    naming it; the other cells and runs still read and query (issue #16)."""
+    import hashlib
+
+    run = _fake_run(tmp_path, "hurt", 4)
+    table = run.history().drop_columns(["run_id"])
+    run.write_cell("a", 1, table.set_column(1, "seed", pa.array([10, 11, 12, 13])))
+    other = _fake_run(tmp_path, "fine", 3)
+    lines = (run.path / "cells.sha256").read_text().splitlines()
+    for rel in ("cells/a/chunk-00000.parquet", "cells/a/chunk-00001.parquet"):
+        digest = hashlib.sha256((run.path / rel).read_bytes()).hexdigest()
+        assert f"{digest}  {rel}" in lines
+    assert run.damaged_files() == {}
+
+    cell = run.path / "cells/a/chunk-00001.parquet"
+    data = bytearray(cell.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, different bytes
+    cell.write_bytes(bytes(data))
+    first = RunDir(run.path)
+    with caplog.at_level("WARNING", logger="ablab"):
+        assert first.history().num_rows == 4  # chunk 0 only
+    assert "cells/a/chunk-00001.parquet is damaged: checksum mismatch" in caplog.text
+    assert first.done_cells() == {("a", 0)}  # so --resume re-trains chunk 1
+
+    cell.write_bytes(bytes(data[: len(data) // 2]))  # truncated: no footer
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ablab"):
+        assert query(tmp_path, "SELECT count(*) FROM runs")[1] == [(2,)]
+        _, rows = query(tmp_path, "SELECT run_id, count(*) FROM history GROUP BY 1 ORDER BY 2")
+    assert rows == [(other.run_id, 3), (run.run_id, 4)]
+    assert "chunk-00001.parquet is damaged" in caplog.text
+    assert set(RunDir(run.path).damaged_files()) == {"cells/a/chunk-00001.parquet"}
+
+
+def test_list_and_show_agree_on_cells_of_a_killed_run(tmp_path: Path) -> None:
+    """The catalog's cells_done is written at start and end only; a killed run's list row
+    said 0/N while `ablab show RUN` (status.json) said 10/N (issue #16)."""
+    run = RunDir.create(tmp_path, "k", {"variants": {"a": {}}}, {}, 4)
+    run.write_status("running", 3, 4)  # as each stored cell does
+    with run.locked():  # create() took the lock; leaving releases it, as a kill would
+        assert list_runs(tmp_path)[0]["state"] == "running"
+    (row,) = list_runs(tmp_path)
+    assert (row["state"], row["cells_done"], row["cells_total"]) == ("killed", 3, 4)

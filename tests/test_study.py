@@ -10,6 +10,7 @@ import pytest
 
 import ablab
 from ablab.study.loading import study_from_dict
+from ablab.study.schema import TrainSpec
 from tests.conftest import SEED_STUDY
 
 
@@ -199,3 +200,46 @@ def test_learning_rate_schedules_and_example_studies_load() -> None:
     opt = keras.optimizers.get(study.train.optimizer_config())
     assert type(opt._learning_rate).__name__ == "ExponentialDecay"
     assert study.data.target_is_input()
+
+
+def test_numbers_out_of_their_sane_range_are_refused_by_key() -> None:
+    """Each of these reached the engine (issue #16): an OverflowError, a 139 s wait, a
+    NaN trained on every seed, a chunk of one seed."""
+    import math as m
+
+    base = {
+        "data": {"synthetic": {"shape": [10, 3]}},
+        "train": {"loss": "mse"},
+        "variants": {"a": {"layers": [{"layer": "Dense", "units": 3}]}},
+    }
+    cases = {
+        "train.epochs": ({"train": {"loss": "mse", "epochs": 1e12}}, "less than or equal"),
+        "seeds.count": ({"seeds": {"count": 1e12}}, "less than or equal"),
+        "engine.memory_budget_mb": ({"engine": {"memory_budget_mb": 1e-6}}, "greater than"),
+        "verdicts.margin": ({"verdicts": {"margin": m.inf}}, "finite"),
+        "train.optimizer.learning_rate": (
+            {"train": {"loss": "mse", "optimizer": {"name": "sgd", "learning_rate": m.nan}}},
+            ">= 0",
+        ),
+        "data.synthetic.shape": ({"data": {"synthetic": {"shape": [1e9, 1e9]}}}, "GiB"),
+    }
+    for key, (change, text) in cases.items():
+        with pytest.raises(ablab.StudyError) as info:
+            study_from_dict({**base, **change}, source="s.toml")
+        assert f"[{key}]" in str(info.value) and text in str(info.value), str(info.value)
+    study = study_from_dict(base, source="s.toml")
+    study.variants["a"].train = {"optimizer": {"name": "sgd", "learning_rate": -1}}
+    with pytest.raises(ablab.StudyError, match=r"\[variants\.a\.train\.optimizer\.learning_rate\]"):
+        study.variant_train("a")
+    with pytest.raises(ablab.StudyError, match=r"seeds\.count"):
+        study.with_seeds(count=10**9)
+
+
+def test_an_integer_learning_rate_is_a_float_for_keras() -> None:
+    """TOML's `learning_rate = 1000` is an int, which Keras refuses ("should be float")."""
+    import keras
+
+    train = TrainSpec(loss="mse", optimizer={"name": "sgd", "learning_rate": 1000})
+    config = train.optimizer_config()
+    assert config["config"]["learning_rate"] == 1000.0
+    assert float(keras.optimizers.get(config).learning_rate) == 1000.0

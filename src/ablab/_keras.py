@@ -13,6 +13,9 @@ Tested range: ``keras>=3.15.1,<3.16`` (pinned in pyproject.toml). What is used a
   drawn vectorized for many seeds without rebuilding the model);
 * ``Model._symbolic_build`` -- builds a subclassed model from example data as ``fit`` does;
 * ``Trainer._update_metrics_variables`` -- the stateless metric update of ``train_step``;
+* ``keras.src.backend.common`` (``global_state``'s list of uninitialized variables,
+  ``initialize_all_variables``) -- variables built in a ``StatelessScope`` stay unallocated
+  until we say so: a model too big for the memory budget is refused from its shapes;
 * ``keras.src.trainers.data_adapters`` (``array_slicing`` -- ``fit``'s validation split;
   ``data_adapter_utils`` -- ``fit``'s unpacking of ``(x, y, sample_weight)``),
   ``keras.src.initializers.random_initializers.RandomInitializer``,
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
@@ -38,6 +42,9 @@ if keras.backend.backend() != "jax":  # pragma: no cover - depends on the caller
     raise ImportError(msg)
 
 from keras.src import backend as keras_backend
+from keras.src.backend.common import global_state
+from keras.src.backend.common.stateless_scope import in_stateless_scope
+from keras.src.backend.common.variables import initialize_all_variables
 from keras.src.initializers.random_initializers import RandomInitializer
 from keras.src.trainers.data_adapters import array_slicing, data_adapter_utils
 from keras.src.utils.naming import to_snake_case
@@ -49,6 +56,7 @@ __all__ = [
     "RandomInitializer",
     "array_slicing",
     "data_adapter_utils",
+    "deferred_variables",
     "flatten_layers",
     "initializer_of",
     "keras",
@@ -92,3 +100,25 @@ def update_metrics_variables(model: keras.Model, *args: Any) -> tuple[Any, Any]:
     """``Trainer._update_metrics_variables(metrics_variables, unscaled_loss, x, y, y_pred,
     sample_weight)``: the stateless metric update -> ``(logs, new metrics variables)``."""
     return model._update_metrics_variables(*args)
+
+
+_UNINITIALIZED = "uninitialized_variables"
+
+
+@contextmanager
+def deferred_variables() -> Iterator[None]:
+    """A ``keras.StatelessScope`` whose variables get their values (are allocated) only on a
+    clean exit -- as the scope itself does on exit -- and are dropped, never allocated, on an
+    exception. Inside, every variable has its shape and its initializer but no value."""
+    outer = in_stateless_scope()
+    pending = global_state.get_global_attribute(_UNINITIALIZED, [], set_to_default=True)
+    before = len(pending)
+    try:
+        with keras.StatelessScope(initialize_variables=False):
+            yield
+    except BaseException:
+        if not outer:
+            del global_state.get_global_attribute(_UNINITIALIZED)[before:]
+        raise
+    if not outer:
+        initialize_all_variables()

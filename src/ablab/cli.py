@@ -97,8 +97,9 @@ def cli() -> None:
     "resume_ref",
     default=None,
     metavar="RUN",
-    help="Finish a killed or interrupted run (a run folder, id, unique prefix or 'latest'): "
-    "train only its missing cells, then analyse it. Takes no STUDY.",
+    help="Finish a killed, interrupted or failed run, or repair a damaged one (a run folder, "
+    "id, unique prefix or 'latest'): train only its missing or damaged cells, then analyse "
+    "it. Takes no STUDY.",
 )
 @click.option(
     "--executor",
@@ -138,7 +139,8 @@ def run_cmd(
 ) -> None:
     """Train every variant of STUDY over many seeds; print a summary; store everything.
 
-    `ablab run --resume RUN` finishes a run that was killed or interrupted."""
+    `ablab run --resume RUN` finishes a run that was killed or interrupted, and repairs a
+    run whose cell files are damaged (re-trained to the same bits)."""
     from ablab.output.terminal import RichProgress
 
     if address is not None and executor != "ray":
@@ -218,7 +220,7 @@ def _run_start(
 
 def _print_result(result: Any, as_json: bool, with_report: bool) -> None:
     """The run's document (JSON or tables), its report if asked, and exit code 1 when a
-    declared check failed."""
+    declared check failed or a baseline diverged on every seed."""
     from ablab.output.terminal import print_run
 
     doc: dict[str, Any] = dict(result.to_json())
@@ -240,6 +242,12 @@ def _print_result(result: Any, as_json: bool, with_report: bool) -> None:
             "is stored, but a framework or model bug may be behind its numbers.",
             soft_wrap=True,
         )
+    diverged = result.diverged_baselines  # nothing can be judged against such a baseline
+    for message in diverged:
+        Console(stderr=True, highlight=False).print(
+            f"[bold red]error:[/bold red] {escape(message)}; the run is stored", soft_wrap=True
+        )
+    if failed or diverged:
         raise SystemExit(EXIT_FAILURE)
 
 
@@ -425,7 +433,8 @@ def report_cmd(run_ref: str, output: Path | None, runs_dir: Path | None) -> None
     "--mlflow",
     "mlflow_uri",
     required=True,
-    help="MLflow tracking URI, e.g. http://127.0.0.1:5000 (an `mlflow server`).",
+    help="MLflow tracking URI: http://127.0.0.1:5000 (an `mlflow server`), "
+    "sqlite:///mlflow.db, or any other MLflow accepts.",
 )
 @click.option("--experiment", default=None, help="MLflow experiment (default: the study's name).")
 @click.option(

@@ -31,6 +31,7 @@ import numpy as np
 from ablab.analysis.backends import BACKENDS, available, run_backends
 from ablab.engine.build import build_program
 from ablab.engine.program import VariantProgram
+from ablab.engine.reference import worker_problem
 from ablab.errors import InputError
 from ablab.study.loading import load_study
 from ablab.study.schema import Study
@@ -203,12 +204,19 @@ def backend_checks(
     backends: list[str],
     callbacks: list[dict[str, Any]] | None = None,
 ) -> list[CheckResult]:
-    """model.fit under each backend vs the engine, for the check seeds of every variant."""
+    """model.fit under each backend vs the engine, for the check seeds of every variant.
+
+    Each variant's check stands on its own: a variant whose model a fresh interpreter cannot
+    import is skipped, one whose worker fails (raises, dies, times out) fails with that
+    cause, and neither touches the other variants' checks.
+    """
     seeds = check_seeds(study)
-    per_variant = {v: [int(s) for s in seeds] for v in programs}
-    engine = {v: p.train(seeds) for v, p in programs.items()}
-    runnable = [b for b in backends if available(b)]
-    results = run_backends(programs, per_variant, runnable, callbacks=callbacks) if runnable else {}
+    problems = {v: worker_problem(p.prepared.model) for v, p in programs.items()}
+    shipped = {v: p for v, p in programs.items() if problems[v] is None}
+    per_variant = {v: [int(s) for s in seeds] for v in shipped}
+    engine = {v: p.train(seeds) for v, p in shipped.items()}
+    runnable = [b for b in backends if available(b)] if shipped else []
+    results = run_backends(shipped, per_variant, runnable, callbacks=callbacks) if runnable else {}
     out = []
     for backend in backends:
         kind = "fidelity" if backend == "jax" else "cross_backend"
@@ -217,24 +225,24 @@ def backend_checks(
         )
         for variant in programs:
             name = f"{variant} @ {backend} model.fit"
+            problem = problems[variant]
+            if problem is not None:
+                out.append(CheckResult.skipped(name, kind, tol, f"skipped: {problem}"))
+                continue
             if backend not in results:
                 why = f"skipped: {backend} is not installed (pip install 'ablab[backends]')"
                 out.append(CheckResult.skipped(name, kind, tol, why))
                 continue
             res = results[backend]
-            if not res["ok"]:
-                out.append(CheckResult.failed(name, kind, tol, res["error"]))
+            keys = {s: f"{variant}/{s}" for s in per_variant[variant]}
+            failed = [(s, res["errors"][k]) for s, k in keys.items() if k in res["errors"]]
+            if failed:
+                seed, error = failed[0]
+                why = f"model.fit worker on {backend} failed (seed {seed}): {error}"
+                out.append(CheckResult.failed(name, kind, tol, why))
                 continue
-            out.append(
-                _compare_histories(
-                    name,
-                    kind,
-                    tol,
-                    engine[variant],
-                    seeds,
-                    {s: res["histories"][f"{variant}/{s}"] for s in per_variant[variant]},
-                )
-            )
+            histories = {s: res["histories"][k] for s, k in keys.items()}
+            out.append(_compare_histories(name, kind, tol, engine[variant], seeds, histories))
     return out
 
 

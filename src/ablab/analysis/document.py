@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, TypedDict
 
+from ablab.analysis.explain import divergence_summary
 from ablab.stats.summary import summarize
 from ablab.stats.verdicts import RULE, compare
 from ablab.store.records import VariantHistory, variant_histories
@@ -71,6 +72,30 @@ class ComparisonDoc(TypedDict, total=False):
     paired: bool
 
 
+class CauseDoc(TypedDict):
+    """The setting that likely made a variant diverge (``ablab.analysis.explain``)."""
+
+    setting: str
+    value: float
+    baseline_value: float | None
+    text: str
+
+
+class DivergenceDoc(TypedDict):
+    """A variant with diverged seeds: ``ablab.analysis.explain.divergence_summary``."""
+
+    n_seeds: int
+    diverged: int
+    first_epoch: int
+    last_epoch: int
+    median_epoch: float
+    values: dict[str, int]
+    baseline: str | None
+    is_baseline: bool
+    cause: CauseDoc | None
+    text: str
+
+
 class RunDocument(TypedDict):
     """A run, as every reader of it sees it."""
 
@@ -93,6 +118,8 @@ class RunDocument(TypedDict):
     verdict_rule: str
     checks: list[CheckDoc]
     explain: dict[str, Any]
+    divergence: dict[str, DivergenceDoc]
+    """Only the variants with a diverged seed, recomputed from the finished cells."""
     sweep: dict[str, Any] | None
     analysed: bool
     resumable: bool
@@ -116,10 +143,11 @@ def build_document(
     cells_done: int | None = None,
     cells_total: int | None = None,
     analysed: bool = True,
+    divergence: dict[str, Any] | None = None,
 ) -> RunDocument:
     """The one builder of a :class:`RunDocument` (``study``: the resolved study, as stored in
     study.json; ``variants``: ``ablab.stats.summary.summarize``; ``comparisons`` / ``checks``:
-    their ``to_json()``)."""
+    their ``to_json()``; ``divergence``: ``ablab.analysis.explain.divergence_summary``)."""
     return {
         "run_id": run_id,
         "run_dir": run_dir,
@@ -140,6 +168,7 @@ def build_document(
         "verdict_rule": RULE,
         "checks": checks,  # type: ignore[typeddict-item]
         "explain": explain,
+        "divergence": divergence or {},
         "sweep": sweep_effects(study, comparisons),
         "analysed": analysed,  # checks and explain exist only for a run that finished
         "resumable": state in ("interrupted", "failed", "killed"),
@@ -159,7 +188,8 @@ def load_run(run_dir: RunDir) -> tuple[RunDocument, dict[str, VariantHistory]]:
     status = run_dir.read_json("status.json")
     if status["state"] == "running" and not run_dir.is_running():
         status = {**status, "state": "killed"}  # marked running, but its process is gone
-    present = list(dict.fromkeys(f.parent.name for f in run_dir.cell_files()))
+    cells = run_dir.intact(run_dir.cell_files())  # a damaged cell: skipped, with a warning
+    present = list(dict.fromkeys(f.parent.name for f in cells))
     declared = list(meta["study"].get("variants", {}))
     order = [v for v in declared if v in present] + [v for v in present if v not in declared]
     histories = stored_histories(run_dir, order)
@@ -176,7 +206,8 @@ def run_document(
 ) -> RunDocument:
     """The document of a stored run from its parts: ``meta`` (study.json plus run_id /
     run_dir), ``status`` (status.json), ``saved`` (summary.json, {} if the run never finished)
-    and the histories of its finished cells; summary and comparisons are recomputed."""
+    and the histories of its finished cells; summary, comparisons and divergence are
+    recomputed."""
     baseline = meta["study"].get("baseline")
     spec = VerdictSpec.model_validate(meta["study"].get("verdicts") or {})
     comparable = spec.pairs or baseline in histories  # a sweep's pairs: any finished point
@@ -198,6 +229,7 @@ def run_document(
         cells_done=status["cells_done"],
         cells_total=status["cells_total"],
         analysed=bool(saved),
+        divergence=divergence_summary(histories, meta["study"]),
     )
 
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ablab.errors import StudyError
-from ablab.study.schema import DataSpec, Study
+from ablab.study.schema import Study
 
 
 @dataclass(frozen=True)
@@ -48,9 +50,27 @@ def _err(study: Study, key: str, expected: str, got: str, fix: str) -> StudyErro
     return StudyError(where=study.source, key=key, expected=expected, got=got, fix=fix)
 
 
-def _synthetic(spec: DataSpec) -> np.ndarray:
-    syn = spec.synthetic
+def physical_memory_bytes() -> int | None:
+    """This machine's physical memory, where the OS says (None elsewhere)."""
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _synthetic(study: Study) -> np.ndarray:
+    syn = study.data.synthetic
     assert syn is not None
+    need = 12 * math.prod(syn.shape)  # numpy draws float64, then the float32 copy
+    memory = physical_memory_bytes()
+    if memory is not None and need > memory // 2:
+        raise _err(
+            study,
+            "data.synthetic.shape",
+            f"data that fits in half of this machine's memory ({memory / 2**30:.1f} GiB)",
+            f"{list(syn.shape)}: ~{need / 2**30:.1f} GiB to draw",
+            "use fewer rows or features",
+        )
     # RandomState(seed) draws the same stream as the legacy `np.random.seed(seed)`.
     rng = np.random.RandomState(syn.seed)
     if syn.kind == "normal":
@@ -102,6 +122,30 @@ def _read_file(study: Study, key: str, path_text: str) -> np.ndarray | dict[str,
     )
 
 
+def _numeric(study: Study, key: str, cols: dict[str, np.ndarray], names: list[str]) -> None:
+    """Refuse text (or other non-numeric) columns by name, before any conversion."""
+    text = [
+        n
+        for n in names
+        if not (
+            np.issubdtype(np.asarray(cols[n]).dtype, np.number)
+            or np.asarray(cols[n]).dtype == np.bool_
+        )
+    ]
+    if text:
+        sample = np.asarray(cols[text[0]])[:1]
+        raise _err(
+            study,
+            key,
+            "numeric columns",
+            f"non-numeric column(s) {text} (e.g. {text[0]} = {sample[0]!r})"
+            if sample.size
+            else f"non-numeric column(s) {text}",
+            "drop them (list the columns to use in `features = [...]`) or encode them as "
+            "numbers first (e.g. one-hot or integer codes)",
+        )
+
+
 def _columns(study: Study, key: str, cols: dict[str, np.ndarray], names: list[str]) -> np.ndarray:
     missing = [n for n in names if n not in cols]
     if missing:
@@ -112,6 +156,7 @@ def _columns(study: Study, key: str, cols: dict[str, np.ndarray], names: list[st
             f"missing {missing}",
             "name existing columns",
         )
+    _numeric(study, key, cols, names)
     return np.stack([np.asarray(cols[n], dtype=np.float64) for n in names], axis=1)
 
 
@@ -123,6 +168,16 @@ def _from_path(study: Study) -> tuple[np.ndarray, np.ndarray]:
     if spec.target_path is not None:
         target_loaded = _read_file(study, "data.target_path", spec.target_path)
 
+    if spec.target is None and spec.target_path is None and isinstance(loaded, dict):
+        # a table or an .npz has named columns / arrays: which one is the target?
+        raise _err(
+            study,
+            "data.target",
+            'the target named: a column / array name, or "input" for an autoencoder',
+            f"no `target` (the file has {sorted(loaded)})",
+            'set `target` to the column to predict, e.g. target = "label" (or target = '
+            '"input" to reconstruct the features, or target_path = "y.npy")',
+        )
     if isinstance(loaded, np.ndarray):
         x = loaded
     elif spec.path.lower().endswith(".npz"):
@@ -150,6 +205,8 @@ def _from_path(study: Study) -> tuple[np.ndarray, np.ndarray]:
     elif spec.target in (None, "input"):
         y = x
     elif isinstance(loaded, dict) and spec.target in loaded:
+        if not spec.path.lower().endswith(".npz"):
+            _numeric(study, "data.target", loaded, [spec.target])
         y = np.asarray(loaded[spec.target])
         if not spec.path.lower().endswith(".npz") and y.ndim == 1:
             y = y[:, None]
@@ -191,7 +248,7 @@ def load_dataset(study: Study) -> Dataset:
     if spec.sklearn is not None:
         x, y = _sklearn(study)
     elif spec.synthetic is not None:
-        x = _synthetic(spec)
+        x = _synthetic(study)
         if spec.target not in (None, "input"):
             raise _err(
                 study,

@@ -3,13 +3,22 @@
 This file runs in two ways:
 
 * imported (``ablab.engine.reference``): the JAX backend, in ablab's own process;
-* as a script, ``python -P ablab/engine/fit_worker.py JOB_DIR``, in a fresh interpreter whose
-  ``KERAS_BACKEND`` is set to jax, torch or tensorflow -- so it must not import ablab.
+* as a script, ``python -P ablab/engine/fit_worker.py JOB_DIR [KEYS_JSON]``, in a fresh
+  interpreter whose ``KERAS_BACKEND`` is set to jax, torch or tensorflow -- so it must not
+  import ablab.
 
-A job folder holds ``job.json`` (model JSON, compile and fit arguments, per-seed entries)
-and ``arrays.npz`` (rows, per-seed initial weights in ``model.weights`` order, per-seed
-shuffle permutations). The worker writes ``result-<backend>.json``:
-``{"variant/seed": {name: [per epoch]}}``.
+A job folder holds ``job.json`` (model JSON, compile and fit arguments, the user's classes
+and functions the model names, per-seed entries) and ``arrays.npz`` (rows, per-seed initial
+weights in ``model.weights`` order, per-seed shuffle permutations). The worker writes
+``result-<backend>.json`` after every entry: ``{"histories": {"variant/seed": {name: [per
+epoch]}}, "errors": {"variant/seed": message}, "running": "variant/seed" or null}``. An
+entry that raises is an error of its own (and the later seeds of that variant are not run);
+the other entries still run. ``running`` names the entry a worker that died was training.
+
+The user's layer classes (``layer = "layers.py:MyLayer"`` or ``"package.module:MyLayer"``),
+custom activations and the like are loaded before the model is deserialized, as the engine
+loaded them: a study's file under the engine's module name, a module by name (its folder
+appended to ``sys.path``); then given to Keras as custom objects by their registered names.
 
 With ``shuffle`` every epoch is one ``model.fit(epochs=1, shuffle=False)`` call on that
 epoch's row order (Keras' own shuffle draws from numpy's global RNG and cannot be shared):
@@ -22,7 +31,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -93,49 +104,147 @@ def _load_callback(spec: dict[str, Any]) -> Any:
     return getattr(module, spec["name"])(**spec.get("kwargs", {}))
 
 
-def run_job(job_dir: Path) -> dict[str, dict[str, list[float]]]:
-    """Run every entry of a job folder under the current Keras backend."""
+def _user_module(spec: dict[str, Any]) -> Any:
+    name = spec["module"]
+    module = sys.modules.get(name)
+    if module is not None:
+        return module
+    if spec.get("file"):  # a study's own file: loaded as ablab.engine.model loads it
+        module_spec = importlib.util.spec_from_file_location(name, spec["file"])
+        assert module_spec is not None and module_spec.loader is not None
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[name] = module
+        try:
+            module_spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+        return module
+    root = spec.get("sys_path")
+    if root and root not in sys.path:  # last: it must not shadow what the worker imports
+        sys.path.append(root)
+    return importlib.import_module(name)
+
+
+def load_user_objects(specs: list[dict[str, Any]]) -> tuple[dict[str, Any], list[str]]:
+    """``({registered name: object}, [why one could not be loaded])`` for the user's classes
+    and functions ``specs`` name (``{"module", "attr", "file", "sys_path"}``, as
+    ``ablab.engine.reference.UserObject.to_job`` writes them)."""
     import keras
 
+    found: dict[str, Any] = {}
+    problems: list[str] = []
+    for spec in specs:
+        where = spec["file"] or spec["module"]
+        try:
+            obj = _user_module(spec)
+            for part in spec["attr"].split("."):
+                obj = getattr(obj, part)
+        except Exception as exc:
+            problems.append(f"loading {spec['attr']} from {where}: {type(exc).__name__}: {exc}")
+            continue
+        found[keras.saving.get_registered_name(obj)] = obj
+    return found, problems
+
+
+def _deserialize(entry: dict[str, Any]) -> Any:
+    import keras
+
+    custom, problems = load_user_objects(entry.get("user_objects", []))
+    try:
+        with keras.saving.custom_object_scope(custom):
+            return keras.models.model_from_json(entry["model_json"], custom_objects=custom)
+    except Exception as exc:
+        if problems:  # the cause, more likely than the Keras message
+            raise RuntimeError(f"{'; '.join(problems)} (then: {exc})") from exc
+        raise
+
+
+def run_entry(entry: dict[str, Any], arrays: Any) -> dict[str, list[float]]:
+    """One (variant, seed) entry of a job under the current Keras backend: its History."""
+    import keras
+
+    model = _deserialize(entry)
+    model.compile(
+        optimizer=keras.optimizers.get(entry["optimizer"]),
+        loss=keras.losses.get(entry["loss"]) if isinstance(entry["loss"], dict) else entry["loss"],
+        metrics=[keras.metrics.get(m) if isinstance(m, dict) else m for m in entry["metrics"]],
+    )
+    key = entry["key"]
+    weights = [arrays[f"{key}/w{i}"] for i in range(entry["n_weights"])]
+    model.set_weights(weights)
+    perms = arrays[f"{key}/perm"] if f"{key}/perm" in arrays.files else None
+    callbacks = [
+        _load_callback(c)
+        for c in entry.get("callbacks", [])
+        if c.get("backend") in (None, keras.backend.backend())
+    ]
+    return fit_history(
+        model,
+        arrays[f"{entry['data']}/x"],
+        arrays[f"{entry['data']}/y"],
+        entry["fit"],
+        perms,
+        callbacks,
+    )
+
+
+def _message(exc: BaseException, limit: int = 600) -> str:
+    """One line: Keras' layer-call errors lose their bold and their argument dump."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).split("\n\nArguments received")[0]
+    text = " ".join(f"{type(exc).__name__}: {text}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def run_job(
+    job_dir: Path,
+    keys: list[str] | None = None,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Run the entries of a job folder (those named in ``keys``; None: all) under the
+    current Keras backend, each on its own: ``{"histories", "errors", "running"}``.
+
+    on_progress(result): called before and after every entry (the script writes the
+    result file, so a worker that dies leaves what it finished and what it was running).
+    """
     job = json.loads((job_dir / "job.json").read_text())
     arrays = np.load(job_dir / "arrays.npz")
-    out: dict[str, dict[str, list[float]]] = {}
+    wanted = None if keys is None else set(keys)
+    result: dict[str, Any] = {"histories": {}, "errors": {}, "running": None}
+    failed: dict[str, str] = {}  # variant -> the key that failed
     for entry in job["entries"]:
-        model = keras.models.model_from_json(entry["model_json"])
-        model.compile(
-            optimizer=keras.optimizers.get(entry["optimizer"]),
-            loss=keras.losses.get(entry["loss"])
-            if isinstance(entry["loss"], dict)
-            else entry["loss"],
-            metrics=[keras.metrics.get(m) if isinstance(m, dict) else m for m in entry["metrics"]],
-        )
-        key = entry["key"]
-        weights = [arrays[f"{key}/w{i}"] for i in range(entry["n_weights"])]
-        model.set_weights(weights)
-        perms = arrays[f"{key}/perm"] if f"{key}/perm" in arrays.files else None
-        callbacks = [
-            _load_callback(c)
-            for c in entry.get("callbacks", [])
-            if c.get("backend") in (None, keras.backend.backend())
-        ]
-        out[key] = fit_history(
-            model,
-            arrays[f"{entry['data']}/x"],
-            arrays[f"{entry['data']}/y"],
-            entry["fit"],
-            perms,
-            callbacks,
-        )
-    return out
+        key, variant = entry["key"], entry["data"]
+        if wanted is not None and key not in wanted:
+            continue
+        if variant in failed:
+            result["errors"][key] = f"not run: {failed[variant]} failed"
+            continue
+        result["running"] = key
+        if on_progress is not None:
+            on_progress(result)
+        try:
+            result["histories"][key] = run_entry(entry, arrays)
+        except Exception as exc:
+            result["errors"][key] = _message(exc)
+            failed[variant] = key
+        result["running"] = None
+        if on_progress is not None:
+            on_progress(result)
+    return result
 
 
 def main(argv: list[str]) -> int:
+    """``fit_worker.py JOB_DIR [KEYS_JSON]``: KEYS_JSON, a file listing the entries to run."""
     job_dir = Path(argv[0])
-    result = run_job(job_dir)
+    keys = json.loads(Path(argv[1]).read_text()) if len(argv) > 1 else None
     backend = os.environ.get("KERAS_BACKEND", "?")
     tmp = job_dir / f".result-{backend}.json.tmp"
-    tmp.write_text(json.dumps(result))
-    os.replace(tmp, job_dir / f"result-{backend}.json")
+
+    def write(result: dict[str, Any]) -> None:
+        tmp.write_text(json.dumps(result))
+        os.replace(tmp, job_dir / f"result-{backend}.json")
+
+    run_job(job_dir, keys, write)
     return 0
 
 

@@ -26,6 +26,7 @@ import keras
 import numpy as np
 
 from ablab._keras import (
+    deferred_variables,
     flatten_layers,
     initializer_of,
     keras_backend,
@@ -54,6 +55,13 @@ class PreparedModel:
     non_trainable_inits: list[Callable[..., Any]]
     seed_state: list[bool]
     """Per non-trainable variable: is it a SeedGenerator state (per-seed RNG, e.g. Dropout)?"""
+    output_shape: tuple[int, ...] = ()
+    """The model's output shape without the batch dimension."""
+
+    @property
+    def output_width(self) -> int:
+        """Outputs per row (the last dimension: classes for a classifier)."""
+        return int(self.output_shape[-1]) if self.output_shape else 1
 
 
 def _auto_named(layer: keras.Layer) -> bool:
@@ -138,6 +146,12 @@ def _layer_from_spec(study: Study, key: str, spec: dict[str, Any]) -> keras.Laye
         ) from exc
 
 
+USER_MODULE_PREFIX = "ablab_user_"
+"""Module names of the study files ``_import_object`` loads (``"file.py:name"``): not
+importable by name, a fresh interpreter loads them from their ``__file__``
+(``ablab.engine.reference.user_objects``)."""
+
+
 def _import_object(study: Study, key: str, ref: str) -> Any:
     """``file.py:name`` (relative to the study's folder) or ``package.module:name``."""
     fix = 'write "models.py:name" (a file beside the study) or "package.module:name"'
@@ -151,14 +165,18 @@ def _import_object(study: Study, key: str, ref: str) -> Any:
             path = (Path(study.root) / target).resolve()
             if not path.is_file():
                 raise FileNotFoundError(f"no such file {path}")
-            mod_name = f"ablab_user_{abs(hash(str(path)))}"
+            mod_name = f"{USER_MODULE_PREFIX}{abs(hash(str(path)))}"
             module = sys.modules.get(mod_name)
             if module is None:  # load each file once, so its classes stay the same objects
                 spec = importlib.util.spec_from_file_location(mod_name, path)
                 assert spec is not None and spec.loader is not None
                 module = importlib.util.module_from_spec(spec)
                 sys.modules[mod_name] = module
-                spec.loader.exec_module(module)
+                try:
+                    spec.loader.exec_module(module)
+                except BaseException:  # no half-loaded module for the next caller
+                    del sys.modules[mod_name]
+                    raise
         else:
             module = importlib.import_module(target)
         return getattr(module, attr)
@@ -226,18 +244,26 @@ def _construct(study: Study, variant: str, input_shape: tuple[int, ...]) -> kera
 
 
 def prepare_model(
-    study: Study, variant: str, x_example: np.ndarray, y_example: np.ndarray
+    study: Study,
+    variant: str,
+    x_example: np.ndarray,
+    y_example: np.ndarray,
+    preflight: Callable[[keras.Model], None] | None = None,
 ) -> PreparedModel:
     """Build, compile and symbolically build ``variant``'s model; check it fits the target.
 
     x_example / y_example: a few rows (rows, ...) used only for shapes and dtypes.
+    preflight(model) runs on the built model before its variables hold values (are
+    allocated): it may refuse the model from its shapes (a memory pre-flight).
     """
     input_shape = tuple(int(d) for d in x_example.shape[1:])
-    with keras.StatelessScope():
+    with deferred_variables():
         model = _construct(study, variant, input_shape)
         inits = {id(v): initializer_of(v) for v in model.variables}
+        if preflight is not None:  # shapes only: nothing is allocated yet
+            preflight(model)
     # Leaving the scope gave every variable a (throw-away) value; the engine draws its own.
-    _check_output_shape(study, variant, model, x_example, y_example)
+    out_shape = _check_output_shape(study, variant, model, x_example, y_example)
     train = study.variant_train(variant)
     try:
         optimizer = keras.optimizers.get(train.optimizer_config())
@@ -280,12 +306,77 @@ def prepare_model(
         trainable_inits=[inits[id(v)] for v in tv],
         non_trainable_inits=[inits[id(v)] for v in ntv],
         seed_state=[id(v) in seed_states for v in ntv],
+        output_shape=out_shape,
     )
+
+
+SPARSE_CE = ("sparse_categorical_crossentropy",)
+CATEGORICAL_CE = ("categorical_crossentropy", "categorical_focal_crossentropy")
+BINARY_CE = ("binary_crossentropy", "binary_focal_crossentropy")
+
+
+def check_loss_target(study: Study, variant: str, output_width: int, y: np.ndarray) -> None:
+    """Refuse a cross-entropy whose targets it cannot mean (before any training): sparse
+    categorical CE needs integer class labels in ``[0, output width)``; categorical CE needs
+    one-hot / probability rows; binary CE needs targets in ``[0, 1]``. Regression losses take
+    any finite target. (Keras itself trains on such targets and reports nonsense: sparse CE
+    on a regression target gathers out of range and reports a loss of 0.)"""
+    train = study.variant_train(variant)
+    loss = train.loss_name
+    own = "loss" in study.variants[variant].train
+    key = f"variants.{variant}.train.loss" if own else "train.loss"
+    name = train.loss if isinstance(train.loss, str) else train.loss.name
+    y = np.asarray(y, dtype=np.float64)
+    if loss in SPARSE_CE:
+        ignore = (
+            (train.loss.model_extra or {}).get("ignore_class")
+            if not isinstance(train.loss, str)
+            else None
+        )
+        labels = y if ignore is None else y[y != ignore]
+        whole = bool(np.all(labels == np.round(labels)))
+        lo, hi = (float(labels.min()), float(labels.max())) if labels.size else (0.0, 0.0)
+        if not whole or lo < 0 or hi >= output_width:
+            got = (
+                f"non-integer targets (e.g. {labels[labels != np.round(labels)][0]:g})"
+                if not whole
+                else f"labels from {lo:g} to {hi:g} for a model with {output_width} output(s)"
+            )
+            raise StudyError(
+                where=study.source,
+                key=key,
+                expected=f"{name!r}: integer class labels in [0, {output_width}) -- one "
+                "output per class",
+                got=got,
+                fix='for a regression target use a regression loss (e.g. loss = "mse"); '
+                f"for classes, give the last layer one unit per class (labels up to {hi:g} "
+                f"need {int(hi) + 1} units)",
+            )
+    elif loss in CATEGORICAL_CE:
+        sums = y.reshape(y.shape[0], -1).sum(axis=1) if y.size else y
+        if y.size and (y.min() < 0 or y.max() > 1 or np.abs(sums - 1).max() > 1e-3):
+            raise StudyError(
+                where=study.source,
+                key=key,
+                expected=f"{name!r}: one-hot or probability rows (values in [0, 1] summing to 1)",
+                got=f"targets from {y.min():g} to {y.max():g}, row sums from {sums.min():g} to "
+                f"{sums.max():g}",
+                fix="one-hot encode class labels, or use sparse_categorical_crossentropy for "
+                'integer labels, or a regression loss (e.g. "mse") for values',
+            )
+    elif loss in BINARY_CE and y.size and (y.min() < 0 or y.max() > 1):
+        raise StudyError(
+            where=study.source,
+            key=key,
+            expected=f"{name!r}: targets in [0, 1] (0/1 labels or probabilities)",
+            got=f"targets from {y.min():g} to {y.max():g}",
+            fix='use 0/1 labels, or a regression loss (e.g. "mse") for values',
+        )
 
 
 def _check_output_shape(
     study: Study, variant: str, model: keras.Model, x: np.ndarray, y: np.ndarray
-) -> None:
+) -> tuple[int, ...]:
     try:
         spec = keras_backend.compute_output_spec(
             model, keras.KerasTensor(x.shape, "float32"), training=False
@@ -320,3 +411,4 @@ def _check_output_shape(
             got=f"(batch, {', '.join(map(str, out_shape))})",
             fix="make the last layer's units equal the target's width",
         )
+    return tuple(int(d) for d in out_shape)

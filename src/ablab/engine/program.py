@@ -34,6 +34,7 @@ import numpy as np
 from ablab._keras import flatten_layers
 from ablab.engine.data import Split
 from ablab.engine.initial_state import SHUFFLE_STREAM, initial_state, stream_key
+from ablab.engine.memory import Footprint, activation_elements, footprint
 from ablab.engine.model import PreparedModel
 from ablab.engine.probes import (
     BN_PROBE_ROWS,
@@ -416,31 +417,28 @@ class VariantProgram:
 
     def per_seed_bytes(self) -> int:
         """A conservative estimate of the memory one seed needs inside the program."""
+        return self.footprint().bytes
+
+    def footprint(self) -> Footprint:
+        """One seed's memory inside the program, by kind (``ablab.engine.memory``)."""
         model = self.prepared.model
-        params = sum(int(np.prod(v.shape)) for v in model.variables)
-        opt = sum(int(np.prod(v.shape)) for v in model.optimizer.variables)
-        acts = 0
-        for layer in model.layers:
-            try:
-                shape = layer.output.shape
-            except (AttributeError, ValueError):
-                continue
-            acts += int(np.prod([d for d in shape[1:] if d is not None]))
-        acts = max(acts, int(np.prod(self.split.x_train.shape[1:])))
         lay = self.layout
-        elems = 4 * params + opt + 4 * acts * max(lay.batch_size, lay.val_batch_size)
-        if lay.shuffle:  # a per-seed permuted copy of the training rows
-            elems += (
-                2
-                * lay.n_train
-                * (
-                    int(np.prod(self.split.x_train.shape[1:]))
-                    + int(np.prod(self.split.y_train.shape[1:]))
-                )
-            )
-        elems += 16 * lay.epochs * lay.steps_per_epoch  # logs
+        steps = lay.epochs * lay.steps_per_epoch
+        probe_elements = 0
         if self.probes:  # per-step probe scalars and the BN probe's chunk of activations
             assert self._probe_spec is not None
-            elems += (3 * len(self._probe_spec.layers) + 1) * lay.epochs * lay.steps_per_epoch
-            elems += 2 * min(lay.n_train, BN_PROBE_ROWS) * acts * len(self._probe_spec.bn)
-        return 4 * elems
+            probe_elements = (3 * len(self._probe_spec.layers) + 1) * steps
+            acts = activation_elements(model, self.split.x_train.shape[1:])
+            probe_elements += 2 * min(lay.n_train, BN_PROBE_ROWS) * acts * len(self._probe_spec.bn)
+        return footprint(
+            model,
+            optimizer_elements=sum(int(np.prod(v.shape)) for v in model.optimizer.variables),
+            x_row=self.split.x_train.shape[1:],
+            y_row=self.split.y_train.shape[1:],
+            n_train=lay.n_train,
+            batch_size=lay.batch_size,
+            val_batch_size=lay.val_batch_size,
+            shuffle=lay.shuffle,
+            steps=steps,
+            probe_elements=probe_elements,
+        )

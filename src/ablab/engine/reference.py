@@ -7,13 +7,140 @@ permutations drive one ``fit`` call per epoch (``ablab.engine.fit_worker.fit_his
 
 from __future__ import annotations
 
+import inspect
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
 import keras
 import numpy as np
 
 from ablab._keras import flatten_layers, seed_generators
 from ablab.engine.fit_worker import fit_history
-from ablab.engine.model import compile_losses
+from ablab.engine.model import USER_MODULE_PREFIX, compile_losses
 from ablab.engine.program import VariantProgram, epoch_permutation
+
+# Top-level packages whose objects need no help to deserialize (Keras' own), or that the
+# model.fit worker must not import (ablab: its engine runs on JAX only). Their functions a
+# layer holds are not the user's either (numpy, jax, ...).
+_NOT_USER = {"builtins", "keras", "ablab", "numpy", "jax", "jaxlib", "torch", "tensorflow"}
+
+
+@dataclass(frozen=True)
+class UserObject:
+    """One of the user's classes or functions a model's config names, and where a fresh
+    interpreter (the ``model.fit`` worker, another Keras backend) imports it from."""
+
+    obj: Any
+    module: str
+    attr: str
+    """Its ``__qualname__`` within ``module``."""
+    file: str | None
+    """A study's own file (``"file.py:Class"``), loaded as ``module`` like the engine does;
+    None: ``module`` is imported by name."""
+    sys_path: str | None
+    """The folder ``module``'s top-level package is imported from, here (None: unknown)."""
+    problem: str | None = None
+    """Why a fresh interpreter cannot import it (defined in ``__main__`` or in a function)."""
+
+    def to_job(self) -> dict[str, Any]:
+        """What the worker needs to load it (``fit_worker.load_user_objects``)."""
+        return {
+            "module": self.module,
+            "attr": self.attr,
+            "file": self.file,
+            "sys_path": self.sys_path,
+        }
+
+
+def _is_user(module: str | None) -> bool:
+    top = (module or "builtins").split(".")[0]
+    return top not in _NOT_USER and top not in sys.stdlib_module_names
+
+
+def _user_object(obj: Any) -> UserObject:
+    module_name, attr = obj.__module__, obj.__qualname__
+    module = sys.modules.get(module_name)
+    file = getattr(module, "__file__", None)
+    found: Any = module
+    for part in attr.split("."):
+        found = getattr(found, part, None)
+    problem = None
+    if module_name == "__main__":
+        problem = "it is defined in __main__ (a script or notebook)"
+    elif found is not obj:
+        problem = f"{module_name}.{attr} does not name it (defined inside a function?)"
+    if file is not None and module_name.startswith(USER_MODULE_PREFIX):
+        return UserObject(obj, module_name, attr, str(file), None, problem)
+    root = None
+    if file is not None:  # a.b.c in ROOT/a/b/c.py (or ROOT/a/b/c/__init__.py)
+        path = Path(file)
+        path = path.parent if path.stem == "__init__" else path
+        depth = len(module_name.split("."))
+        root = str(path.parents[depth - 1]) if len(path.parents) >= depth else None
+    return UserObject(obj, module_name, attr, None, root, problem)
+
+
+def _held(values: Any) -> list[Any]:
+    """A layer's attribute values, those in lists, tuples and dicts included."""
+    out: list[Any] = []
+    for value in values:
+        if isinstance(value, dict):
+            out += value.values()
+        elif isinstance(value, (list, tuple)):
+            out += value
+        else:
+            out.append(value)
+    return out
+
+
+def user_objects(model: keras.Model) -> list[UserObject]:
+    """The user's classes and functions ``model``'s config names: every layer class (nested
+    ones and the model's own class included) that is not Keras', and the functions and
+    objects with a config (activations, initializers, regularizers, ...) its layers hold.
+
+    In this process they are all loaded (the engine built the model); a fresh interpreter
+    deserializing the model's JSON must load them first -- see ``fit_worker``.
+    """
+    found: dict[int, UserObject] = {}
+    for layer in flatten_layers(model, include_self=True):
+        if _is_user(type(layer).__module__):
+            found.setdefault(id(type(layer)), _user_object(type(layer)))
+        for item in _held(vars(layer).values()):
+            if inspect.isfunction(item) and _is_user(item.__module__):
+                ref = _user_object(item)
+            elif (
+                not isinstance(item, (type, keras.Layer))
+                and hasattr(item, "get_config")
+                and _is_user(type(item).__module__)
+            ):
+                ref = _user_object(type(item))
+            else:
+                continue
+            if ref.problem is None:  # maybe not in the config at all: not worth a skip
+                found.setdefault(id(ref.obj), ref)
+    return list(found.values())
+
+
+def worker_problem(model: keras.Model) -> str | None:
+    """Why a fresh interpreter cannot deserialize ``model`` (None: it can, as far as ablab
+    can tell)."""
+    for ref in user_objects(model):
+        if ref.problem is not None:
+            name = getattr(ref.obj, "__name__", repr(ref.obj))
+            return (
+                f"the model.fit worker (a fresh interpreter) cannot import class {name}: "
+                f"{ref.problem}; define it at the top level of a file beside the study "
+                f'(layer = "file.py:{name}") or of an importable module'
+            )
+    return None
+
+
+def custom_objects(model: keras.Model) -> dict[str, Any]:
+    """``{registered name: class or function}`` of the user's objects ``model`` names (for
+    ``keras.saving.custom_object_scope``)."""
+    return {keras.saving.get_registered_name(r.obj): r.obj for r in user_objects(model)}
 
 
 def fit_arguments(program: VariantProgram) -> dict[str, object]:
@@ -66,7 +193,9 @@ def _in_weights_order(
 def fresh_model(program: VariantProgram, seed_id: int) -> keras.Model:
     """A new, compiled copy of the program's model holding seed ``seed_id``'s initial weights."""
     train = program.prepared.train
-    model = keras.models.clone_model(program.prepared.model)
+    original = program.prepared.model
+    with keras.saving.custom_object_scope(custom_objects(original)):  # custom activations, ...
+        model = keras.models.clone_model(original)
     model.compile(optimizer=keras.optimizers.get(train.optimizer_config()), **compile_losses(train))
     tv, ntv = program.initial_weights(np.asarray([seed_id]))
     model.set_weights(_in_weights_order(program, tv, ntv))

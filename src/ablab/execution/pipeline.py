@@ -117,13 +117,14 @@ def resume(
     address: str | None = None,
     workers: int | None = None,
 ) -> RunResult:
-    """Finish a killed, interrupted or failed run: train only its missing cells (the same
-    cells, chunk sizes and seeds it planned), then analyse it as a whole. The result is
+    """Finish a killed, interrupted or failed run, or repair any run: train only its missing
+    or damaged cells (a file that no longer matches its recorded checksum; the same cells,
+    chunk sizes and seeds it planned), then analyse it as a whole. The result is
     bit-identical to an uninterrupted run of the same study and seeds.
 
     run_ref: a run folder, a run id (or unique prefix) in ``runs_dir``, or ``latest``.
-    Raises InputError (exit 2) for a complete run, a run still running in another
-    process, or a run folder this version cannot resume.
+    Raises InputError (exit 2) for a complete run whose cells are all intact, a run still
+    running in another process, or a run folder this version cannot resume.
     """
     if isinstance(run_ref, RunDir):
         run_dir = run_ref
@@ -146,14 +147,6 @@ def _resume_locked(
     meta = run_dir.read_json("study.json")
     status = run_dir.read_json("status.json")  # read under the lock: final
     where = str(run_dir.path)
-    if status["state"] == "complete":
-        raise InputError(
-            where=where,
-            key="--resume",
-            expected="a run that did not finish (killed, interrupted or failed)",
-            got="a complete run",
-            fix=f"nothing to resume; see it with `ablab show {run_dir.run_id}`",
-        )
     stored_plan = meta.get("plan")
     if not stored_plan:
         raise InputError(
@@ -185,8 +178,17 @@ def _resume_locked(
     plan = make_plan(study, stored_plan["chunk_sizes"], workers)
     check_same_plan(where, stored_plan, plan.to_json())
     run_dir.clean_partial_writes()
-    done = run_dir.done_cells()
+    done = run_dir.done_cells(probed={c.key for c in plan.cells if c.probes})
     todo = [c for c in plan.cells if c.key not in done]
+    if status["state"] == "complete" and not todo:
+        raise InputError(
+            where=where,
+            key="--resume",
+            expected="a run that did not finish (killed, interrupted or failed), or one with "
+            "damaged or missing cells",
+            got="a complete run, every cell intact (checksums verified)",
+            fix=f"nothing to resume or repair; see it with `ablab show {run_dir.run_id}`",
+        )
     compile_s = compile_all(plan, todo, progress)
     chosen = _executor(plan, executor, address)
     try:
@@ -260,6 +262,8 @@ def _analyse(
 ) -> RunResult:
     """Verdicts, checks and explanations of a run whose cells are all stored -- computed
     from the store, so a resumed run and an uninterrupted one give identical documents."""
+    from ablab.analysis.explain import divergence_summary
+
     study = plan.study
     histories = stored_histories(run_dir, list(plan.programs))
     epoch_probes = epoch_probe_arrays(run_dir.probes("epoch"))
@@ -289,5 +293,6 @@ def _analyse(
         comparisons=compare(histories, str(study.baseline), study.verdicts),
         checks=checks,
         explain=explain,
+        divergence=divergence_summary(histories, study.resolved()),
         compile_s=compile_s,
     )

@@ -12,6 +12,7 @@ import pyarrow as pa
 
 from ablab.analysis.checks import CheckResult
 from ablab.analysis.document import RunDocument, build_document
+from ablab.analysis.explain import diverged_baselines
 from ablab.stats.verdicts import Comparison, paired_curve, resolve_metric
 from ablab.store.records import VariantHistory
 from ablab.store.rundir import RunDir
@@ -39,10 +40,18 @@ class RunResult:
     checks: list[CheckResult] = field(default_factory=list)
     explain: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Per variant: "optimum" (analytic baseline and gaps, or None), "bn" (diagnoses)."""
+    divergence: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per variant with a diverged seed: ``ablab.analysis.explain.divergence_summary``."""
     compile_s: dict[str, float] = field(default_factory=dict)
     executor: dict[str, Any] = field(default_factory=dict)
     """Where the cells trained: ``{"name": "local", "workers": 2}`` or ``{"name": "ray"}``."""
     _report: Any = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def diverged_baselines(self) -> list[str]:
+        """One sentence per baseline that diverged on every seed -- no variant can be judged
+        against it, so ``ablab run`` exits 1 -- or [] (``ablab.analysis.explain``)."""
+        return diverged_baselines(self.divergence)
 
     def report_data(self) -> ReportData:
         """The stored run's report data (figures, HTML), computed once from the run folder."""
@@ -118,4 +127,5 @@ class RunResult:
             environment=meta.get("environment"),
             cells_done=status.get("cells_done"),
             cells_total=status.get("cells_total"),
+            divergence=self.divergence,
         )

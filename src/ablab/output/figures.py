@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,6 +58,34 @@ def _integer_x(ax: Any) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
+Diverged = Mapping[str, tuple[int, int]]
+"""{variant: (seeds that diverged, seeds)} for the variants with a diverged seed: the data
+drawn leaves those seeds out (their values before or after the blow-up would set the axes),
+and the legend counts them."""
+
+
+def _label(variant: str, diverged: Diverged | None) -> str:
+    """The variant's legend label, with its count of diverged (left out) seeds."""
+    d, n = (diverged or {}).get(variant, (0, 0))
+    if not d:
+        return variant
+    if d == n:
+        return f"{variant} (all {n} seeds diverged)"
+    return f"{variant} ({d} of {n} seeds diverged, left out)"
+
+
+def _legend_the_rest(
+    ax: Any, drawn: Iterable[str], diverged: Diverged | None, colors: Mapping[str, Any]
+) -> None:
+    """A legend entry (nothing drawn) for each variant with diverged seeds that has no data on
+    ``ax`` -- so a variant whose every seed diverged is named, not silently missing."""
+    shown = set(drawn)
+    for variant in diverged or {}:
+        if variant not in shown:
+            color = colors.get(variant, "grey")
+            ax.plot([], [], color=color, ls=":", lw=1.6, label=_label(variant, diverged))
+
+
 def _draw_band(ax: Any, band: Band, color: Any, label: str) -> None:
     ax.fill_between(band.x, band.low, band.high, color=color, alpha=0.18, linewidth=0)
     ax.plot(band.x, band.median, color=color, linewidth=1.6, label=label)
@@ -69,11 +97,14 @@ def draw_curves(
     colors: dict[str, Any],
     name: str,
     optimum: dict[str, float] | None,
+    diverged: Diverged | None = None,
 ) -> None:
     """Per-epoch median and 5–95 % band of ``name`` for each variant on ``ax``; the analytic
-    optimum of each variant that has one (one black line when they all share it)."""
+    optimum of each variant that has one (one black line when they all share it); diverged
+    seeds counted in the legend (see :data:`Diverged`)."""
     for variant, band in bands.items():
-        _draw_band(ax, band, colors[variant], variant)
+        _draw_band(ax, band, colors[variant], _label(variant, diverged))
+    _legend_the_rest(ax, bands, diverged, colors)
     optimum = {v: o for v, o in (optimum or {}).items() if v in bands}
     if len(set(optimum.values())) == 1:
         ax.axhline(next(iter(optimum.values())), color="black", ls="--", lw=1, label="optimum")
@@ -92,6 +123,7 @@ def curves_figure(
     curves: dict[str, dict[str, Band]],
     colors: dict[str, Any],
     optimum: dict[str, dict[str, float]] | None = None,
+    diverged: Diverged | None = None,
 ) -> Figure:
     """One panel per history name (e.g. val_loss, loss): per-epoch median and 5–95 % band of
     each variant; ``optimum[name][variant]`` (its analytic optimum) as a dashed line."""
@@ -99,7 +131,7 @@ def curves_figure(
     fig = _figure(5.2 * len(names), 3.6)
     axes = fig.subplots(1, len(names), squeeze=False)[0]
     for ax, name in zip(axes, names, strict=True):
-        draw_curves(ax, curves[name], colors, name, (optimum or {}).get(name))
+        draw_curves(ax, curves[name], colors, name, (optimum or {}).get(name), diverged)
     return fig
 
 
@@ -124,11 +156,18 @@ def paired_figure(
 
 
 def draw_ecdf(
-    ax: Any, finals: dict[str, tuple[np.ndarray, np.ndarray]], colors: dict[str, Any], metric: str
+    ax: Any,
+    finals: dict[str, tuple[np.ndarray, np.ndarray]],
+    colors: dict[str, Any],
+    metric: str,
+    diverged: Diverged | None = None,
 ) -> None:
-    """ECDF of the final metric over seeds; ``finals[v] = (F, x)``: F(x_k) at sorted x_k."""
+    """ECDF of the final metric over seeds; ``finals[v] = (F, x)``: F(x_k) at sorted x_k;
+    diverged seeds counted in the legend (see :data:`Diverged`)."""
     for variant, (levels, values) in finals.items():
-        ax.step(values, levels, where="post", color=colors[variant], linewidth=1.6, label=variant)
+        label = _label(variant, diverged)
+        ax.step(values, levels, where="post", color=colors[variant], linewidth=1.6, label=label)
+    _legend_the_rest(ax, finals, diverged, colors)
     ax.set_xlabel(f"final {metric}")
     ax.set_ylabel("fraction of seeds ≤ x")
     ax.set_ylim(0, 1)
@@ -138,36 +177,61 @@ def draw_ecdf(
 
 
 def ecdf_figure(
-    finals: dict[str, tuple[np.ndarray, np.ndarray]], colors: dict[str, Any], metric: str
+    finals: dict[str, tuple[np.ndarray, np.ndarray]],
+    colors: dict[str, Any],
+    metric: str,
+    diverged: Diverged | None = None,
 ) -> Figure:
     fig = _figure(6.4, 3.6)
-    draw_ecdf(fig.subplots(), finals, colors, metric)
+    draw_ecdf(fig.subplots(), finals, colors, metric, diverged)
     return fig
 
 
-def _forest_rows(comparisons: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [c for c in comparisons if c.get("diff_mean") is not None]
+def _no_estimate(c: dict[str, Any]) -> tuple[str, str]:
+    """(tick label, note in the row) of a comparison without an estimate: every seed of the
+    variant or of its baseline diverged, or too few seeds converged in both arms."""
+    n = c.get("n") or 0
+    n_base = c.get("n_baseline") or n
+    if n and c.get("diverged") == n:
+        return "all seeds diverged", f"all {n} seeds diverged: no estimate"
+    if n_base and c.get("baseline_diverged") == n_base:
+        return (
+            "baseline diverged on every seed",
+            f"the baseline diverged on all {n_base} seeds: no estimate",
+        )
+    return "no estimate", f"too few converged seeds ({c.get('n_finite') or 0} of {n})"
 
 
 def draw_forest(ax: Any, comparisons: list[dict[str, Any]]) -> None:
     """Mean paired difference with its CI per comparison, coloured by verdict; the
-    equivalence margin as a shaded band around zero."""
-    rows = _forest_rows(comparisons)
+    equivalence margin as a shaded band around zero. A comparison without an estimate (every
+    seed diverged, say) is a labelled row with a note, not left out; the x axis follows the
+    estimates only."""
+    rows = comparisons
     margins = [c["margin"] for c in rows if c.get("margin") is not None]
+    margins = [m for m in margins if math.isfinite(m)]
     if margins:
         m = max(margins)
         ax.axvspan(-m, m, color="#2b7bba", alpha=0.08, label=f"margin ±{m:.3g}")
     ax.axvline(0.0, color="black", linewidth=0.8)
+    labels = []
     for i, c in enumerate(rows):
         color = VERDICT_COLORS.get(c["verdict"], "grey")
         y = len(rows) - 1 - i
-        ax.plot([c["ci_low"], c["ci_high"]], [y, y], color=color, linewidth=2.5)
+        if c.get("diff_mean") is None:
+            label, note = _no_estimate(c)
+            labels.append(f"{c['variant']} vs {c['baseline']} — {label}")
+            where = ax.get_yaxis_transform()  # x in axes fractions: no effect on the x axis
+            ax.text(0.02, y, note, transform=where, va="center", fontsize=8, color="#555555")
+            continue
+        labels.append(f"{c['variant']} vs {c['baseline']} — {c['verdict']}")
+        if c.get("ci_low") is not None and c.get("ci_high") is not None:
+            ax.plot([c["ci_low"], c["ci_high"]], [y, y], color=color, linewidth=2.5)
         ax.plot([c["diff_mean"]], [y], "o", color=color, markersize=6)
     ax.set_yticks(range(len(rows)))
-    ax.set_yticklabels(
-        [f"{c['variant']} vs {c['baseline']} — {c['verdict']}" for c in reversed(rows)],
-        fontsize=8,
-    )
+    ax.set_yticklabels(list(reversed(labels)), fontsize=8)
+    if not margins and all(c.get("diff_mean") is None for c in rows):
+        ax.set_xlim(-1.0, 1.0)  # nothing to scale to: zero in the middle
     if rows:
         ax.set_ylim(-0.7, len(rows) - 0.3)
         level = f"{100 * rows[0].get('confidence', 0.95):g}%"
@@ -179,7 +243,7 @@ def draw_forest(ax: Any, comparisons: list[dict[str, Any]]) -> None:
 
 
 def forest_figure(comparisons: list[dict[str, Any]]) -> Figure:
-    fig = _figure(6.4, 0.9 + 0.45 * max(len(_forest_rows(comparisons)), 1))
+    fig = _figure(6.4, 0.9 + 0.45 * max(len(comparisons), 1))
     draw_forest(fig.subplots(), comparisons)
     return fig
 
@@ -241,10 +305,13 @@ def sweep_figure(sweep: dict[str, Any]) -> Figure:
 
 
 def weights_figure(
-    weights: dict[str, dict[str, dict[str, Band]]], colors: dict[str, Any]
+    weights: dict[str, dict[str, dict[str, Band]]],
+    colors: dict[str, Any],
+    diverged: Diverged | None = None,
 ) -> Figure:
     """One row per layer: the sum of its kernel (or first weight) per optimizer step, and
-    its change since the first step; median and 5–95 % band over seeds per variant."""
+    its change since the first step; median and 5–95 % band over seeds per variant;
+    diverged seeds counted in the legend (see :data:`Diverged`)."""
     layers = list(weights)
     fig = _figure(11.0, 2.9 * len(layers))
     axes = fig.subplots(len(layers), 2, squeeze=False)
@@ -253,8 +320,10 @@ def weights_figure(
             (row[0], "sum", "weight sum"),
             (row[1], "drift", "weight sum − its value after step 1"),
         ):
-            for variant, band in weights[layer].get(which, {}).items():
-                _draw_band(ax, band, colors[variant], variant)
+            bands = weights[layer].get(which, {})
+            for variant, band in bands.items():
+                _draw_band(ax, band, colors[variant], _label(variant, diverged))
+            _legend_the_rest(ax, bands, diverged, colors)
             ax.set_title(f"{layer}: {title}", fontsize=10)
             ax.set_xlabel("optimizer step")
             _integer_x(ax)

@@ -20,13 +20,14 @@ from typing import Any
 import duckdb
 import jinja2
 import numpy as np
+import pyarrow as pa
 from matplotlib.figure import Figure
 
 from ablab.errors import InputError
 from ablab.output import figures as figs
 from ablab.output.figures import Band
 from ablab.output.formatting import fmt, sig
-from ablab.output.terminal import explain_lines
+from ablab.output.terminal import why_lines
 from ablab.stats.summary import QUANTILES, spread
 from ablab.stats.verdicts import paired_curve
 from ablab.store.io import atomic_write_bytes
@@ -54,12 +55,15 @@ FIGURES = (
 
 CAPTIONS = {
     "curves": "Per-epoch history of every variant: median over seeds with the 5–95 % band; "
-    "the dashed line is the analytic optimum where one exists.",
+    "the dashed line is the analytic optimum where one exists. Seeds that diverged are left "
+    "out (of this figure and the others) and counted in the legend.",
     "paired": "Per-epoch paired difference (variant − baseline) of the verdict metric over "
     "matched seeds, with its bootstrap confidence band. Below zero: lower than the baseline.",
-    "distributions": "Distribution of the final verdict metric over seeds (empirical CDF).",
+    "distributions": "Distribution of the final verdict metric over the seeds that never "
+    "diverged (empirical CDF); the legend counts the others.",
     "forest": "Mean paired difference of the final metric with its confidence interval, "
-    "coloured by verdict; the shaded band is the equivalence margin.",
+    "coloured by verdict; the shaded band is the equivalence margin. A comparison without an "
+    "estimate (every seed of an arm diverged, or too few converged) is a row saying so.",
     "sweep": "The same paired difference along each sweep axis: each variant against the "
     "baseline at the same sweep point, with its confidence interval; markers coloured by "
     "verdict, zero = no effect.",
@@ -87,16 +91,30 @@ def _band(x: np.ndarray, values: np.ndarray) -> Band:
 
 
 def _probe_bands(
-    files: list[str], kind: str, suffix: str, *, since_first: bool = False
+    files: list[str],
+    kind: str,
+    suffix: str,
+    *,
+    since_first: bool = False,
+    exclude: Mapping[str, np.ndarray] | None = None,
 ) -> dict[tuple[str, str], Band]:
     """{(variant, probe): Band over seeds along step (kind "step") or epoch (kind "epoch")} for
     the probes whose name ends with ``suffix``; aggregated by DuckDB, so runs with many seeds
     never load every probe row into memory. since_first: each seed's value minus its value at
-    the first recorded step (the drift, without the spread of the initial weights)."""
+    the first recorded step (the drift, without the spread of the initial weights).
+    exclude: {variant: seed ids} left out (the diverged seeds)."""
     if not files:
         return {}
     axis = "step" if kind == "step" else "epoch"
+    pairs = [(v, int(seed)) for v, seeds in (exclude or {}).items() for seed in seeds]
+    excluded = pa.table(
+        {
+            "variant": pa.array([v for v, _ in pairs], pa.string()),
+            "seed": pa.array([seed for _, seed in pairs], pa.int64()),
+        }
+    )
     with duckdb.connect() as con:
+        con.register("excluded", excluded)
         row = con.execute(f"SELECT max({axis}) FROM read_parquet(?)", [files]).fetchone()
         last = row[0] if row else None
         every = max(1, -(-int(last or 1) // TRAJECTORY_POINTS))  # ceil: <= that many points
@@ -107,7 +125,8 @@ def _probe_bands(
         )
         rows = con.execute(
             f"WITH p AS (SELECT variant, probe, {axis} AS x, {value} AS value "
-            "FROM read_parquet(?) WHERE kind = ? AND suffix(probe, ?)) "
+            "FROM read_parquet(?) r WHERE kind = ? AND suffix(probe, ?) AND NOT EXISTS "
+            "(SELECT 1 FROM excluded e WHERE e.variant = r.variant AND e.seed = r.seed)) "
             f"SELECT variant, probe, x, quantile_cont(value, {list(QUANTILES)}) "
             "FROM p WHERE isfinite(value) AND (x % ? = 0 OR x = 1 OR x = ?) "
             "GROUP BY ALL ORDER BY variant, probe, x",
@@ -157,6 +176,28 @@ class ReportData:
     def colors(self) -> dict[str, Any]:
         return figs.variant_colors(self.variants)
 
+    @cached_property
+    def diverged_seeds(self) -> dict[str, np.ndarray]:
+        """{variant: ids of its seeds that diverged}, for the variants with any."""
+        out = {v: h.seeds[h.diverged_epoch > 0] for v, h in self.histories.items()}
+        return {v: seeds for v, seeds in out.items() if seeds.size}
+
+    @property
+    def diverged(self) -> dict[str, tuple[int, int]]:
+        """{variant: (seeds that diverged, seeds)}: what the figures' legends count."""
+        return {v: (s.size, self.histories[v].n_seeds) for v, s in self.diverged_seeds.items()}
+
+    @cached_property
+    def converged(self) -> dict[str, VariantHistory]:
+        """The histories with every value of a diverged seed set to NaN: what the figures
+        draw, so a seed's values before (or beside) its blow-up never set an axis."""
+        out = {}
+        for v, h in self.histories.items():
+            bad = (h.diverged_epoch > 0)[:, None]
+            values = {k: np.where(bad, np.nan, a) for k, a in h.values.items()}
+            out[v] = VariantHistory(seeds=h.seeds, values=values)
+        return out
+
     @property
     def metric(self) -> str:
         """The metric the verdicts compare (``[verdicts] metric``, else the headline one:
@@ -168,13 +209,14 @@ class ReportData:
 
     @cached_property
     def curves(self) -> dict[str, dict[str, Band]]:
-        """{history name: {variant: per-epoch Band}} for the verdict metric, val_loss, loss."""
+        """{history name: {variant: per-epoch Band}} for the verdict metric, val_loss, loss,
+        over the seeds that never diverged."""
         names = list(dict.fromkeys([self.metric, "val_loss", "loss"]))
         out: dict[str, dict[str, Band]] = {}
         for name in names:
             bands = {
                 v: _band(np.arange(1, h.values[name].shape[1] + 1, dtype=float), h.values[name])
-                for v, h in self.histories.items()
+                for v, h in self.converged.items()
                 if name in h.values
             }
             if bands:
@@ -200,14 +242,15 @@ class ReportData:
 
     @cached_property
     def paired(self) -> dict[str, dict[str, np.ndarray]]:
-        """{"variant vs baseline": per-epoch paired difference with its bootstrap band}."""
+        """{"variant vs baseline": per-epoch paired difference with its bootstrap band, over
+        the seeds that converged in both arms (as the verdict's estimates)."""
         spec = self.verdict_spec
         out = {}
         for c in self.doc["comparisons"]:
             if not c.get("paired", True) or (c.get("n_finite") or 0) < 2:
                 continue  # a paired curve needs >= 2 seeds on which both arms converged
             curve = paired_curve(
-                self.histories,
+                self.converged,
                 c["variant"],
                 c["baseline"],
                 c["metric"],
@@ -223,10 +266,11 @@ class ReportData:
 
     @cached_property
     def finals(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """{variant: (F, x)}: the empirical CDF of the final verdict metric over finite seeds,
-        F(x_k) = k / n at the sorted values, thinned to at most ECDF_POINTS steps."""
+        """{variant: (F, x)}: the empirical CDF of the final verdict metric over the seeds that
+        never diverged, F(x_k) = k / n at the sorted values, thinned to at most ECDF_POINTS
+        steps."""
         out = {}
-        for v, h in self.histories.items():
+        for v, h in self.converged.items():
             if self.metric not in h.values:
                 continue
             final = h.values[self.metric][:, -1]
@@ -245,10 +289,16 @@ class ReportData:
     def weights(self) -> dict[str, dict[str, dict[str, Band]]]:
         """{layer: {"sum" | "drift": {variant: per-step Band}}}: the layer's weight sum, and
         its change since the first step (per seed, so the spread of the initial weights does
-        not hide the trajectory)."""
+        not hide the trajectory); diverged seeds left out."""
         out: dict[str, dict[str, dict[str, Band]]] = {}
         for which, since_first in (("sum", False), ("drift", True)):
-            bands = _probe_bands(self.probe_files, "step", "/kernel_sum", since_first=since_first)
+            bands = _probe_bands(
+                self.probe_files,
+                "step",
+                "/kernel_sum",
+                since_first=since_first,
+                exclude=self.diverged_seeds,
+            )
             for (variant, probe), band in bands.items():
                 layer = out.setdefault(probe.removesuffix("/kernel_sum"), {})
                 layer.setdefault(which, {})[variant] = band
@@ -258,8 +308,11 @@ class ReportData:
     def bn(self) -> dict[str, dict[str, Any]]:
         """Per variant with BatchNormalization: moving-statistics progress per layer with the
         expected ``1 − momentum^updates``, and val loss in train vs inference mode."""
-        progress = _probe_bands(self.probe_files, "epoch", "_progress")
-        train_mode = _probe_bands(self.probe_files, "epoch", "val_loss_train_mode")
+        left_out = self.diverged_seeds
+        progress = _probe_bands(self.probe_files, "epoch", "_progress", exclude=left_out)
+        train_mode = _probe_bands(
+            self.probe_files, "epoch", "val_loss_train_mode", exclude=left_out
+        )
         out: dict[str, dict[str, Any]] = {}
         for v, e in self.doc["explain"].items():
             diagnoses = e.get("bn") or []
@@ -296,7 +349,7 @@ class ReportData:
             "curves": True,
             "paired": bool(self.paired),
             "distributions": bool(self.finals),
-            "forest": any(c["diff_mean"] is not None for c in self.doc["comparisons"]),
+            "forest": bool(self.doc["comparisons"]),  # a row without an estimate says why
             "sweep": bool(
                 self.doc.get("sweep")
                 and any(r["diff_mean"] is not None for r in self.doc["sweep"]["rows"])
@@ -316,17 +369,17 @@ class ReportData:
             raise ValueError(f"this run has no data for the {kind!r} figure")
         c = self.colors
         if kind == "curves":
-            return figs.curves_figure(self.curves, c, self.optimum_lines)
+            return figs.curves_figure(self.curves, c, self.optimum_lines, self.diverged)
         if kind == "paired":
             return figs.paired_figure(self.paired, c, self.metric, self.level)
         if kind == "distributions":
-            return figs.ecdf_figure(self.finals, c, self.metric)
+            return figs.ecdf_figure(self.finals, c, self.metric, self.diverged)
         if kind == "forest":
             return figs.forest_figure(self.doc["comparisons"])
         if kind == "sweep":
             return figs.sweep_figure(self.doc["sweep"])
         if kind == "weights":
-            return figs.weights_figure(self.weights, c)
+            return figs.weights_figure(self.weights, c, self.diverged)
         if kind == "bn":
             return figs.bn_figure(self.bn, c)
         if kind == "optimum":
@@ -344,8 +397,9 @@ class ReportData:
             self.colors,
             self.metric,
             self.optimum_lines.get(self.metric),
+            self.diverged,
         )
-        figs.draw_ecdf(ax_ecdf, self.finals, self.colors, self.metric)
+        figs.draw_ecdf(ax_ecdf, self.finals, self.colors, self.metric, self.diverged)
         figs.draw_forest(ax_forest, self.doc["comparisons"])
         return fig
 
@@ -369,7 +423,7 @@ class ReportData:
             doc=self.doc,
             metric=self.metric,
             figures=figures,
-            why=explain_lines(self.doc["explain"]),
+            why=why_lines(self.doc),
             study_json=json.dumps(self.doc["study"], indent=2),
             generated=dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             probes_off=not self.probe_files,

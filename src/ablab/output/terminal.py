@@ -167,9 +167,17 @@ def explain_lines(explain: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
-def print_explain(console: Console, explain: dict[str, dict[str, Any]]) -> None:
-    """Analytic optimum gaps and BatchNormalization diagnoses, in words."""
-    lines = explain_lines(explain)
+def why_lines(doc: Mapping[str, Any]) -> list[str]:
+    """The "why" of a run document, one sentence per finding: the variants with diverged
+    seeds (how many, when, and the likely cause), then the analytic optimum gaps and the
+    BatchNormalization diagnoses."""
+    divergence = [d["text"] for d in (doc.get("divergence") or {}).values()]
+    return divergence + explain_lines(doc.get("explain") or {})
+
+
+def print_why(console: Console, doc: Mapping[str, Any]) -> None:
+    """:func:`why_lines`, under a "why" heading (nothing when there is nothing to say)."""
+    lines = why_lines(doc)
     if lines:
         console.print("[bold]why[/bold]")
         for line in lines:
@@ -231,7 +239,7 @@ def print_run(console: Console, doc: Mapping[str, Any]) -> None:
         console.print(sweep_table(doc["sweep"]))
     if doc.get("checks"):
         console.print(checks_table(doc["checks"]))
-    print_explain(console, doc.get("explain") or {})
+    print_why(console, doc)
     n_runs = sum(v["n_seeds"] for v in doc["variants"].values())
     if doc.get("wall_s") is not None:
         console.print(

@@ -11,10 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import pyarrow.parquet as pq
 
 from ablab.errors import InputError
 
 CATALOG = "catalog.duckdb"
+
+log = logging.getLogger("ablab")
 
 
 _RUNS_DDL = """
@@ -69,31 +72,54 @@ def update_catalog(runs_dir: Path, sql: str, params: list[Any], tries: int = 40)
     return False
 
 
+def _readable(files: list[Path]) -> list[Path]:
+    """``files`` whose Parquet footer reads (a truncated or foreign file does not): one bad
+    file must not fail every query of the runs folder. Each skipped file is named in a
+    warning; ``ablab show RUN`` verifies checksums in full."""
+    good = []
+    for f in files:
+        try:
+            pq.read_metadata(f)
+        except Exception as exc:  # any reader error: not whole Parquet
+            log.warning(
+                "%s is damaged (%s: %s); left out of the query -- `ablab run --resume %s` "
+                "re-trains it",
+                f,
+                type(exc).__name__,
+                exc,
+                f.parents[2].name,
+            )
+            continue
+        good.append(f)
+    return good
+
+
 def _parquet_view(
     con: duckdb.DuckDBPyConnection, runs_dir: Path, name: str, folder: str, empty_columns: str
 ) -> None:
-    """A temp view ``name`` over every run's ``<folder>/*/chunk-*.parquet`` (empty if none).
+    """A temp view ``name`` over every run's readable ``<folder>/*/chunk-*.parquet`` (empty
+    if none).
 
     Probe files count only where their cell's history file exists (a run interrupted
     between the two writes leaves a probe file whose cell is not done).
     """
-    pattern = f"*/{folder}/*/chunk-*.parquet"
-    if not (runs_dir.is_dir() and any(runs_dir.glob(pattern))):
+    files = sorted(runs_dir.glob(f"*/{folder}/*/chunk-*.parquet")) if runs_dir.is_dir() else []
+    if folder != "cells":
+        cells = {f.parent.parent.parent / "cells" / f.parent.name / f.name for f in files}
+        done = set(_readable([c for c in cells if c.is_file()]))
+        files = [
+            f for f in files if f.parent.parent.parent / "cells" / f.parent.name / f.name in done
+        ]
+    files = _readable(files)
+    if not files:
         con.execute(f"CREATE TEMP TABLE {name} ({empty_columns})")
         return
-    root = str(runs_dir.resolve()).replace("'", "''")
+    listed = ", ".join("'" + str(f.resolve()).replace("'", "''") + "'" for f in files)
     # hive_partitioning off: a sweep arm's folder (bn@batch_size=8) is not a key=value partition
-    source = (
-        f"read_parquet('{root}/{pattern}', union_by_name = true, filename = true,"
-        " hive_partitioning = false)"
+    con.execute(
+        f"CREATE TEMP VIEW {name} AS SELECT * FROM read_parquet([{listed}],"
+        " union_by_name = true, hive_partitioning = false)"
     )
-    where = ""
-    if folder != "cells":
-        where = (
-            f" WHERE replace(filename, '/{folder}/', '/cells/') IN "
-            f"(SELECT file FROM glob('{root}/*/cells/*/chunk-*.parquet'))"
-        )
-    con.execute(f"CREATE TEMP VIEW {name} AS SELECT * EXCLUDE (filename) FROM {source}{where}")
 
 
 def query(runs_dir: Path, sql: str) -> tuple[list[str], list[tuple[Any, ...]]]:

@@ -8,13 +8,17 @@ Layout under a runs directory (default ``runs/``)::
     <run_id>/status.json                state, cells done / total (versioned)
     <run_id>/cells/<variant>/chunk-<k>.parquet   history rows of one cell
     <run_id>/probes/<variant>/chunk-<k>.parquet  probe rows of one cell (probed cells only)
+    <run_id>/cells.sha256               SHA-256 of every cell file as written (sha256sum format;
+                                        the last line for a file counts)
     <run_id>/summary.json               the run's JSON summary (when it ended)
     <run_id>/.lock                      held (flock) by the process running the run
 
 A swept study's variants are its arms (``variant@axis=value``), so a cell file is one
-(variant, sweep point, seed chunk). A cell is done when its history file exists.
-Every file is written atomically (temp file in the same folder + ``os.replace``),
-so an interrupted run leaves only whole files: each finished cell is readable.
+(variant, sweep point, seed chunk). A cell is done when its history file exists and is
+intact. Every file is written atomically (temp file in the same folder + ``os.replace``),
+so an interrupted run leaves only whole files; its checksum is recorded right after. A file
+damaged later (a disk, a copy, a hand) no longer matches its checksum: readers skip it with a
+warning naming it, and ``ablab run --resume RUN`` re-trains it to the same bits.
 """
 
 from __future__ import annotations
@@ -22,10 +26,11 @@ from __future__ import annotations
 import datetime as dt
 import fcntl
 import json
+import logging
 import os
 import re
 import secrets
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,9 +41,13 @@ import pyarrow.parquet as pq
 
 from ablab.errors import InputError
 from ablab.store.catalog import catalog, update_catalog
-from ablab.store.io import atomic_write_json, atomic_write_parquet
+from ablab.store.io import FILE_MODE, atomic_write_json, atomic_write_parquet, sha256_file
 
 FORMAT_VERSION = 1
+CHECKSUMS = "cells.sha256"
+_CHECKSUM_LINE = re.compile(r"([0-9a-f]{64})  (\S.*)")
+
+log = logging.getLogger("ablab")
 
 
 def _now() -> dt.datetime:
@@ -56,6 +65,9 @@ class RunDir:
 
     path: Path
     _lock_fd: int | None = field(default=None, repr=False, compare=False)
+    _verified: dict[Path, tuple[tuple[int, int], str | None]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     @property
     def run_id(self) -> str:
@@ -68,7 +80,11 @@ class RunDir:
     def cell_path(self, variant: str, chunk: int) -> Path:
         return self.path / "cells" / variant / f"chunk-{chunk:05d}.parquet"
 
+    def probe_path(self, variant: str, chunk: int) -> Path:
+        return self.path / "probes" / variant / f"chunk-{chunk:05d}.parquet"
+
     def cell_files(self) -> list[Path]:
+        """Every history file on disk, damaged or not (:meth:`intact` filters)."""
         return sorted((self.path / "cells").glob("*/chunk-*.parquet"))
 
     def probe_files(self) -> list[Path]:
@@ -186,9 +202,14 @@ class RunDir:
         for tmp in self.path.glob(".*.tmp"):
             tmp.unlink(missing_ok=True)
 
-    def done_cells(self) -> set[tuple[str, int]]:
-        """(variant, chunk) of every cell whose history is stored."""
-        return {(f.parent.name, int(f.stem.split("-")[1])) for f in self.cell_files()}
+    def done_cells(self, probed: Collection[tuple[str, int]] = ()) -> set[tuple[str, int]]:
+        """(variant, chunk) of every cell whose history is stored and intact -- and, for the
+        ``probed`` cells, whose probe file is too."""
+        done = {(f.parent.name, int(f.stem.split("-")[1])) for f in self.intact(self.cell_files())}
+        recorded = self.checksums()
+        return {
+            c for c in done if c not in probed or self.damage(self.probe_path(*c), recorded) is None
+        }
 
     def reopen(self, cells_done: int, cells_total: int) -> None:
         """Mark a resumed run running again (status and catalog)."""
@@ -217,12 +238,84 @@ class RunDir:
         """Store one cell: its probes first, then its history (whose file marks it done)."""
         if probes is not None:
             run_col = pa.array([self.run_id] * probes.num_rows, pa.string())
-            atomic_write_parquet(
-                self.path / "probes" / variant / f"chunk-{chunk:05d}.parquet",
-                probes.add_column(0, "run_id", run_col),
-            )
+            path = self.probe_path(variant, chunk)
+            self._record(path, atomic_write_parquet(path, probes.add_column(0, "run_id", run_col)))
         run_col = pa.array([self.run_id] * table.num_rows, pa.string())
-        atomic_write_parquet(self.cell_path(variant, chunk), table.add_column(0, "run_id", run_col))
+        path = self.cell_path(variant, chunk)
+        self._record(path, atomic_write_parquet(path, table.add_column(0, "run_id", run_col)))
+
+    def _record(self, path: Path, digest: str) -> None:
+        """Append ``path``'s checksum to cells.sha256 (one ``write`` of one line, synced)."""
+        line = f"{digest}  {path.relative_to(self.path).as_posix()}\n"
+        fd = os.open(self.path / CHECKSUMS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
+        try:
+            os.write(fd, line.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._verified.pop(path, None)
+
+    # -- verifying -----------------------------------------------------------------------
+    def checksums(self) -> dict[str, str]:
+        """``relative path -> SHA-256`` as recorded (the last line for a path wins; a line
+        cut short by a kill is ignored)."""
+        try:
+            text = (self.path / CHECKSUMS).read_text(errors="replace")
+        except FileNotFoundError:
+            return {}
+        found = (_CHECKSUM_LINE.fullmatch(line) for line in text.splitlines())
+        return {m.group(2): m.group(1) for m in found if m}
+
+    def damage(self, path: Path, recorded: dict[str, str] | None = None) -> str | None:
+        """Why the cell file ``path`` cannot be trusted, or None if it is intact: its bytes
+        must match its recorded checksum; a file without one (written by an older ablab, or
+        its writer killed right after the write) must at least read as whole Parquet."""
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return "missing"
+        stamp = (st.st_size, st.st_mtime_ns)
+        cached = self._verified.get(path)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        if recorded is None:
+            recorded = self.checksums()
+        expected = recorded.get(path.relative_to(self.path).as_posix())
+        reason: str | None = None
+        if expected is not None:
+            actual = sha256_file(path)
+            if actual != expected:
+                reason = f"checksum mismatch (recorded {expected[:12]}…, now {actual[:12]}…)"
+        else:
+            try:
+                pq.read_table(path)
+            except Exception as exc:  # any reader error: the file is not whole Parquet
+                reason = f"unreadable, no checksum recorded ({type(exc).__name__}: {exc})"
+        if reason is not None:
+            log.warning(
+                "%s: %s is damaged: %s; skipped -- `ablab run --resume %s` re-trains it",
+                self.run_id,
+                path.relative_to(self.path).as_posix(),
+                reason,
+                self.run_id,
+            )
+        self._verified[path] = (stamp, reason)
+        return reason
+
+    def intact(self, files: list[Path]) -> list[Path]:
+        """``files`` without the damaged ones (each named once in a warning)."""
+        recorded = self.checksums()
+        return [f for f in files if self.damage(f, recorded) is None]
+
+    def damaged_files(self) -> dict[str, str]:
+        """``relative path -> why`` for every damaged cell or probe file of this run."""
+        recorded = self.checksums()
+        out = {}
+        for f in (*self.cell_files(), *self.probe_files()):
+            reason = self.damage(f, recorded)
+            if reason is not None:
+                out[f.relative_to(self.path).as_posix()] = reason
+        return out
 
     def finish(
         self, state: str, cells_done: int, cells_total: int, summary: Mapping[str, Any] | None
@@ -258,6 +351,7 @@ class RunDir:
         files = self.cell_files()
         if variant is not None:
             files = [f for f in files if f.parent.name == variant]
+        files = self.intact(files)
         if not files:
             return pa.table({})
         tables = []
@@ -273,8 +367,8 @@ class RunDir:
     def done_probe_files(self) -> list[Path]:
         """Probe files of the cells whose history is stored (a run interrupted between the
         two writes leaves a probe file whose cell is not done)."""
-        done = {(f.parent.name, f.name) for f in self.cell_files()}
-        return [f for f in self.probe_files() if (f.parent.name, f.name) in done]
+        done = {(f.parent.name, f.name) for f in self.intact(self.cell_files())}
+        return self.intact([f for f in self.probe_files() if (f.parent.name, f.name) in done])
 
     def probes(self, kind: str | None = None) -> pa.Table:
         """Every stored probe row of this run (cells whose history is stored); ``kind``
@@ -325,9 +419,16 @@ def list_runs(runs_dir: Path) -> list[dict[str, Any]]:
         cur = con.execute("SELECT * FROM runs ORDER BY created_at DESC")
         cols = [d[0] for d in cur.description]
         rows = [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
-    for row in rows:  # marked running, but no live process holds its lock: killed
+    for row in rows:
         folder = Path(row["run_dir"]) if row["run_dir"] else None
-        if row["state"] == "running" and folder is not None and folder.is_dir():
+        if folder is None or not folder.is_dir():
+            continue
+        try:  # each run's status.json is the source of truth (the catalog is best effort)
+            status = RunDir(folder).read_json("status.json")
+            row["state"], row["cells_done"] = status["state"], status["cells_done"]
+        except (OSError, ValueError, KeyError):
+            pass
+        if row["state"] == "running":  # but no live process holds its lock: killed
             row["state"] = "running" if RunDir(folder).is_running() else "killed"
     return rows
 

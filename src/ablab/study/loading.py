@@ -53,8 +53,13 @@ def to_study_error(exc: ValidationError, source: str, prefix: str = "") -> Study
     err = exc.errors()[0]
     keyed = (err.get("ctx") or {}).get("error")
     if isinstance(keyed, _KeyedError):
-        nested = prefix and keyed.key != prefix and not keyed.key.startswith(f"{prefix}.")
-        key = f"{prefix}.{keyed.key}" if nested else keyed.key
+        if keyed.relative:  # relative to the table that raised it: where that table is
+            table = _loc(tuple(p for p in err["loc"] if not str(p).startswith("function-")))
+            table = ".".join(t for t in (prefix, "" if table == "(top level)" else table) if t)
+            key = f"{table}.{keyed.key}" if table else keyed.key
+        else:
+            nested = prefix and keyed.key != prefix and not keyed.key.startswith(f"{prefix}.")
+            key = f"{prefix}.{keyed.key}" if nested else keyed.key
         return StudyError(
             where=source, key=key, expected=keyed.expected, got=keyed.got, fix=keyed.fix
         )
@@ -82,13 +87,21 @@ def to_study_error(exc: ValidationError, source: str, prefix: str = "") -> Study
             fix=f"add `{loc[-1]} = ...`",
         )
     msg = err["msg"].removeprefix("Value error, ")
-    return StudyError(
-        where=source,
-        key=key,
-        expected=msg,
-        got=short_repr(err.get("input")),
-        fix="correct the value (see the README's study file reference)",
-    )
+    if msg.startswith("Input should be "):  # pydantic's wording -> the message form's
+        rest = msg.removeprefix("Input should be ")
+        msg = rest if rest.startswith(("a ", "an ")) else f"a value {rest}"
+    fix = "correct the value (see the README's study file reference)"
+    if kind in _RANGE_ERRORS:  # "Input should be less than or equal to 1000000"
+        fix = f"use {msg}"
+    elif kind == "finite_number":
+        fix = "give a finite number (no nan / inf)"
+    elif kind in ("int_from_float", "int_parsing"):
+        fix = "give a whole number, e.g. 10"
+    got = short_repr(err.get("input"))
+    return StudyError(where=source, key=key, expected=msg, got=got, fix=fix)
+
+
+_RANGE_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
 
 
 def study_from_dict(raw: Mapping[str, Any], *, source: str = "<in code>", root: str = ".") -> Study:

@@ -7,6 +7,7 @@ and defaults of ``[train]`` follow ``keras.Model.compile`` / ``keras.Model.fit``
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
@@ -40,17 +41,38 @@ SECTIONS = (
 # Keras defaults (keras.Model.compile / keras.Model.fit, Keras 3.15).
 FIT_DEFAULT_BATCH_SIZE = 32
 
+# Sane ranges, checked when the study is read (before anything is allocated): beyond them a
+# value is a typo (epochs = 1e12), not a study. Seeds are uint32 ids, base + count < 2**32.
+MAX_EPOCHS = 1_000_000
+MAX_SEEDS = 10_000_000
+MAX_BATCH_SIZE = 2**24
+MAX_SYNTHETIC_ELEMENTS = 2**31
+"""Largest synthetic array (8 GiB as float32); beyond, the data alone would not fit."""
+MIN_MEMORY_BUDGET_MB = 16.0
+MAX_MEMORY_BUDGET_MB = float(2**24)
+"""16 TiB: more than any one machine holds."""
+
 
 class _KeyedError(ValueError):
-    """A cross-field problem that knows its key, its offending value and its fix."""
+    """A cross-field problem that knows its key, its offending value and its fix.
 
-    def __init__(self, key: str, expected: str, got: str, fix: str) -> None:
+    relative: ``key`` is relative to the table that raised it (``optimizer.learning_rate``
+    of whichever ``train`` table: ``[train]`` or a variant's override).
+    """
+
+    def __init__(
+        self, key: str, expected: str, got: str, fix: str, *, relative: bool = False
+    ) -> None:
         self.key, self.expected, self.got, self.fix = key, expected, got, fix
+        self.relative = relative
         super().__init__(f"[{key}] expected {expected}; got {got}")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, frozen=False)
+    # allow_inf_nan=False: a NaN or an infinity in a numeric field is refused, not trained on
+    model_config = ConfigDict(
+        extra="forbid", arbitrary_types_allowed=True, frozen=False, allow_inf_nan=False
+    )
 
 
 class SyntheticData(_Strict):
@@ -70,6 +92,14 @@ class SyntheticData(_Strict):
         if len(shape) < 2:
             msg = "a shape of at least 2 dimensions (rows, features...), e.g. [100, 12]"
             raise ValueError(msg)
+        elements = math.prod(shape)
+        if elements > MAX_SYNTHETIC_ELEMENTS:
+            raise _KeyedError(
+                "data.synthetic.shape",
+                f"at most {MAX_SYNTHETIC_ELEMENTS:,} values (8 GiB as float32)",
+                f"{list(shape)} = {elements:.3g} values ({4 * elements / 2**30:.3g} GiB)",
+                "use fewer rows or features, e.g. shape = [1000, 12]",
+            )
         return shape
 
 
@@ -143,11 +173,31 @@ class TrainSpec(_Strict):
     optimizer: str | OptimizerSpec = "rmsprop"
     loss: str | ObjectSpec
     metrics: list[str | ObjectSpec] = Field(default_factory=list)
-    epochs: PositiveInt = 1
-    batch_size: PositiveInt = FIT_DEFAULT_BATCH_SIZE
+    epochs: int = Field(1, ge=1, le=MAX_EPOCHS)
+    batch_size: int = Field(FIT_DEFAULT_BATCH_SIZE, ge=1, le=MAX_BATCH_SIZE)
     validation_split: float = Field(0.0, ge=0.0, lt=1.0)
-    validation_batch_size: PositiveInt | None = None
+    validation_batch_size: int | None = Field(None, ge=1, le=MAX_BATCH_SIZE)
     shuffle: bool = True
+
+    @model_validator(mode="after")
+    def _finite_optimizer(self) -> TrainSpec:
+        """Every number among the optimizer's arguments is finite, and learning rates are not
+        negative: SGD with learning_rate = -1 or nan trains every seed into NaN."""
+        if isinstance(self.optimizer, str):
+            return self
+        for key, value in _numbers(dict(self.optimizer.model_extra or {})):
+            rate = key.rsplit(".", 1)[-1] in ("learning_rate", "initial_learning_rate")
+            if not math.isfinite(value) or (rate and value < 0):
+                raise _KeyedError(
+                    f"optimizer.{key}",
+                    "a finite number" + (" >= 0" if rate else ""),
+                    repr(value),
+                    "use a positive learning rate, e.g. 1e-3"
+                    if rate
+                    else "give a finite value (see the keras.optimizers argument's docs)",
+                    relative=True,
+                )
+        return self
 
     def optimizer_config(self) -> dict[str, Any]:
         """The optimizer as ``keras.optimizers.get`` takes it (JSON: it also goes to the
@@ -156,6 +206,8 @@ class TrainSpec(_Strict):
             return {"class_name": self.optimizer, "config": {}}
         kwargs = dict(self.optimizer.model_extra or {})
         lr = kwargs.get("learning_rate")
+        if isinstance(lr, int) and not isinstance(lr, bool):
+            kwargs["learning_rate"] = lr = float(lr)  # TOML's `1000`: Keras wants a float
         if isinstance(lr, dict):
             sched = dict(lr)
             name = sched.pop("schedule", None) or sched.pop("name", None)
@@ -182,6 +234,15 @@ class TrainSpec(_Strict):
     def metric_names(self) -> list[str]:
         """The History names of the metrics (see :func:`metric_name`)."""
         return [metric_name(m) for m in self.metrics]
+
+
+def _numbers(table: Mapping[str, Any], prefix: str = "") -> Iterable[tuple[str, float]]:
+    """``(dotted key, value)`` of every number inside ``table`` (nested tables included)."""
+    for key, value in table.items():
+        if isinstance(value, Mapping):
+            yield from _numbers(value, f"{prefix}{key}.")
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            yield f"{prefix}{key}", float(value)
 
 
 class ModelSpec(_Strict):
@@ -214,7 +275,7 @@ class VariantSpec(_Strict):
 class SeedSpec(_Strict):
     """Seeds ``base, base + 1, ..., base + count - 1``; seed i is paired across variants."""
 
-    count: PositiveInt = 1000
+    count: int = Field(1000, ge=1, le=MAX_SEEDS)
     base: int = Field(0, ge=0, lt=2**31)
 
 
@@ -225,10 +286,11 @@ class EngineSpec(_Strict):
     and data order, into the same tables."""
 
     kind: Literal["vectorized", "reference"] = "vectorized"
-    memory_budget_mb: float = Field(2048.0, gt=0)
-    """Bounds one chunk (its seeds x an estimate per seed), and the chunks in flight at once."""
-    chunk_size: PositiveInt | None = None
-    workers: PositiveInt | None = None
+    memory_budget_mb: float = Field(2048.0, ge=MIN_MEMORY_BUDGET_MB, le=MAX_MEMORY_BUDGET_MB)
+    """Bounds one chunk (its seeds x an estimate per seed), and the chunks in flight at once;
+    a study whose single seed needs more is refused before anything is allocated."""
+    chunk_size: int | None = Field(None, ge=1, le=MAX_SEEDS)
+    workers: int | None = Field(None, ge=1, le=1024)
     """Chunk calls the local executor runs at once (``ablab.engine.sizing.default_workers()`` when
     unset: one per CPU core, 1 on an accelerator), as many as the memory budget holds.
     Results do not depend on it."""
@@ -259,7 +321,7 @@ class VerdictSpec(_Strict):
     margin_sd: float = Field(0.1, ge=0)
     """Equivalence margin as a fraction of the baseline's across-seed SD (the default rule)."""
     confidence: float = Field(0.95, gt=0, lt=1)
-    n_resamples: PositiveInt = 9999
+    n_resamples: int = Field(9999, ge=1, le=10**7)
     power: float = Field(0.8, gt=0, lt=1)
     effect: float | None = None
     """A stated effect (metric units) for seed planning; default: the observed outcomes."""
@@ -308,7 +370,7 @@ class ChecksSpec(_Strict):
     backends: list[Literal["jax", "torch", "tensorflow"]] | None = None
     """model.fit under these Keras backends vs the engine (jax = the fidelity check).
     Not declared: `ablab run` skips them and `ablab check` runs all three."""
-    seeds: PositiveInt = 3
+    seeds: int = Field(3, ge=1, le=10_000)
     """Seeds per variant that the trajectory and backend checks train."""
     tolerance: float = Field(1e-5, gt=0)
     """Equivalence / identity probe: max |a - b| / max(|a|, |b|, 1) over steps and weights."""
@@ -324,7 +386,7 @@ class ProbesSpec(_Strict):
     enabled: bool | Literal["auto"] = "auto"
     """true, false, or "auto": on for models up to ``max_params`` parameters."""
     max_params: PositiveInt = 100_000
-    seeds: PositiveInt = 1000
+    seeds: int = Field(1000, ge=1, le=MAX_SEEDS)
     """Probe at least this many seeds per variant (the first seed chunks that cover them);
     the other chunks run without probes. Probes are long tables (one row per seed, step and
     quantity): at 100,000 seeds they would outweigh the History many times over, while the
@@ -460,13 +522,13 @@ class Study(_Strict):
 
     def with_seeds(self, count: int | None = None, base: int | None = None) -> Study:
         """A copy with the seed count / base replaced (``--seeds N``)."""
-        if count is not None and count <= 0:
+        if count is not None and not 1 <= count <= MAX_SEEDS:
             raise StudyError(
                 where=self.source,
                 key="seeds.count",
-                expected="a positive number of seeds",
+                expected=f"a number of seeds from 1 to {MAX_SEEDS:,}",
                 got=repr(count),
-                fix="pass --seeds N with N >= 1",
+                fix=f"pass --seeds N with 1 <= N <= {MAX_SEEDS:,}",
             )
         seeds = self.seeds.model_copy(
             update={k: v for k, v in {"count": count, "base": base}.items() if v is not None}
