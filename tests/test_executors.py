@@ -180,9 +180,9 @@ def test_the_plan_bounds_workers_by_the_memory_budget(tiny_study: Path) -> None:
     # the chunk size never depends on the workers (nor on the machine)
     assert make_plan(free, workers=1).chunk_sizes == make_plan(free, workers=8).chunk_sizes
     pinned = study.model_copy(
-        update={"engine": study.engine.model_copy(update={"workers": 2, "memory_budget_mb": 1e-3})}
+        update={"engine": study.engine.model_copy(update={"workers": 2, "memory_budget_mb": 0.1})}
     )
-    plan = make_plan(pinned)  # one cell alone is over this budget: one at a time
+    plan = make_plan(pinned)  # one 4-seed cell (~62 KiB) fits this budget, two do not
     assert plan.workers == 1 and plan.chunk_sizes == {"plain": 4, "bn": 4}
 
 

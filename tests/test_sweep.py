@@ -98,7 +98,7 @@ def test_builder_parameter_axis(tmp_path: Path) -> None:
         ({"colour": [1, 2]}, None, "sweep.colour", "a [train] key"),
         ({"batch_size": []}, None, "sweep.batch_size", "non-empty"),
         ({"batch_size": [8, 8]}, None, "sweep.batch_size", "distinct"),
-        ({"batch_size": [0, 8]}, None, "sweep.batch_size", "greater than 0"),
+        ({"batch_size": [0, 8]}, None, "sweep.batch_size", "greater than or equal to 1"),
         ({"epochs": [1, 2]}, {"epochs": 5}, "sweep.epochs", "no variant overrides"),
         ({"params.width": [4, 8]}, None, "sweep.params.width", "a builder study"),
         (
