@@ -53,6 +53,10 @@ def test_run_json_is_one_document(stored: tuple[Path, dict]) -> None:
     (cmp,) = doc["comparisons"]
     assert cmp["variant"] == "bn" and cmp["baseline"] == "plain" and cmp["n"] == 6
     assert cmp["verdict"] in ("helps", "hurts", "equivalent", "inconclusive")
+    # wall_s counts from the command's start: compile and training are parts of it (#17)
+    assert 0 < doc["compile_s"] and 0 < doc["train_s"]
+    assert doc["wall_s"] >= doc["compile_s"] + doc["train_s"]
+    assert doc["runs_per_s"] == pytest.approx(12 / doc["wall_s"])
 
 
 def test_run_prints_a_table(
@@ -65,7 +69,9 @@ def test_run_prints_a_table(
         "bn",
         "median",
         "5–95 %",
-        "runs/s",
+        "runs/s end to end",
+        "; compile",
+        "training",
         "stored in",
         "vs plain on final val_loss",
         "verdict rule",

@@ -28,7 +28,7 @@ def test_seed_chunks_cover_every_seed_once_with_equal_lengths() -> None:
 
 
 @pytest.mark.parametrize(
-    ("budget_mb", "explicit", "expected"), [(2048.0, None, 1000), (2048.0, 7, 7), (1e-3, None, 1)]
+    ("budget_mb", "explicit", "expected"), [(2048.0, None, 500), (2048.0, 7, 7), (1e-3, None, 1)]
 )
 def test_chunk_size_choice(
     seed_programs: dict[str, VariantProgram], budget_mb: float, explicit: int | None, expected: int
@@ -36,6 +36,19 @@ def test_chunk_size_choice(
     assert choose_chunk_size(seed_programs["bn"], 1000, budget_mb, explicit) == expected
     # 100,000 seeds at the 1,024 cap: 98 chunks of 1,021 (balanced, 58 seeds of padding)
     assert choose_chunk_size(seed_programs["bn"], 100_000, 2048.0) == 1021
+
+
+def test_a_variant_with_enough_seeds_gets_two_cells(
+    seed_programs: dict[str, VariantProgram],
+) -> None:
+    """One cell per variant left a worker idle (issue #17): 64 seeds and more make two cells
+    of one size (one compiled program); fewer stay one cell. The study alone decides."""
+    program = seed_programs["bn"]
+    assert choose_chunk_size(program, 1000, 2048.0) == 500
+    assert choose_chunk_size(program, 200, 2048.0) == 100
+    assert choose_chunk_size(program, 65, 2048.0) == 33  # 2 cells, one padded seed
+    assert choose_chunk_size(program, 63, 2048.0) == 63
+    assert choose_chunk_size(program, 3000, 2048.0) == 1000
 
 
 def test_workers_within_budget() -> None:

@@ -3,6 +3,8 @@ falls back to the base options instead of failing every compile."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from ablab.engine import xla
@@ -20,3 +22,51 @@ def test_compiler_options_fall_back_when_a_flag_is_unknown(
         assert compiler_options() == xla.BASE_COMPILER_OPTIONS
     finally:
         compiler_options.cache_clear()
+
+
+def _cache_in_a_fresh_process(tmp_path: object, **env: str) -> str:
+    import os
+    import subprocess
+    import sys
+
+    clean = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import ablab.engine, jax; print(jax.config.jax_compilation_cache_dir)",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**clean, "XDG_CACHE_HOME": str(tmp_path), **env},
+        timeout=120,
+    )
+    return out.stdout.strip().splitlines()[-1]
+
+
+def test_the_persistent_compilation_cache_is_on_by_default_per_versions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every `ablab run` compiled every program again (issue #17): the cache is on in the
+    user cache folder, keyed by the versions that shape the programs; off with
+    ABLAB_COMPILATION_CACHE=0 (or `ablab run --no-compilation-cache`); the user's own
+    JAX_COMPILATION_CACHE_DIR wins (the suite sets one: conftest.py)."""
+    import jax
+    import jaxlib
+    import keras
+
+    import ablab
+
+    used = Path(_cache_in_a_fresh_process(tmp_path))
+    assert used.parent == tmp_path / "ablab" / "xla" and used.is_dir()
+    for version in (jax.__version__, jaxlib.__version__, keras.__version__, ablab.__version__):
+        assert version in used.name
+    assert _cache_in_a_fresh_process(tmp_path, ABLAB_COMPILATION_CACHE="0") == "None"
+    monkeypatch.setenv("ABLAB_COMPILATION_CACHE", str(tmp_path / "mine"))
+    folder = xla.cache_dir()
+    assert folder is not None and folder.parent == tmp_path / "mine"
+    monkeypatch.setenv("ABLAB_COMPILATION_CACHE", "off")
+    assert xla.cache_dir() is None
+    own = jax.config.jax_compilation_cache_dir  # type: ignore[attr-defined]
+    assert own and xla.use_persistent_cache() == own

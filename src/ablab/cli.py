@@ -6,7 +6,9 @@ Exit codes: 0 ok, 1 failure, 2 bad input (nothing written), 130 interrupted.
 from __future__ import annotations
 
 import functools
+import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -115,6 +117,13 @@ def cli() -> None:
     help="The Ray cluster for --executor ray (default: $RAY_ADDRESS, else a local Ray).",
 )
 @click.option(
+    "--no-compilation-cache",
+    "no_cache",
+    is_flag=True,
+    help="Compile every program afresh (default: reuse them from the persistent compilation "
+    "cache in ~/.cache/ablab/xla; also $ABLAB_COMPILATION_CACHE=0). Results are identical.",
+)
+@click.option(
     "--workers",
     type=click.IntRange(min=1),
     default=None,
@@ -135,6 +144,7 @@ def run_cmd(
     resume_ref: str | None,
     executor: str,
     address: str | None,
+    no_cache: bool,
     workers: int | None,
 ) -> None:
     """Train every variant of STUDY over many seeds; print a summary; store everything.
@@ -149,8 +159,11 @@ def run_cmd(
         raise click.UsageError(
             "--workers sets the local executor (a Ray cluster runs one cell per task CPU)"
         )
+    if no_cache:  # read when the engine is imported, below
+        os.environ["ABLAB_COMPILATION_CACHE"] = "0"
     where = {"runs_dir": _runs_dir(runs_dir), "executor": executor, "address": address}
     where["workers"] = workers
+    where["started"] = _STARTED[0]
     if resume_ref is not None:
         start = _resume_start(resume_ref, study, seeds, remedies, engine, where)
     else:
@@ -471,8 +484,13 @@ def export_cmd(
             )
 
 
+_STARTED = [time.perf_counter()]
+"""When the current command began (``wall_s`` counts from there)."""
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI with ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
+    _STARTED[0] = time.perf_counter()
     err = Console(stderr=True, highlight=False)
     try:
         rv = cli.main(args=argv, prog_name="ablab", standalone_mode=False)

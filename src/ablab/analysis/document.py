@@ -108,7 +108,13 @@ class RunDocument(TypedDict):
     cells_done: int | None
     cells_total: int | None
     wall_s: float | None
+    """Seconds from the command's start to the stored result: compile, training, analysis."""
     runs_per_s: float | None
+    """Seeds trained / wall_s."""
+    train_s: float | None
+    """Seconds training only (the compiled programs running)."""
+    compile_s: float | None
+    """Seconds compiling (all variants)."""
     executor: dict[str, Any] | None
     baseline: str | None
     environment: dict[str, Any] | None
@@ -137,6 +143,8 @@ def build_document(
     explain: dict[str, Any],
     wall_s: float | None = None,
     runs_per_s: float | None = None,
+    train_s: float | None = None,
+    compile_s: float | None = None,
     executor: dict[str, Any] | None = None,
     created_at: str | None = None,
     environment: dict[str, Any] | None = None,
@@ -159,6 +167,8 @@ def build_document(
         "cells_total": cells_total,
         "wall_s": wall_s,
         "runs_per_s": runs_per_s,
+        "train_s": train_s,
+        "compile_s": compile_s,
         "executor": executor,
         "baseline": study.get("baseline"),
         "environment": environment,
@@ -223,6 +233,8 @@ def run_document(
         explain=saved.get("explain", {}),
         wall_s=saved.get("wall_s"),
         runs_per_s=saved.get("runs_per_s"),
+        train_s=saved.get("train_s"),
+        compile_s=saved.get("compile_s"),
         executor=saved.get("executor"),
         created_at=meta.get("created_at"),
         environment=meta["environment"],

@@ -9,3 +9,7 @@ worker run in a fresh interpreter per Keras backend (``fit_worker``).
 May import: ``ablab._keras`` (every Keras internal), ``ablab.errors``, ``ablab.study``,
 ``ablab.store``.
 """
+
+from ablab.engine.xla import use_persistent_cache
+
+use_persistent_cache()  # before any compilation: JAX settles on its cache at the first one

@@ -30,6 +30,14 @@ DEFAULT_MAX_CHUNK = 1024
 # workers on 2 cores were no faster than 2.
 MAX_DEFAULT_WORKERS = 8
 
+# A variant's seeds are cut into at least this many cells when it has MIN_CELLS x
+# MIN_CELL_SEEDS seeds or more: one cell per variant left a core idle (one call keeps ~1.3 of
+# 2 cores busy); two cells of 100 seeds on 2 workers ran 1.07-1.26x a single cell of 200
+# (the peer benchmark of issue #17). Both cells have one size, so one compiled program serves
+# them; below 64 seeds a second call's fixed cost outweighs the idle core.
+MIN_CELLS = 2
+MIN_CELL_SEEDS = 32
+
 
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 
@@ -68,13 +76,18 @@ def choose_chunk_size(
 ) -> int:
     """Seeds per compiled call: the explicit ``chunk_size``, else what fits the memory budget.
 
-    Capped at ``max_chunk`` (measured: bigger chunks do not run faster) and at ``n_seeds``,
-    then evened out so the last chunk carries little padding.
+    Capped at ``max_chunk`` (measured: bigger chunks do not run faster) and at ``n_seeds``;
+    a variant of at least ``MIN_CELLS * MIN_CELL_SEEDS`` seeds is cut into at least
+    ``MIN_CELLS`` cells; then evened out so the last chunk carries little padding. The rule
+    depends on the study only (never on the machine or the workers), so a study cuts the
+    same cells -- and computes the same bits -- everywhere.
     """
     if chunk_size is not None:
         return max(1, min(chunk_size, n_seeds))
     fit = int(memory_budget_mb * 2**20 // max(1, program.per_seed_bytes()))
     cap = max(1, min(fit, max_chunk, n_seeds))
+    if n_seeds >= MIN_CELLS * MIN_CELL_SEEDS:  # at least two cells: every worker gets one
+        cap = min(cap, math.ceil(n_seeds / MIN_CELLS))
     # Balance the chunks (10,000 seeds at cap 1,024 -> 10 x 1,000, not 10 x 1,024 with padding).
     n_chunks = math.ceil(n_seeds / cap)
     return math.ceil(n_seeds / n_chunks)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import os
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -44,3 +46,55 @@ def compiler_options() -> dict[str, Any]:
     except jax.errors.JaxRuntimeError:
         return dict(BASE_COMPILER_OPTIONS)
     return dict(COMPILER_OPTIONS)
+
+
+# JAX's persistent compilation cache, on by default for users: every `ablab run` compiled
+# every program again (2-5 s per variant, most of a small study's wall time). A cache hit is
+# the same XLA executable, so results are bit-identical. The folder is keyed by the versions
+# that shape the program (JAX also keys each entry by its HLO, jaxlib and options).
+CACHE_ENV = "ABLAB_COMPILATION_CACHE"
+"""``0`` / ``off`` turns the cache off; a path puts it there (default: the user cache folder,
+``$XDG_CACHE_HOME/ablab/xla`` or ``~/.cache/ablab/xla``)."""
+_OFF = ("0", "off", "false", "no")
+
+
+def cache_dir() -> Path | None:
+    """Where ablab's compilation cache is (None when turned off by ``$ABLAB_COMPILATION_CACHE``)."""
+    setting = os.environ.get(CACHE_ENV, "").strip()
+    if setting.lower() in _OFF:
+        return None
+    if setting and setting.lower() not in ("1", "on", "true", "yes"):
+        root = Path(setting).expanduser()
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        root = Path(base) / "ablab" / "xla"
+    from importlib.metadata import PackageNotFoundError, version
+
+    import jaxlib
+    import keras
+
+    try:
+        ablab_version = version("ablab")
+    except PackageNotFoundError:  # run from a source tree without installing
+        ablab_version = "source"
+    key = f"jax-{jax.__version__}_jaxlib-{jaxlib.__version__}_keras-{keras.__version__}"
+    return root / f"{key}_ablab-{ablab_version}"
+
+
+def use_persistent_cache() -> str | None:
+    """Turn JAX's persistent compilation cache on in :func:`cache_dir` -- unless the user chose
+    one already (``JAX_COMPILATION_CACHE_DIR`` / ``jax.config``) or turned it off. Must run
+    before the process' first compilation (JAX settles on its cache then); ablab calls it
+    when ``ablab.engine`` is imported. Returns the folder in use, or None."""
+    chosen = getattr(jax.config, "jax_compilation_cache_dir", None)
+    if chosen:
+        return str(chosen)
+    folder = cache_dir()
+    if folder is None:
+        return None
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:  # a read-only home: compile every time, as without a cache
+        return None
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    return str(folder)

@@ -76,6 +76,7 @@ def run(
     executor: str | Executor = "local",
     address: str | None = None,
     workers: int | None = None,
+    started: float | None = None,
 ) -> RunResult:
     """Train every variant (every sweep arm) of ``study`` over its seeds; store the results.
 
@@ -86,15 +87,19 @@ def run(
     executor: "local" (this process), "ray" (a Ray cluster at ``address``; default
     ``ray.init()``'s) or an :class:`~ablab.execution.executors.Executor`. workers: chunk calls the
     local executor runs at once (overrides ``[engine] workers``; results do not change).
+    started: ``time.perf_counter()`` when the user's command began (the CLI's start), from
+    which ``wall_s`` counts; default: this call.
     Raises StudyError / InputError (nothing written) on bad input, RunInterrupted on Ctrl-C;
     a killed or interrupted run is finished with :func:`resume`.
     """
+    t0 = time.perf_counter() if started is None else started
     study = prepare_study(study, seeds, remedies)
     progress = progress or Silent()
     runs_root = Path(runs_dir) if runs_dir is not None else default_runs_dir()
-    t0 = time.perf_counter()
     plan = make_plan(study, workers=workers)
+    tc = time.perf_counter()
     compile_s = compile_all(plan, plan.cells, progress)
+    compile_wall = time.perf_counter() - tc
     chosen = _executor(plan, executor, address)  # a Ray cluster that is not there: nothing written
     try:
         run_dir = RunDir.create(  # locked from before anything is visible
@@ -104,7 +109,9 @@ def run(
         chosen.close()
         raise
     with run_dir.locked():
-        return _execute(plan, run_dir, plan.cells, chosen, progress, on_cell, t0, compile_s)
+        return _execute(
+            plan, run_dir, plan.cells, chosen, progress, on_cell, t0, compile_s, compile_wall
+        )
 
 
 def resume(
@@ -116,6 +123,7 @@ def resume(
     executor: str | Executor = "local",
     address: str | None = None,
     workers: int | None = None,
+    started: float | None = None,
 ) -> RunResult:
     """Finish a killed, interrupted or failed run, or repair any run: train only its missing
     or damaged cells (a file that no longer matches its recorded checksum; the same cells,
@@ -132,8 +140,9 @@ def resume(
         root = Path(runs_dir) if runs_dir is not None else default_runs_dir()
         run_dir = resolve_run(root, str(run_ref))
     progress = progress or Silent()
+    t0 = time.perf_counter() if started is None else started
     with run_dir.locked():
-        return _resume_locked(run_dir, progress, on_cell, executor, address, workers)
+        return _resume_locked(run_dir, progress, on_cell, executor, address, workers, t0)
 
 
 def _resume_locked(
@@ -143,6 +152,7 @@ def _resume_locked(
     executor: str | Executor,
     address: str | None,
     workers: int | None,
+    t0: float,
 ) -> RunResult:
     meta = run_dir.read_json("study.json")
     status = run_dir.read_json("status.json")  # read under the lock: final
@@ -174,7 +184,6 @@ def _resume_locked(
             got=study.model.builder,
             fix="give the builder as 'file.py:function' or 'module:function' to resume",
         )
-    t0 = time.perf_counter()
     plan = make_plan(study, stored_plan["chunk_sizes"], workers)
     check_same_plan(where, stored_plan, plan.to_json())
     run_dir.clean_partial_writes()
@@ -189,14 +198,16 @@ def _resume_locked(
             got="a complete run, every cell intact (checksums verified)",
             fix=f"nothing to resume or repair; see it with `ablab show {run_dir.run_id}`",
         )
+    tc = time.perf_counter()
     compile_s = compile_all(plan, todo, progress)
+    compile_wall = time.perf_counter() - tc
     chosen = _executor(plan, executor, address)
     try:
         run_dir.reopen(len(plan.cells) - len(todo), len(plan.cells))
     except BaseException:
         chosen.close()
         raise
-    return _execute(plan, run_dir, todo, chosen, progress, on_cell, t0, compile_s)
+    return _execute(plan, run_dir, todo, chosen, progress, on_cell, t0, compile_s, compile_wall)
 
 
 def _execute(
@@ -208,12 +219,14 @@ def _execute(
     on_cell: Callable[[int, int], None] | None,
     t0: float,
     compile_s: dict[str, float],
+    compile_wall: float,
 ) -> RunResult:
     """Train ``todo`` with ``executor``, storing each cell as it arrives, then analyse the
     whole run from its stored cells (the same path whether it ran in one go or resumed)."""
     total = len(plan.cells)
     done = total - len(todo)
     try:
+        t_train = time.perf_counter()
         try:
             for cell, (out, step_p, epoch_p) in executor.run_cells(todo):
                 program = plan.program_for(cell)
@@ -236,9 +249,12 @@ def _execute(
                     on_cell(done, total)
         finally:
             executor.close()
-        wall = time.perf_counter() - t0
+        train_s = time.perf_counter() - t_train
         trained = sum(c.real for c in todo)
-        result = _analyse(plan, run_dir, progress, wall, trained / wall, compile_s)
+        result = _analyse(plan, run_dir, progress, compile_s)
+        result.train_s, result.compile_wall_s = train_s, compile_wall
+        result.wall_s = time.perf_counter() - t0  # everything: start, compile, train, analysis
+        result.runs_per_s = trained / result.wall_s
         result.executor = {"name": executor.name}
         if isinstance(executor, LocalExecutor):
             result.executor["workers"] = executor.workers
@@ -256,8 +272,6 @@ def _analyse(
     plan: Plan,
     run_dir: RunDir,
     progress: Progress,
-    wall: float,
-    runs_per_s: float,
     compile_s: dict[str, float],
 ) -> RunResult:
     """Verdicts, checks and explanations of a run whose cells are all stored -- computed
@@ -286,8 +300,8 @@ def _analyse(
         run_dir=run_dir.path,
         study=study,
         state="complete",
-        wall_s=wall,
-        runs_per_s=runs_per_s,
+        wall_s=0.0,  # set by the caller, once the analysis is done too
+        runs_per_s=0.0,
         summary=summarize(histories),
         histories=histories,
         comparisons=compare(histories, str(study.baseline), study.verdicts),

@@ -4,6 +4,7 @@ written, so bad input leaves nothing behind."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -212,21 +213,44 @@ def prepare_study(study: Study | str | Path, seeds: int | None, remedies: bool) 
 
 def compile_all(plan: Plan, todo: list[Cell], progress: Progress) -> dict[str, float]:
     """Compile every program the cells in ``todo`` need (before anything is written on a new
-    run: a model the engine cannot trace is bad input). Returns seconds per variant."""
+    run: a model the engine cannot trace is bad input), up to ``plan.workers`` variants at
+    once: XLA compiles one program on one core, so a cold start on 2 cores compiles two
+    variants in the time of one. Returns seconds per variant (overlapping when concurrent);
+    a failure is the first failing variant's, in study order."""
     reference = plan.study.engine.kind == "reference"
-    compile_s: dict[str, float] = {}
+    jobs: dict[str, list[VariantProgram]] = {}
     for variant in plan.programs:
         mine = [c for c in todo if c.variant == variant]
         if not mine:
             continue
         progress.variant_started(variant, len(mine), plan.chunk_sizes[variant])
-        if not reference:
-            needed = {id(plan.program_for(c)): plan.program_for(c) for c in mine}
-            compile_s[variant] = sum(
-                compile_program(plan.study, variant, p, plan.chunk_sizes[variant])
-                for p in needed.values()
-            )
-        progress.compiled(variant, compile_s.get(variant, 0.0))
+        jobs[variant] = (
+            [] if reference else list({id(p): p for p in map(plan.program_for, mine)}.values())
+        )
+
+    def work(variant: str) -> float:
+        size = plan.chunk_sizes[variant]
+        return sum(compile_program(plan.study, variant, p, size) for p in jobs[variant])
+
+    compile_s: dict[str, float] = {}
+    filtering = keras.config.is_traceback_filtering_enabled()
+    keras.config.disable_traceback_filtering()  # once for all threads: Keras' frames name a layer
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, min(plan.workers, len(jobs)))) as pool:
+            futures = {v: pool.submit(work, v) for v in jobs}
+            try:
+                for variant, future in futures.items():
+                    seconds = future.result()
+                    if not reference:
+                        compile_s[variant] = seconds
+                    progress.compiled(variant, seconds)
+            except BaseException:
+                for future in futures.values():
+                    future.cancel()
+                raise
+    finally:
+        if filtering:
+            keras.config.enable_traceback_filtering()
     return compile_s
 
 

@@ -43,6 +43,12 @@ class RunResult:
     divergence: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Per variant with a diverged seed: ``ablab.analysis.explain.divergence_summary``."""
     compile_s: dict[str, float] = field(default_factory=dict)
+    """Seconds compiling each variant's programs (near 0 where the compilation cache had them;
+    overlapping, as variants compile concurrently)."""
+    compile_wall_s: float | None = None
+    """Seconds the compile phase took (all variants), within ``wall_s``."""
+    train_s: float | None = None
+    """Seconds training the cells (the compiled programs running), within ``wall_s``."""
     executor: dict[str, Any] = field(default_factory=dict)
     """Where the cells trained: ``{"name": "local", "workers": 2}`` or ``{"name": "ray"}``."""
     _report: Any = field(default=None, init=False, repr=False, compare=False)
@@ -122,6 +128,8 @@ class RunResult:
             explain=self.explain,
             wall_s=self.wall_s,
             runs_per_s=self.runs_per_s,
+            train_s=self.train_s,
+            compile_s=self.compile_wall_s,
             executor=self.executor,
             created_at=meta.get("created_at"),
             environment=meta.get("environment"),

@@ -242,9 +242,20 @@ def print_run(console: Console, doc: Mapping[str, Any]) -> None:
     print_why(console, doc)
     n_runs = sum(v["n_seeds"] for v in doc["variants"].values())
     if doc.get("wall_s") is not None:
+        parts = []
+        if doc.get("compile_s") is not None:
+            parts.append(f"compile {doc['compile_s']:.1f} s")
+        if doc.get("train_s"):
+            trained = doc["runs_per_s"] * doc["wall_s"]  # this session's seeds (a resume: fewer)
+            parts.append(
+                f"training {doc['train_s']:.2f} s = {trained / doc['train_s']:,.0f} runs/s"
+            )
         console.print(
-            f"{n_runs} runs in {doc['wall_s']:.2f} s "
-            f"({doc['runs_per_s']:.0f} runs/s, compile included)"
+            f"{n_runs} runs in {doc['wall_s']:.2f} s from the start "
+            f"({doc['runs_per_s']:.0f} runs/s end to end"
+            + (f"; {', '.join(parts)}" if parts else "")
+            + ")",
+            soft_wrap=True,
         )
     console.print(f"stored in {doc['run_dir']}  (run id {doc['run_id']})")
 
