@@ -22,6 +22,7 @@ as infinite); ``first_bad_step`` is then the first epoch (1-based) over toleranc
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,6 +33,7 @@ from ablab.analysis.backends import BACKENDS, available, run_backends
 from ablab.engine.build import build_program
 from ablab.engine.program import VariantProgram
 from ablab.engine.reference import worker_problem
+from ablab.engine.sizing import default_workers
 from ablab.errors import InputError
 from ablab.study.loading import load_study
 from ablab.study.schema import Study
@@ -106,10 +108,28 @@ def trajectory_deviation(
     return max_abs, float(np.max(per_step_rel)), first, len(shared)
 
 
+def _all_trajectories(
+    programs: list[VariantProgram], seeds: np.ndarray
+) -> dict[int, dict[str, np.ndarray]]:
+    """``id(program) -> program.trajectories(seeds)``, computed for up to ``default_workers()``
+    programs at once: each compiles two programs (trajectory, initial weights), and XLA
+    compiles one program on one core."""
+    unique = list({id(p): p for p in programs}.values())
+    if len(unique) <= 1:
+        return {id(p): p.trajectories(seeds) for p in unique}
+    with ThreadPoolExecutor(max_workers=min(len(unique), default_workers())) as pool:
+        done = pool.map(lambda p: p.trajectories(seeds), unique)
+        return {id(p): t for p, t in zip(unique, done, strict=True)}
+
+
 def _trajectory_check(
-    name: str, kind: str, a: VariantProgram, b: VariantProgram, seeds: np.ndarray, tolerance: float
+    name: str,
+    kind: str,
+    ta: dict[str, np.ndarray],
+    tb: dict[str, np.ndarray],
+    seeds: np.ndarray,
+    tolerance: float,
 ) -> CheckResult:
-    ta, tb = a.trajectories(seeds), b.trajectories(seeds)
     if ta["loss"].shape != tb["loss"].shape:
         return CheckResult.failed(
             name,
@@ -149,6 +169,8 @@ def equivalence_checks(
 ) -> list[CheckResult]:
     seeds = check_seeds(study)
     tol = study.checks.tolerance
+    needed = [programs[v] for group in study.checks.equivalent for v in group]
+    traj = _all_trajectories(needed, seeds)
     out = []
     for group in study.checks.equivalent:
         first = group[0]
@@ -157,8 +179,8 @@ def equivalence_checks(
                 _trajectory_check(
                     f"{first} ≡ {other}",
                     "equivalence",
-                    programs[first],
-                    programs[other],
+                    traj[id(programs[first])],
+                    traj[id(programs[other])],
                     seeds,
                     tol,
                 )
@@ -175,25 +197,23 @@ def identity_probe_checks(
 ) -> list[CheckResult]:
     seeds = check_seeds(study)
     tol = study.checks.tolerance
-    out = []
+    planned: list[tuple[str, CheckResult | tuple[VariantProgram, VariantProgram]]] = []
     for variant in variants:
         name = f"{variant} ≡ {variant} + identity after every layer"
         try:
             probed_study, probed = identity_probed(study, variant)
         except ValueError as exc:
-            out.append(CheckResult.skipped(name, "identity_probe", tol, str(exc)))
-            done(name)
+            planned.append((name, CheckResult.skipped(name, "identity_probe", tol, str(exc))))
             continue
-        out.append(
-            _trajectory_check(
-                name,
-                "identity_probe",
-                programs[variant],
-                build_program(probed_study, probed),
-                seeds,
-                tol,
-            )
-        )
+        planned.append((name, (programs[variant], build_program(probed_study, probed))))
+    pairs = [p for _, entry in planned if isinstance(entry, tuple) for p in entry]
+    traj = _all_trajectories(pairs, seeds)
+    out = []
+    for name, entry in planned:
+        if isinstance(entry, tuple):
+            a, b = entry
+            entry = _trajectory_check(name, "identity_probe", traj[id(a)], traj[id(b)], seeds, tol)
+        out.append(entry)
         done(name)
     return out
 
