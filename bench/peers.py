@@ -15,11 +15,15 @@ partial batch kept, as ``fit`` feeds them), float32. Two peer variants, both tim
     the per-seed losses (seeds are independent, so that is every seed's own gradient);
   * ``vmap``: the ``torch.func`` model-ensemble recipe -- one per-seed ``nn.Module``,
     ``functional_call`` + ``vmap(grad_and_value(...))`` over the stacked parameters.
-Each runs with ``torch.set_num_threads(1)`` and with all cores (``--threads``); the fastest
-(variant, threads) by median is the case's "best peer". The peer evaluates the validation
-rows in one pass per epoch (row-wise in inference mode: the same mean loss as Keras'
-batched evaluate); its initialisation is inside its timed run, as ablab's is inside the
-program.
+Each variant is a candidate at ``torch.set_num_threads(1)``, at all cores, and with its seeds
+cut into one group per core trained at once in Python threads, 1 torch thread each (``@1x2``:
+torch releases the GIL in its kernels; the counterpart of ablab's concurrent chunk calls).
+Every candidate first runs once for 1 epoch (warm-up and selection); those slower than
+1.5x the fastest are dropped (except the fastest at 1 torch thread, always kept), the rest
+are timed in every round; the fastest by median is the case's "best peer". The peer
+evaluates the validation rows in one pass per epoch (row-wise in inference mode: the same
+mean loss as Keras' batched evaluate); its initialisation is inside its timed run, as
+ablab's is inside the program.
 
 ablab's side is the program `ablab run` runs: ``build_program`` (probes off), the seeds cut
 into chunks by the memory budget, the local executor with ``default_workers()`` chunk
@@ -28,10 +32,23 @@ reported apart. runs/s = seeds trained per second, training time only. Each roun
 ablab, then every peer candidate (A/B/A/B: a shared machine's drift hits both alike);
 ratio = ablab runs/s / best peer's runs/s per round, median over rounds.
 
+Cases (``--case``; ``--seeds`` overrides the seed counts):
+  * ``ae_plain`` / ``ae_bn``: the seed study (examples/bn_yes_or_no.toml: 12-8-12 linear
+    autoencoder, BN after the first Dense in ``bn``; MSE, 20 epochs, batch 32, validation
+    split 0.1 of 100 N(0,1) rows), 10,000 seeds;
+  * ``digits_mlp32`` / ``_mlp128`` / ``_mlp512`` / ``digits_bn128``: scikit-learn digits
+    (pixels / 16, file order, 1,437 train / 360 validation rows), 64-H-10 MLP, relu hidden
+    (``bn128``: Dense(128) -> BN -> relu), sparse categorical CE from logits, batch 64,
+    5 epochs, 200 seeds;
+  * ``cnn_none`` / ``cnn_bn``: examples/digits_cnn.toml's layers and data (rows permuted
+    once, standardized; Conv2D(8, 3, same) -> [BN] -> relu -> MaxPool(2) -> Dense(10);
+    accuracy as a metric on both sides), 3 epochs instead of 10, 50 seeds.
+
 GFLOP/s counts the dense / conv layers' multiply-adds per row (P): ~6 P FLOPs per training
 row (forward + both backward products) and 2 P per validation row, per epoch, per seed;
 "% sgemm" is that rate over a float32 ``torch.mm`` of 2048 x 2048 matrices timed in the
-same run with all cores (the 1-thread figure is printed too).
+same run with all cores, at the start and at the end, the better of the two (the 1-thread
+figures are printed too).
 
 Sanity: the mean final val_loss over seeds of ablab and of the best peer must agree within
 5 % or 3 standard errors (flagged MISMATCH otherwise); and the peer, started from ablab's
@@ -41,14 +58,16 @@ own initial weights for 8 seeds, must reproduce ablab's per-seed final val_loss
 The last line printed is JSON: {"sgemm_gflops": {"1": .., "all": ..}, "cases": {name:
 {"seeds", "epochs", "ablab_runs_per_s", "peer_runs_per_s", "ratio", "best_peer",
 "ablab_gflops", "peer_gflops", "ablab_pct_sgemm", "peer_pct_sgemm", "val_loss_ablab",
-"val_loss_peer", "val_loss_agree", "exact_max_rel", "compile_s", "warmup_s",
-"candidates": {name: runs/s}, ...}}}.
+"val_loss_peer", "val_loss_agree", "exact_max_rel", "compile_s", "ablab_warmup_s",
+"selection_1epoch_s": {candidate: s}, "candidates": {candidate: runs/s}, ...}}}.
 Usage: python bench/peers.py [--case NAME ...] [--rounds 3] [--seeds N] [--threads 1,2]
+       [--peers stacked,vmap] [--split 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -58,6 +77,7 @@ import tempfile
 import time
 import tomllib
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,6 +103,9 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 EXACT_SEEDS = 8
 """Seeds the peer trains from ablab's own initial weights (the exact check)."""
 AGREE_PCT = 5.0
+KEEP = 1.5
+"""Peer candidates slower than this x the fastest in the 1-epoch selection run are not timed
+further."""
 BN_MOMENTUM, BN_EPS = 0.99, 1e-3
 ADAM_LR, ADAM_B1, ADAM_B2, ADAM_EPS = 1e-3, 0.9, 0.999, 1e-7
 
@@ -494,7 +517,24 @@ class KerasAdam:
 
 @dataclass
 class PeerResult:
-    val_loss: np.ndarray  # (seeds,) final epoch
+    """The last epoch's History of every seed, each (seeds,): what ablab's History holds
+    (the peer computes the same logs, so it does the same work)."""
+
+    val_loss: np.ndarray
+    loss: np.ndarray
+    accuracy: np.ndarray | None = None
+    val_accuracy: np.ndarray | None = None
+
+    @classmethod
+    def of(
+        cls, data: TrainData, val: torch.Tensor, loss_sum: torch.Tensor, correct: torch.Tensor,
+        val_correct: torch.Tensor | None,
+    ) -> PeerResult:  # fmt: skip
+        n = data.x.shape[0]
+        if val_correct is None:
+            return cls(val.numpy(), (loss_sum / n).numpy())
+        acc, val_acc = correct / n, val_correct / data.x_val.shape[0]
+        return cls(val.numpy(), (loss_sum / n).numpy(), acc.numpy(), val_acc.numpy())
 
 
 def _accuracy_count(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -502,18 +542,21 @@ def _accuracy_count(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def train_stacked(
-    arch: Arch, data: TrainData, seeds: int, init: tuple[Params, Params] | None = None
+    arch: Arch,
+    data: TrainData,
+    seeds: int,
+    init: tuple[Params, Params] | None = None,
+    stream: int = 0,
 ) -> PeerResult:
     """Peer ``stacked``: hand-stacked forward, one backward of the summed per-seed losses."""
     net = StackedNet(arch)
     if init is None:
-        init = init_params(arch, seeds, torch.Generator().manual_seed(0))
+        init = init_params(arch, seeds, torch.Generator().manual_seed(stream))
     p = net.to_own(init[0])
     stats = {k: v.clone() for k, v in init[1].items()}
     names = list(p)
     opt = KerasAdam([p[n] for n in names])
     batches = data.batches()
-    history = []
     for _ in range(data.epochs):
         loss_sum = torch.zeros(seeds)
         correct = torch.zeros(seeds, dtype=torch.int64)
@@ -530,19 +573,21 @@ def train_stacked(
         with torch.no_grad():
             out, _ = net.forward(p, stats, data.x_val, seeds, training=False)
             val = seed_losses(out, data.y_val, data.classify)
-            if data.accuracy:
-                _accuracy_count(out, data.y_val)
-        history.append(val)
-    return PeerResult(history[-1].numpy())
+            val_correct = _accuracy_count(out, data.y_val) if data.accuracy else None
+    return PeerResult.of(data, val, loss_sum, correct, val_correct)
 
 
 def train_vmap(
-    arch: Arch, data: TrainData, seeds: int, init: tuple[Params, Params] | None = None
+    arch: Arch,
+    data: TrainData,
+    seeds: int,
+    init: tuple[Params, Params] | None = None,
+    stream: int = 0,
 ) -> PeerResult:
     """Peer ``vmap``: ``functional_call`` of one per-seed module, ``vmap(grad_and_value)``."""
     net = SeedNet(arch)
     if init is None:
-        init = init_params(arch, seeds, torch.Generator().manual_seed(0))
+        init = init_params(arch, seeds, torch.Generator().manual_seed(stream))
     params = {k.replace(".", "_"): v.clone() for k, v in init[0].items()}
     stats = {k.replace(".", "_"): v.clone() for k, v in init[1].items()}
     names = list(params)
@@ -561,7 +606,6 @@ def train_vmap(
     step = vmap(grad_and_value(loss_fn, has_aux=True), in_dims=(0, 0, None, None))
     evaluate = vmap(predict, in_dims=(0, 0, None))
     batches = data.batches()
-    history = []
     for _ in range(data.epochs):
         loss_sum = torch.zeros(seeds)
         correct = torch.zeros(seeds, dtype=torch.int64)
@@ -575,10 +619,8 @@ def train_vmap(
         with torch.no_grad():
             out = evaluate(params, stats, data.x_val)
             val = seed_losses(out, data.y_val, data.classify)
-            if data.accuracy:
-                _accuracy_count(out, data.y_val)
-        history.append(val)
-    return PeerResult(history[-1].numpy())
+            val_correct = _accuracy_count(out, data.y_val) if data.accuracy else None
+    return PeerResult.of(data, val, loss_sum, correct, val_correct)
 
 
 PEERS: dict[str, Callable[..., PeerResult]] = {"stacked": train_stacked, "vmap": train_vmap}
@@ -656,14 +698,39 @@ def _agree(a: np.ndarray, b: np.ndarray) -> tuple[bool, float]:
     return rel * 100 <= AGREE_PCT or diff <= 3 * se, rel
 
 
-def run_case(
-    case: Case, seeds: int, rounds: int, threads: list[int], variants: list[str]
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Candidate:
+    """One way to run a peer: ``variant`` with ``threads`` torch intra-op threads, its seeds
+    cut into ``split`` groups trained at once in Python threads (torch releases the GIL in
+    its kernels: the peer's counterpart of ablab's concurrent chunk calls)."""
+
+    variant: str
+    threads: int
+    split: int = 1
+
+    @property
+    def name(self) -> str:
+        return f"{self.variant}@{self.threads}" + (f"x{self.split}" if self.split > 1 else "")
+
+    def run(self, arch: Arch, data: TrainData, seeds: int) -> np.ndarray:
+        """Train ``seeds`` fresh seeds; their final val_loss (seeds,)."""
+        torch.set_num_threads(self.threads)
+        peer = PEERS[self.variant]
+        if self.split == 1:
+            return peer(arch, data, seeds).val_loss
+        sizes = [len(a) for a in np.array_split(np.arange(seeds), self.split) if len(a)]
+        with ThreadPoolExecutor(len(sizes)) as pool:
+            futures = [pool.submit(peer, arch, data, n, None, k) for k, n in enumerate(sizes)]
+            return np.concatenate([f.result().val_loss for f in futures])
+
+
+def run_case(case: Case, seeds: int, rounds: int, candidates: list[Candidate]) -> dict[str, Any]:
+    """Time ``case``: ablab and the peer candidates in rounds; see the module docstring."""
     ablab = AblabRunner(case, seeds)
     arch = read_arch(case.study.variant_layers(case.variant), ablab.program.split.x_train.shape[1:])
     data = train_data(ablab.program)
 
-    # exact check: the peer from ablab's own initial weights
+    # exact check: each peer variant from ablab's own initial weights
     tv, ntv = ablab.program.initial_weights(np.arange(EXACT_SEEDS, dtype=np.uint32))
     init = (
         {n: torch.tensor(a) for n, a in zip(arch.param_shapes, tv, strict=True)},
@@ -671,27 +738,35 @@ def run_case(
     )
     ref = ablab.first_val_loss[:EXACT_SEEDS]
     exact = {}
-    for name in variants:
-        got = PEERS[name](arch, data, EXACT_SEEDS, init).val_loss
-        exact[name] = float(np.max(np.abs(got - ref) / np.abs(ref)))
+    torch.set_num_threads(1)
+    for variant in dict.fromkeys(c.variant for c in candidates):
+        got = PEERS[variant](arch, data, EXACT_SEEDS, init).val_loss
+        exact[variant] = float(np.max(np.abs(got - ref) / np.abs(ref)))
 
-    candidates = [(v, t) for v in variants for t in threads]
-    warm: dict[str, float] = {}
-    for v, t in candidates:  # first call: allocator, vmap tracing caches
-        torch.set_num_threads(t)
-        warm[f"{v}@{t}"], _ = _timed(lambda v=v: PEERS[v](arch, data, seeds))
-    times: dict[str, list[float]] = {"ablab": [], **{f"{v}@{t}": [] for v, t in candidates}}
+    # selection (also the warm-up): every candidate once, 1 epoch; the slow ones drop out
+    one_epoch = dataclasses.replace(data, epochs=1)
+    first: dict[str, float] = {}
+    for c in candidates:
+        first[c.name], _ = _timed(lambda c=c: c.run(arch, one_epoch, seeds))
+    fastest = min(first.values())
+    # ... but the fastest at 1 torch thread always stays: on a shared machine an
+    # all-cores candidate's lock-step threads can stall for a whole run when another
+    # process takes a core, and a single selection run may have missed that
+    steady = min(
+        (c for c in candidates if c.threads == 1), key=lambda c: first[c.name], default=None
+    )
+    kept = [c for c in candidates if first[c.name] <= KEEP * fastest or c == steady]
+
+    times: dict[str, list[float]] = {"ablab": [], **{c.name: [] for c in kept}}
     finals: dict[str, np.ndarray] = {}
     for _ in range(rounds):
         dt, finals["ablab"] = _timed(ablab.train)
         times["ablab"].append(dt)
-        for v, t in candidates:
-            torch.set_num_threads(t)
-            dt, res = _timed(lambda v=v: PEERS[v](arch, data, seeds))
-            times[f"{v}@{t}"].append(dt)
-            finals[f"{v}@{t}"] = res.val_loss
+        for c in kept:
+            dt, finals[c.name] = _timed(lambda c=c: c.run(arch, data, seeds))
+            times[c.name].append(dt)
     medians = {k: statistics.median(v) for k, v in times.items()}
-    best = min((k for k in medians if k != "ablab"), key=medians.__getitem__)
+    best = min((c.name for c in kept), key=medians.__getitem__)
     ratios = [p / a for a, p in zip(times["ablab"], times[best], strict=True)]
     flops = flops_per_seed(arch, data) * seeds
     ok, rel = _agree(finals["ablab"], finals[best])
@@ -712,8 +787,9 @@ def run_case(
         "val_loss_agree": ok,
         "exact_max_rel": exact,
         "compile_s": ablab.compile_s,
-        "warmup_s": {"ablab": ablab.warmup_s, **warm},
-        "candidates": {k: seeds / m for k, m in medians.items() if k != "ablab"},
+        "ablab_warmup_s": ablab.warmup_s,
+        "selection_1epoch_s": first,
+        "candidates": {c.name: seeds / medians[c.name] for c in kept},
         "macs_per_row": arch.macs_per_row,
     }
 
@@ -721,7 +797,7 @@ def run_case(
 def _table(results: dict[str, dict[str, Any]], sgemm_all: float) -> list[str]:
     head = (
         f"{'case':<14} {'seeds':>6} {'ablab r/s':>10} {'peer r/s':>10} {'ratio':>6} "
-        f"{'best peer':<10} {'ablab GF/s':>10} {'%sgemm':>7} {'peer GF/s':>9} {'%sgemm':>7} "
+        f"{'best peer':<12} {'ablab GF/s':>10} {'%sgemm':>7} {'peer GF/s':>9} {'%sgemm':>7} "
         f"{'val ablab':>9} {'val peer':>9} {'agree':>7} {'exact':>8}"
     )
     lines = [head, "-" * len(head)]
@@ -730,7 +806,7 @@ def _table(results: dict[str, dict[str, Any]], sgemm_all: float) -> list[str]:
         agree = f"{100 * r['val_loss_rel_diff']:.1f}%" + ("" if r["val_loss_agree"] else "!")
         lines.append(
             f"{name:<14} {r['seeds']:>6} {r['ablab_runs_per_s']:>10,.1f} "
-            f"{r['peer_runs_per_s']:>10,.1f} {r['ratio']:>6.2f} {r['best_peer']:<10} "
+            f"{r['peer_runs_per_s']:>10,.1f} {r['ratio']:>6.2f} {r['best_peer']:<12} "
             f"{r['ablab_gflops']:>10.2f} {100 * r['ablab_gflops'] / sgemm_all:>6.1f}% "
             f"{r['peer_gflops']:>9.2f} {100 * r['peer_gflops'] / sgemm_all:>6.1f}% "
             f"{r['val_loss_ablab']:>9.4f} {r['val_loss_peer']:>9.4f} {agree:>7} {exact:>8.1e}"
@@ -751,10 +827,18 @@ def main() -> None:
         help="torch thread counts the peer is timed with (comma-separated)",
     )  # fmt: skip
     parser.add_argument("--peers", default="stacked,vmap", help="peer variants to time")
+    parser.add_argument(
+        "--split", type=int, default=cores,
+        help="also time each variant with its seeds in this many groups at once, 1 torch "
+        "thread each (1: not)",
+    )  # fmt: skip
     args = parser.parse_args()
     threads = [int(t) for t in args.threads.split(",")]
     variants = args.peers.split(",")
     assert set(variants) <= set(PEERS), variants
+    candidates = [Candidate(v, t) for v in variants for t in threads]
+    if args.split > 1:
+        candidates += [Candidate(v, 1, args.split) for v in variants]
 
     sgemm = {1: sgemm_gflops(1), cores: sgemm_gflops(cores)}
     print(
@@ -763,11 +847,13 @@ def main() -> None:
         f"({jax.devices()[0].platform}), keras {keras.__version__}, torch {torch.__version__}"
     )
     print(
-        f"# sgemm (torch.mm float32 2048x2048): {sgemm[1]:.1f} GFLOP/s at 1 thread, "
-        f"{sgemm[cores]:.1f} at {cores} threads (%sgemm below is of the {cores}-thread figure)"
+        f"# sgemm at the start (torch.mm float32 2048x2048): {sgemm[1]:.1f} GFLOP/s at 1 "
+        f"thread, {sgemm[cores]:.1f} at {cores} threads"
     )
-    print(f"# peer threads {threads} (torch.set_num_threads), variants {variants}; "
-          f"rounds {args.rounds}; ablab: `ablab run`'s chunks and workers")  # fmt: skip
+    print(
+        f"# peer candidates {[c.name for c in candidates]} (variant@torch threads[xgroups at "
+        f"once]); rounds {args.rounds}; ablab: `ablab run`'s chunks and workers"
+    )
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="ablab-peers-") as tmp:
         for case in build_cases(Path(tmp)):
@@ -775,18 +861,26 @@ def main() -> None:
                 continue
             seeds = args.seeds or case.seeds
             t0 = time.perf_counter()
-            r = run_case(case, seeds, args.rounds, threads, variants)
+            r = run_case(case, seeds, args.rounds, candidates)
             results[case.name] = r
             cands = ", ".join(f"{k} {v:,.1f}" for k, v in r["candidates"].items())
-            warm = ", ".join(f"{k} {v:.2f}" for k, v in r["warmup_s"].items())
+            sel = ", ".join(f"{k} {v:.2f}" for k, v in r["selection_1epoch_s"].items())
+            exact = ", ".join(f"{k} {v:.1e}" for k, v in r["exact_max_rel"].items())
             print(
                 f"{case.name}: ablab {r['ablab_runs_per_s']:,.1f} runs/s (chunk {r['chunk']}, "
-                f"{r['workers']} workers, compile {r['compile_s']:.2f} s), peers runs/s: {cands}; "
-                f"warm-up s: {warm}; exact {r['exact_max_rel']}; "
+                f"{r['workers']} workers; compile {r['compile_s']:.2f} s, warm-up call "
+                f"{r['ablab_warmup_s']:.2f} s); peer runs/s: {cands}; peer selection s (1 "
+                f"epoch, first call): {sel}; exact: {exact}; case took "
                 f"{time.perf_counter() - t0:.0f} s",
                 flush=True,
             )
-    print()
+    end = {1: sgemm_gflops(1), cores: sgemm_gflops(cores)}
+    sgemm = {t: max(sgemm[t], end[t]) for t in sgemm}  # the less disturbed of the two
+    print(
+        f"\n# sgemm at the end: {end[1]:.1f} GFLOP/s at 1 thread, {end[cores]:.1f} at {cores}; "
+        f"%sgemm below is of the better {cores}-thread figure, {sgemm[cores]:.1f} GFLOP/s; "
+        f"load {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+    )
     for line in _table(results, sgemm[cores]):
         print(line)
     print(

@@ -54,7 +54,7 @@ def test_run_json_is_one_document(stored: tuple[Path, dict]) -> None:
     assert cmp["variant"] == "bn" and cmp["baseline"] == "plain" and cmp["n"] == 6
     assert cmp["verdict"] in ("helps", "hurts", "equivalent", "inconclusive")
     # wall_s counts from the command's start: compile and training are parts of it (#17)
-    assert 0 < doc["compile_s"] and 0 < doc["train_s"]
+    assert doc["compile_s"] > 0 and doc["train_s"] > 0
     assert doc["wall_s"] >= doc["compile_s"] + doc["train_s"]
     assert doc["runs_per_s"] == pytest.approx(12 / doc["wall_s"])
 
@@ -381,3 +381,20 @@ def test_a_baseline_that_diverges_on_every_seed_fails_the_run(
     assert "learning_rate 1e+06" in error and "the run is stored" in error
     (status,) = runs.glob("*/status.json")
     assert json.loads(status.read_text())["state"] == "complete"
+
+
+def test_one_diverged_sweep_point_is_a_warning_not_a_failed_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A learning-rate sweep whose big point diverges still judged its other point: exit 0,
+    the diverged baseline arm said as a warning (exit 1 is for "nothing could be judged")."""
+    study = tmp_path / "s.toml"
+    text = TINY_STUDY.replace('optimizer = "adam"', 'optimizer = "sgd"').replace(
+        "epochs = 3", "epochs = 1"
+    )
+    study.write_text(text + "[sweep]\nlearning_rate = [0.01, 1e6]\n")
+    runs = tmp_path / "runs"
+    assert main(["run", str(study), "--seeds", "2", "--runs-dir", str(runs), "--json"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: the baseline plain@learning_rate=1000000.0 diverged on every seed" in err
+    assert "error:" not in err

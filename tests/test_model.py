@@ -185,9 +185,12 @@ def test_a_cross_entropy_must_fit_its_targets() -> None:
     check_loss_target(_loss_study("CategoricalCrossentropy"), "plain", 3, onehot * 0.98 + 0.02 / 3)
     with pytest.raises(ablab.StudyError, match="probability rows"):
         check_loss_target(_loss_study("categorical_crossentropy"), "plain", 3, onehot * 2)
+    per_step = np.eye(3)[np.random.default_rng(0).integers(0, 3, (8, 5))]  # (rows, steps, C)
+    check_loss_target(_loss_study("categorical_crossentropy"), "plain", 3, per_step)
     check_loss_target(_loss_study("binary_crossentropy"), "plain", 1, np.array([[0.0], [1.0]]))
-    with pytest.raises(ablab.StudyError, match=r"targets in \[0, 1\]"):
-        check_loss_target(_loss_study("binary_crossentropy"), "plain", 1, np.array([[3.0]]))
+    for name in ("binary_crossentropy", "bce"):  # bce: Keras' own alias
+        with pytest.raises(ablab.StudyError, match=r"targets in \[0, 1\]"):
+            check_loss_target(_loss_study(name), "plain", 1, np.array([[3.0]]))
     check_loss_target(_loss_study("mse"), "plain", 1, np.array([[25.0], [-3.5]]))  # any value
     # a variant's own loss is named by its own key
     with pytest.raises(ablab.StudyError, match=r"variants\.bn_after\.train\.loss"):

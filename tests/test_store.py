@@ -205,6 +205,11 @@ def test_a_damaged_cell_is_named_and_skipped_never_fatal(
         assert first.history().num_rows == 4  # chunk 0 only
     assert "cells/a/chunk-00001.parquet is damaged: checksum mismatch" in caplog.text
     assert first.done_cells() == {("a", 0)}  # so --resume re-trains chunk 1
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ablab"):  # a footer that reads is not enough
+        _, rows = query(tmp_path, "SELECT run_id, count(*) FROM history GROUP BY 1 ORDER BY 2")
+    assert rows == [(other.run_id, 3), (run.run_id, 4)]
+    assert caplog.text.count("chunk-00001.parquet is damaged") == 1  # once, not per view
 
     cell.write_bytes(bytes(data[: len(data) // 2]))  # truncated: no footer
     caplog.clear()

@@ -256,11 +256,16 @@ def _print_result(result: Any, as_json: bool, with_report: bool) -> None:
             soft_wrap=True,
         )
     diverged = result.diverged_baselines  # nothing can be judged against such a baseline
+    # a failure only when no comparison could be judged: one diverged point of a swept
+    # learning rate is a finding (a warning), not a failed run
+    baselines = {c["baseline"] for c in doc["comparisons"]} or {doc.get("baseline")}
+    hopeless = bool(diverged) and len(diverged) >= len(baselines)
     for message in diverged:
+        label = "[bold red]error:[/bold red]" if hopeless else "[yellow]warning:[/yellow]"
         Console(stderr=True, highlight=False).print(
-            f"[bold red]error:[/bold red] {escape(message)}; the run is stored", soft_wrap=True
+            f"{label} {escape(message)}; the run is stored", soft_wrap=True
         )
-    if failed or diverged:
+    if failed or hopeless:
         raise SystemExit(EXIT_FAILURE)
 
 

@@ -146,6 +146,8 @@ def bn_diagnosis(
     """
     if epoch_probes is None or program._probe_spec is None:
         return []
+    if "loss" in history and not np.isfinite(history["loss"][:, -1]).any():
+        return []  # every seed diverged: the divergence line says so; no statistics to judge
     updates = program.layout.steps_per_epoch * program.layout.epochs
     out = []
     for bn in program._probe_spec.bn:
@@ -170,10 +172,12 @@ def bn_diagnosis(
             f"statistics: mean {_pct(mean_p)}, variance {_pct(var_p)})"
         )
         if "val_loss_train_mode" in epoch_probes and "val_loss" in history:
-            train_mode = float(np.nanmedian(epoch_probes["val_loss_train_mode"][:, -1]))
-            inference = float(np.nanmedian(history["val_loss"][:, -1]))
+            train_mode = _nanmedian(epoch_probes["val_loss_train_mode"][:, -1])
+            inference = _nanmedian(history["val_loss"][:, -1])
             entry.update(val_loss_train_mode=train_mode, val_loss_inference=inference)
-            if inference > train_mode:
+            if train_mode is None or inference is None:
+                pass  # no seed with a finite validation loss in one of the modes
+            elif inference > train_mode:
                 text += (
                     f"; inference uses stale statistics (train-mode val {train_mode:.3g} vs "
                     f"inference-mode {inference:.3g})"

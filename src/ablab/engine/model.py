@@ -312,7 +312,7 @@ def prepare_model(
 
 SPARSE_CE = ("sparse_categorical_crossentropy",)
 CATEGORICAL_CE = ("categorical_crossentropy", "categorical_focal_crossentropy")
-BINARY_CE = ("binary_crossentropy", "binary_focal_crossentropy")
+BINARY_CE = ("binary_crossentropy", "binary_focal_crossentropy", "bce")  # bce: Keras' alias
 
 
 def check_loss_target(study: Study, variant: str, output_width: int, y: np.ndarray) -> None:
@@ -353,7 +353,7 @@ def check_loss_target(study: Study, variant: str, output_width: int, y: np.ndarr
                 f"need {int(hi) + 1} units)",
             )
     elif loss in CATEGORICAL_CE:
-        sums = y.reshape(y.shape[0], -1).sum(axis=1) if y.size else y
+        sums = y.sum(axis=-1) if y.size else y  # per row, time step or pixel: classes last
         if y.size and (y.min() < 0 or y.max() > 1 or np.abs(sums - 1).max() > 1e-3):
             raise StudyError(
                 where=study.source,

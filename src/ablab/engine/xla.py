@@ -56,6 +56,7 @@ CACHE_ENV = "ABLAB_COMPILATION_CACHE"
 """``0`` / ``off`` turns the cache off; a path puts it there (default: the user cache folder,
 ``$XDG_CACHE_HOME/ablab/xla`` or ``~/.cache/ablab/xla``)."""
 _OFF = ("0", "off", "false", "no")
+CACHE_MAX_BYTES = 4 * 2**30
 
 
 def cache_dir() -> Path | None:
@@ -97,4 +98,10 @@ def use_persistent_cache() -> str | None:
     except OSError:  # a read-only home: compile every time, as without a cache
         return None
     jax.config.update("jax_compilation_cache_dir", str(folder))
+    try:  # bounded, evicting least recently used, and entries written under a file lock
+        import filelock  # noqa: F401  (JAX needs it for a size limit)
+
+        jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
+    except ImportError:
+        pass
     return str(folder)

@@ -11,13 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
-import pyarrow.parquet as pq
 
 from ablab.errors import InputError
 
 CATALOG = "catalog.duckdb"
-
-log = logging.getLogger("ablab")
 
 
 _RUNS_DDL = """
@@ -72,30 +69,30 @@ def update_catalog(runs_dir: Path, sql: str, params: list[Any], tries: int = 40)
     return False
 
 
-def _readable(files: list[Path]) -> list[Path]:
-    """``files`` whose Parquet footer reads (a truncated or foreign file does not): one bad
-    file must not fail every query of the runs folder. Each skipped file is named in a
-    warning; ``ablab show RUN`` verifies checksums in full."""
-    good = []
+def _intact(files: list[Path], runs: dict[Path, Any]) -> list[Path]:
+    """``files`` without the damaged ones: each checked against its run's ``cells.sha256``
+    (``RunDir.intact``: named once in a warning, with the repair), so one bad file never fails
+    a query of the whole runs folder. ``runs``: the RunDir of each run folder, shared by the
+    views of one query (each file is verified and reported once)."""
+    from ablab.store.rundir import RunDir  # rundir writes the catalog: import it late
+
+    by_run: dict[Path, list[Path]] = {}
     for f in files:
-        try:
-            pq.read_metadata(f)
-        except Exception as exc:  # any reader error: not whole Parquet
-            log.warning(
-                "%s is damaged (%s: %s); left out of the query -- `ablab run --resume %s` "
-                "re-trains it",
-                f,
-                type(exc).__name__,
-                exc,
-                f.parents[2].name,
-            )
-            continue
-        good.append(f)
-    return good
+        by_run.setdefault(f.parents[2], []).append(f)
+    good: list[Path] = []
+    for folder, mine in by_run.items():
+        run = runs.setdefault(folder, RunDir(folder))
+        good += run.intact(mine)
+    return sorted(good)
 
 
 def _parquet_view(
-    con: duckdb.DuckDBPyConnection, runs_dir: Path, name: str, folder: str, empty_columns: str
+    con: duckdb.DuckDBPyConnection,
+    runs_dir: Path,
+    name: str,
+    folder: str,
+    empty_columns: str,
+    runs: dict[Path, Any],
 ) -> None:
     """A temp view ``name`` over every run's readable ``<folder>/*/chunk-*.parquet`` (empty
     if none).
@@ -106,11 +103,11 @@ def _parquet_view(
     files = sorted(runs_dir.glob(f"*/{folder}/*/chunk-*.parquet")) if runs_dir.is_dir() else []
     if folder != "cells":
         cells = {f.parent.parent.parent / "cells" / f.parent.name / f.name for f in files}
-        done = set(_readable([c for c in cells if c.is_file()]))
+        done = set(_intact([c for c in cells if c.is_file()], runs))
         files = [
             f for f in files if f.parent.parent.parent / "cells" / f.parent.name / f.name in done
         ]
-    files = _readable(files)
+    files = _intact(files, runs)
     if not files:
         con.execute(f"CREATE TEMP TABLE {name} ({empty_columns})")
         return
@@ -128,6 +125,7 @@ def query(runs_dir: Path, sql: str) -> tuple[list[str], list[tuple[Any, ...]]]:
     Tables: ``runs`` (the catalog), ``history`` (every history row of every run, columns of
     all runs unioned by name) and ``probes`` (variant, seed, kind, step, epoch, probe, value).
     """
+    runs: dict[Path, Any] = {}
     with catalog(runs_dir, read_only=True) as con:
         _parquet_view(
             con,
@@ -136,6 +134,7 @@ def query(runs_dir: Path, sql: str) -> tuple[list[str], list[tuple[Any, ...]]]:
             "cells",
             "run_id VARCHAR, variant VARCHAR, seed BIGINT, epoch INTEGER,"
             " diverged_epoch INTEGER, loss DOUBLE, val_loss DOUBLE",
+            runs,
         )
         _parquet_view(
             con,
@@ -144,6 +143,7 @@ def query(runs_dir: Path, sql: str) -> tuple[list[str], list[tuple[Any, ...]]]:
             "probes",
             "run_id VARCHAR, variant VARCHAR, seed BIGINT, kind VARCHAR, step INTEGER,"
             " epoch INTEGER, probe VARCHAR, value DOUBLE",
+            runs,
         )
         try:
             cur = con.execute(sql)
