@@ -230,3 +230,21 @@ def test_list_and_show_agree_on_cells_of_a_killed_run(tmp_path: Path) -> None:
         assert list_runs(tmp_path)[0]["state"] == "running"
     (row,) = list_runs(tmp_path)
     assert (row["state"], row["cells_done"], row["cells_total"]) == ("killed", 3, 4)
+
+
+def test_an_unreadable_cell_is_damage_not_a_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another user's 0600 cell (written by an older ablab) cannot be hashed: it is named
+    as damaged, like any other, instead of escaping as a PermissionError."""
+    from ablab.store import rundir
+
+    run = _fake_run(tmp_path, "private", 2)
+
+    def denied(path: Path) -> str:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(rundir, "sha256_file", denied)
+    with caplog.at_level("WARNING", logger="ablab"):
+        assert RunDir(run.path).history().num_rows == 0
+    assert "is damaged: unreadable (PermissionError" in caplog.text

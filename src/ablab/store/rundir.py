@@ -283,8 +283,13 @@ class RunDir:
         expected = recorded.get(path.relative_to(self.path).as_posix())
         reason: str | None = None
         if expected is not None:
-            actual = sha256_file(path)
-            if actual != expected:
+            try:
+                actual = sha256_file(path)
+            except OSError as exc:  # e.g. another user's 0600 file from an older ablab
+                actual = f"unreadable ({type(exc).__name__}: {exc})"
+            if actual.startswith("unreadable"):
+                reason = actual
+            elif actual != expected:
                 reason = f"checksum mismatch (recorded {expected[:12]}…, now {actual[:12]}…)"
         else:
             try:
