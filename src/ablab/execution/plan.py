@@ -233,24 +233,19 @@ def compile_all(plan: Plan, todo: list[Cell], progress: Progress) -> dict[str, f
         return sum(compile_program(plan.study, variant, p, size) for p in jobs[variant])
 
     compile_s: dict[str, float] = {}
-    filtering = keras.config.is_traceback_filtering_enabled()
-    keras.config.disable_traceback_filtering()  # once for all threads: Keras' frames name a layer
-    try:
-        with ThreadPoolExecutor(max_workers=max(1, min(plan.workers, len(jobs)))) as pool:
-            futures = {v: pool.submit(work, v) for v in jobs}
-            try:
-                for variant, future in futures.items():
-                    seconds = future.result()
-                    if not reference:
-                        compile_s[variant] = seconds
-                    progress.compiled(variant, seconds)
-            except BaseException:
-                for future in futures.values():
-                    future.cancel()
-                raise
-    finally:
-        if filtering:
-            keras.config.enable_traceback_filtering()
+    # (compile_program turns Keras' traceback filtering off in its own thread: it is per thread)
+    with ThreadPoolExecutor(max_workers=max(1, min(plan.workers, len(jobs)))) as pool:
+        futures = {v: pool.submit(work, v) for v in jobs}
+        try:
+            for variant, future in futures.items():
+                seconds = future.result()
+                if not reference:
+                    compile_s[variant] = seconds
+                progress.compiled(variant, seconds)
+        except BaseException:
+            for future in futures.values():
+                future.cancel()
+            raise
     return compile_s
 
 
