@@ -30,7 +30,17 @@ MANY_CELLS = (
 )
 
 # What may differ between two runs of the same seeds: identity, time, where it ran.
-VOLATILE = {"run_id", "run_dir", "wall_s", "runs_per_s", "version", "executor", "created_at"}
+VOLATILE = {
+    "run_id",
+    "run_dir",
+    "wall_s",
+    "runs_per_s",
+    "train_s",
+    "compile_s",
+    "version",
+    "executor",
+    "created_at",
+}
 
 
 def _sorted_rows(table: pa.Table) -> pa.Table:
