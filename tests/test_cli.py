@@ -134,6 +134,22 @@ BAD_INPUTS = {
         "verdicts.metric",
     ),
     "zero_seeds": (TINY_STUDY.replace("count = 6", "count = 0"), "seeds.count"),
+    "unvectorized_callback": (  # a host-side callback: refused, pointing at the fit engine
+        TINY_STUDY.replace(
+            "shuffle = false", 'shuffle = false\ncallbacks = [{name = "ModelCheckpoint"}]'
+        ),
+        "train.callbacks[0]",
+    ),
+    "early_stopping_unknown_monitor": (
+        TINY_STUDY.replace(
+            "shuffle = false", 'shuffle = false\nearly_stopping = {monitor = "val_acc"}'
+        ),
+        "train.early_stopping.monitor",
+    ),
+    "steps_per_epoch_uneven": (  # 90 rows in batches of 32: a partial batch per pass
+        TINY_STUDY.replace("shuffle = false", "shuffle = false\nsteps_per_epoch = 1"),
+        "train.steps_per_epoch",
+    ),
     "builder_raises": (
         TINY_STUDY.split("[variants]")[0] + '[model]\nbuilder = "boom.py:make"\n[variants.a]\n',
         "variants.a.params",

@@ -12,8 +12,11 @@ from tests.conftest import make_program
 
 def test_history_names_and_shapes(seed_programs: dict[str, VariantProgram]) -> None:
     out = seed_programs["plain"].train(np.arange(3, dtype=np.uint32))
-    assert sorted(out) == ["loss", "val_loss"]
+    assert sorted(out) == ["data_loss", "loss", "val_data_loss", "val_loss"]
     assert out["loss"].shape == (3, 20) and out["loss"].dtype == np.float32
+    # no regulariser: the penalty-free loss is Keras' loss itself (fit's side: test_reference)
+    np.testing.assert_allclose(out["data_loss"], out["loss"], rtol=1e-6)
+    np.testing.assert_allclose(out["val_data_loss"], out["val_loss"], rtol=1e-6)
 
 
 def test_identity_activation_changes_nothing(seed_programs: dict[str, VariantProgram]) -> None:

@@ -134,9 +134,9 @@ def test_checks_figure_marks_bit_identical_and_tolerance() -> None:
 def test_weights_bn_and_optimum_figures_have_a_panel_per_thing() -> None:
     weights = {
         "dense#0": {"sum": {"plain": _band(9)}, "drift": {"plain": _band(9)}},
-        "dense#1": {"sum": {"plain": _band(9), "bn": _band(9)}, "drift": {"bn": _band(9)}},
+        "dense#1": {"sum": {"plain": _band(9), "bn": _band(9, 1.0)}, "drift": {"bn": _band(9)}},
     }
-    assert len(figs.weights_figure(weights, COLORS).axes) == 4
+    assert len(figs.weights_figure(weights, COLORS).axes) == 4  # bands apart: a row per layer
     x = np.arange(0, 4, dtype=float)
     bn = {
         "bn": {
@@ -152,6 +152,32 @@ def test_weights_bn_and_optimum_figures_have_a_panel_per_thing() -> None:
     gap = {"median": 0.5, "q05": 0.4, "q95": 0.7}
     fig = figs.optimum_figure({"plain": {"train_gap": gap, "val_gap": gap}}, COLORS)
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["plain"]
+
+
+def test_weight_sums_whose_bands_overlap_get_a_panel_per_variant() -> None:
+    # bands of half-width 0.1 around medians 0.05 apart overlap at every step: small multiples
+    near = {"plain": _band(9), "bn": _band(9, 0.05)}
+    assert figs.bands_overlap(near) and not figs.bands_overlap({**near, "bn": _band(9, 1.0)})
+    fig = figs.weights_figure({"dense#0": {"sum": near, "drift": near}}, COLORS)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == [
+        "dense#0: weight sum\nplain",
+        "dense#0: weight sum\nbn",
+        "dense#0: weight sum − its value after step 1\nplain",
+        "dense#0: weight sum − its value after step 1\nbn",
+    ]
+    for ax in fig.axes:  # one variant per panel: one band, one median line
+        assert len(ax.collections) == 1 and len(ax.get_lines()) == 1
+    sum_plain, sum_bn = fig.axes[:2]
+    assert sum_plain.get_shared_y_axes().joined(sum_plain, sum_bn)
+    np.testing.assert_array_equal(sum_bn.get_lines()[0].get_ydata(), near["bn"].median)
+
+
+def test_every_history_name_gets_a_panel_three_to_a_row() -> None:
+    names = ["val_loss", "loss", "accuracy", "val_accuracy"]
+    fig = figs.curves_figure({n: {"plain": _band(4)} for n in names}, COLORS)
+    assert [ax.get_ylabel() for ax in fig.axes] == names
+    assert fig.get_size_inches()[0] == 3 * 5.2  # two rows of at most three panels
 
 
 def test_svg_is_inline_deterministic_and_self_contained() -> None:

@@ -3,6 +3,7 @@ opened in a real browser (headless Chromium through Playwright)."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import re
@@ -18,6 +19,7 @@ from matplotlib.figure import Figure
 import ablab
 from ablab.analysis.document import run_document
 from ablab.execution.env import environment
+from ablab.output.formatting import timestamp
 from ablab.output.report import FIGURES, ReportData, _probe_bands, write_report
 from ablab.store.records import VariantHistory
 from ablab.store.rundir import RunDir
@@ -96,6 +98,11 @@ def test_every_figure_has_data_and_the_page_is_self_contained(
         assert shown in text
     assert report_run.summary["bn"]["n_seeds"] == 12
     assert "This run is" not in html  # complete: no banner
+    # one timestamp format: created and generated, to the second, no fraction, in UTC
+    stamps = re.findall(r"\d{4}-\d\d-\d\d[ T]\d\d:\d\d[\d:.]*(?: UTC|Z|[+-]\d\d:\d\d)?", text)
+    assert len(stamps) == 2 and all(
+        re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", t) for t in stamps
+    ), stamps
 
 
 def test_report_of_an_interrupted_run_shows_what_finished(
@@ -136,12 +143,15 @@ def test_notebook_summary_and_plots(report_run: ablab.RunResult) -> None:
     assert "checks: 1 passed" in html
     overview = report_run.plot()
     assert isinstance(overview, Figure) and len(overview.axes) == 3
-    assert len(report_run.plot("weights").axes) == 6
+    # plain and plain_id train identically, so the dense layers' weight bands overlap: two
+    # rows of small multiples each, a panel per variant (3); bn's own layer: one row of two
+    assert len(report_run.plot("weights").axes) == 2 * (2 * 3) + 2
     with pytest.raises(ValueError, match="unknown figure"):
         report_run.plot("nope")
     stored = ablab.open_run(str(report_run.run_dir))
     assert "plain_id" in stored._repr_html_()
-    assert len(stored.plot("curves").axes) == 2
+    recorded = stored.histories["plain"].values  # a panel per recorded History name
+    assert len(stored.plot("curves").axes) == len(recorded) >= 2
 
 
 # Data drawn inside the axes of a matplotlib SVG: lines with at least two points, filled
@@ -184,7 +194,7 @@ def test_report_in_headless_chromium(report_run: ablab.RunResult) -> None:
     requests: list[str] = []
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1300, "height": 900})
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.on(
             "console",
             lambda m: (
@@ -194,6 +204,14 @@ def test_report_in_headless_chromium(report_run: ablab.RunResult) -> None:
         page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
         page.on("request", lambda r: requests.append(r.url))
         page.goto(path.resolve().as_uri(), wait_until="load")
+        # the verdict table fits the 1,280 px page: every verdict cell inside the viewport,
+        # the table not scrolled sideways
+        edges = page.locator("table.verdicts td.verdict-cell").evaluate_all(
+            "cells => cells.map(c => c.getBoundingClientRect().right)"
+        )
+        assert len(edges) == 2 and max(edges) <= 1280, edges
+        scroll = page.locator("#verdicts .scroll").first
+        assert scroll.evaluate("d => d.scrollWidth <= d.clientWidth"), "verdict table scrolls"
         sizes = {}
         for name in UNSWEPT:
             svg = page.locator(f'figure[data-plot="{name}"] svg')
@@ -382,7 +400,8 @@ def test_diverged_seeds_do_not_scale_the_figures_and_are_counted(tmp_path: Path)
     assert "c" not in data.finals and "c" not in data.weights["dense#0"]["sum"]
     legend = data.figure("curves").axes[0].get_legend_handles_labels()[1]
     assert legend == ["a", "b (2 of 5 seeds diverged, left out)", "c (all 5 seeds diverged)"]
-    weights = data.figure("weights").axes[0].get_legend_handles_labels()[1]
+    # a's and b's weight bands overlap: a panel per variant, titled with its count
+    weights = [ax.get_title().split("\n")[1] for ax in data.figure("weights").axes[:3]]
     assert weights == ["a", "b (2 of 5 seeds diverged, left out)", "c (all 5 seeds diverged)"]
     forest = [t.get_text() for t in data.figure("forest").axes[0].get_yticklabels()]
     assert forest == [
@@ -419,3 +438,56 @@ def test_the_why_section_and_the_terminal_name_a_diverged_variant() -> None:
     out = io.StringIO()
     print_run(Console(file=out, width=300), data.doc)
     assert line in out.getvalue()
+
+
+def test_timestamps_have_one_format() -> None:
+    assert timestamp("2026-12-02T10:19:09.123456") == "2026-12-02 10:19:09 UTC"  # naive = UTC
+    later = dt.datetime(2026, 12, 2, 12, 19, 9, 5, tzinfo=dt.timezone(dt.timedelta(hours=2)))
+    assert timestamp(later) == "2026-12-02 10:19:09 UTC"
+    assert timestamp(None) == "—"
+
+
+def _ordinary() -> ReportData:
+    """Two ordinary (non-linear-looking) variants with accuracy recorded, 20 seeds, 6 epochs:
+    a still improving, b flat."""
+    rng = np.random.default_rng(3)
+    epoch = np.arange(1, 7, dtype=float)
+
+    def arm(rate: float) -> dict[str, np.ndarray]:
+        loss = 1.0 - rate * epoch + rng.normal(0, 0.02, (20, 6))
+        acc = 0.5 + rate * epoch + rng.normal(0, 0.02, (20, 6))
+        return {"loss": loss, "accuracy": acc, "val_loss": loss + 0.1, "val_accuracy": acc - 0.1}
+
+    return _hand_made({"a": arm(0.05), "b": arm(0.0)})
+
+
+def test_the_report_plots_every_recorded_metric() -> None:
+    data = _ordinary()
+    assert list(data.curves) == ["val_loss", "loss", "accuracy", "val_accuracy"]
+    fig = data.figure("curves")
+    assert [ax.get_ylabel() for ax in fig.axes] == list(data.curves)
+    band = data.curves["val_accuracy"]["b"]
+    values = data.histories["b"].values["val_accuracy"]
+    np.testing.assert_allclose(band.median, np.median(values, axis=0), rtol=1e-12)
+
+
+def test_an_ordinary_model_has_a_why_in_the_report_and_the_terminal() -> None:
+    import io
+
+    from rich.console import Console
+
+    from ablab.output.terminal import print_run
+
+    data = _ordinary()
+    a = data.doc["dynamics"]["a"]
+    assert a["trend"]["undertrained"] and a["gap"]["median"] == pytest.approx(0.1)
+    assert not data.doc["dynamics"]["b"]["trend"]["undertrained"]
+    why = unescape(data.html()).split('<section id="why">')[1].split("</section>")[0]
+    for shown in ("generalisation gap", "val_loss − loss", "undertrained: more epochs would "
+                  "change the answer", "seed sensitivity", "× the effect"):  # fmt: skip
+        assert shown in why, shown
+    out = io.StringIO()
+    print_run(Console(file=out, width=300), data.doc)
+    printed = out.getvalue()
+    assert "why (training curves, final val_loss)" in printed
+    assert "a: still improving at the last epoch" in printed and "b: settled" in printed

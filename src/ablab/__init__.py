@@ -43,6 +43,7 @@ _LAZY = {
     "Progress": "ablab.execution.progress",
     "Executor": "ablab.execution.executors",
     "run": "ablab.execution.pipeline",
+    "ablate": "ablab.execution.api",
     "resume": "ablab.execution.pipeline",
     "Study": "ablab.study.schema",
     "VerdictSpec": "ablab.study.schema",
@@ -67,6 +68,7 @@ __all__ = [
     "VariantHistory",
     "VerdictSpec",
     "__version__",
+    "ablate",
     "check",
     "compare",
     "load_study",
@@ -94,6 +96,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from ablab.analysis.checks import CheckResult, check
+    from ablab.execution.api import ablate
     from ablab.execution.executors import Executor
     from ablab.execution.pipeline import resume, run
     from ablab.execution.progress import Progress

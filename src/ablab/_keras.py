@@ -13,6 +13,12 @@ Tested range: ``keras>=3.15.1,<3.16`` (pinned in pyproject.toml). What is used a
   drawn vectorized for many seeds without rebuilding the model);
 * ``Model._symbolic_build`` -- builds a subclassed model from example data as ``fit`` does;
 * ``Trainer._update_metrics_variables`` -- the stateless metric update of ``train_step``;
+* ``EarlyStopping._set_monitor_op`` / ``monitor_op`` -- whether early stopping minimizes its
+  monitored value (Keras' own rule, from the metric's direction);
+* ``keras.src.backend.jax.nn`` (``conv``, ``max_pool``, ``average_pool``) and
+  ``keras.src.backend.jax.numpy`` (``matmul``) -- the functions ``keras.ops`` dispatches to
+  at call time; ``ablab.engine.lowering`` wraps them (the wrapper
+  calls Keras' own unless the engine is tracing with its lowerings);
 * ``keras.src.backend.common`` (``global_state``'s list of uninitialized variables,
   ``initialize_all_variables``) -- variables built in a ``StatelessScope`` stay unallocated
   until we say so: a model too big for the memory budget is refused from its shapes;
@@ -57,10 +63,13 @@ __all__ = [
     "array_slicing",
     "data_adapter_utils",
     "deferred_variables",
+    "early_stopping_minimizes",
     "flatten_layers",
     "initializer_of",
     "keras",
     "keras_backend",
+    "keras_backend_nn",
+    "keras_backend_numpy",
     "own_variables",
     "seed_generators",
     "symbolic_build",
@@ -91,9 +100,30 @@ def initializer_of(variable: keras.Variable) -> Any:
     return variable._initializer
 
 
+def keras_backend_nn() -> Any:
+    """The module ``keras.ops.conv`` / ``max_pool`` / ``average_pool`` call into at call time
+    (``keras.src.backend.nn``: the JAX backend's ``nn``)."""
+    return keras_backend.nn
+
+
+def keras_backend_numpy() -> Any:
+    """The module ``keras.ops.matmul`` calls into at call time (the JAX backend's ``numpy``)."""
+    return keras_backend.numpy
+
+
 def symbolic_build(model: keras.Model, data_batch: tuple[Any, Any]) -> None:
     """Build ``model`` (and its compiled metrics) from one example batch, as ``fit`` does."""
     model._symbolic_build(data_batch=data_batch)
+
+
+def early_stopping_minimizes(model: keras.Model, monitor: str, mode: str) -> bool:
+    """Does ``keras.callbacks.EarlyStopping(monitor, mode=mode)`` on ``model`` (compiled and
+    built) look for a lower value? Keras' own rule (``EarlyStopping._set_monitor_op``: ``loss``
+    and metrics whose direction is down minimize); ValueError where Keras cannot tell."""
+    callback = keras.callbacks.EarlyStopping(monitor=monitor, mode=mode)
+    callback.set_model(model)
+    callback._set_monitor_op()
+    return bool(callback.monitor_op is keras.ops.less)
 
 
 def update_metrics_variables(model: keras.Model, *args: Any) -> tuple[Any, Any]:

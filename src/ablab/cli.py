@@ -33,6 +33,16 @@ _runs_dir_option = click.option(
 _json_option = click.option(
     "--json", "as_json", is_flag=True, help="Print exactly one JSON document on stdout."
 )
+_all_metrics_option = click.option(
+    "--all-metrics",
+    is_flag=True,
+    help="A table of final values per recorded metric (default: the verdict metric's).",
+)
+
+
+RESULT_SUFFIXES = (".csv", ".parquet", ".pq")
+"""``ablab compare X``: X is a results file when it is a file or names one of these (missing,
+it is reported as a file); anything else is a stored run."""
 
 
 def _runs_dir(runs_dir: Path | None) -> Path:
@@ -74,6 +84,7 @@ def cli() -> None:
 )
 @_runs_dir_option
 @_json_option
+@_all_metrics_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @click.option(
     "--remedies",
@@ -137,6 +148,7 @@ def run_cmd(
     seeds: int | None,
     runs_dir: Path | None,
     as_json: bool,
+    all_metrics: bool,
     quiet: bool,
     remedies: bool,
     engine: str | None,
@@ -173,7 +185,7 @@ def run_cmd(
             result = start(progress=bars)
     else:
         result = start()
-    _print_result(result, as_json, with_report)
+    _print_result(result, as_json, with_report, all_metrics)
 
 
 def _resume_start(
@@ -231,7 +243,7 @@ def _run_start(
     return functools.partial(run, spec, seeds=seeds, remedies=remedies, **where)
 
 
-def _print_result(result: Any, as_json: bool, with_report: bool) -> None:
+def _print_result(result: Any, as_json: bool, with_report: bool, all_metrics: bool = False) -> None:
     """The run's document (JSON or tables), its report if asked, and exit code 1 when a
     declared check failed or a baseline diverged on every seed."""
     from ablab.output.terminal import print_run
@@ -245,7 +257,7 @@ def _print_result(result: Any, as_json: bool, with_report: bool) -> None:
     if as_json:
         _dump(doc)
     else:
-        print_run(_stdout(), doc)
+        print_run(_stdout(), doc, all_metrics)
         if with_report:
             _stdout().print(f"report: {doc['report']}", soft_wrap=True)
     failed = [c["name"] for c in doc["checks"] if c["passed"] is False]
@@ -317,11 +329,12 @@ def check_cmd(
 
 
 @cli.command("compare")
-@click.argument("file", type=click.Path(path_type=Path))
+@click.argument("file", metavar="FILE|RUN")
 @click.option(
     "--metric",
     default=None,
-    help="The metric column (default: the only column besides variant and seed).",
+    help="The metric column (default: the only column besides variant and seed); for a "
+    "RUN, any recorded History name (default: the run's verdict metric).",
 )
 @click.option("--baseline", default=None, help="The baseline variant (default: the first).")
 @click.option(
@@ -342,29 +355,47 @@ def check_cmd(
     default=None,
     help="Equivalence margin in percent of the baseline's |median|.",
 )
-@click.option("--alpha", type=float, default=0.05, show_default=True)
+@click.option(
+    "--alpha", type=float, default=None, help="Significance level (default 0.05; a RUN: its own)."
+)
 @click.option("--unpaired", is_flag=True, help="Do not pair seeds across variants.")
+@_runs_dir_option
 @_json_option
+@_all_metrics_option
 def compare_cmd(
-    file: Path,
+    file: str,
     metric: str | None,
     baseline: str | None,
     higher_is_better: bool | None,
     margin: float | None,
     margin_pct: float | None,
-    alpha: float,
+    alpha: float | None,
     unpaired: bool,
+    runs_dir: Path | None,
     as_json: bool,
+    all_metrics: bool,
 ) -> None:
     """Verdicts for per-seed results made anywhere: FILE is a .csv or .parquet table in long
     format (columns `variant`, `seed` and the metric; nan / inf = diverged), judged with the
-    same rule and output as `ablab run`."""
+    same rule and output as `ablab run`.
+
+    Given a stored RUN instead (id, unique prefix, path or 'latest'; anything that is not a
+    file), re-judge it without retraining: `ablab compare RUN --metric val_accuracy` compares
+    the final values of any metric the run recorded (`--json`: the run document)."""
     from ablab.output.terminal import print_compare
     from ablab.stats.compare import compare
     from ablab.store.results import read_results
 
+    path = Path(file)
+    if path.is_dir() or not (path.is_file() or path.suffix.lower() in RESULT_SUFFIXES):
+        if unpaired:
+            raise click.UsageError("--unpaired compares a results FILE; a RUN stays paired")
+        _rejudge(file, runs_dir, as_json, all_metrics, metric=metric, baseline=baseline,
+                 higher_is_better=higher_is_better, margin=margin, margin_pct=margin_pct,
+                 alpha=alpha)  # fmt: skip
+        return
     result = compare(
-        read_results(file),
+        read_results(Path(file)),
         metric=metric,
         baseline=baseline,
         lower_is_better=None if higher_is_better is None else not higher_is_better,
@@ -380,11 +411,28 @@ def compare_cmd(
         print_compare(_stdout(), result.to_json())
 
 
+def _rejudge(
+    ref: str, runs_dir: Path | None, as_json: bool, all_metrics: bool, **verdicts: Any
+) -> None:
+    """`ablab compare RUN`: the stored run's document with its verdicts recomputed on another
+    metric / margin / alpha (``ablab.analysis.document.rejudge``); no retraining."""
+    from ablab.analysis.document import rejudge
+    from ablab.output.terminal import print_run
+    from ablab.store.rundir import resolve_run
+
+    doc = rejudge(resolve_run(_runs_dir(runs_dir), ref), **verdicts)
+    if as_json:
+        _dump(doc)
+    else:
+        print_run(_stdout(), doc, all_metrics)
+
+
 @cli.command("show")
 @click.argument("run_ref", metavar="[RUN]", required=False)
 @_runs_dir_option
 @_json_option
-def show_cmd(run_ref: str | None, runs_dir: Path | None, as_json: bool) -> None:
+@_all_metrics_option
+def show_cmd(run_ref: str | None, runs_dir: Path | None, as_json: bool, all_metrics: bool) -> None:
     """List stored runs, or summarise RUN (id, unique prefix, path or 'latest')."""
     from ablab.store.rundir import list_runs, resolve_run
 
@@ -407,7 +455,7 @@ def show_cmd(run_ref: str | None, runs_dir: Path | None, as_json: bool) -> None:
     if as_json:
         _dump(doc)
     else:
-        print_show(_stdout(), doc)
+        print_show(_stdout(), doc, all_metrics)
 
 
 @cli.command("query")

@@ -28,8 +28,8 @@ import numpy as np
 
 from ablab.engine.program import VariantProgram
 from ablab.engine.reference import (
-    all_rows,
     fit_arguments,
+    fit_inputs,
     initial_weights_for_keras,
     permutations,
     user_objects,
@@ -55,8 +55,9 @@ def write_job(
     arrays: dict[str, np.ndarray] = {}
     entries = []
     for variant, program in programs.items():
-        x, y = all_rows(program)
-        arrays[f"{variant}/x"], arrays[f"{variant}/y"] = x, y
+        for name, arr in fit_inputs(program).items():  # x, y and any weights / validation_data
+            if arr is not None:
+                arrays[f"{variant}/{name}"] = arr
         train = program.prepared.train
         users = [u.to_job() for u in user_objects(program.prepared.model) if u.problem is None]
         for seed in seeds[variant]:

@@ -10,11 +10,16 @@ from __future__ import annotations
 
 from typing import Any, TypedDict
 
+from pydantic import ValidationError
+
+from ablab.analysis.dynamics import training_dynamics
 from ablab.analysis.explain import divergence_summary
+from ablab.errors import InputError
 from ablab.stats.summary import summarize
 from ablab.stats.verdicts import RULE, compare
 from ablab.store.records import VariantHistory, variant_histories
 from ablab.store.rundir import RunDir
+from ablab.study.loading import to_study_error
 from ablab.study.schema import VerdictSpec
 from ablab.study.sweep import sweep_effects
 
@@ -121,11 +126,21 @@ class RunDocument(TypedDict):
     study: dict[str, Any]
     variants: dict[str, VariantSummary]
     comparisons: list[ComparisonDoc]
+    verdict_metric: str | None
+    """The History name the verdicts compare (its final values lead the summary)."""
+    metric_note: str
+    """Why the verdict metric is not Keras' val_loss (``ablab.stats.metric_choice``), or ""."""
+    metric_warning: str
+    """What makes the verdict metric mislead (a regularisation penalty in val_loss, loss
+    functions that differ), or ""."""
     verdict_rule: str
     checks: list[CheckDoc]
     explain: dict[str, Any]
     divergence: dict[str, DivergenceDoc]
     """Only the variants with a diverged seed, recomputed from the finished cells."""
+    dynamics: dict[str, dict[str, Any]]
+    """Per variant: generalisation gap, trend at the last epoch and seed sensitivity of the
+    verdict metric (``ablab.analysis.dynamics.training_dynamics``), from the finished cells."""
     sweep: dict[str, Any] | None
     analysed: bool
     resumable: bool
@@ -152,10 +167,13 @@ def build_document(
     cells_total: int | None = None,
     analysed: bool = True,
     divergence: dict[str, Any] | None = None,
+    dynamics: dict[str, Any] | None = None,
 ) -> RunDocument:
     """The one builder of a :class:`RunDocument` (``study``: the resolved study, as stored in
     study.json; ``variants``: ``ablab.stats.summary.summarize``; ``comparisons`` / ``checks``:
-    their ``to_json()``; ``divergence``: ``ablab.analysis.explain.divergence_summary``)."""
+    their ``to_json()``; ``divergence``: ``ablab.analysis.explain.divergence_summary``;
+    ``dynamics``: ``ablab.analysis.dynamics.training_dynamics``)."""
+    choice = verdict_metric(variants, comparisons)
     return {
         "run_id": run_id,
         "run_dir": run_dir,
@@ -175,14 +193,32 @@ def build_document(
         "study": study,
         "variants": variants,
         "comparisons": comparisons,  # type: ignore[typeddict-item]
+        "verdict_metric": choice["verdict_metric"],
+        "metric_note": choice["metric_note"],
+        "metric_warning": choice["metric_warning"],
         "verdict_rule": RULE,
         "checks": checks,  # type: ignore[typeddict-item]
         "explain": explain,
         "divergence": divergence or {},
+        "dynamics": dynamics or {},
         "sweep": sweep_effects(study, comparisons),
         "analysed": analysed,  # checks and explain exist only for a run that finished
         "resumable": state in ("interrupted", "failed", "killed"),
     }
+
+
+def verdict_metric(variants: dict[str, Any], comparisons: list[dict[str, Any]]) -> dict[str, Any]:
+    """``verdict_metric``, ``metric_note`` and ``metric_warning`` of a document: the
+    comparisons' (``ablab.stats.verdicts.compare``), else the summary's headline metric."""
+    if comparisons:
+        first = comparisons[0]
+        return {
+            "verdict_metric": first["metric"],
+            "metric_note": first.get("metric_note") or "",
+            "metric_warning": first.get("metric_warning") or "",
+        }
+    headline = next(iter(variants.values()))["metric"] if variants else None
+    return {"verdict_metric": headline, "metric_note": "", "metric_warning": ""}
 
 
 def stored_histories(run_dir: RunDir, variants: list[str]) -> dict[str, VariantHistory]:
@@ -194,6 +230,65 @@ def stored_histories(run_dir: RunDir, variants: list[str]) -> dict[str, VariantH
 def load_run(run_dir: RunDir) -> tuple[RunDocument, dict[str, VariantHistory]]:
     """A stored run as ``ablab show RUN`` sees it: the document (metadata, state, a summary and
     comparisons recomputed from the finished cells) and the histories, in study order."""
+    meta, status, saved, histories = _stored_parts(run_dir)
+    return run_document(meta, status, saved, histories), histories
+
+
+def rejudge(
+    run_dir: RunDir,
+    *,
+    metric: str | None = None,
+    baseline: str | None = None,
+    higher_is_better: bool | None = None,
+    margin: float | None = None,
+    margin_pct: float | None = None,
+    alpha: float | None = None,
+) -> RunDocument:
+    """A stored run's document with its verdicts recomputed from the stored histories (no
+    retraining) on ``metric`` (any recorded History name) and, where given, another baseline,
+    direction, margin or alpha -- ``ablab compare RUN --metric NAME``. Raises
+    ``ablab.InputError`` for a name the run did not record or a variant it does not have."""
+    meta, status, saved, histories = _stored_parts(run_dir)
+    where = str(run_dir.path)
+    recorded = list(dict.fromkeys(n for h in histories.values() for n in h.values))
+    if metric is not None and not all(metric in h.values for h in histories.values()):
+        raise InputError(
+            where=where,
+            key="--metric",
+            expected=f"a History name every variant recorded, one of {recorded}",
+            got=repr(metric),
+            fix=f"use one of {', '.join(recorded)}",
+        )
+    if baseline is not None and baseline not in histories:
+        raise InputError(
+            where=where,
+            key="--baseline",
+            expected=f"a variant of the run, one of {list(histories)}",
+            got=repr(baseline),
+            fix="use one of the run's variant names",
+        )
+    study = dict(meta["study"])
+    updates: dict[str, Any] = {"metric": metric, "higher_is_better": higher_is_better}
+    updates.update(alpha=alpha)
+    if margin is not None or margin_pct is not None:  # one replaces the other
+        updates.update(margin=margin, margin_pct=margin_pct, force=True)
+    force = updates.pop("force", False)
+    verdicts = dict(study.get("verdicts") or {})
+    verdicts.update({k: v for k, v in updates.items() if v is not None or force})
+    try:
+        VerdictSpec.model_validate(verdicts)
+    except ValidationError as exc:
+        raise to_study_error(exc, where, prefix="verdicts") from exc
+    study["verdicts"] = verdicts
+    if baseline is not None:
+        study["baseline"] = baseline
+    return run_document({**meta, "study": study}, status, saved, histories)
+
+
+def _stored_parts(
+    run_dir: RunDir,
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, VariantHistory]]:
+    """``(meta, status, saved, histories)`` of a stored run, for :func:`run_document`."""
     meta = run_dir.read_json("study.json")
     status = run_dir.read_json("status.json")
     if status["state"] == "running" and not run_dir.is_running():
@@ -205,7 +300,7 @@ def load_run(run_dir: RunDir) -> tuple[RunDocument, dict[str, VariantHistory]]:
     histories = stored_histories(run_dir, order)
     saved = run_dir.read_json("summary.json") if (run_dir.path / "summary.json").exists() else {}
     meta = {**meta, "run_id": run_dir.run_id, "run_dir": str(run_dir.path)}
-    return run_document(meta, status, saved, histories), histories
+    return meta, status, saved, histories
 
 
 def run_document(
@@ -221,14 +316,19 @@ def run_document(
     baseline = meta["study"].get("baseline")
     spec = VerdictSpec.model_validate(meta["study"].get("verdicts") or {})
     comparable = spec.pairs or baseline in histories  # a sweep's pairs: any finished point
-    comparisons = compare(histories, baseline, spec) if comparable and len(histories) > 1 else []
+    comparisons = (
+        compare(histories, baseline, spec, study=meta["study"])
+        if comparable and len(histories) > 1
+        else []
+    )
+    rows = [c.to_json() for c in comparisons]
     return build_document(
         run_id=meta["run_id"],
         run_dir=meta["run_dir"],
         study=meta["study"],
         state=status["state"],
         variants=summarize(histories),
-        comparisons=[c.to_json() for c in comparisons],
+        comparisons=rows,
         checks=saved.get("checks", []),
         explain=saved.get("explain", {}),
         wall_s=saved.get("wall_s"),
@@ -242,6 +342,13 @@ def run_document(
         cells_total=status["cells_total"],
         analysed=bool(saved),
         divergence=divergence_summary(histories, meta["study"]),
+        dynamics=training_dynamics(
+            histories,
+            rows,
+            metric=rows[0]["metric"] if rows else spec.metric,
+            higher_is_better=spec.higher_is_better,
+            confidence=spec.confidence,
+        ),
     )
 
 

@@ -8,11 +8,19 @@ import math
 import keras
 
 from ablab.engine import memory
-from ablab.engine.data import Dataset, Split, load_dataset, split, standardized
+from ablab.engine.data import (
+    Dataset,
+    Split,
+    class_weighted,
+    load_dataset,
+    split,
+    standardized,
+    with_validation_data,
+)
 from ablab.engine.memory import Footprint, human_bytes, optimizer_slots, trainable_elements
 from ablab.engine.model import check_loss_target, prepare_model
 from ablab.engine.probes import count_params, probes_enabled
-from ablab.engine.program import VariantProgram
+from ablab.engine.program import VariantProgram, steps_limit
 from ablab.errors import StudyError
 from ablab.study.schema import Study
 
@@ -44,6 +52,7 @@ def check_memory(
             val_batch_size=train.validation_batch_size or train.batch_size,
             shuffle=train.shuffle,
             steps=train.epochs * math.ceil(parts.n_train / train.batch_size),
+            weighted=parts.sw_train is not None,
         )
     budget = study.engine.memory_budget_mb * 2**20
     if footprint.bytes <= budget:
@@ -61,6 +70,81 @@ def check_memory(
     )
 
 
+def _refuse(study: Study, key: str, expected: str, got: str, fix: str) -> StudyError:
+    return StudyError(where=study.source, key=key, expected=expected, got=got, fix=fix)
+
+
+def _train_key(study: Study, variant: str, key: str) -> str:
+    """Where ``key`` of ``variant``'s train spec is set: its override, else ``[train]``."""
+    own = key in study.variants[variant].train
+    return f"variants.{variant}.train.{key}" if own else f"train.{key}"
+
+
+def fit_split(study: Study, variant: str, data: Dataset) -> Split:
+    """The training and validation rows (and their sample weights) ``fit`` would use for
+    ``variant``: ``validation_data`` ([data.validation]) or the ``validation_split`` cut;
+    ``class_weight`` turned into the training rows' sample weights, as ``fit`` does."""
+    train = study.variant_train(variant)
+    if study.data.validation is not None:
+        if train.validation_split:
+            raise _refuse(
+                study,
+                _train_key(study, variant, "validation_split"),
+                "no validation_split beside [data.validation] (fit would ignore it)",
+                f"validation_split = {train.validation_split}",
+                "drop validation_split, or the [data.validation] table",
+            )
+        val_study = study.model_copy(update={"data": study.data.validation})
+        parts = with_validation_data(data, load_dataset(val_study))
+    else:
+        parts = split(data, train.validation_split, where=study.source)
+    if train.class_weight is not None:
+        if study.data.sample_weight is not None:
+            raise _refuse(
+                study,
+                _train_key(study, variant, "class_weight"),
+                "class_weight or [data] sample_weight, not both (fit refuses both)",
+                "both",
+                "fold the class weights into the sample_weight column, or drop one",
+            )
+        parts = class_weighted(parts, train.class_weight)
+    limit = steps_limit(train.steps_per_epoch, parts.n_train, train.batch_size)
+    batches = math.ceil(parts.n_train / train.batch_size)
+    if limit is not None and (parts.n_train % train.batch_size or batches % limit):
+        raise _refuse(
+            study,
+            _train_key(study, variant, "steps_per_epoch"),
+            f"a divisor of the {batches} batches per pass, with no partial last batch "
+            f"({parts.n_train} training rows, batch_size {train.batch_size}), or at least "
+            f"{batches}",
+            f"steps_per_epoch = {train.steps_per_epoch}",
+            "pick a batch_size that divides the training rows and a steps_per_epoch that "
+            "divides the batches (epochs of unequal length are not vectorized), or use "
+            '[engine] kind = "reference"',
+        )
+    return parts
+
+
+def check_monitor(study: Study, variant: str, parts: Split) -> None:
+    """Refuse early stopping on a quantity the History does not have (fit would only warn
+    and never stop)."""
+    train = study.variant_train(variant)
+    if train.early_stopping is None:
+        return
+    names = ["loss", *train.metric_names()]
+    if parts.n_val:
+        names += [f"val_{n}" for n in names]
+    if train.early_stopping.monitor not in names:
+        raise _refuse(
+            study,
+            _train_key(study, variant, "early_stopping") + ".monitor",
+            f"a quantity of the History: {names}",
+            repr(train.early_stopping.monitor),
+            "monitor one of them"
+            + ("" if parts.n_val else " (val_* needs validation_split or [data.validation])"),
+        )
+
+
 def build_program(
     study: Study, variant: str, data: Dataset | None = None, *, probes: bool | None = None
 ) -> VariantProgram:
@@ -70,7 +154,7 @@ def build_program(
     """
     data = load_dataset(study) if data is None else data
     train = study.variant_train(variant)
-    parts = split(data, train.validation_split, where=study.source)
+    parts = fit_split(study, variant, data)
     if study.data.standardize:
         parts = standardized(parts, target_too=study.data.target_is_input())
     n = min(train.batch_size, parts.n_train)  # a few rows: shapes and dtypes only
@@ -83,6 +167,7 @@ def build_program(
     if probes is None:
         setting = study.probes
         probes = probes_enabled(setting.enabled, count_params(prepared), setting.max_params)
+    check_monitor(study, variant, parts)
     program = VariantProgram(prepared, parts, probes=probes)
     if probes:  # the probes' own memory, now that the program knows it
         check_memory(study, variant, parts, prepared.model, program.footprint())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ class Dataset:
 
     x: np.ndarray
     y: np.ndarray
+    sample_weight: np.ndarray | None = None
+    """(rows,) per-row loss weights (``[data] sample_weight``), or None."""
 
     @property
     def rows(self) -> int:
@@ -36,6 +39,11 @@ class Split:
     y_train: np.ndarray
     x_val: np.ndarray | None
     y_val: np.ndarray | None
+    sw_train: np.ndarray | None = None
+    """(n_train,) sample weights of the training rows (``fit(sample_weight=...)`` or the
+    class weights ``fit(class_weight=...)`` turns into), or None: unweighted."""
+    sw_val: np.ndarray | None = None
+    """(n_val,) sample weights of the validation rows, or None."""
 
     @property
     def n_train(self) -> int:
@@ -192,8 +200,8 @@ def _from_path(study: Study) -> tuple[np.ndarray, np.ndarray]:
         x = loaded[spec.x_key]
     else:  # table
         feature_names = spec.features
-        if feature_names is None:
-            feature_names = [c for c in loaded if c != spec.target]  # None: every column
+        if feature_names is None:  # None: every column but the target and the weights
+            feature_names = [c for c in loaded if c not in (spec.target, spec.sample_weight)]
         x = _columns(study, "data.features", loaded, feature_names)
 
     if target_loaded is not None:
@@ -302,10 +310,55 @@ def load_dataset(study: Study) -> Dataset:
                 f"{int(bad.sum())} non-finite values, the first in row {row}",
                 "drop or impute the non-finite values before the study",
             )
+    sw = None if spec.sample_weight is None else _sample_weight(study, x.shape[0])
     if spec.row_seed is not None:
         order = np.random.default_rng(spec.row_seed).permutation(x.shape[0])
         x, y = x[order], y[order]
-    return Dataset(x=x, y=y)
+        sw = None if sw is None else sw[order]
+    return Dataset(x=x, y=y, sample_weight=sw)
+
+
+def _sample_weight(study: Study, rows: int) -> np.ndarray:
+    """``[data] sample_weight``: a column / array of the data file, or a file of its own --
+    (rows,) finite float32."""
+    spec = study.data
+    name = spec.sample_weight
+    assert name is not None
+    key = "data.sample_weight"
+    column = spec.path is not None and not name.lower().endswith(_SUFFIXES)
+    if column:
+        assert spec.path is not None
+        loaded = _read_file(study, "data.path", spec.path)
+        if not isinstance(loaded, dict) or name not in loaded:
+            raise _err(
+                study,
+                key,
+                "a column / array name of the data file, or a .npy / .csv file of weights",
+                repr(name)
+                + (f" (the file has {sorted(loaded)})" if isinstance(loaded, dict) else ""),
+                'name the weights column, e.g. sample_weight = "w"',
+            )
+        if not spec.path.lower().endswith(".npz"):
+            _numeric(study, key, loaded, [name])
+        raw = np.asarray(loaded[name])
+    else:
+        read = _read_file(study, key, name)
+        raw = np.asarray(next(iter(read.values())) if isinstance(read, dict) else read)
+    sw = np.asarray(raw, dtype=np.float32).reshape(-1) if np.size(raw) == rows else None
+    if sw is None:
+        raise _err(
+            study,
+            key,
+            f"one weight per row ({rows})",
+            f"shape {np.shape(raw)}",
+            "give one weight per data row",
+        )
+    if not np.isfinite(sw).all():
+        raise _err(study, key, "finite weights", "NaN or inf among them", "drop or fix those rows")
+    return sw
+
+
+_SUFFIXES = (".npy", ".npz", ".csv", ".parquet")
 
 
 def standardized(parts: Split, *, target_too: bool) -> Split:
@@ -322,10 +375,12 @@ def standardized(parts: Split, *, target_too: bool) -> Split:
     x_train, x_val = scale(parts.x_train), scale(parts.x_val)
     assert x_train is not None
     if not target_too:
-        return Split(x_train, parts.y_train, x_val, parts.y_val)
+        return dataclasses.replace(parts, x_train=x_train, x_val=x_val)
     y_train = scale(parts.y_train)
     assert y_train is not None
-    return Split(x_train, y_train, x_val, scale(parts.y_val))
+    return dataclasses.replace(
+        parts, x_train=x_train, y_train=y_train, x_val=x_val, y_val=scale(parts.y_val)
+    )
 
 
 def split(data: Dataset, validation_split: float, *, where: str = "<study>") -> Split:
@@ -335,12 +390,12 @@ def split(data: Dataset, validation_split: float, *, where: str = "<study>") -> 
     array_slicing.py) so the boundary is Keras' to the row.
     """
     if validation_split == 0.0:
-        return Split(data.x, data.y, None, None)
+        return Split(data.x, data.y, None, None, data.sample_weight)
     from ablab._keras import array_slicing
 
     try:
-        (x_tr, y_tr, _), (x_va, y_va, _) = array_slicing.train_validation_split(
-            (data.x, data.y, None), validation_split=validation_split
+        (x_tr, y_tr, sw_tr), (x_va, y_va, sw_va) = array_slicing.train_validation_split(
+            (data.x, data.y, data.sample_weight), validation_split=validation_split
         )
     except ValueError as exc:
         raise StudyError(
@@ -350,4 +405,27 @@ def split(data: Dataset, validation_split: float, *, where: str = "<study>") -> 
             got=f"{validation_split} of {data.rows} rows",
             fix="use a validation_split between 1/rows and 1 - 1/rows, or more data",
         ) from exc
-    return Split(np.asarray(x_tr), np.asarray(y_tr), np.asarray(x_va), np.asarray(y_va))
+    as_np = lambda a: None if a is None else np.asarray(a)  # noqa: E731
+    return Split(
+        np.asarray(x_tr), np.asarray(y_tr), np.asarray(x_va), np.asarray(y_va), as_np(sw_tr),
+        as_np(sw_va),
+    )  # fmt: skip
+
+
+def with_validation_data(train: Dataset, validation: Dataset) -> Split:
+    """All of ``train`` for training and ``validation`` for validation, as
+    ``fit(validation_data=(x, y[, sample_weight]))`` uses them."""
+    return Split(
+        train.x, train.y, validation.x, validation.y, train.sample_weight,
+        validation.sample_weight,
+    )  # fmt: skip
+
+
+def class_weighted(parts: Split, class_weight: dict[int, float]) -> Split:
+    """The training rows' sample weights from ``class_weight``, by Keras' own
+    ``class_weight_to_sample_weights`` (class index: the label, or the argmax of a one-hot
+    row); validation rows stay unweighted, as in ``fit``."""
+    from ablab._keras import data_adapter_utils
+
+    sw = data_adapter_utils.class_weight_to_sample_weights(parts.y_train, class_weight)
+    return dataclasses.replace(parts, sw_train=np.asarray(sw, dtype=np.float32))

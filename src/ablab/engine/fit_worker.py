@@ -33,6 +33,7 @@ import json
 import os
 import re
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -47,52 +48,100 @@ def fit_history(
     fit: dict[str, Any],
     permutations: np.ndarray | None = None,
     callbacks: list[Any] | None = None,
+    sample_weight: np.ndarray | None = None,
+    validation: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None,
 ) -> dict[str, list[float]]:
     """Train a compiled ``model`` like ``fit`` and return its History ``{name: [per epoch]}``.
 
-    x, y: all rows (the validation rows last, as ``validation_split`` cuts them).
-    fit: epochs, batch_size, validation_split, validation_batch_size, shuffle.
-    permutations: (epochs, n_train) training-row orders when ``shuffle`` is true -- each
-    epoch is then one ``fit(epochs=1, shuffle=False)`` on that order, validated on the
-    validation rows as ``validation_split`` would.
+    x, y: all rows (the validation rows last, as ``validation_split`` cuts them), or the
+    training rows alone when ``validation`` = ``(x_val, y_val, sample_weight or None)`` is
+    given (``fit(validation_data=...)``). sample_weight: (rows,) one per row of ``x``.
+    fit: epochs, batch_size, validation_split, validation_batch_size, shuffle, and optionally
+    class_weight, steps_per_epoch, early_stopping (``keras.callbacks.EarlyStopping``'s
+    arguments).
+    permutations: (epochs, rows) training-row orders when ``shuffle`` is true -- each
+    epoch is then one ``fit(epochs=1, shuffle=False)`` on that order (the rows that epoch
+    trains on), validated on the validation rows as ``validation_split`` would; an early
+    stopper then keeps its state from one call to the next and restores at the very end.
+    After an early stop every name repeats its last epoch's value up to ``epochs`` (as the
+    engine stores it); ``fit["stopped_epoch"]`` is set to the 1-based stop epoch (0: none).
     """
+    import keras
+
     epochs, bs = fit["epochs"], fit["batch_size"]
     vbs = fit.get("validation_batch_size") or bs
     split = fit.get("validation_split", 0.0)
-    if not fit.get("shuffle"):
-        hist = model.fit(
-            x,
-            y,
-            epochs=epochs,
-            batch_size=bs,
-            validation_split=split,
-            validation_batch_size=vbs,
-            shuffle=False,
-            verbose=0,
-            callbacks=callbacks or [],
-        )
-        return {k: [float(v) for v in vals] for k, vals in hist.history.items()}
-    n_train = int(np.floor(len(x) * (1.0 - split))) if split else len(x)
-    x_tr, y_tr, x_va, y_va = x[:n_train], y[:n_train], x[n_train:], y[n_train:]
-    assert permutations is not None
+    class_weight = fit.get("class_weight")
+    if class_weight is not None:  # JSON keys are strings
+        class_weight = {int(k): float(v) for k, v in class_weight.items()}
+    steps = fit.get("steps_per_epoch")
+    stopper = None
+    if fit.get("early_stopping"):
+        stopper = keras.callbacks.EarlyStopping(**fit["early_stopping"])
+    cbs = [*(callbacks or []), *([stopper] if stopper is not None else [])]
     rows: dict[str, list[float]] = {}
-    for epoch in range(epochs):  # one fit() per epoch, on that epoch's row order
-        perm = permutations[epoch]
-        hist = model.fit(
-            x_tr[perm],
-            y_tr[perm],
-            initial_epoch=epoch,  # callbacks see the real epoch number
-            epochs=epoch + 1,
-            batch_size=bs,
-            validation_data=(x_va, y_va) if len(x_va) else None,
-            validation_batch_size=vbs,
-            shuffle=False,
-            verbose=0,
-            callbacks=callbacks or [],
-        )
-        for k, vals in hist.history.items():
-            rows.setdefault(k, []).append(float(vals[-1]))
-    return rows
+    if not fit.get("shuffle"):
+        with warnings.catch_warnings():  # steps_per_epoch > batches: fit warns, each epoch
+            warnings.filterwarnings("ignore", "Your input ran out of data")
+            hist = model.fit(
+                x,
+                y,
+                sample_weight=sample_weight,
+                class_weight=class_weight,
+                epochs=epochs,
+                batch_size=bs,
+                steps_per_epoch=steps,
+                validation_split=split if validation is None else 0.0,
+                validation_data=validation,
+                validation_batch_size=vbs,
+                shuffle=False,
+                verbose=0,
+                callbacks=cbs,
+            )
+        rows = {k: [float(v) for v in vals] for k, vals in hist.history.items()}
+    else:
+        if validation is None:
+            n_train = int(np.floor(len(x) * (1.0 - split))) if split else len(x)
+            x_va, y_va = x[n_train:], y[n_train:]
+            sw_va = None if sample_weight is None else sample_weight[n_train:]
+            if len(x_va):
+                validation = (x_va, y_va, sw_va)
+        else:
+            n_train = len(x)
+        x_tr, y_tr = x[:n_train], y[:n_train]
+        sw_tr = None if sample_weight is None else sample_weight[:n_train]
+        assert permutations is not None
+        end = stopper.on_train_end if stopper is not None else None
+        for epoch in range(epochs):  # one fit() per epoch, on that epoch's row order
+            perm = permutations[epoch]
+            if stopper is not None:  # one training across the calls: no reset, restore last
+                stopper.on_train_end = lambda logs=None: None
+                if epoch:
+                    stopper.on_train_begin = lambda logs=None: None
+            hist = model.fit(
+                x_tr[perm],
+                y_tr[perm],
+                sample_weight=None if sw_tr is None else sw_tr[perm],
+                class_weight=class_weight,
+                initial_epoch=epoch,  # callbacks see the real epoch number
+                epochs=epoch + 1,
+                batch_size=bs,
+                validation_data=validation,
+                validation_batch_size=vbs,
+                shuffle=False,
+                verbose=0,
+                callbacks=cbs,
+            )
+            for k, vals in hist.history.items():
+                rows.setdefault(k, []).append(float(vals[-1]))
+            if model.stop_training:
+                break
+        if end is not None:
+            end()
+    ran = len(next(iter(rows.values())))
+    if stopper is not None:  # Keras' own (0-based, 0 = never: it cannot stop at epoch 0)
+        fit["stopped_epoch"] = stopper.stopped_epoch + 1 if stopper.stopped_epoch else 0
+    return {k: v + [v[-1]] * (epochs - ran) for k, v in rows.items()}
 
 
 def _load_callback(spec: dict[str, Any]) -> Any:
@@ -160,15 +209,38 @@ def _deserialize(entry: dict[str, Any]) -> Any:
         raise
 
 
+def _data_loss_class() -> Any:
+    """``ablab.engine.data_loss.DataLoss``, loaded from its file: importing the package
+    ``ablab.engine`` would load the JAX-only engine under this worker's backend."""
+    name = "ablab_fit_worker_data_loss"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            name, Path(__file__).with_name("data_loss.py")
+        )
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name].DataLoss
+
+
 def run_entry(entry: dict[str, Any], arrays: Any) -> dict[str, list[float]]:
     """One (variant, seed) entry of a job under the current Keras backend: its History."""
     import keras
 
-    model = _deserialize(entry)
+    policy = entry["fit"].get("dtype_policy", "float32")
+    before = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)  # the model as the engine built it (mixed precision)
+    data_loss = _data_loss_class()  # registered before the model's compile config is read
+    try:
+        model = _deserialize(entry)
+    finally:
+        keras.config.set_dtype_policy(before)
     model.compile(
         optimizer=keras.optimizers.get(entry["optimizer"]),
         loss=keras.losses.get(entry["loss"]) if isinstance(entry["loss"], dict) else entry["loss"],
         metrics=[keras.metrics.get(m) if isinstance(m, dict) else m for m in entry["metrics"]],
+        weighted_metrics=[data_loss(entry["loss"])],  # History data_loss, as the engine
     )
     key = entry["key"]
     weights = [arrays[f"{key}/w{i}"] for i in range(entry["n_weights"])]
@@ -179,13 +251,15 @@ def run_entry(entry: dict[str, Any], arrays: Any) -> dict[str, list[float]]:
         for c in entry.get("callbacks", [])
         if c.get("backend") in (None, keras.backend.backend())
     ]
+    data = entry["data"]
+    got: Callable[[str], Any] = lambda name: (  # noqa: E731
+        arrays[f"{data}/{name}"] if f"{data}/{name}" in arrays.files else None
+    )
+    validation = None
+    if got("x_val") is not None:  # fit(validation_data=...)
+        validation = (got("x_val"), got("y_val"), got("sw_val"))
     return fit_history(
-        model,
-        arrays[f"{entry['data']}/x"],
-        arrays[f"{entry['data']}/y"],
-        entry["fit"],
-        perms,
-        callbacks,
+        model, got("x"), got("y"), entry["fit"], perms, callbacks, got("sw"), validation
     )
 
 

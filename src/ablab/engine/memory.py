@@ -105,14 +105,17 @@ def footprint(
     shuffle: bool,
     steps: int,
     probe_elements: int = 0,
+    weighted: bool = False,
 ) -> Footprint:
     """One seed's :class:`Footprint` from shapes (the variables need not hold values yet).
 
-    steps: optimizer steps of the whole run (epochs x steps per epoch).
+    steps: optimizer steps of the whole run (epochs x steps per epoch). weighted: the rows
+    carry sample weights (shuffled with them).
     """
     weights = sum(_elements(v.shape) for v in model.variables)
     acts = activation_elements(model, x_row)
-    data = 2 * n_train * (_elements(x_row) + _elements(y_row)) if shuffle else 0
+    row = _elements(x_row) + _elements(y_row) + int(weighted)
+    data = 2 * n_train * row if shuffle else 0
     return Footprint(
         weights=4 * weights,
         optimizer=optimizer_elements,

@@ -17,7 +17,8 @@ import importlib
 import importlib.util
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from ablab._keras import (
     symbolic_build,
     to_snake_case,
 )
+from ablab.engine.data_loss import DataLoss
 from ablab.errors import StudyError, short_repr
 from ablab.study.schema import Study, TrainSpec
 
@@ -95,12 +97,31 @@ def stable_variable_ids(model: keras.Model) -> dict[int, str]:
     return out
 
 
+@contextmanager
+def dtype_policy(name: str) -> Iterator[None]:
+    """Keras' global dtype policy set to ``name`` inside (layers take it when constructed;
+    ``compile`` wraps the optimizer in a ``LossScaleOptimizer`` for ``mixed_float16``), and
+    restored after -- other models in the process keep theirs."""
+    before = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(before)
+
+
 def compile_losses(train: TrainSpec) -> dict[str, Any]:
-    """``loss`` and ``metrics`` keyword arguments of ``model.compile`` for ``train``. Names
-    stay strings, so Keras resolves them as compile does (e.g. "accuracy" by target shape)."""
+    """``loss``, ``metrics`` and ``weighted_metrics`` keyword arguments of ``model.compile``
+    for ``train``. Names stay strings, so Keras resolves them as compile does (e.g.
+    "accuracy" by target shape). ``weighted_metrics`` is the penalty-free loss,
+    :class:`ablab.engine.data_loss.DataLoss` (History ``data_loss`` / ``val_data_loss``)."""
     loss = train.loss_config()
     metrics = [keras.metrics.get(m) if isinstance(m, dict) else m for m in train.metric_configs()]
-    return {"loss": keras.losses.get(loss) if isinstance(loss, dict) else loss, "metrics": metrics}
+    return {
+        "loss": keras.losses.get(loss) if isinstance(loss, dict) else loss,
+        "metrics": metrics,
+        "weighted_metrics": [DataLoss(loss)],
+    }
 
 
 def _layer_from_spec(study: Study, key: str, spec: dict[str, Any]) -> keras.Layer:
@@ -190,17 +211,60 @@ def _import_object(study: Study, key: str, ref: str) -> Any:
         ) from exc
 
 
-def resolve_builder(study: Study) -> Callable[..., Any]:
-    """The builder: a callable, ``file.py:function`` (beside the study) or ``module:fn``."""
-    builder = study.model.builder
+def _clone_of(model: keras.Model) -> Callable[..., Any]:
+    """A builder giving a fresh copy of ``model``'s architecture (new variables, each with its
+    own initializer; the object's weights are not used) -- it takes no parameters."""
+
+    def build(**params: Any) -> keras.Model:
+        if params:
+            raise TypeError(f"a model object takes no builder parameters, got {sorted(params)}")
+        return keras.models.clone_model(model)
+
+    return build
+
+
+def _architecture_file(study: Study, key: str, ref: str) -> Callable[..., Any]:
+    """A builder rebuilding the architecture saved by ``model.to_json()`` in ``ref`` (relative
+    to the study's root), fresh: no weights (ablab draws them per seed)."""
+    path = Path(study.root) / ref
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise StudyError(
+            where=study.source,
+            key=key,
+            expected="a readable model architecture file (model.to_json())",
+            got=f"{str(path)!r} -> {type(exc).__name__}: {exc}",
+            fix="check the path; relative paths resolve against the study's folder",
+        ) from exc
+
+    def build(**params: Any) -> keras.Model:
+        if params:
+            raise TypeError(f"a saved architecture takes no builder parameters, got {params}")
+        return keras.models.model_from_json(text)
+
+    return build
+
+
+def resolve_builder(study: Study, variant: str | None = None) -> Callable[..., Any]:
+    """The builder of ``variant`` (its own, else ``[model]``'s): a callable, a
+    ``keras.Model`` object (cloned), ``file.py:function`` (beside the study), ``module:fn``
+    or ``file.json`` (a saved architecture)."""
+    own = study.variants[variant].builder if variant is not None else None
+    builder = own if own is not None else study.model.builder
+    key = f"variants.{variant}.builder" if own is not None else "model.builder"
+    if isinstance(builder, keras.Model):
+        return _clone_of(builder)
     if callable(builder):
         return builder
     assert isinstance(builder, str)
-    fn = _import_object(study, "model.builder", builder)
+    if builder.lower().endswith(".json") and ":" not in builder:
+        return _architecture_file(study, key, builder)
+    fn = _import_object(study, key, builder)
     if not callable(fn):
         raise StudyError(
             where=study.source,
-            key="model.builder",
+            key=key,
             expected="a callable",
             got=short_repr(fn),
             fix="point builder at a function",
@@ -215,10 +279,12 @@ def _construct(study: Study, variant: str, input_shape: tuple[int, ...]) -> kera
         if study.variants[variant].layers is not None
         else "model.layers"
     )
-    if layers is not None:
+    own = study.variants[variant].builder is not None
+    if layers is not None and not own:
         built = [_layer_from_spec(study, f"{key_root}[{i}]", s) for i, s in enumerate(layers)]
         return keras.Sequential([keras.Input(shape=input_shape), *built], name=variant)
-    fn = resolve_builder(study)
+    fn = resolve_builder(study, variant)
+    builder_key = f"variants.{variant}.builder" if own else "model.builder"
     params = study.variant_params(variant)
     try:
         model = fn(**params)
@@ -233,7 +299,7 @@ def _construct(study: Study, variant: str, input_shape: tuple[int, ...]) -> kera
     if not isinstance(model, keras.Model):
         raise StudyError(
             where=study.source,
-            key="model.builder",
+            key=builder_key,
             expected="a builder returning an uncompiled keras.Model",
             got=f"{type(model).__name__}",
             fix="return a keras.Model from the builder",
@@ -257,14 +323,14 @@ def prepare_model(
     allocated): it may refuse the model from its shapes (a memory pre-flight).
     """
     input_shape = tuple(int(d) for d in x_example.shape[1:])
-    with deferred_variables():
+    train = study.variant_train(variant)
+    with dtype_policy(train.dtype_policy), deferred_variables():
         model = _construct(study, variant, input_shape)
         inits = {id(v): initializer_of(v) for v in model.variables}
         if preflight is not None:  # shapes only: nothing is allocated yet
             preflight(model)
     # Leaving the scope gave every variable a (throw-away) value; the engine draws its own.
     out_shape = _check_output_shape(study, variant, model, x_example, y_example)
-    train = study.variant_train(variant)
     try:
         optimizer = keras.optimizers.get(train.optimizer_config())
     except Exception as exc:

@@ -24,14 +24,15 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import keras
 import numpy as np
 
-from ablab._keras import flatten_layers
+from ablab._keras import early_stopping_minimizes, flatten_layers
+from ablab.engine import lowering
 from ablab.engine.data import Split
 from ablab.engine.initial_state import SHUFFLE_STREAM, initial_state, stream_key
 from ablab.engine.memory import Footprint, activation_elements, footprint
@@ -46,6 +47,7 @@ from ablab.engine.probes import (
     train_step_with_grads,
 )
 from ablab.engine.xla import compiler_options
+from ablab.study.schema import EarlyStoppingSpec
 
 
 def epoch_permutation(seed_id: int | jax.Array, epoch: int | jax.Array, n: int) -> jax.Array:
@@ -69,10 +71,28 @@ class EpochLayout:
     val_batch_size: int
     epochs: int
     shuffle: bool
+    steps_limit: int | None = None
+    """``fit(steps_per_epoch=...)`` when it cuts a pass over the rows into several epochs
+    (fewer steps than batches per pass), else None."""
+    weighted: bool = False
+    """Do the batches carry sample weights?"""
+
+    @property
+    def batches_per_pass(self) -> int:
+        return math.ceil(self.n_train / self.batch_size)
 
     @property
     def steps_per_epoch(self) -> int:
-        return math.ceil(self.n_train / self.batch_size)
+        return self.steps_limit or self.batches_per_pass
+
+    def epoch_window(self, epoch: Any) -> tuple[Any, Any]:
+        """``(pass, first batch)`` of ``epoch`` (ints or traced): with ``steps_limit`` an epoch
+        takes the next ``steps_limit`` batches of the current pass over the rows, as fit's
+        epoch iterator does with arrays; else each epoch is a pass of its own."""
+        if self.steps_limit is None:
+            return epoch, 0
+        start = epoch * self.steps_limit
+        return start // self.batches_per_pass, start % self.batches_per_pass
 
 
 def _run_batches(
@@ -84,23 +104,25 @@ def _run_batches(
     full: int,
     part: int,
     bs: int,
+    sw: jax.Array | None = None,
 ) -> tuple[Any, Any, Any]:
     """``full`` batches of ``bs`` rows (``lax.scan``) then a last partial one of ``part`` rows,
-    as ``fit`` feeds them: ``(state, the last batch's logs, per-step traces or None)``."""
+    as ``fit`` feeds them: ``(state, the last batch's logs, per-step traces or None)``.
+    sw: (rows,) sample weights, the batch's third element as in ``fit``; None: unweighted."""
     logs, traces = None, []
+    arrays = (x, y) if sw is None else (x, y, sw)
     if full:
-        xb = x[: full * bs].reshape(full, bs, *x.shape[1:])
-        yb = y[: full * bs].reshape(full, bs, *y.shape[1:])
+        batched = tuple(a[: full * bs].reshape(full, bs, *a.shape[1:]) for a in arrays)
 
         def body(st: Any, batch: tuple) -> tuple[Any, tuple]:
             out_logs, st, extra = step(st, batch)
             return st, (out_logs, trace(out_logs, st, extra) if trace else None)
 
-        state, (stacked, steps) = jax.lax.scan(body, state, (xb, yb))
+        state, (stacked, steps) = jax.lax.scan(body, state, batched)
         logs = jax.tree.map(lambda a: a[-1], stacked)
         traces.append(steps)
     if part:
-        logs, state, extra = step(state, (x[full * bs :], y[full * bs :]))
+        logs, state, extra = step(state, tuple(a[full * bs :] for a in arrays))
         if trace:
             traces.append(jax.tree.map(lambda a: a[None], trace(logs, state, extra)))
     steps = None
@@ -131,6 +153,84 @@ class EpochEnd:
     ntv0: Any
     metrics0: Any
     data: tuple
+
+
+STOPPED_EPOCH = "stopped_epoch"
+"""History key of a program with early stopping: (seeds,) int32, the 1-based epoch each seed
+stopped at (0: it ran every epoch); ``ablab.store.records`` stores it as a column."""
+
+
+def steps_limit(steps_per_epoch: int | None, n_train: int, batch_size: int) -> int | None:
+    """The steps an epoch takes when ``fit(steps_per_epoch=...)`` cuts each pass over the
+    rows into several epochs; None when every epoch is a whole pass (not given, or at least
+    the batches of one pass: fit then ends each epoch when the pass runs out)."""
+    batches = math.ceil(n_train / batch_size)
+    if steps_per_epoch is None or steps_per_epoch >= batches:
+        return None
+    return steps_per_epoch
+
+
+class StopState(NamedTuple):
+    """One seed's ``keras.callbacks.EarlyStopping`` state, carried through the epoch scan."""
+
+    best: jax.Array
+    has_best: jax.Array
+    wait: jax.Array
+    stopped: jax.Array
+    epoch: jax.Array
+    """0-based epoch it stopped at (valid where ``stopped``)."""
+
+    @staticmethod
+    def initial() -> StopState:
+        f, i = jnp.float32, jnp.int32
+        return StopState(f(0), jnp.bool_(False), i(0), jnp.bool_(False), i(0))
+
+
+@dataclass(frozen=True)
+class StoppingRule:
+    """``keras.callbacks.EarlyStopping.on_epoch_end`` (Keras 3.15), per seed and traced."""
+
+    monitor: str
+    minimize: bool
+    min_delta: float
+    patience: int
+    baseline: float | None
+    start_from_epoch: int
+
+    @staticmethod
+    def of(spec: EarlyStoppingSpec, model: keras.Model) -> StoppingRule:
+        return StoppingRule(
+            monitor=spec.monitor,
+            minimize=early_stopping_minimizes(model, spec.monitor, spec.mode),
+            min_delta=abs(spec.min_delta),
+            patience=spec.patience,
+            baseline=spec.baseline,
+            start_from_epoch=spec.start_from_epoch,
+        )
+
+    def _improves(self, value: jax.Array, reference: jax.Array | float) -> jax.Array:
+        ref = jnp.asarray(reference, jnp.float32)
+        delta = jnp.float32(self.min_delta)
+        if self.minimize:
+            return jnp.less(value + delta, ref)
+        return jnp.greater(value - delta, ref)
+
+    def update(self, st: StopState, value: jax.Array, epoch: jax.Array) -> StopState:
+        """The state after epoch ``epoch`` logged ``value``; a stopped seed's stays."""
+        value = jnp.asarray(value, jnp.float32)
+        improved = ~st.has_best | self._improves(value, st.best)
+        beats = True if self.baseline is None else self._improves(value, self.baseline)
+        wait = jnp.where(improved & beats, 0, st.wait + 1)
+        stop_now = ~improved & (st.wait + 1 >= self.patience) & (epoch > 0)
+        new = StopState(
+            best=jnp.where(improved, value, st.best),
+            has_best=jnp.bool_(True),
+            wait=wait.astype(jnp.int32),
+            stopped=stop_now,
+            epoch=epoch.astype(jnp.int32),
+        )
+        watching = ~st.stopped & (epoch >= self.start_from_epoch)
+        return jax.tree.map(lambda n, o: jnp.where(watching, n, o), new, st)
 
 
 class Recorder:
@@ -183,7 +283,7 @@ class Probes(Recorder):
 
     def epoch_end(self, ctx: EpochEnd) -> dict:
         lay, model = ctx.layout, ctx.model
-        x_tr, y_tr, x_va, y_va = ctx.data
+        x_tr, y_tr, x_va, y_va = ctx.data[:4]
         vbs = lay.val_batch_size
         tfull, trem = _batches(lay.n_train, vbs)
         state = (ctx.tv, ctx.ntv, ctx.metrics0)
@@ -224,8 +324,13 @@ class VariantProgram:
             val_batch_size=train.validation_batch_size or train.batch_size,
             epochs=train.epochs,
             shuffle=train.shuffle,
+            steps_limit=steps_limit(train.steps_per_epoch, split.n_train, train.batch_size),
+            weighted=split.sw_train is not None,
         )
         model = prepared.model
+        self.stopping = (
+            None if train.early_stopping is None else StoppingRule.of(train.early_stopping, model)
+        )
         self._optimizer0 = [np.asarray(v.value) for v in model.optimizer.variables]
         self._metrics0 = [np.asarray(v.value) for v in model.metrics_variables]
         self._data = (
@@ -233,6 +338,8 @@ class VariantProgram:
             jnp.asarray(split.y_train),
             None if split.x_val is None else jnp.asarray(split.x_val),
             None if split.y_val is None else jnp.asarray(split.y_val),
+            None if split.sw_train is None else jnp.asarray(split.sw_train, jnp.float32),
+            None if split.sw_val is None else jnp.asarray(split.sw_val, jnp.float32),
         )
         self._compiled: dict[tuple[str, int], Any] = {}  # (program, seeds) -> executable
         self._compiling = threading.Lock()  # cells of one program may run in several threads
@@ -246,8 +353,11 @@ class VariantProgram:
         is traced besides the History is the ``recorder``'s (:class:`Recorder`)."""
         model = self.prepared.model
         lay = self.layout
-        x_tr, y_tr, x_va, y_va = data
+        x_tr, y_tr, x_va, y_va, sw_tr, sw_va = data
         nfull, rem = _batches(lay.n_train, lay.batch_size)
+        if lay.steps_limit is not None:  # a window of whole batches of the current pass
+            nfull, rem = lay.steps_limit, 0
+        stopping = self.stopping
         vfull, vrem = _batches(lay.n_val, lay.val_batch_size)
         metrics0 = self._metrics0
         tv0, ntv0 = tv, ntv
@@ -259,33 +369,56 @@ class VariantProgram:
             return recorder.step(logs, state, extra, tv0)
 
         def epoch(carry: tuple, epoch_index: jax.Array) -> tuple[tuple, tuple]:
-            tv, ntv, ov = carry
+            tv, ntv, ov, stop = carry
+            pass_index, first = lay.epoch_window(epoch_index)
+            rows = None  # the epoch's training rows, in order (None: all, in file order)
             if lay.shuffle:
-                perm = epoch_permutation(seed_id, epoch_index, lay.n_train)
-                x_ep, y_ep = x_tr[perm], y_tr[perm]
-            else:
-                x_ep, y_ep = x_tr, y_tr
+                rows = epoch_permutation(seed_id, pass_index, lay.n_train)
+            if lay.steps_limit is not None:
+                rows = jnp.arange(lay.n_train) if rows is None else rows
+                size = lay.steps_limit * lay.batch_size
+                rows = jax.lax.dynamic_slice_in_dim(rows, first * lay.batch_size, size)
+            pick = (lambda a: a) if rows is None else (lambda a: a[rows])
+            x_ep, y_ep = pick(x_tr), pick(y_tr)
+            sw_ep = None if sw_tr is None else pick(sw_tr)
             state = (tv, ntv, ov, metrics0)
             step_trace = trace if recorder.traced else None
             state, logs, steps = _run_batches(
-                train_step, step_trace, state, x_ep, y_ep, nfull, rem, lay.batch_size
+                train_step, step_trace, state, x_ep, y_ep, nfull, rem, lay.batch_size, sw_ep
             )
-            tv, ntv, ov, _ = state
+            new = state[:3]
             out = dict(logs)
             if lay.n_val:
                 _, val_logs, _ = _run_batches(
-                    _test_step(model), None, (tv, ntv, metrics0), x_va, y_va, vfull, vrem,
-                    lay.val_batch_size,
+                    _test_step(model), None, (*new[:2], metrics0), x_va, y_va, vfull, vrem,
+                    lay.val_batch_size, sw_va,
                 )  # fmt: skip
                 out.update({f"val_{k}": v for k, v in val_logs.items()})
+            if stopping is not None:  # a stopped seed keeps its state (its History is filled)
+                keep = functools.partial(jnp.where, stop.stopped)
+                new = jax.tree.map(keep, (tv, ntv, ov), new)
+                stop = stopping.update(stop, out[stopping.monitor], epoch_index)
+            tv, ntv, ov = new
             ctx = EpochEnd(model, lay, tv, ntv, ov, ntv0, metrics0, data)
-            return (tv, ntv, ov), (out, steps, recorder.epoch_end(ctx))
+            return (tv, ntv, ov, stop), (out, steps, recorder.epoch_end(ctx))
 
-        carry0 = (tv, ntv, self._optimizer0)
-        _, (history, steps, per_epoch) = jax.lax.scan(epoch, carry0, jnp.arange(lay.epochs))
+        stop0 = StopState.initial() if stopping is not None else None
+        carry0 = (tv, ntv, self._optimizer0, stop0)
+        (*_, stop), (history, steps, per_epoch) = jax.lax.scan(
+            epoch, carry0, jnp.arange(lay.epochs)
+        )
         history = {k: jnp.asarray(v, jnp.float32) for k, v in history.items()}
         if recorder.traced:  # (epochs, steps per epoch, ...) -> (steps, ...)
             steps = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), steps)
+        if stop is not None:  # after its stop a seed's History repeats its last epoch
+            last = jnp.where(stop.stopped, stop.epoch, lay.epochs - 1)
+            held = jnp.minimum(jnp.arange(lay.epochs), last)
+            history, per_epoch = jax.tree.map(lambda a: a[held], (history, per_epoch))
+            if recorder.traced:
+                n_steps = lay.epochs * lay.steps_per_epoch
+                held_steps = jnp.minimum(jnp.arange(n_steps), (last + 1) * lay.steps_per_epoch - 1)
+                steps = jax.tree.map(lambda a: a[held_steps], steps)
+            history[STOPPED_EPOCH] = jnp.where(stop.stopped, stop.epoch + 1, 0)
         return history, steps, per_epoch
 
     def _all_seeds(self, seed_ids: jax.Array, data: tuple, recorder: Recorder) -> tuple:
@@ -312,14 +445,17 @@ class VariantProgram:
                 self._compiled[key] = self._compile_program(program, n)
             return self._compiled[key]
 
-    def _compile_program(self, program: str, n: int) -> Any:
+    def _lower_program(self, program: str, n: int) -> Any:
+        """``program`` for ``n`` seeds traced and lowered (``jax.stages.Lowered``)."""
         ids = jax.ShapeDtypeStruct((n,), jnp.uint32)
         if program == "init":
-            lowered = jax.jit(lambda i: initial_state(self.prepared, i)).lower(ids)
-        else:
-            fn = functools.partial(self._all_seeds, recorder=self._recorder(program))
-            lowered = jax.jit(fn).lower(ids, self._data)
-        return lowered.compile(compiler_options=compiler_options())
+            return jax.jit(lambda i: initial_state(self.prepared, i)).lower(ids)
+        fn = functools.partial(self._all_seeds, recorder=self._recorder(program))
+        with lowering.lowered():  # traced with conv / pooling lowerings XLA runs well
+            return jax.jit(fn).lower(ids, self._data)
+
+    def _compile_program(self, program: str, n: int) -> Any:
+        return self._lower_program(program, n).compile(compiler_options=compiler_options())
 
     # -- public -----------------------------------------------------------------------
     def culprit(self, exc: BaseException) -> str | None:
@@ -441,4 +577,5 @@ class VariantProgram:
             shuffle=lay.shuffle,
             steps=steps,
             probe_elements=probe_elements,
+            weighted=lay.weighted,
         )

@@ -18,7 +18,7 @@ import numpy as np
 
 from ablab._keras import flatten_layers, seed_generators
 from ablab.engine.fit_worker import fit_history
-from ablab.engine.model import USER_MODULE_PREFIX, compile_losses
+from ablab.engine.model import USER_MODULE_PREFIX, compile_losses, dtype_policy
 from ablab.engine.program import VariantProgram, epoch_permutation
 
 # Top-level packages whose objects need no help to deserialize (Keras' own), or that the
@@ -146,13 +146,53 @@ def custom_objects(model: keras.Model) -> dict[str, Any]:
 def fit_arguments(program: VariantProgram) -> dict[str, object]:
     """The ``fit`` arguments of a program's variant."""
     lay = program.layout
-    return {
+    train = program.prepared.train
+    out: dict[str, object] = {
         "epochs": lay.epochs,
         "batch_size": lay.batch_size,
-        "validation_split": program.prepared.train.validation_split,
+        "validation_split": train.validation_split,
         "validation_batch_size": lay.val_batch_size,
         "shuffle": lay.shuffle,
     }
+    if train.steps_per_epoch is not None:
+        out["steps_per_epoch"] = train.steps_per_epoch
+    if train.class_weight is not None:  # fit turns them into the training rows' weights
+        out["class_weight"] = dict(train.class_weight)
+    if train.early_stopping is not None:
+        spec = train.early_stopping.model_dump()
+        spec.pop("verbose")
+        out["early_stopping"] = spec
+    if train.dtype_policy != "float32":
+        out["dtype_policy"] = train.dtype_policy
+    return out
+
+
+def validation_data(program: VariantProgram) -> bool:
+    """Are the validation rows a source of their own (``fit(validation_data=...)``), not the
+    ``validation_split`` cut of the rows ``all_rows`` gives?"""
+    return program.split.x_val is not None and not program.prepared.train.validation_split
+
+
+def fit_inputs(program: VariantProgram) -> dict[str, np.ndarray | None]:
+    """What ``fit`` is given besides the History's arguments: ``x``, ``y`` (``all_rows``),
+    ``sw`` (their sample weights unless they come from ``class_weight``, which fit derives
+    itself), and with ``validation_data`` the separate ``x_val``, ``y_val``, ``sw_val``."""
+    sp = program.split
+    own = program.prepared.train.class_weight is None
+    if validation_data(program):
+        return {
+            "x": sp.x_train,
+            "y": sp.y_train,
+            "sw": sp.sw_train if own else None,
+            "x_val": sp.x_val,
+            "y_val": sp.y_val,
+            "sw_val": sp.sw_val,
+        }
+    x, y = all_rows(program)
+    sw = None
+    if own and sp.sw_train is not None:
+        sw = sp.sw_train if sp.sw_val is None else np.concatenate([sp.sw_train, sp.sw_val])
+    return {"x": x, "y": y, "sw": sw}
 
 
 def all_rows(program: VariantProgram) -> tuple[np.ndarray, np.ndarray]:
@@ -168,9 +208,13 @@ def permutations(program: VariantProgram, seed_id: int) -> np.ndarray | None:
     lay = program.layout
     if not lay.shuffle:
         return None
-    return np.stack(
-        [np.asarray(epoch_permutation(seed_id, e, lay.n_train)) for e in range(lay.epochs)]
-    )
+    out = []
+    for e in range(lay.epochs):  # with steps_per_epoch: the epoch's window of its pass
+        pass_index, first = lay.epoch_window(e)
+        perm = np.asarray(epoch_permutation(seed_id, pass_index, lay.n_train))
+        size = lay.steps_per_epoch * lay.batch_size
+        out.append(perm[first * lay.batch_size :][:size])
+    return np.stack(out)
 
 
 def initial_weights_for_keras(program: VariantProgram, seed_id: int) -> list[np.ndarray]:
@@ -194,7 +238,10 @@ def fresh_model(program: VariantProgram, seed_id: int) -> keras.Model:
     """A new, compiled copy of the program's model holding seed ``seed_id``'s initial weights."""
     train = program.prepared.train
     original = program.prepared.model
-    with keras.saving.custom_object_scope(custom_objects(original)):  # custom activations, ...
+    with (
+        keras.saving.custom_object_scope(custom_objects(original)),  # custom activations, ...
+        dtype_policy(train.dtype_policy),
+    ):
         model = keras.models.clone_model(original)
     model.compile(optimizer=keras.optimizers.get(train.optimizer_config()), **compile_losses(train))
     tv, ntv = program.initial_weights(np.asarray([seed_id]))
@@ -218,8 +265,23 @@ def _set_seed_states(program: VariantProgram, clone: keras.Model, ntv: list[np.n
 
 def reference_history(program: VariantProgram, seed_id: int) -> dict[str, np.ndarray]:
     """``model.fit``'s History for seed ``seed_id``: {name: (epochs,)} like the engine's rows."""
-    x, y = all_rows(program)
+    inputs = fit_inputs(program)
+    validation = None
+    if "x_val" in inputs:
+        validation = (inputs["x_val"], inputs["y_val"], inputs["sw_val"])
+    fit = fit_arguments(program)
+    x, y = inputs["x"], inputs["y"]
+    assert x is not None and y is not None
     hist = fit_history(
-        fresh_model(program, seed_id), x, y, fit_arguments(program), permutations(program, seed_id)
+        fresh_model(program, seed_id),
+        x,
+        y,
+        fit,
+        permutations(program, seed_id),
+        sample_weight=inputs["sw"],
+        validation=validation,  # type: ignore[arg-type]
     )
-    return {k: np.asarray(v, dtype=np.float64) for k, v in hist.items()}
+    out = {k: np.asarray(v, dtype=np.float64) for k, v in hist.items()}
+    if "stopped_epoch" in fit:  # as the engine reports it (ablab.engine.program.STOPPED_EPOCH)
+        out["stopped_epoch"] = np.asarray(fit["stopped_epoch"], dtype=np.int32)
+    return out

@@ -42,7 +42,7 @@ from ablab.store.records import (
     history_table,
     probe_table,
 )
-from ablab.store.rundir import RunDir, default_runs_dir, resolve_run
+from ablab.store.rundir import RUN_ROOT, RunDir, default_runs_dir, resolve_run
 from ablab.study.schema import Study
 
 
@@ -77,6 +77,7 @@ def run(
     address: str | None = None,
     workers: int | None = None,
     started: float | None = None,
+    attachments: Path | None = None,
 ) -> RunResult:
     """Train every variant (every sweep arm) of ``study`` over its seeds; store the results.
 
@@ -89,6 +90,10 @@ def run(
     local executor runs at once (overrides ``[engine] workers``; results do not change).
     started: ``time.perf_counter()`` when the user's command began (the CLI's start), from
     which ``wall_s`` counts; default: this call.
+    attachments: a folder (``ablab.ablate``'s) of ``data/`` and ``models/`` files that the
+    study's relative paths name (it is the study's root): copied into the run folder, their
+    checksums recorded, and the study stored with ``root = "<run>"`` (``RUN_ROOT``), so a
+    resume, ``show`` and ``report`` read them from the run folder.
     Raises StudyError / InputError (nothing written) on bad input, RunInterrupted on Ctrl-C;
     a killed or interrupted run is finished with :func:`resume`.
     """
@@ -101,13 +106,25 @@ def run(
     compile_s = compile_all(plan, plan.cells, progress)
     compile_wall = time.perf_counter() - tc
     chosen = _executor(plan, executor, address)  # a Ray cluster that is not there: nothing written
+    stored = study.resolved()
+    if attachments is not None:
+        stored["root"] = RUN_ROOT
     try:
         run_dir = RunDir.create(  # locked from before anything is visible
-            runs_root, study.name, study.resolved(), environment(), len(plan.cells), plan.to_json()
+            runs_root, study.name, stored, environment(), len(plan.cells), plan.to_json()
         )
     except BaseException:
         chosen.close()
         raise
+    if attachments is not None:
+        try:
+            run_dir.attach(attachments)
+        except BaseException:
+            chosen.close()
+            with run_dir.locked():
+                run_dir.finish("failed", 0, len(plan.cells), None)
+            raise
+        plan.study = study.model_copy(update={"root": str(run_dir.path)})
     with run_dir.locked():
         return _execute(
             plan, run_dir, plan.cells, chosen, progress, on_cell, t0, compile_s, compile_wall
@@ -176,14 +193,32 @@ def _resume_locked(
             got=f"{type(exc).__name__}: {str(exc).splitlines()[0]}",
             fix="resume with the ablab version that started the run, or run the study again",
         ) from exc
-    if isinstance(study.model.builder, str) and study.model.builder.startswith("<callable"):
-        raise InputError(
-            where=where,
-            key="model.builder",
-            expected="a builder named by file or module (a stored run can rebuild it)",
-            got=study.model.builder,
-            fix="give the builder as 'file.py:function' or 'module:function' to resume",
-        )
+    builders = {"model.builder": study.model.builder} | {
+        f"variants.{v}.builder": spec.builder for v, spec in study.variants.items()
+    }
+    for key, builder in builders.items():
+        if isinstance(builder, str) and builder.startswith("<callable"):
+            raise InputError(
+                where=where,
+                key=key,
+                expected="a builder named by file or module (a stored run can rebuild it)",
+                got=builder,
+                fix="give the builder as 'file.py:function' or 'module:function' to resume "
+                "(ablab.ablate stores the model of a function it cannot import)",
+            )
+    if study.root == RUN_ROOT:  # data / models attached to the run (ablab.ablate)
+        damaged = run_dir.attachment_damage()
+        if damaged:
+            raise InputError(
+                where=where,
+                key="data",
+                expected="the data and model files stored with the run, unchanged (their "
+                "SHA-256 is recorded in cells.sha256)",
+                got="; ".join(f"{name}: {why}" for name, why in damaged.items()),
+                fix="restore them from a copy of the run folder, or run the study again: a "
+                "resumed run must train on the data it started with",
+            )
+        study = study.model_copy(update={"root": str(run_dir.path)})
     plan = make_plan(study, stored_plan["chunk_sizes"], workers)
     check_same_plan(where, stored_plan, plan.to_json())
     run_dir.clean_partial_writes()
@@ -304,7 +339,7 @@ def _analyse(
         runs_per_s=0.0,
         summary=summarize(histories),
         histories=histories,
-        comparisons=compare(histories, str(study.baseline), study.verdicts),
+        comparisons=compare(histories, str(study.baseline), study.verdicts, study=study.resolved()),
         checks=checks,
         explain=explain,
         divergence=divergence_summary(histories, study.resolved()),

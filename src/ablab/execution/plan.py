@@ -25,6 +25,7 @@ from ablab.errors import InputError, StudyError
 from ablab.execution.env import data_digest, differing_keys, environment_fingerprint
 from ablab.execution.executors import Cell
 from ablab.execution.progress import Progress
+from ablab.study.keras_names import DATA_LOSS
 from ablab.study.loading import load_study
 from ablab.study.remedies import with_remedies
 from ablab.study.schema import Study
@@ -74,7 +75,7 @@ def _history_names(study: Study) -> set[str]:
     names: set[str] = set()
     for variant in study.variants:
         train = study.variant_train(variant)
-        mine = {"loss", *train.metric_names()}
+        mine = {"loss", DATA_LOSS, *train.metric_names()}
         names |= mine
         if train.validation_split > 0:
             names |= {f"val_{n}" for n in mine}

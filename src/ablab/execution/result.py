@@ -12,6 +12,7 @@ import pyarrow as pa
 
 from ablab.analysis.checks import CheckResult
 from ablab.analysis.document import RunDocument, build_document
+from ablab.analysis.dynamics import training_dynamics
 from ablab.analysis.explain import diverged_baselines
 from ablab.stats.verdicts import Comparison, paired_curve, resolve_metric
 from ablab.store.records import VariantHistory
@@ -117,13 +118,15 @@ class RunResult:
         folder = RunDir(self.run_dir)
         meta = folder.read_json("study.json") if (folder.path / "study.json").exists() else {}
         status = folder.read_json("status.json") if (folder.path / "status.json").exists() else {}
+        rows = [c.to_json() for c in self.comparisons]
+        spec = self.study.verdicts
         return build_document(
             run_id=self.run_id,
             run_dir=str(self.run_dir),
             study=self.study.resolved(),
             state=self.state,
             variants=self.summary,
-            comparisons=[c.to_json() for c in self.comparisons],
+            comparisons=rows,
             checks=[c.to_json() for c in self.checks],
             explain=self.explain,
             wall_s=self.wall_s,
@@ -136,4 +139,67 @@ class RunResult:
             cells_done=status.get("cells_done"),
             cells_total=status.get("cells_total"),
             divergence=self.divergence,
+            dynamics=training_dynamics(
+                self.histories,
+                rows,
+                metric=spec.metric,
+                higher_is_better=spec.higher_is_better,
+                confidence=spec.confidence,
+            ),
         )
+
+
+def stored_result(run_dir: RunDir) -> RunResult:
+    """A stored run as a :class:`RunResult` (``ablab.open_run``): what ``ablab.run`` returned
+    for it -- summary, comparisons and divergence recomputed from its intact cells (as
+    ``ablab show`` does), checks, explanations and timings as the run stored them (none for
+    a run that never finished: its ``state`` says so)."""
+    from dataclasses import fields
+
+    from ablab.analysis.document import load_run
+    from ablab.errors import InputError
+
+    document, histories = load_run(run_dir)
+    doc: dict[str, Any] = dict(document)  # read as plain JSON below
+    if not histories:
+        raise InputError(
+            where=str(run_dir.path),
+            key="cells",
+            expected="a run with at least one finished cell",
+            got=f"state {doc['state']!r} with no finished cell",
+            fix="open a run that trained at least one seed chunk (`ablab show` lists runs)",
+        )
+    try:
+        study = Study.model_validate(doc["study"])
+    except Exception as exc:
+        raise InputError(
+            where=str(run_dir.path),
+            key="study.json",
+            expected="the stored study, loadable by this ablab version",
+            got=f"{type(exc).__name__}: {str(exc).splitlines()[0]}",
+            fix="open it with the ablab version that made the run (`ablab show` reads any run)",
+        ) from exc
+    names = {f.name for f in fields(Comparison)}
+    check_names = {f.name for f in fields(CheckResult)}
+    saved = doc["compile_s"]
+    return RunResult(
+        run_id=doc["run_id"],
+        run_dir=run_dir.path,
+        study=study,
+        state=doc["state"],
+        wall_s=doc["wall_s"] or 0.0,
+        runs_per_s=doc["runs_per_s"] or 0.0,
+        summary=dict(doc["variants"]),
+        histories=histories,
+        comparisons=[
+            Comparison(**{k: v for k, v in c.items() if k in names}) for c in doc["comparisons"]
+        ],
+        checks=[
+            CheckResult(**{k: v for k, v in c.items() if k in check_names}) for c in doc["checks"]
+        ],
+        explain=dict(doc["explain"]),
+        divergence=dict(doc["divergence"]),
+        compile_wall_s=saved,
+        train_s=doc["train_s"],
+        executor=dict(doc["executor"] or {}),
+    )

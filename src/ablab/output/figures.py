@@ -27,6 +27,8 @@ VERDICT_COLORS = {
     "inconclusive": "#d99a00",
 }
 _PALETTE = matplotlib.colormaps["tab10"].colors  # type: ignore[attr-defined]
+CURVE_COLUMNS = 3
+"""Most history panels side by side (more metrics: more rows)."""
 
 
 @dataclass(frozen=True)
@@ -125,12 +127,17 @@ def curves_figure(
     optimum: dict[str, dict[str, float]] | None = None,
     diverged: Diverged | None = None,
 ) -> Figure:
-    """One panel per history name (e.g. val_loss, loss): per-epoch median and 5–95 % band of
-    each variant; ``optimum[name][variant]`` (its analytic optimum) as a dashed line."""
+    """One panel per history name (e.g. val_loss, loss, accuracy), CURVE_COLUMNS to a row:
+    per-epoch median and 5–95 % band of each variant; ``optimum[name][variant]`` (its analytic
+    optimum) as a dashed line."""
     names = list(curves)
-    fig = _figure(5.2 * len(names), 3.6)
-    axes = fig.subplots(1, len(names), squeeze=False)[0]
-    for ax, name in zip(axes, names, strict=True):
+    cols = min(len(names), CURVE_COLUMNS)
+    rows = -(-len(names) // cols)
+    fig = _figure(5.2 * cols, 3.6 * rows)
+    axes = list(fig.subplots(rows, cols, squeeze=False).ravel())
+    for ax in axes[len(names) :]:
+        fig.delaxes(ax)  # the last row's empty places
+    for ax, name in zip(axes, names, strict=False):
         draw_curves(ax, curves[name], colors, name, (optimum or {}).get(name), diverged)
     return fig
 
@@ -304,31 +311,72 @@ def sweep_figure(sweep: dict[str, Any]) -> Figure:
     return fig
 
 
+def bands_overlap(bands: Mapping[str, Band]) -> bool:
+    """Do two variants' 5–95 % bands overlap at more than half of their common x (so that, on
+    one panel, they read as one band)?"""
+    items = [b for b in bands.values() if b.x.size]
+    for i, a in enumerate(items):
+        for b in items[i + 1 :]:
+            _, ia, ib = np.intersect1d(a.x, b.x, return_indices=True)
+            if ia.size == 0:
+                continue
+            inside = np.maximum(a.low[ia], b.low[ib]) <= np.minimum(a.high[ia], b.high[ib])
+            if inside.mean() > 0.5:
+                return True
+    return False
+
+
+_WEIGHT_PANELS = (("sum", "weight sum"), ("drift", "weight sum − its value after step 1"))
+
+
+def _weights_panel(ax: Any, layer: str, title: str) -> None:
+    ax.set_title(f"{layer}: {title}", fontsize=9)
+    ax.set_xlabel("optimizer step")
+    _integer_x(ax)
+    ax.grid(alpha=0.3)
+
+
 def weights_figure(
     weights: dict[str, dict[str, dict[str, Band]]],
     colors: dict[str, Any],
     diverged: Diverged | None = None,
 ) -> Figure:
-    """One row per layer: the sum of its kernel (or first weight) per optimizer step, and
-    its change since the first step; median and 5–95 % band over seeds per variant;
-    diverged seeds counted in the legend (see :data:`Diverged`)."""
-    layers = list(weights)
-    fig = _figure(11.0, 2.9 * len(layers))
-    axes = fig.subplots(len(layers), 2, squeeze=False)
-    for row, layer in zip(axes, layers, strict=True):
-        for ax, which, title in (
-            (row[0], "sum", "weight sum"),
-            (row[1], "drift", "weight sum − its value after step 1"),
-        ):
-            bands = weights[layer].get(which, {})
-            for variant, band in bands.items():
-                _draw_band(ax, band, colors[variant], _label(variant, diverged))
-            _legend_the_rest(ax, bands, diverged, colors)
-            ax.set_title(f"{layer}: {title}", fontsize=10)
-            ax.set_xlabel("optimizer step")
-            _integer_x(ax)
-            ax.grid(alpha=0.3)
-            _legend(ax, fontsize=7)
+    """Per layer, the sum of its kernel (or first weight) per optimizer step and its change
+    since the first step; median and 5–95 % band over seeds per variant. One row per layer
+    with both on a panel each -- or, when the variants' weight-sum bands overlap
+    (:func:`bands_overlap`), small multiples: a row per quantity with one panel per variant,
+    sharing the y axis. Diverged seeds are counted in the legend or title (see
+    :data:`Diverged`); a variant whose every seed diverged still has its panel, saying so."""
+    rows: list[tuple[str, str | None]] = []  # (layer, quantity of a small-multiples row)
+    for layer, kinds in weights.items():
+        if bands_overlap(kinds.get("sum", {})):
+            rows += [(layer, which) for which, _ in _WEIGHT_PANELS]
+        else:
+            rows.append((layer, None))
+    fig = _figure(11.0, 2.9 * len(rows))
+    grid = fig.add_gridspec(len(rows), 1)
+    for r, (layer, which) in enumerate(rows):
+        if which is None:
+            pair = grid[r].subgridspec(1, 2).subplots(squeeze=False)[0]
+            for ax, (kind, title) in zip(pair, _WEIGHT_PANELS, strict=True):
+                bands = weights[layer].get(kind, {})
+                for variant, band in bands.items():
+                    _draw_band(ax, band, colors[variant], _label(variant, diverged))
+                _legend_the_rest(ax, bands, diverged, colors)
+                _weights_panel(ax, layer, title)
+                _legend(ax, fontsize=7)
+            continue
+        bands = weights[layer].get(which, {})
+        every = [*bands, *(v for v in diverged or {} if v not in bands)]
+        axes = grid[r].subgridspec(1, len(every)).subplots(sharey=True, squeeze=False)[0]
+        title = dict(_WEIGHT_PANELS)[which]
+        for ax, variant in zip(axes, every, strict=True):
+            if variant in bands:
+                _draw_band(ax, bands[variant], colors.get(variant, "grey"), variant)
+            else:
+                ax.text(0.5, 0.5, "no seed left", transform=ax.transAxes, ha="center",
+                        fontsize=8, color="#555555")  # fmt: skip
+            _weights_panel(ax, layer, f"{title}\n{_label(variant, diverged)}")
     return fig
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 DASH = "—"
 
 
@@ -20,3 +22,14 @@ def fmt(value: float | None, spec: str | int = ".4f") -> str:
     if value is None:
         return DASH
     return format(value, f".{spec}f" if isinstance(spec, int) else spec)
+
+
+def timestamp(value: str | dt.datetime | None) -> str:
+    """The one timestamp format, "2026-12-02 10:19:09 UTC" (seconds, no fraction): a datetime
+    or an ISO string (naive = UTC, as run folders store it); a dash when missing."""
+    if value is None:
+        return DASH
+    when = dt.datetime.fromisoformat(value) if isinstance(value, str) else value
+    if when.tzinfo is not None:
+        when = when.astimezone(dt.UTC)
+    return f"{when:%Y-%m-%d %H:%M:%S} UTC"

@@ -24,9 +24,10 @@ import pyarrow as pa
 from matplotlib.figure import Figure
 
 from ablab.errors import InputError
+from ablab.execution.result import RunResult
 from ablab.output import figures as figs
 from ablab.output.figures import Band
-from ablab.output.formatting import fmt, sig
+from ablab.output.formatting import fmt, sig, timestamp
 from ablab.output.terminal import why_lines
 from ablab.stats.summary import QUANTILES, spread
 from ablab.stats.verdicts import paired_curve
@@ -54,7 +55,8 @@ FIGURES = (
 """Every figure a report can hold, in page order (those without data are left out)."""
 
 CAPTIONS = {
-    "curves": "Per-epoch history of every variant: median over seeds with the 5–95 % band; "
+    "curves": "Per-epoch history of every recorded metric and variant: median over seeds "
+    "with the 5–95 % band; "
     "the dashed line is the analytic optimum where one exists. Seeds that diverged are left "
     "out (of this figure and the others) and counted in the legend.",
     "paired": "Per-epoch paired difference (variant − baseline) of the verdict metric over "
@@ -68,7 +70,8 @@ CAPTIONS = {
     "baseline at the same sweep point, with its confidence interval; markers coloured by "
     "verdict, zero = no effect.",
     "weights": "Sum of each layer's kernel (or first weight) after every optimizer step: "
-    "median over seeds with the 5–95 % band (the seed answer's per-layer trajectories).",
+    "median over seeds with the 5–95 % band (the seed answer's per-layer trajectories); where "
+    "the variants' bands overlap, one panel per variant on a shared y axis.",
     "bn": "BatchNormalization: how far the moving mean and variance have moved towards the "
     "training set's statistics (1 = there) against the expected 1 − momentum^updates, and "
     "validation loss computed with batch statistics vs with the moving statistics.",
@@ -88,6 +91,17 @@ def _band(x: np.ndarray, values: np.ndarray) -> Band:
         return Band(empty, empty, empty, empty)
     low, median, high = spread(clean, axis=0)
     return Band(x, median, low, high)
+
+
+def _paired_order(names: list[str]) -> list[str]:
+    """History names with each ``val_<name>`` right after ``<name>`` (Keras records every
+    training name first), the others where they were recorded."""
+
+    def key(name: str) -> tuple[int, bool]:
+        base = name.removeprefix("val_")
+        return (names.index(base) if base in names else names.index(name), base != name)
+
+    return sorted(names, key=key)
 
 
 def _probe_bands(
@@ -209,9 +223,11 @@ class ReportData:
 
     @cached_property
     def curves(self) -> dict[str, dict[str, Band]]:
-        """{history name: {variant: per-epoch Band}} for the verdict metric, val_loss, loss,
-        over the seeds that never diverged."""
-        names = list(dict.fromkeys([self.metric, "val_loss", "loss"]))
+        """{history name: {variant: per-epoch Band}} for every recorded History name -- the
+        verdict metric, val_loss and loss first, then the rest in recorded order, each
+        validation name after its training one -- over the seeds that never diverged."""
+        recorded = list(dict.fromkeys(n for h in self.histories.values() for n in h.values))
+        names = list(dict.fromkeys([self.metric, "val_loss", "loss", *_paired_order(recorded)]))
         out: dict[str, dict[str, Band]] = {}
         for name in names:
             bands = {
@@ -424,8 +440,9 @@ class ReportData:
             metric=self.metric,
             figures=figures,
             why=why_lines(self.doc),
+            dynamics=self.doc.get("dynamics") or {},
             study_json=json.dumps(self.doc["study"], indent=2),
-            generated=dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            generated=timestamp(dt.datetime.now(dt.UTC)),
             probes_off=not self.probe_files,
         )
 
@@ -445,6 +462,7 @@ def _template(name: str) -> jinja2.Template:
         )
         _ENV.filters["sig"] = sig
         _ENV.filters["fmt"] = fmt
+        _ENV.filters["timestamp"] = timestamp
     return _ENV.get_template(name)
 
 
@@ -454,13 +472,20 @@ def summary_html(doc: Mapping[str, Any]) -> str:
     return _template("summary.html.j2").render(doc=doc)
 
 
-def open_run(ref: str = "latest", runs_dir: str | Path | None = None) -> ReportData:
-    """A stored run (id, unique prefix, path or "latest") for a notebook: it renders as a
-    summary table, ``.plot()`` draws its figures, ``.html()`` is its report."""
+def open_run(ref: str | Path = "latest", runs_dir: str | Path | None = None) -> RunResult:
+    """A stored run as the :class:`~ablab.execution.result.RunResult` ``ablab.run`` returned
+    for it (``run_id``, ``summary``, ``comparisons``, ``histories``, ``plot()``,
+    ``write_report()``, a summary table in a notebook); ``.report_data()`` is its
+    :class:`ReportData`.
+
+    ref: a run folder, a run id or unique prefix, or ``"latest"``, looked up in ``runs_dir``
+    (default: ``$ABLAB_RUNS_DIR``, else ``./runs`` -- as the CLI's ``--runs-dir``).
+    """
+    from ablab.execution.result import stored_result
     from ablab.store.rundir import default_runs_dir, resolve_run
 
     root = Path(runs_dir) if runs_dir is not None else default_runs_dir()
-    return ReportData.from_run(resolve_run(root, ref))
+    return stored_result(resolve_run(root, str(ref)))
 
 
 def write_report(run_dir: RunDir, out: Path | None = None) -> Path:

@@ -10,12 +10,16 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ablab.output.formatting import fmt, sig
+from ablab.output.formatting import fmt, sig, timestamp
 
 
-def summary_table(variants: dict[str, dict[str, Any]], baseline: str | None) -> Table:
-    """One row per variant: seeds, diverged, final metric mean / median / 5-95 % range."""
-    metric = next(iter(variants.values()))["metric"] if variants else "val_loss"
+def summary_table(
+    variants: dict[str, dict[str, Any]], baseline: str | None, metric: str | None = None
+) -> Table:
+    """One row per variant: seeds, diverged, final ``metric`` mean / median / 5-95 % range
+    (default: the summary's headline metric; a variant without it shows dashes)."""
+    if metric is None:
+        metric = next(iter(variants.values()))["metric"] if variants else "val_loss"
     table = Table(title=f"final {metric} over seeds", title_justify="left")
     table.add_column("variant")
     table.add_column("seeds", justify="right")
@@ -23,8 +27,9 @@ def summary_table(variants: dict[str, dict[str, Any]], baseline: str | None) -> 
     table.add_column("mean", justify="right")
     table.add_column("median", justify="right")
     table.add_column("5–95 %", justify="right")
+    empty = {"mean": None, "median": None, "q05": None, "q95": None}
     for name, s in variants.items():
-        d = s[f"final_{s['metric']}"]
+        d = (s.get("finals") or {}).get(metric) or s.get(f"final_{metric}") or empty
         label = f"{name} (baseline)" if name == baseline else name
         table.add_row(
             label,
@@ -184,6 +189,26 @@ def print_why(console: Console, doc: Mapping[str, Any]) -> None:
             console.print(f"  • {escape(line)}", soft_wrap=True)
 
 
+def dynamics_lines(doc: Mapping[str, Any]) -> list[str]:
+    """The training-curve "why" of every variant (``ablab.analysis.dynamics``): generalisation
+    gap, trend at the last epoch, seed sensitivity; one "variant: finding" line each."""
+    return [
+        f"{variant}: {sentence}"
+        for variant, d in (doc.get("dynamics") or {}).items()
+        for sentence in d.get("text") or []
+    ]
+
+
+def print_dynamics(console: Console, doc: Mapping[str, Any]) -> None:
+    """:func:`dynamics_lines` under a "why (training curves)" heading, when there are any."""
+    lines = dynamics_lines(doc)
+    if lines:
+        metric = next(iter(doc["dynamics"].values()))["metric"]
+        console.print(f"[bold]why (training curves, final {escape(metric)})[/bold]")
+        for line in lines:
+            console.print(f"  • {escape(line)}", soft_wrap=True)
+
+
 def sweep_table(sweep: dict[str, Any]) -> Table:
     """The effect along the sweep: one row per (variant, sweep point) vs the baseline at the
     same point, one column per axis."""
@@ -215,24 +240,51 @@ def sweep_table(sweep: dict[str, Any]) -> Table:
     return table
 
 
+def recorded_metrics(variants: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Every History name the summaries hold final values of, in first-seen order."""
+    names: dict[str, None] = {}
+    for s in variants.values():
+        names.update(dict.fromkeys(s.get("finals") or {}))
+    return list(names)
+
+
+def print_summaries(console: Console, doc: Mapping[str, Any], all_metrics: bool = False) -> None:
+    """The final values of the verdict metric (``all_metrics``: one table per recorded
+    metric, the verdict metric first), then why the verdict metric is not val_loss."""
+    metric = doc.get("verdict_metric")
+    names = [metric] if metric else [None]
+    if all_metrics:
+        names += [n for n in recorded_metrics(doc["variants"]) if n != metric]
+    for name in names:
+        console.print(summary_table(doc["variants"], doc.get("baseline"), name))
+    if doc.get("metric_note"):
+        console.print(f"note: {escape(doc['metric_note'])}", soft_wrap=True)
+
+
 def print_comparisons(console: Console, doc: Mapping[str, Any]) -> None:
-    """The comparison table, each verdict's reason and the rule."""
-    console.print(comparison_table(doc["comparisons"]))
+    """The comparison table (its footer: the verdict metric's warning), each verdict's
+    reason and the rule."""
+    table = comparison_table(doc["comparisons"])
+    if doc.get("metric_warning"):
+        table.caption = f"[yellow]warning: {escape(doc['metric_warning'])}[/yellow]"
+        table.caption_justify = "left"
+    console.print(table)
     print_reasons(console, doc["comparisons"])
     console.print(f"verdict rule: {doc['verdict_rule']}", style="dim")
 
 
 def print_compare(console: Console, doc: Mapping[str, Any]) -> None:
     """``ablab compare``: the summary and comparison tables of ``ablab run``, and notes."""
-    console.print(summary_table(doc["variants"], doc["baseline"]))
+    console.print(summary_table(doc["variants"], doc["baseline"], doc.get("metric")))
     print_comparisons(console, doc)
     for note in doc.get("notes", []):
         console.print(f"note: {escape(note)}", soft_wrap=True)
 
 
-def print_run(console: Console, doc: Mapping[str, Any]) -> None:
-    """The summary ``ablab run`` prints: tables, wall time, throughput, where it is stored."""
-    console.print(summary_table(doc["variants"], doc.get("baseline")))
+def print_run(console: Console, doc: Mapping[str, Any], all_metrics: bool = False) -> None:
+    """The summary ``ablab run`` prints: tables (``all_metrics``: the final values of every
+    recorded metric), wall time, throughput, where it is stored."""
+    print_summaries(console, doc, all_metrics)
     if doc.get("comparisons"):
         print_comparisons(console, doc)
     if doc.get("sweep") and doc["sweep"]["rows"]:
@@ -240,6 +292,7 @@ def print_run(console: Console, doc: Mapping[str, Any]) -> None:
     if doc.get("checks"):
         console.print(checks_table(doc["checks"]))
     print_why(console, doc)
+    print_dynamics(console, doc)
     n_runs = sum(v["n_seeds"] for v in doc["variants"].values())
     if doc.get("wall_s") is not None:
         parts = []
@@ -260,16 +313,17 @@ def print_run(console: Console, doc: Mapping[str, Any]) -> None:
     console.print(f"stored in {doc['run_dir']}  (run id {doc['run_id']})")
 
 
-def print_show(console: Console, doc: Mapping[str, Any]) -> None:
-    """``ablab show RUN``."""
+def print_show(console: Console, doc: Mapping[str, Any], all_metrics: bool = False) -> None:
+    """``ablab show RUN`` (``all_metrics``: a final-value table per recorded metric)."""
     env = doc["environment"]["versions"]
-    console.print(f"[bold]{doc['name']}[/bold]  run {doc['run_id']}  created {doc['created_at']}")
+    created = timestamp(doc["created_at"])
+    console.print(f"[bold]{doc['name']}[/bold]  run {doc['run_id']}  created {created}")
     console.print(
         f"state: {doc['state']} ({doc['cells_done']}/{doc['cells_total']} cells)  "
         f"keras {env.get('keras')}  jax {env.get('jax')}  python {env.get('python')}"
     )
     if doc["variants"]:
-        print_run(console, doc)
+        print_run(console, doc, all_metrics)
     else:
         console.print("no finished cells")
     if doc.get("resumable"):

@@ -43,12 +43,15 @@ def final_distribution(values: np.ndarray) -> dict[str, float | None]:
 
 
 def summarize_variant(history: VariantHistory) -> dict[str, Any]:
-    """``{"n_seeds", "diverged", "metric", "final_<metric>": {...}}`` for one variant."""
+    """``{"n_seeds", "diverged", "metric", "final_<metric>": {...}, "finals": {...}}`` for
+    one variant: ``metric`` is the headline one (val_loss, else loss); ``finals[name]`` the
+    final-epoch distribution of every recorded History name."""
     metric = headline_metric(history)
     diverged = int((history.diverged_epoch > 0).sum())
     final = history.values[metric][:, -1]
     out: dict[str, Any] = {"n_seeds": history.n_seeds, "diverged": diverged, "metric": metric}
     out[f"final_{metric}"] = final_distribution(final)
+    out["finals"] = {name: final_distribution(v[:, -1]) for name, v in history.values.items()}
     if metric != "val_loss":
         # Keep the documented key present: without validation data it is null.
         out["final_val_loss"] = {"mean": None, "median": None, "q05": None, "q95": None}

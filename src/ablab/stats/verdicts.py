@@ -29,6 +29,7 @@ import numpy as np
 from ablab.stats.estimators import cliffs_delta, prob_better
 from ablab.stats.hypothesis import holm, min_seeds
 from ablab.stats.intervals import bootstrap_ci, bootstrap_ci_two_sample, curve_ci, prob_better_ci
+from ablab.stats.metric_choice import choose_metric
 from ablab.stats.planning import Outcomes, SeedPlan, plan
 from ablab.stats.rule import (
     PAIRED_TEST,
@@ -51,7 +52,6 @@ from ablab.stats.rule import (
     rank_ready,
     unpaired_evidence,
 )
-from ablab.stats.summary import headline_metric
 from ablab.store.records import VariantHistory
 from ablab.study.schema import VerdictSpec, default_pairs
 
@@ -141,6 +141,10 @@ class Comparison:
     """Standard error of a margin estimated from the baseline's seeds (0 for a stated one)."""
     seeds_needed_method: str | None = None
     seeds_needed_reason: str | None = None
+    metric_note: str = ""
+    """Why the compared metric is not Keras' val_loss (``ablab.stats.metric_choice``), or ""."""
+    metric_warning: str = ""
+    """What makes the compared metric mislead (a penalty, different losses), or ""."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -478,11 +482,15 @@ def paired_curve(
     }
 
 
-def resolve_metric(spec: VerdictSpec, histories: dict[str, VariantHistory]) -> str:
-    """The metric compared: the study's choice, else the summary's headline metric."""
-    if spec.metric is not None:
-        return spec.metric
-    return headline_metric(next(iter(histories.values())))
+def resolve_metric(
+    spec: VerdictSpec,
+    histories: dict[str, VariantHistory],
+    study: Mapping[str, Any] | None = None,
+) -> str:
+    """The metric compared: the study's choice, else val_loss (loss without validation) --
+    or the penalty-free / a shared metric where val_loss would mislead
+    (``ablab.stats.metric_choice.choose_metric``; ``study``: the resolved study)."""
+    return choose_metric(spec, histories, study).metric
 
 
 def history_arm(history: VariantHistory, metric: str) -> Arm:
@@ -497,14 +505,21 @@ def compare(
     spec: VerdictSpec,
     *,
     plan_seeds: bool = True,
+    study: Mapping[str, Any] | None = None,
 ) -> list[Comparison]:
     """Every non-baseline variant vs ``baseline`` -- or, when ``spec.pairs`` is set, each
-    ``[variant, its baseline]`` pair -- on ``spec.metric``'s final-epoch values, paired by
-    seed id (:func:`compare_arms`)."""
-    metric = resolve_metric(spec, histories)
+    ``[variant, its baseline]`` pair -- on the verdict metric's final-epoch values, paired by
+    seed id (:func:`compare_arms`). The metric is ``spec.metric``, else chosen by
+    ``ablab.stats.metric_choice.choose_metric`` (``study``: the resolved study, for the
+    variants' loss functions); its note and warning go into every comparison."""
+    choice = choose_metric(spec, histories, study)
+    metric = choice.metric
     if spec.pairs:
         pairs = [(v, b) for v, b in spec.pairs if v in histories and b in histories]
     else:
         pairs = default_pairs(histories, baseline)
     arms = {name: history_arm(h, metric) for name, h in histories.items()}
-    return compare_arms(arms, pairs, spec, metric, plan_seeds=plan_seeds)
+    out = compare_arms(arms, pairs, spec, metric, plan_seeds=plan_seeds)
+    for c in out:
+        c.metric_note, c.metric_warning = choice.note, choice.warning
+    return out

@@ -2,8 +2,10 @@
 
 Table ``history`` columns: ``variant`` (string), ``seed`` (int64, the global seed id),
 ``epoch`` (int32, 1-based like Keras' "Epoch 1/20"), ``diverged_epoch`` (int32, the
-1-based first epoch with a non-finite value for that seed, null if none), then one
-float64 column per History name (``loss``, metrics, ``val_loss``, ``val_<metric>``).
+1-based first epoch with a non-finite value for that seed, null if none), with early
+stopping ``stopped_epoch`` (int32, the 1-based epoch the seed stopped at, null if it ran
+every epoch; its later rows repeat that epoch's values), then one float64 column per
+History name (``loss``, metrics, ``val_loss``, ``val_<metric>``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-KEY_COLUMNS = ("variant", "seed", "epoch", "diverged_epoch")
+KEY_COLUMNS = ("variant", "seed", "epoch", "diverged_epoch", "stopped_epoch")
+STOPPED_EPOCH = "stopped_epoch"
+"""The engine's per-seed early-stopping epoch among a History's arrays: (seeds,), 0 = none."""
 
 
 def first_non_finite_epoch(history: dict[str, np.ndarray]) -> np.ndarray:
@@ -46,7 +50,10 @@ class VariantHistory:
 
 
 def history_table(variant: str, seeds: np.ndarray, values: dict[str, np.ndarray]) -> pa.Table:
-    """Rows (seed, epoch) of one chunk. seeds: (S,); values: {name: (S, E)}."""
+    """Rows (seed, epoch) of one chunk. seeds: (S,); values: {name: (S, E)}, and with early
+    stopping ``stopped_epoch``: (S,)."""
+    values = dict(values)
+    stopped = values.pop(STOPPED_EPOCH, None)
     n_seeds, n_epochs = next(iter(values.values())).shape
     div = first_non_finite_epoch(values) + 1  # 0 = never
     cols: dict[str, pa.Array] = {
@@ -57,6 +64,11 @@ def history_table(variant: str, seeds: np.ndarray, values: dict[str, np.ndarray]
             np.repeat(div.astype(np.int32), n_epochs), mask=np.repeat(div == 0, n_epochs)
         ),
     }
+    if stopped is not None:
+        stop = np.asarray(stopped).astype(np.int32).reshape(-1)
+        cols[STOPPED_EPOCH] = pa.array(
+            np.repeat(stop, n_epochs), mask=np.repeat(stop == 0, n_epochs)
+        )
     for name, arr in values.items():
         cols[name] = pa.array(np.asarray(arr, dtype=np.float64).reshape(-1))
     return pa.table(cols)

@@ -11,6 +11,8 @@ Layout under a runs directory (default ``runs/``)::
     <run_id>/cells.sha256               SHA-256 of every cell file as written (sha256sum format;
                                         the last line for a file counts)
     <run_id>/summary.json               the run's JSON summary (when it ended)
+    <run_id>/data/, <run_id>/models/    files a run was given (``ablab.ablate``: its arrays,
+                                        model architectures); checksums in cells.sha256
     <run_id>/.lock                      held (flock) by the process running the run
 
 A swept study's variants are its arms (``variant@axis=value``), so a cell file is one
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import datetime as dt
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -41,10 +44,21 @@ import pyarrow.parquet as pq
 
 from ablab.errors import InputError
 from ablab.store.catalog import catalog, update_catalog
-from ablab.store.io import FILE_MODE, atomic_write_json, atomic_write_parquet, sha256_file
+from ablab.store.io import (
+    FILE_MODE,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_parquet,
+    sha256_file,
+)
 
 FORMAT_VERSION = 1
 CHECKSUMS = "cells.sha256"
+ATTACHED = ("data", "models")
+"""Folders of a run folder holding the files the run was given (:meth:`RunDir.attach`)."""
+RUN_ROOT = "<run>"
+"""A stored study's ``root`` meaning "this run's folder": its relative paths (data, model
+files) name files attached to the run, so it resumes wherever the folder is moved."""
 _CHECKSUM_LINE = re.compile(r"([0-9a-f]{64})  (\S.*)")
 
 log = logging.getLogger("ablab")
@@ -254,6 +268,33 @@ class RunDir:
         finally:
             os.close(fd)
         self._verified.pop(path, None)
+
+    def attach(self, source: Path) -> None:
+        """Copy every file under ``source`` (in :data:`ATTACHED` folders) into this run folder
+        at the same relative path, each written atomically and its SHA-256 recorded."""
+        for f in sorted(p for p in source.rglob("*") if p.is_file()):
+            rel = f.relative_to(source)
+            if rel.parts[0] not in ATTACHED:
+                raise ValueError(f"{rel} is not under one of {ATTACHED}")
+            data = f.read_bytes()
+            atomic_write_bytes(self.path / rel, data)
+            self._record(self.path / rel, hashlib.sha256(data).hexdigest())
+
+    def attachment_damage(self) -> dict[str, str]:
+        """``relative path -> why`` for every attached file (:meth:`attach`) that is missing
+        or no longer matches its recorded checksum; {} when all are intact."""
+        out = {}
+        for rel, expected in self.checksums().items():
+            if rel.split("/", 1)[0] not in ATTACHED:
+                continue
+            try:
+                actual = sha256_file(self.path / rel)
+            except OSError as exc:
+                out[rel] = f"unreadable ({type(exc).__name__})"
+                continue
+            if actual != expected:
+                out[rel] = f"checksum mismatch (recorded {expected[:12]}…, now {actual[:12]}…)"
+        return out
 
     # -- verifying -----------------------------------------------------------------------
     def checksums(self) -> dict[str, str]:

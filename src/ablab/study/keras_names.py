@@ -9,6 +9,11 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from ablab.study.schema import ObjectSpec
 
+DATA_LOSS = "data_loss"
+"""History name of the penalty-free loss every run records beside Keras' ``loss`` (and
+``val_data_loss`` beside ``val_loss``): the compiled loss without regularisation penalties
+(``ablab.engine.data_loss``). A user metric may not take this name."""
+
 _ALIASES = {
     "mse": "MeanSquaredError",
     "mae": "MeanAbsoluteError",

@@ -119,12 +119,25 @@ class DataSpec(_Strict):
     target_path: str | None = None
     features: list[str] | None = None
     x_key: str = "x"
+    x_keys: dict[str, str] | list[str] | None = None
+    """Several inputs (a multi-input model, ``fit(x={name: array})`` / ``fit(x=[...])``):
+    ``{input name = npz array name}`` or a list of npz array names; replaces ``x_key``."""
+    targets: dict[str, str] | list[str] | None = None
+    """Several targets (a multi-output model): ``{output name = npz array name}`` or a list of
+    npz array names; replaces ``target``."""
     row_seed: int | None = Field(None, ge=0)
     """Permute the rows once with this seed before the validation split (same for every
     variant and seed); default: keep the file's order, as ``fit`` does."""
     standardize: bool = False
     """Scale features to zero mean, unit variance with statistics of the training split
     only (and the target too when it is the input)."""
+    sample_weight: str | None = None
+    """Per-row loss weights, as ``fit(sample_weight=...)``: a column (csv / parquet) or array
+    (npz) name of this source -- never a feature -- or a file of its own (``.npy``). Split
+    with the rows by ``validation_split`` (the validation loss is weighted too)."""
+    validation: DataSpec | None = None
+    """A second source for the validation rows, as ``fit(validation_data=...)``: a table with
+    the keys of ``[data]`` (``[data.validation]``), its own ``sample_weight`` included."""
 
     @model_validator(mode="after")
     def _one_source(self) -> DataSpec:
@@ -136,6 +149,14 @@ class DataSpec(_Strict):
                 " and ".join(given) if given else "none",
                 'keep one data source: synthetic = {...}, path = "file" or sklearn = "digits"',
             )
+        inner = self.validation
+        if inner is not None and (inner.validation is not None or inner.standardize):
+            raise _KeyedError(
+                "data.validation",
+                "a data source (path / synthetic / sklearn, target, features, sample_weight)",
+                "`validation` or `standardize` inside it",
+                "set standardize in [data] (validation rows use the training statistics)",
+            )
         return self
 
     def target_is_input(self) -> bool:
@@ -144,7 +165,9 @@ class DataSpec(_Strict):
             return True
         if self.sklearn is not None:  # the dataset's own target unless input is asked for
             return self.target == "input"
-        return self.target in (None, "input") and self.target_path is None
+        return (
+            self.target in (None, "input") and self.target_path is None and self.targets is None
+        )
 
 
 class OptimizerSpec(_Strict):
@@ -167,6 +190,72 @@ class ObjectSpec(_Strict):
     name: str
 
 
+class EarlyStoppingSpec(_Strict):
+    """``keras.callbacks.EarlyStopping``'s arguments and defaults (``[train.early_stopping]``).
+
+    Every seed stops on its own, inside the one compiled program: see docs/engine.md.
+    ``restore_best_weights`` changes only the weights left at the end, never the History (fit
+    restores them after the last epoch), and ablab records the History: it is accepted and
+    has no effect on what is stored.
+    """
+
+    monitor: str = "val_loss"
+    min_delta: float = 0.0
+    patience: int = Field(0, ge=0, le=MAX_EPOCHS)
+    mode: Literal["auto", "min", "max"] = "auto"
+    baseline: float | None = None
+    restore_best_weights: bool = False
+    start_from_epoch: int = Field(0, ge=0, le=MAX_EPOCHS)
+    verbose: int = 0
+    """Accepted for a ``keras.callbacks.EarlyStopping`` object's sake; ablab prints nothing."""
+
+
+VECTORIZED_CALLBACKS = {"EarlyStopping": "early_stopping"}
+"""Keras callbacks ablab runs per seed inside its program -> their ``[train]`` key."""
+
+
+def callback_spec(callback: Any, *, where: str = "callbacks") -> tuple[str, dict[str, Any]]:
+    """``(train key, arguments)`` of a Keras callback ablab runs per seed -- a
+    ``keras.callbacks.EarlyStopping`` object, or a table ``{name = "EarlyStopping", patience =
+    3}``; any other callback raises (why, and the fix: the ``model.fit`` engine).
+
+    Reads the object's public attributes (no Keras import: the study layer loads without it).
+    """
+    if isinstance(callback, Mapping):
+        args = dict(callback)
+        name = str(args.pop("name", args.pop("class_name", "")))
+    else:
+        cls = type(callback)
+        name = cls.__name__ if cls.__module__.split(".")[0] == "keras" else ""
+        args = {}
+        if name == "EarlyStopping":
+            baseline = getattr(callback, "baseline", None)
+            args = {
+                "monitor": callback.monitor,
+                "min_delta": abs(float(callback.min_delta)),
+                "patience": int(callback.patience),
+                "mode": callback.mode,
+                "baseline": None if baseline is None else float(baseline),
+                "restore_best_weights": bool(callback.restore_best_weights),
+                "start_from_epoch": int(callback.start_from_epoch),
+            }
+        elif not name:
+            name = f"{cls.__module__}.{cls.__qualname__}"
+    key = VECTORIZED_CALLBACKS.get(name)
+    if key is None:
+        raise _KeyedError(
+            where,
+            "a callback ablab runs per seed inside its compiled program: "
+            f"{sorted(VECTORIZED_CALLBACKS)}",
+            repr(name or callback),
+            "a Python callback runs on the host between optimizer steps, and ablab trains "
+            "all seeds in one compiled program, so it cannot call it; train with plain "
+            'model.fit instead: `ablab run --engine reference` or [engine] kind = "reference"',
+            relative=True,
+        )
+    return key, args
+
+
 class TrainSpec(_Strict):
     """``model.compile`` / ``model.fit`` arguments, with Keras' own defaults."""
 
@@ -178,6 +267,39 @@ class TrainSpec(_Strict):
     validation_split: float = Field(0.0, ge=0.0, lt=1.0)
     validation_batch_size: int | None = Field(None, ge=1, le=MAX_BATCH_SIZE)
     shuffle: bool = True
+    class_weight: dict[int, float] | None = None
+    """``{class index: weight}`` (TOML: ``{0 = 1.0, 1 = 2.0}``): each training row's loss is
+    weighted by its class's weight, as ``fit(class_weight=...)`` does (validation unweighted)."""
+    steps_per_epoch: int | None = Field(None, ge=1, le=MAX_EPOCHS)
+    """Batches per epoch, as ``fit(steps_per_epoch=...)`` with arrays: an epoch takes the next
+    ``steps_per_epoch`` batches of a pass over the rows, a new pass starting when one ends."""
+    early_stopping: EarlyStoppingSpec | None = None
+    """``keras.callbacks.EarlyStopping``'s arguments: each seed stops on its own."""
+    dtype_policy: Literal["float32", "mixed_float16", "mixed_bfloat16"] = "float32"
+    """The Keras dtype policy the model is built under (``keras.mixed_precision``)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _callbacks(cls, data: Any) -> Any:
+        """``callbacks = [...]`` (Keras callback objects, in code, or ``{name = ...}`` tables):
+        the ones ablab runs per seed become their own keys (``early_stopping``); any other is
+        refused with the reason (:func:`callback_spec`)."""
+        if not isinstance(data, Mapping) or "callbacks" not in data:
+            return data
+        data = dict(data)
+        callbacks = data.pop("callbacks") or []
+        for i, cb in enumerate(callbacks if isinstance(callbacks, list | tuple) else [callbacks]):
+            key, spec = callback_spec(cb, where=f"callbacks[{i}]")
+            if data.get(key) is not None:
+                raise _KeyedError(
+                    f"callbacks[{i}]",
+                    f"one {key} setting",
+                    f"both `{key}` and a callback for it",
+                    "keep one of them",
+                    relative=True,
+                )
+            data[key] = spec
+        return data
 
     @model_validator(mode="after")
     def _finite_optimizer(self) -> TrainSpec:
@@ -249,7 +371,10 @@ class ModelSpec(_Strict):
     """The model: an inline layer list, or a builder ``file.py:function`` / ``module:function``.
 
     A builder is called with ``params`` (updated by the variant's ``params``) as
-    keyword arguments and returns an uncompiled ``keras.Model``.
+    keyword arguments and returns an uncompiled ``keras.Model``. It may also be a saved
+    architecture, ``"file.json"`` (``model.to_json()``, beside the study; rebuilt fresh, no
+    weights), or -- in code -- a ``keras.Model`` object (cloned: its architecture, not its
+    weights).
     """
 
     layers: list[dict[str, Any]] | None = None
@@ -267,6 +392,9 @@ class VariantSpec(_Strict):
     """One variant: its own layer list, or builder parameters, and optional train overrides."""
 
     layers: list[dict[str, Any]] | None = None
+    builder: str | Callable[..., Any] | None = None
+    """This variant's own builder (any form ``[model] builder`` takes), instead of
+    ``[model]``'s: variants that are different model functions (``ablab.ablate``)."""
     params: dict[str, Any] = Field(default_factory=dict)
     train: dict[str, Any] = Field(default_factory=dict)
     description: str = ""
@@ -452,7 +580,21 @@ class Study(_Strict):
                     repr(name),
                     "rename the variant, e.g. bn_after",
                 )
-            if self.model.builder is None and self.model.layers is None and variant.layers is None:
+            if variant.builder is not None and (
+                variant.layers is not None or self.model.layers is not None
+            ):
+                raise _KeyedError(
+                    f"variants.{name}",
+                    "either a layer list or a builder",
+                    "both `layers` and `builder`",
+                    "remove one of them",
+                )
+            if (
+                self.model.builder is None
+                and variant.builder is None
+                and self.model.layers is None
+                and variant.layers is None
+            ):
                 raise _KeyedError(
                     f"variants.{name}.layers",
                     "a layer list",
@@ -538,7 +680,29 @@ class Study(_Strict):
     def resolved(self) -> dict[str, Any]:
         """A JSON-able dict of the whole resolved study (callables named by qualname)."""
         data = self.model_dump(mode="python")
-        builder = self.model.builder
-        if callable(builder):
-            data["model"]["builder"] = f"<callable {builder.__module__}.{builder.__qualname__}>"
+        if callable(self.model.builder):
+            data["model"]["builder"] = callable_name(self.model.builder)
+        for name, variant in self.variants.items():
+            if callable(variant.builder):
+                data["variants"][name]["builder"] = callable_name(variant.builder)
         return data
+
+    def __init__(self, /, **data: Any) -> None:
+        """Validate like :func:`ablab.study_from_dict`: bad input raises :class:`StudyError`
+        (where, key, expected, got, fix), not pydantic's ``ValidationError`` -- also through
+        ``Study.model_validate``, which pydantic routes through this method."""
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            from ablab.study.loading import to_study_error  # loading builds on this module
+
+            raise to_study_error(exc, str(data.get("source", "<in code>"))) from exc
+
+
+def callable_name(obj: Any) -> str:
+    """How a stored study names an in-code builder: ``<callable module.qualname>`` (a model
+    object: ``<callable module.Class instance>``). A fresh process cannot rebuild from it."""
+    qualname = getattr(obj, "__qualname__", None)
+    if qualname is None:  # an instance (a keras.Model object)
+        return f"<callable {type(obj).__module__}.{type(obj).__qualname__} instance>"
+    return f"<callable {getattr(obj, '__module__', '?')}.{qualname}>"

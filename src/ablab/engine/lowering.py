@@ -1,0 +1,354 @@
+"""Lowerings XLA's CPU backend runs well, used while the engine traces a program.
+
+Keras' JAX backend turns ``Conv*D`` into ``lax.conv_general_dilated`` and pooling into
+``lax.reduce_window``. Inside the engine's program (``vmap`` over seeds, ``lax.scan`` over
+steps) XLA's CPU backend runs the per-seed kernel-gradient convolution and the max-pool
+backward pass (``select_and_scatter``) on its generic loop emitter: on the digits CNN they
+were 43 % and ~20 % of the op time at ~0.2 GFLOP/s (issue 17). The same mathematics as
+matrix products and reshapes runs on the GEMM library instead:
+
+* ``conv`` -- **im2col**: the input's patches gathered by static strided slices into
+  ``(batch, *out_spatial, k_1 * .. * k_n * channels)`` and one matmul with the kernel
+  reshaped to ``(k_1 * .. * k_n * channels, filters)``. Under ``vmap`` with the input shared
+  by every seed (the first layer) this is one GEMM with ``seeds * filters`` columns; its
+  kernel gradient is one GEMM too. Any stride, dilation, ``valid`` / ``same`` padding,
+  channels last or first; grouped convolutions keep Keras' own lowering.
+* ``max_pool`` / ``average_pool`` -- **reshape + reduce** when the windows tile the input
+  (``strides == pool_size``, ``valid`` padding or a size the pool divides): the input is
+  cropped to whole windows, reshaped to ``(.., out, pool, ..)`` and reduced. Max pooling
+  keeps ``reduce_window``'s gradient exactly (a custom VJP sends each window's gradient to
+  its *first* maximum in row-major window order, as XLA's ``select_and_scatter`` with
+  ``>=`` does; ``jnp.max``'s own gradient would split ties).
+* ``matmul`` (``dense``, opt-in) -- a dense layer's per-seed kernel gradient computed as
+  ``(out, in)`` and transposed after: ``vmap`` makes it a batched product whose ``(seeds,
+  in, out)`` output layout XLA's CPU backend ran several times slower than ``(seeds, out,
+  in)`` on the W=512 digits MLP (issue 17).
+
+The results are the same functions; only float32 summation order changes (a convolution
+sums its products in another order). ``tests/test_lowering.py`` checks each lowering against
+Keras' own for values and gradients, and the engine with the lowerings against ``model.fit``
+within the fidelity tolerances of tests/test_reference.py.
+
+The lowerings apply only while :func:`lowered` is active in the tracing thread -- the engine
+enters it around tracing its programs; the user's model, ``model.fit`` and any other Keras
+code in the process keep Keras' lowering. ``$ABLAB_LOWERINGS`` turns them off (``0``) or
+selects some (``conv,pool,dense``; ``all``) for A/B benchmarks. JAX caches a trace by the
+traced function's identity, not by the lowering in force: trace a fresh function inside
+:func:`lowered` (the engine does: one new function per compiled program).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import math
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from ablab._keras import keras_backend_nn, keras_backend_numpy
+
+ENV = "ABLAB_LOWERINGS"
+ALL = frozenset({"conv", "pool", "dense"})
+DEFAULT = frozenset({"conv", "pool"})
+"""On unless ``$ABLAB_LOWERINGS`` says otherwise. ``dense`` is opt-in: measured +5 % (W=128)
+and +17 % (W=512) on bench/peers.py's digits MLPs on a busy 2-core machine -- not yet shown
+on a quiet one, and it changes the kernel gradient's summation order."""
+
+_ACTIVE: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar(
+    "ablab_lowerings", default=frozenset()
+)
+
+
+def enabled() -> frozenset[str]:
+    """The lowerings ``$ABLAB_LOWERINGS`` asks for: :data:`DEFAULT` when unset (or ``1``),
+    every one for ``all``, none for ``0`` / ``off``, else the comma-separated names
+    (``conv``, ``pool``, ``dense``)."""
+    setting = os.environ.get(ENV, "").strip().lower()
+    if setting in ("", "1", "on", "true", "yes"):
+        return DEFAULT
+    if setting == "all":
+        return ALL
+    if setting in ("0", "off", "none", "false", "no"):
+        return frozenset()
+    names = frozenset(s.strip() for s in setting.split(",") if s.strip())
+    unknown = names - ALL
+    if unknown:
+        msg = (
+            f"${ENV}={setting!r}: unknown lowering(s) {sorted(unknown)}; expected a comma-"
+            f"separated subset of {sorted(ALL)}, or 0 / 1."
+        )
+        raise ValueError(msg)
+    return names
+
+
+@contextmanager
+def lowered(names: frozenset[str] | None = None) -> Iterator[frozenset[str]]:
+    """Trace with the lowerings ``names`` (default :func:`enabled`) in this thread."""
+    active = enabled() if names is None else frozenset(names)
+    token = _ACTIVE.set(active)
+    try:
+        yield active
+    finally:
+        _ACTIVE.reset(token)
+
+
+# -- convolution as im2col + matmul ----------------------------------------------------------
+
+
+def _tuple(value: int | Sequence[int], n: int) -> tuple[int, ...]:
+    return (int(value),) * n if isinstance(value, int) else tuple(int(v) for v in value)
+
+
+def _same_pads(size: int, k: int, stride: int, dilation: int) -> tuple[int, int]:
+    """XLA's ``SAME`` padding of one spatial axis: (low, high)."""
+    out = -(-size // stride)
+    span = (k - 1) * dilation + 1
+    total = max((out - 1) * stride + span - size, 0)
+    return total // 2, total - total // 2
+
+
+def conv_im2col(
+    x: jax.Array,
+    kernel: jax.Array,
+    strides: Sequence[int],
+    padding: str,
+    dilation: Sequence[int],
+) -> jax.Array:
+    """An N-d channels-last convolution ``x`` (batch, *spatial, C) * ``kernel`` (*k, C, O) as
+    im2col + one matmul (Keras' / ``lax.conv_general_dilated``'s semantics)."""
+    n = x.ndim - 2
+    ks = kernel.shape[:n]
+    if padding == "same":
+        pads = [_same_pads(x.shape[1 + i], ks[i], strides[i], dilation[i]) for i in range(n)]
+        x = jnp.pad(x, [(0, 0), *pads, (0, 0)])
+    out = [(x.shape[1 + i] - (ks[i] - 1) * dilation[i] - 1) // strides[i] + 1 for i in range(n)]
+    patches = []
+    for offset in _window_offsets(ks):
+        index: list[Any] = [slice(None)]
+        for i, o in enumerate(offset):
+            start = o * dilation[i]
+            index.append(slice(start, start + (out[i] - 1) * strides[i] + 1, strides[i]))
+        patches.append(x[tuple(index)])
+    cols = jnp.stack(patches, axis=-2)  # (batch, *out, k_1 * .. * k_n, C)
+    cols = cols.reshape(*cols.shape[:-2], -1)
+    return jnp.matmul(cols, kernel.reshape(-1, kernel.shape[-1]))
+
+
+def _window_offsets(ks: Sequence[int]) -> Iterator[tuple[int, ...]]:
+    """Every offset inside a window, row-major (the kernel's own flattening order)."""
+    if not ks:
+        yield ()
+        return
+    for first in range(ks[0]):
+        for rest in _window_offsets(ks[1:]):
+            yield (first, *rest)
+
+
+def _channels_last(x: jax.Array, data_format: str) -> jax.Array:
+    return x if data_format == "channels_last" else jnp.moveaxis(x, 1, -1)
+
+
+def _channels_back(x: jax.Array, data_format: str) -> jax.Array:
+    return x if data_format == "channels_last" else jnp.moveaxis(x, -1, 1)
+
+
+def _conv(original: Callable) -> Callable:
+    def conv(
+        inputs: Any,
+        kernel: Any,
+        strides: int | Sequence[int] = 1,
+        padding: str = "valid",
+        data_format: str | None = None,
+        dilation_rate: int | Sequence[int] = 1,
+    ) -> Any:
+        if "conv" not in _ACTIVE.get():
+            return original(inputs, kernel, strides, padding, data_format, dilation_rate)
+        from ablab._keras import keras_backend
+
+        fmt = keras_backend.standardize_data_format(data_format)
+        x = jnp.asarray(inputs)
+        k = jnp.asarray(kernel)
+        n = x.ndim - 2
+        channels = x.shape[-1] if fmt == "channels_last" else x.shape[1]
+        if (
+            n < 1
+            or k.ndim != n + 2
+            or k.shape[-2] != channels  # grouped: Keras' own lowering
+            or padding not in ("valid", "same")
+            or x.dtype != k.dtype
+        ):
+            return original(inputs, kernel, strides, padding, data_format, dilation_rate)
+        y = conv_im2col(
+            _channels_last(x, fmt), k, _tuple(strides, n), padding, _tuple(dilation_rate, n)
+        )
+        return _channels_back(y, fmt)
+
+    conv.__wrapped__ = original  # type: ignore[attr-defined]
+    return conv
+
+
+# -- pooling as reshape + reduce -------------------------------------------------------------
+
+
+def _tiles(
+    x: jax.Array, pool: tuple[int, ...], strides: tuple[int, ...], padding: str
+) -> list[int] | None:
+    """The output size per spatial axis when ``pool`` windows tile channels-last ``x``
+    (cropping the rest, as ``valid`` does), else None."""
+    if pool != strides:
+        return None
+    sizes = x.shape[1:-1]
+    if padding == "same" and any(s % p for s, p in zip(sizes, pool, strict=True)):
+        return None
+    if padding not in ("valid", "same"):
+        return None
+    return [s // p for s, p in zip(sizes, pool, strict=True)]
+
+
+def _windows(x: jax.Array, pool: tuple[int, ...], out: list[int]) -> jax.Array:
+    """Channels-last ``x`` cropped to whole windows, as (batch, *out, C, prod(pool)) with the
+    window's elements in row-major order."""
+    n = len(pool)
+    x = x[(slice(None), *(slice(0, o * p) for o, p in zip(out, pool, strict=True)))]
+    shape = [x.shape[0]]
+    for o, p in zip(out, pool, strict=True):
+        shape += [o, p]
+    x = x.reshape(*shape, x.shape[-1])
+    # (batch, o1, p1, o2, p2, .., C) -> (batch, o1, o2, .., C, p1, p2, ..)
+    perm = [0, *(1 + 2 * i for i in range(n)), 1 + 2 * n, *(2 + 2 * i for i in range(n))]
+    x = x.transpose(perm)
+    return x.reshape(*x.shape[: n + 2], math.prod(pool))
+
+
+def _unwindows(g: jax.Array, pool: tuple[int, ...], shape: tuple[int, ...]) -> jax.Array:
+    """The inverse of :func:`_windows`, zero where ``_windows`` cropped: (batch, *spatial, C)."""
+    n = len(pool)
+    out = g.shape[1 : n + 1]
+    g = g.reshape(*g.shape[: n + 2], *pool)
+    perm = [0]
+    for i in range(n):
+        perm += [1 + i, n + 2 + i]
+    perm.append(n + 1)
+    g = g.transpose(perm).reshape(g.shape[0], *(o * p for o, p in zip(out, pool, strict=True)), -1)
+    pads = [(0, 0)] + [(0, s - o * p) for s, o, p in zip(shape[1:-1], out, pool, strict=True)]
+    return jnp.pad(g, [*pads, (0, 0)])
+
+
+def _max_pool_tiled(x: jax.Array, pool: tuple[int, ...], out: list[int]) -> jax.Array:
+    @jax.custom_vjp
+    def pool_max(x: jax.Array) -> jax.Array:
+        return jnp.max(_windows(x, pool, out), axis=-1)
+
+    def fwd(x: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        w = _windows(x, pool, out)
+        y = jnp.max(w, axis=-1)
+        return y, (w, y)
+
+    def bwd(res: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Array]:
+        w, y = res
+        first_hit = jnp.argmax(w == y[..., None], axis=-1)  # the first maximum
+        first = jnp.arange(w.shape[-1]) == first_hit[..., None]
+        grad = jnp.where(first, g[..., None], jnp.zeros((), g.dtype))
+        return (_unwindows(grad, pool, x.shape),)
+
+    pool_max.defvjp(fwd, bwd)
+    return pool_max(x)
+
+
+def _pooling(original: Callable, kind: str) -> Callable:
+    def pool(
+        inputs: Any,
+        pool_size: int | Sequence[int],
+        strides: int | Sequence[int] | None = None,
+        padding: str = "valid",
+        data_format: str | None = None,
+    ) -> Any:
+        if "pool" not in _ACTIVE.get():
+            return original(inputs, pool_size, strides, padding, data_format)
+        from ablab._keras import keras_backend
+
+        fmt = keras_backend.standardize_data_format(data_format)
+        x = jnp.asarray(inputs)
+        n = x.ndim - 2
+        if n < 1:
+            return original(inputs, pool_size, strides, padding, data_format)
+        p = _tuple(pool_size, n)
+        s = p if strides is None else _tuple(strides, n)
+        xl = _channels_last(x, fmt)
+        out = _tiles(xl, p, s, padding)
+        if out is None or 0 in out:
+            return original(inputs, pool_size, strides, padding, data_format)
+        if kind == "max":
+            y = _max_pool_tiled(xl, p, out)
+        else:
+            y = jnp.mean(_windows(xl, p, out), axis=-1)
+        return _channels_back(y, fmt)
+
+    pool.__wrapped__ = original  # type: ignore[attr-defined]
+    return pool
+
+
+# -- a dense layer's kernel gradient in the layout that runs fast ------------------------------
+
+
+@jax.custom_vjp
+def _matmul_t(x: jax.Array, k: jax.Array) -> jax.Array:
+    return jnp.matmul(x, k)
+
+
+def _matmul_t_fwd(x: jax.Array, k: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    return jnp.matmul(x, k), (x, k)
+
+
+def _matmul_t_bwd(res: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    x, k = res
+    dx = jnp.matmul(g, k.T)
+    rows_x = x.reshape(-1, x.shape[-1])
+    rows_g = g.reshape(-1, g.shape[-1])
+    # (out, in), kept in that layout (XLA would fold the transpose back into the product),
+    # then transposed: per seed, the product runs several times faster this way round
+    dk = jax.lax.optimization_barrier(jnp.matmul(rows_g.T, rows_x)).T
+    return dx, dk
+
+
+_matmul_t.defvjp(_matmul_t_fwd, _matmul_t_bwd)
+
+
+def _matmul(original: Callable) -> Callable:
+    def matmul(x1: Any, x2: Any) -> Any:
+        if "dense" not in _ACTIVE.get():
+            return original(x1, x2)
+        a, b = jnp.asarray(x1), jnp.asarray(x2)
+        if (
+            b.ndim != 2
+            or a.ndim < 2
+            or a.dtype != b.dtype
+            or not jnp.issubdtype(a.dtype, jnp.floating)
+        ):
+            return original(x1, x2)
+        return _matmul_t(a, b)
+
+    matmul.__wrapped__ = original  # type: ignore[attr-defined]
+    return matmul
+
+
+_INSTALLED = False
+
+
+def install() -> None:
+    """Put the dispatching wrappers in Keras' JAX backend once per process. They call Keras'
+    own function unless :func:`lowered` is active in the calling thread."""
+    global _INSTALLED
+    if _INSTALLED:
+        return
+    nn = keras_backend_nn()
+    nn.conv = _conv(nn.conv)
+    nn.max_pool = _pooling(nn.max_pool, "max")
+    nn.average_pool = _pooling(nn.average_pool, "average")
+    numpy = keras_backend_numpy()
+    numpy.matmul = _matmul(numpy.matmul)
+    _INSTALLED = True

@@ -1,0 +1,375 @@
+"""``ablab.ablate``: a study in Keras' own vocabulary -- model functions, arrays, ``compile``
+and ``fit`` arguments -- trained over many paired seeds like any study.
+
+    >>> result = ablab.ablate(  # doctest: +SKIP
+    ...     {"plain": build_plain, "bn": build_bn}, x, y,
+    ...     compile=dict(optimizer="adam", loss="mse"),
+    ...     fit=dict(epochs=20, batch_size=32, validation_split=0.1, shuffle=False),
+    ...     seeds=1000,
+    ... )
+
+The arrays and every model that a fresh process could not import are stored in the run folder
+(``data/*.npz``, ``models/<variant>.json``; their SHA-256 in ``cells.sha256``), and the run's
+study document names them, so ``ablab run --resume``, ``ablab show`` and ``ablab report``
+work on the run from the command line like on a study file's.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import re
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from ablab.errors import StudyError, short_repr
+from ablab.execution.executors import Executor
+from ablab.execution.pipeline import run
+from ablab.execution.progress import Progress
+from ablab.execution.result import RunResult
+from ablab.study.loading import study_from_dict
+from ablab.study.schema import TrainSpec
+
+SOURCE = "ablab.ablate"
+"""The ``where`` of every error about ``ablate``'s arguments (and the stored study's source)."""
+
+COMPILE_KEYS = ("optimizer", "loss", "metrics")
+"""The ``model.compile`` arguments ablab takes (the rest change nothing ablab records)."""
+DATA_FIT_KEYS = ("sample_weight", "validation_data")
+"""``fit`` arguments that are arrays: stored with ``x`` and ``y``."""
+IGNORED_FIT_KEYS = ("verbose",)
+"""``fit`` arguments accepted and ignored (ablab prints no per-seed progress)."""
+
+ModelFactory = Callable[[], keras.Model]
+
+
+def _err(key: str, expected: str, got: str, fix: str) -> StudyError:
+    return StudyError(where=SOURCE, key=key, expected=expected, got=got, fix=fix)
+
+
+def _array(key: str, value: Any) -> np.ndarray:
+    """One numeric array with a row dimension; dicts / lists of arrays (several inputs or
+    outputs) are refused: the engine trains single-input, single-output models."""
+    if isinstance(value, Mapping) or (
+        isinstance(value, list | tuple) and any(hasattr(v, "shape") for v in value)
+    ):
+        raise _err(
+            key,
+            "one array (a model with one input and one output)",
+            f"a {type(value).__name__} of {len(value)} arrays",
+            "multi-input / multi-output models are not supported yet: concatenate the "
+            "inputs into one array (and the targets into another), or train such a model "
+            "with model.fit",
+        )
+    try:
+        arr = np.asarray(value)
+    except Exception as exc:  # ragged lists and the like
+        raise _err(
+            key, "a numeric array", f"{type(exc).__name__}: {exc}", "pass a numpy array"
+        ) from exc
+    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
+        raise _err(
+            key,
+            "a numeric array",
+            f"dtype {arr.dtype} ({short_repr(value, 40)})",
+            "encode the data as numbers first",
+        )
+    if arr.ndim == 0 or arr.shape[0] == 0:
+        raise _err(key, "an array with at least one row", f"shape {arr.shape}", "pass the rows")
+    return arr
+
+
+def _same_rows(key: str, arr: np.ndarray, rows: int, of: str) -> None:
+    if arr.shape[0] != rows:
+        raise _err(
+            key,
+            f"{rows} rows, one per row of {of}",
+            f"{arr.shape[0]} rows (shape {arr.shape})",
+            f"give {key} and {of} the same number of rows",
+        )
+
+
+def _npz(arrays: dict[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)  # type: ignore[arg-type]
+    return buf.getvalue()
+
+
+def _importable_name(fn: Any) -> str | None:
+    """``module:qualname`` of a module-level function a fresh interpreter can import (the same
+    object), else None (a lambda, a closure, a function of ``__main__`` or a notebook)."""
+    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
+    if not module or not qualname or module == "__main__" or not re.fullmatch(r"\w+", qualname):
+        return None
+    try:
+        found = getattr(importlib.import_module(module), qualname)
+    except Exception:
+        return None
+    return f"{module}:{qualname}" if found is fn else None
+
+
+def _architecture(name: str, model: Any) -> str:
+    """``model.to_json()``: the architecture a stored run rebuilds the variant from."""
+    key = f"variants.{name}"
+    if not isinstance(model, keras.Model):
+        raise _err(
+            key,
+            "a function returning a keras.Model, or a keras.Model",
+            f"{type(model).__name__} ({short_repr(model, 40)})",
+            "return the (uncompiled) model from the function, e.g. "
+            "`def build(): return keras.Sequential([...])`",
+        )
+    try:
+        text = model.to_json()
+        keras.models.model_from_json(text)  # a subclass without get_config fails here
+    except Exception as exc:
+        raise _err(
+            key,
+            "a model Keras can serialize (model.to_json(); a custom layer registered with "
+            "keras.saving.register_keras_serializable)",
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+            "define the model function at the top level of an importable module (ablab then "
+            "stores its name), or make its layers serializable",
+        ) from exc
+    return text
+
+
+def _builders(variants: Any, staging: Path) -> dict[str, dict[str, Any]]:
+    """The study's variants: an importable function by name, anything else as a saved
+    architecture file under ``staging/models``."""
+    if not isinstance(variants, Mapping) or not variants:
+        raise _err(
+            "variants",
+            'a dict of named variants, e.g. {"plain": build_plain, "bn": build_bn}',
+            short_repr(variants),
+            "map each variant's name to a function returning its keras.Model (or a model)",
+        )
+    out: dict[str, dict[str, Any]] = {}
+    for name, spec in variants.items():
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.~+-]*", name):
+            raise _err(
+                "variants",
+                "names of letters, digits and _ . ~ + -",
+                repr(name),
+                "rename the variant, e.g. bn_after",
+            )
+        if isinstance(spec, keras.Model):
+            model = spec
+        elif callable(spec):
+            ref = _importable_name(spec)
+            if ref is not None:
+                out[name] = {"builder": ref}
+                continue
+            try:
+                model = spec()
+            except Exception as exc:
+                raise _err(
+                    f"variants.{name}",
+                    "a function that builds the model when called without arguments",
+                    f"{type(exc).__name__}: {exc}",
+                    "fix the function (or use functools.partial to bind its arguments)",
+                ) from exc
+        else:
+            model = spec  # refused with the message below
+        path = staging / "models" / f"{name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(_architecture(name, model), encoding="utf-8")
+        out[name] = {"builder": f"models/{name}.json"}
+    return out
+
+
+def _keras_object(key: str, value: Any) -> Any:
+    """A compile argument as a study takes it: a name or table stays; a Keras optimizer
+    object becomes ``{name = class, **config}``."""
+    if value is None or isinstance(value, str | Mapping | list | tuple):
+        return list(value) if isinstance(value, tuple) else value
+    if isinstance(value, keras.optimizers.Optimizer):
+        config = {k: v for k, v in value.get_config().items() if k != "name"}
+        if not isinstance(config.get("learning_rate"), int | float):
+            raise _err(
+                key,
+                "an optimizer with a fixed learning rate (or a table naming its schedule)",
+                short_repr(config.get("learning_rate")),
+                'give it as a table: {"name": "adam", "learning_rate": {"schedule": '
+                '"ExponentialDecay", "initial_learning_rate": 0.01, ...}}',
+            )
+        return {"name": type(value).__name__, **config}
+    raise _err(
+        key,
+        "a Keras name or a table, e.g. 'mse' or {'name': 'Huber', 'delta': 1.0}",
+        f"a {type(value).__name__} object",
+        "give the loss / metric by name (with its arguments as a table)",
+    )
+
+
+def _train(compile: Mapping[str, Any] | None, fit: Mapping[str, Any] | None) -> dict[str, Any]:
+    train: dict[str, Any] = {}
+    for key, value in (compile or {}).items():
+        if key not in COMPILE_KEYS:
+            raise _err(
+                f"compile.{key}",
+                f"one of the compile arguments ablab takes: {', '.join(COMPILE_KEYS)}",
+                f"unknown argument {key!r}",
+                "remove it (the others do not change the History ablab records)",
+            )
+        if key == "metrics":
+            value = [_keras_object(f"compile.metrics[{i}]", m) for i, m in enumerate(value or [])]
+        else:
+            value = _keras_object(f"compile.{key}", value)
+        train[key] = value
+    fit_keys = [k for k in TrainSpec.model_fields if k not in COMPILE_KEYS]
+    for key, value in (fit or {}).items():
+        if key in IGNORED_FIT_KEYS or key in DATA_FIT_KEYS:
+            continue
+        if key not in fit_keys:
+            raise _err(
+                f"fit.{key}",
+                "one of the fit arguments ablab takes: " + ", ".join([*fit_keys, *DATA_FIT_KEYS]),
+                f"unknown argument {key!r}",
+                "remove it (x and y are ablate's own arguments)"
+                if key in ("x", "y")
+                else "remove it, or train that setting with model.fit",
+            )
+        train[key] = value
+    return train
+
+
+def _data(x: Any, y: Any, fit: Mapping[str, Any] | None, staging: Path) -> dict[str, Any]:
+    """Validate the arrays and store them under ``staging/data``; the ``[data]`` table naming
+    them."""
+    if y is None:
+        raise _err(
+            "y",
+            "a target array (one row per row of x)",
+            "None",
+            "pass y=x for an autoencoder (the target is the input)",
+        )
+    xa, ya = _array("x", x), _array("y", y)
+    _same_rows("y", ya, xa.shape[0], "x")
+    arrays = {"x": xa, "y": ya}
+    spec: dict[str, Any] = {"path": "data/arrays.npz", "x_key": "x", "target": "y"}
+    fit = fit or {}
+    if fit.get("sample_weight") is not None:
+        sw = _array("fit.sample_weight", fit["sample_weight"])
+        _same_rows("fit.sample_weight", sw, xa.shape[0], "x")
+        arrays["sample_weight"], spec["sample_weight"] = sw, "sample_weight"
+    if fit.get("validation_data") is not None:
+        val = fit["validation_data"]
+        if not isinstance(val, list | tuple) or len(val) not in (2, 3):
+            raise _err(
+                "fit.validation_data",
+                "a tuple (x_val, y_val) or (x_val, y_val, sample_weight_val)",
+                short_repr(val),
+                "pass validation_data=(x_val, y_val)",
+            )
+        vx, vy = _array("fit.validation_data[0]", val[0]), _array("fit.validation_data[1]", val[1])
+        _same_rows("fit.validation_data[1]", vy, vx.shape[0], "validation_data[0]")
+        vals = {"x": vx, "y": vy}
+        vspec: dict[str, Any] = {"path": "data/validation.npz", "x_key": "x", "target": "y"}
+        if len(val) == 3 and val[2] is not None:
+            vsw = _array("fit.validation_data[2]", val[2])
+            _same_rows("fit.validation_data[2]", vsw, vx.shape[0], "validation_data[0]")
+            vals["sample_weight"], vspec["sample_weight"] = vsw, "sample_weight"
+        (staging / "data").mkdir(parents=True, exist_ok=True)
+        (staging / "data" / "validation.npz").write_bytes(_npz(vals))
+        spec["validation"] = vspec
+    (staging / "data").mkdir(parents=True, exist_ok=True)
+    (staging / "data" / "arrays.npz").write_bytes(_npz(arrays))
+    return spec
+
+
+def _in_ablate_terms(exc: StudyError) -> StudyError:
+    """A study error named by ablate's arguments: ``train.loss`` -> ``compile.loss``,
+    ``train.epochs`` -> ``fit.epochs``."""
+    key = exc.key
+    if key.startswith("train."):
+        field = key.removeprefix("train.").split(".", 1)[0].split("[", 1)[0]
+        key = ("compile." if field in COMPILE_KEYS else "fit.") + key.removeprefix("train.")
+    elif key == "train":
+        key = "compile / fit"
+    if key == exc.key:
+        return exc
+    return StudyError(where=SOURCE, key=key, expected=exc.expected, got=exc.got, fix=exc.fix)
+
+
+def ablate(
+    variants: Mapping[str, ModelFactory | keras.Model],
+    x: Any,
+    y: Any = None,
+    *,
+    compile: Mapping[str, Any] | None = None,
+    fit: Mapping[str, Any] | None = None,
+    seeds: int = 1000,
+    seed_base: int = 0,
+    baseline: str | None = None,
+    name: str = "ablate",
+    description: str = "",
+    verdicts: Mapping[str, Any] | None = None,
+    checks: Mapping[str, Any] | None = None,
+    probes: Mapping[str, Any] | None = None,
+    engine: Mapping[str, Any] | None = None,
+    runs_dir: str | Path | None = None,
+    progress: Progress | None = None,
+    executor: str | Executor = "local",
+    workers: int | None = None,
+) -> RunResult:
+    """Train each variant's model over ``seeds`` paired seeds, as ``model.compile(**compile)``
+    then ``model.fit(x, y, **fit)`` would one seed, and judge each against the baseline.
+
+    variants: ``{name: model}`` in order, the first the baseline unless ``baseline`` names
+    another; a model is a function returning a fresh, uncompiled ``keras.Model`` (called
+    without arguments) or a ``keras.Model`` object (its architecture is cloned; its weights
+    are not used: ablab draws every seed's initial weights from the layers' initializers).
+    x, y: numpy arrays (anything ``np.asarray`` takes) with the same number of rows; y=x for an
+    autoencoder. One input and one output: dicts / lists of arrays (multi-input or
+    multi-output models) are refused.
+    compile: optimizer (a name, a table ``{"name": "adam", "learning_rate": 1e-3}`` or a
+    Keras optimizer object with a fixed rate), loss and metrics (names or tables).
+    fit: the ``[train]`` keys of a study file (epochs, batch_size, validation_split, shuffle,
+    ...) and the arrays ``sample_weight`` and ``validation_data``; ``verbose`` is ignored.
+    verdicts / checks / probes / engine: the study file's tables of those names.
+    The other arguments are :func:`ablab.run`'s.
+
+    What is stored, besides the run's usual files: ``data/arrays.npz`` (x, y and any
+    sample_weight; ``data/validation.npz`` for validation_data), and per variant either the
+    ``module:function`` name of a module-level function a fresh interpreter can import, or
+    ``models/<variant>.json`` (``model.to_json()``: the architecture, no weights) for a
+    lambda, a closure, a function of ``__main__`` / a notebook, or a model object -- so a
+    resumed run (``ablab run --resume``) rebuilds exactly the models it started with. Every
+    stored file's SHA-256 is in ``cells.sha256``; a resume refuses changed files.
+
+    Raises StudyError (``where`` = "ablab.ablate"; the key names the argument, e.g.
+    ``fit.epochs``) on bad input, before anything is written.
+    """
+    with tempfile.TemporaryDirectory(prefix="ablab-ablate-") as tmp:
+        staging = Path(tmp)
+        spec = {
+            "name": name,
+            "description": description,
+            "data": _data(x, y, fit, staging),
+            "train": _train(compile, fit),
+            "variants": {**_builders(variants, staging), "baseline": baseline},
+            "seeds": {"count": seeds, "base": seed_base},
+        }
+        extra = {"verdicts": verdicts, "checks": checks, "probes": probes, "engine": engine}
+        spec.update({k: dict(v) for k, v in extra.items() if v is not None})
+        try:
+            study = study_from_dict(spec, source=SOURCE, root=str(staging))
+        except StudyError as exc:
+            raise _in_ablate_terms(exc) from exc
+        try:
+            return run(
+                study,
+                runs_dir=runs_dir,
+                progress=progress,
+                executor=executor,
+                workers=workers,
+                attachments=staging,
+            )
+        except StudyError as exc:
+            raise _in_ablate_terms(exc) from exc

@@ -1,0 +1,203 @@
+"""The Python API in Keras' vocabulary (ablab.execution.api.ablate), ``ablab.open_run`` as a
+RunResult, and ``ablab.Study(...)``'s friendly errors (issue #18, items 1 and 5)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+import ablab
+from ablab.cli import main
+from ablab.engine.build import build_program
+from ablab.errors import InputError, StudyError
+from ablab.store.rundir import RUN_ROOT, RunDir
+
+ROWS, FEATURES, SEEDS = 40, 4, 4
+COMPILE = {"optimizer": "adam", "loss": "mse"}
+FIT = {"epochs": 2, "batch_size": 16, "validation_split": 0.25, "shuffle": False}
+PLAIN = [{"layer": "Dense", "units": 2}, {"layer": "Dense", "units": FEATURES}]
+BN = [
+    {"layer": "Dense", "units": 2},
+    {"layer": "BatchNormalization"},
+    {"layer": "Dense", "units": FEATURES},
+]
+
+
+def build_plain() -> keras.Model:
+    """Importable (module level): stored by name, ``tests.test_api:build_plain``."""
+    return keras.Sequential(
+        [keras.Input((FEATURES,)), keras.layers.Dense(2), keras.layers.Dense(FEATURES)]
+    )
+
+
+def _bn_model() -> keras.Model:
+    return keras.Sequential(
+        [
+            keras.Input((FEATURES,)),
+            keras.layers.Dense(2),
+            keras.layers.BatchNormalization(),
+            keras.layers.Dense(FEATURES),
+        ]
+    )
+
+
+def _x() -> np.ndarray:
+    return np.random.RandomState(1).normal(0, 1, (ROWS, FEATURES))
+
+
+@pytest.fixture(scope="module")
+def ablated(tmp_path_factory: pytest.TempPathFactory) -> ablab.RunResult:
+    """plain by an importable function, bn by a lambda (stored as models/bn.json)."""
+    runs = tmp_path_factory.mktemp("api") / "runs"
+    x = _x()
+    return ablab.ablate(
+        {"plain": build_plain, "bn": lambda: _bn_model()},
+        x,
+        x,
+        compile=COMPILE,
+        fit=FIT,
+        seeds=SEEDS,
+        probes={"enabled": False},
+        runs_dir=runs,
+    )
+
+
+def test_ablate_equals_the_same_study_from_a_dict(ablated: ablab.RunResult, tmp_path: Path) -> None:
+    # expected values: the same models, data and settings as an ordinary (dict) study with
+    # inline layers -- paired seeds must give the very same histories, bit for bit
+    np.savez(tmp_path / "d.npz", x=_x(), y=_x())
+    study = ablab.study_from_dict(
+        {
+            "data": {"path": "d.npz", "target": "y"},
+            "train": {**COMPILE, **FIT},
+            "variants": {"plain": {"layers": PLAIN}, "bn": {"layers": BN}},
+            "seeds": {"count": SEEDS},
+            "probes": {"enabled": False},
+        },
+        root=str(tmp_path),
+    )
+    plain = ablab.run(study, runs_dir=tmp_path / "runs")
+    assert list(ablated.histories) == ["plain", "bn"] and ablated.study.baseline == "plain"
+    for v in ("plain", "bn"):
+        for name, values in plain.histories[v].values.items():
+            np.testing.assert_array_equal(ablated.histories[v].values[name], values)
+    assert [c.verdict for c in ablated.comparisons] == [c.verdict for c in plain.comparisons]
+
+
+def test_the_stored_study_names_its_models_and_data(ablated: ablab.RunResult) -> None:
+    stored = json.loads((ablated.run_dir / "study.json").read_text())["study"]
+    assert stored["root"] == RUN_ROOT and stored["source"] == "ablab.ablate"
+    assert stored["variants"]["plain"]["builder"] == "tests.test_api:build_plain"
+    assert stored["variants"]["bn"]["builder"] == "models/bn.json"
+    assert stored["data"]["path"] == "data/arrays.npz"
+    with np.load(ablated.run_dir / "data" / "arrays.npz") as npz:
+        np.testing.assert_array_equal(npz["x"], _x())
+    recorded = RunDir(ablated.run_dir).checksums()
+    assert {"data/arrays.npz", "models/bn.json"} <= set(recorded)
+
+
+def test_cli_resumes_and_shows_a_python_built_run(
+    ablated: ablab.RunResult, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    runs = tmp_path / "runs"
+    shutil.copytree(ablated.run_dir, runs / ablated.run_id)
+    copy = runs / ablated.run_id
+    (copy / "cells" / "bn" / "chunk-00000.parquet").unlink()  # a lost cell: resume re-trains
+    assert main(["run", "--resume", ablated.run_id, "--runs-dir", str(runs), "-q"]) == 0
+    resumed = ablab.open_run(ablated.run_id, runs_dir=runs)
+    for v in ("plain", "bn"):
+        for name, values in ablated.histories[v].values.items():
+            np.testing.assert_array_equal(resumed.histories[v].values[name], values)
+    capsys.readouterr()
+    assert main(["show", ablated.run_id, "--runs-dir", str(runs), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["variants"]["bn"]["n_seeds"] == SEEDS
+
+
+def test_resume_refuses_changed_data(ablated: ablab.RunResult, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    copy = runs / ablated.run_id
+    shutil.copytree(ablated.run_dir, copy)
+    (copy / "cells" / "plain" / "chunk-00000.parquet").unlink()
+    np.savez(copy / "data" / "arrays.npz", x=_x() + 1, y=_x())
+    with pytest.raises(InputError, match=r"data/arrays\.npz: checksum mismatch"):
+        ablab.resume(ablated.run_id, runs_dir=runs)
+
+
+def test_open_run_is_a_run_result(
+    ablated: ablab.RunResult, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # today: a ReportData without run_id, comparisons, summary or write_report
+    monkeypatch.setenv("ABLAB_RUNS_DIR", str(ablated.run_dir.parent))  # the CLI's default
+    opened = ablab.open_run("latest")
+    assert isinstance(opened, ablab.RunResult)
+    assert opened.run_id == ablated.run_id and opened.state == "complete"
+    assert opened.summary == ablated.summary
+    assert [c.to_json() for c in opened.comparisons] == [c.to_json() for c in ablated.comparisons]
+    assert callable(opened.write_report) and callable(opened.plot)
+    assert "plain" in opened._repr_html_()
+    assert ablab.open_run(ablated.run_id[:12], runs_dir=ablated.run_dir.parent).run_id == (
+        ablated.run_id
+    )
+
+
+def test_a_model_object_is_a_builder() -> None:
+    # today: `got {} -> TypeError: missing a required argument: 'inputs'`
+    study = ablab.Study(
+        data={"synthetic": {"shape": [ROWS, FEATURES]}},
+        train={**COMPILE, **FIT},
+        model={"builder": build_plain()},
+    )
+    program = build_program(study, "default", probes=False)
+    assert [type(layer).__name__ for layer in program.prepared.model.layers] == ["Dense", "Dense"]
+    assert "instance>" in study.resolved()["model"]["builder"]
+
+
+def test_study_raises_the_friendly_error() -> None:
+    # today: a raw pydantic ValidationError with a URL
+    with pytest.raises(StudyError, match=r"(?s)\[train\.epochz\].*did you mean `epochs`"):
+        ablab.Study(data={"synthetic": {"shape": [8, 2]}}, train={"loss": "mse", "epochz": 3})
+    with pytest.raises(StudyError, match=r"\[data\] expected exactly one of"):
+        ablab.Study.model_validate({"data": {}, "train": {"loss": "mse"}})
+
+
+def _not_a_model() -> str:
+    return "nope"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "key", "says"),
+    [
+        ({"y": np.zeros((ROWS - 1, FEATURES))}, "y", f"expected {ROWS} rows"),
+        ({"fit": {"epochz": 2}}, "fit.epochz", "fit arguments ablab takes: epochs"),
+        ({"fit": {"epochs": 0}}, "fit.epochs", "greater than or equal to 1"),
+        ({"compile": {"loss": "mse", "jit_compile": True}}, "compile.jit_compile", "optimizer"),
+        ({"compile": {"optimizer": "adam"}}, "compile.loss", "present"),
+        ({"variants": {"a": _not_a_model}}, "variants.a.builder", "returning an uncompiled"),
+        ({"variants": {"a": lambda: 3}}, "variants.a", "returning a keras.Model"),
+        ({"x": {"a": np.zeros((ROWS, 2))}}, "x", "multi-input / multi-output"),
+        ({"y": None}, "y", "y=x for an autoencoder"),
+    ],
+)
+def test_ablate_refuses_bad_input_before_writing(
+    kwargs: dict, key: str, says: str, tmp_path: Path
+) -> None:
+    # today: in-memory arrays are refused outright (`[data.x] ... unknown key 'x'`)
+    args = {
+        "variants": {"a": build_plain},
+        "x": _x(),
+        "y": _x(),
+        "compile": COMPILE,
+        "fit": FIT,
+        "seeds": 2,
+        "runs_dir": tmp_path / "runs",
+    } | kwargs
+    with pytest.raises(StudyError) as info:
+        ablab.ablate(**args)
+    assert info.value.where == "ablab.ablate" and info.value.key == key
+    assert says in str(info.value)
+    assert not (tmp_path / "runs").exists()

@@ -1,0 +1,155 @@
+"""The ``fit`` arguments users have (issue #18 item 2): class_weight, sample_weight,
+validation_data, steps_per_epoch, EarlyStopping, mixed precision -- each vectorized and held
+to ``keras.Model.fit``.
+
+Expected values come from ``keras.Model.fit`` 3.15 itself (``ablab.engine.reference``, with
+the same arguments and a real ``keras.callbacks.EarlyStopping``), run in this process from
+the engine's own initial weights. Tolerance rtol 1e-5 (float32, as tests/test_reference.py);
+mixed precision: rtol 1e-3 (measured on this model: mixed_bfloat16 1.1e-7, mixed_float16
+1.1e-4 -- XLA may fuse the low-precision casts differently in the scanned program). Models
+are a single Dense layer, 2-3 seeds, 4 epochs, <= 64 rows: these tests must stay cheap.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import ablab
+from ablab.engine.reference import reference_history
+from ablab.errors import StudyError
+from ablab.study.schema import TrainSpec, callback_spec
+from tests.conftest import make_program
+
+SEEDS = np.array([0, 1, 2, 3], dtype=np.uint32)
+
+
+def _study(
+    data: dict[str, Any] | None = None, units: int = 4, activation: str = "linear", **train: Any
+) -> ablab.Study:
+    spec = {
+        "loss": "mse",
+        "optimizer": {"name": "sgd", "learning_rate": 0.05},
+        "epochs": 4,
+        "batch_size": 16,
+        "validation_split": 0.25,
+        "shuffle": False,
+        **train,
+    }
+    layer = {"layer": "Dense", "units": units, "activation": activation}
+    return ablab.Study(
+        data=data or {"synthetic": {"shape": [64, 4], "seed": 3}},
+        train=spec,
+        variants={"a": {"layers": [layer]}},
+        source="<test>",
+    )
+
+
+def _assert_fit(study: ablab.Study, seeds: np.ndarray = SEEDS, rtol: float = 1e-5) -> dict:
+    program = make_program(study, "a")
+    engine = program.train(seeds)
+    for i, seed in enumerate(seeds):
+        ref = reference_history(program, int(seed))
+        assert set(ref) == set(engine), (sorted(ref), sorted(engine))
+        for name, expected in ref.items():
+            np.testing.assert_allclose(
+                engine[name][i], expected, rtol=rtol, atol=0, err_msg=f"seed {seed} {name}"
+            )
+    return engine
+
+
+def test_early_stopping_stops_each_seed_on_its_own_like_fit() -> None:
+    # monitor loss with min_delta 0.24: the seeds' epoch-to-epoch gains (0.18-0.38) cross
+    # it at different epochs: seed 0 stops at epoch 3 (1-based), 2 at the last, 3 never.
+    study = _study(
+        early_stopping={
+            "monitor": "loss",
+            "min_delta": 0.24,
+            "patience": 0,
+            "restore_best_weights": True,
+        }
+    )
+    engine = _assert_fit(study, SEEDS[[0, 2, 3]])
+    stopped = engine["stopped_epoch"]
+    assert stopped.tolist() == [3, 4, 0], stopped
+    for i, at in enumerate(stopped):  # after its stop a seed's History repeats that epoch
+        if at:
+            assert (engine["loss"][i, at - 1 :] == engine["loss"][i, at - 1]).all()
+    assert np.isfinite(engine["val_loss"]).all()  # never mistaken for divergence
+
+
+def test_class_weight_and_steps_per_epoch_match_fit(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 4)).astype(np.float32)
+    label = (x[:, 0] + 0.5 * rng.normal(size=64) > 0.3).astype(np.float32)
+    path = tmp_path / "rows.npz"
+    np.savez(path, x=x, y=label[:, None])
+    data = {"path": str(path), "target": "y"}
+    # steps_per_epoch 1 of 3 batches (48 training rows): each pass spans three epochs
+    study = _study(
+        data,
+        units=1,
+        activation="sigmoid",
+        loss="binary_crossentropy",
+        class_weight={"0": 1.0, "1": 3.0},  # TOML's keys are strings
+        steps_per_epoch=1,
+        metrics=["accuracy"],
+    )
+    assert study.train.class_weight == {0: 1.0, 1: 3.0}
+    _assert_fit(study, SEEDS[:2])
+
+
+def test_sample_weight_and_validation_data_match_fit(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+
+    def table(name: str, rows: int) -> str:
+        x = rng.normal(size=(rows, 4))
+        cols = {f"f{i}": x[:, i] for i in range(4)}
+        cols.update(t=x @ np.array([1.0, -2.0, 0.5, 0.0]), w=rng.uniform(0.1, 3.0, rows))
+        lines = [",".join(cols)] + [
+            ",".join(f"{cols[c][r]:.6f}" for c in cols) for r in range(rows)
+        ]
+        (tmp_path / name).write_text("\n".join(lines) + "\n")
+        return str(tmp_path / name)
+
+    val = {"path": table("val.csv", 16), "target": "t", "sample_weight": "w"}
+    data = {"path": table("train.csv", 48), "target": "t", "sample_weight": "w", "validation": val}
+    study = _study(data, units=1, validation_split=0.0)
+    program = make_program(study, "a")
+    assert program.split.x_train.shape == (48, 4) and program.split.n_val == 16
+    assert program.split.sw_train is not None and program.split.sw_val is not None
+    _assert_fit(study, SEEDS[:2])
+
+
+def test_mixed_precision_matches_fit_under_the_same_policy() -> None:
+    import keras
+
+    before = keras.config.dtype_policy().name
+    study = _study(dtype_policy="mixed_bfloat16")
+    program = make_program(study, "a")
+    assert program.prepared.model.layers[0].dtype_policy.name == "mixed_bfloat16"
+    assert keras.config.dtype_policy().name == before  # not leaked to later models
+    _assert_fit(study, SEEDS[:2], rtol=1e-3)
+
+
+def test_callback_objects_convert_and_other_callbacks_are_refused() -> None:
+    import keras
+
+    key, spec = callback_spec(keras.callbacks.EarlyStopping(monitor="loss", patience=2))
+    assert key == "early_stopping" and spec["patience"] == 2 and spec["monitor"] == "loss"
+    train = TrainSpec(loss="mse", callbacks=[keras.callbacks.EarlyStopping(patience=1)])
+    assert train.early_stopping is not None and train.early_stopping.patience == 1
+    with pytest.raises(StudyError) as err:
+        ablab.study_from_dict(
+            {
+                "data": {"synthetic": {"shape": [8, 2]}},
+                "train": {"loss": "mse", "callbacks": [{"name": "ModelCheckpoint"}]},
+                "variants": {"a": {"layers": [{"layer": "Dense", "units": 2}]}},
+            }
+        )
+    text = str(err.value)
+    assert "train.callbacks[0]" in text and "compiled program" in text
+    assert 'kind = "reference"' in text

@@ -1,0 +1,203 @@
+"""ablab.engine.lowering: convolution as im2col + matmul, pooling as reshape + reduce.
+
+Expected values come from Keras' own JAX lowering (``lax.conv_general_dilated``,
+``lax.reduce_window``), called through the same ``keras.src.backend.jax.nn`` functions
+outside :func:`lowering.lowered`; the engine with the lowerings is held to ``model.fit``
+(``ablab.engine.reference``) at tests/test_reference.py's tolerances.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ablab._keras import keras_backend_nn
+from ablab.engine import lowering
+from tests.conftest import make_program
+from tests.test_layers import _assert_fidelity, _study
+
+nn = keras_backend_nn()
+RNG = np.random.default_rng(0)
+
+
+def _values_and_grads(fn: Any, args: tuple, argnums: tuple[int, ...], lowered: bool) -> tuple:
+    def loss(*a: Any) -> jax.Array:
+        return jnp.sum(jnp.sin(fn(*a)))
+
+    if lowered:
+        with lowering.lowered(lowering.ALL):
+            return fn(*args), jax.grad(loss, argnums)(*args)
+    return fn(*args), jax.grad(loss, argnums)(*args)
+
+
+def _primitives(fn: Any, *args: Any) -> set[str]:
+    # a fresh function each time: JAX caches a trace by the function's identity, not by the
+    # lowering in force (the engine traces a fresh function per program)
+    return {str(e.primitive) for e in jax.make_jaxpr(lambda *a: fn(*a))(*args).jaxpr.eqns}
+
+
+CONVS = [  # input shape, kernel size, strides, padding, dilation, data format
+    ((4, 8, 8, 3), (3, 3), 1, "same", 1, "channels_last"),
+    ((4, 9, 7, 2), (3, 2), 2, "valid", 1, "channels_last"),
+    ((2, 10, 10, 3), (3, 3), (2, 1), "same", 2, "channels_last"),
+    ((2, 3, 9, 9), (3, 3), 1, "same", 1, "channels_first"),
+    ((2, 12, 3), (5,), 3, "same", 1, "channels_last"),
+    ((2, 5, 6, 7, 2), (2, 3, 2), 1, "valid", 1, "channels_last"),
+]
+
+
+@pytest.mark.parametrize(("shape", "ks", "strides", "padding", "dilation", "fmt"), CONVS)
+def test_conv_as_im2col_matches_keras(
+    shape: tuple, ks: tuple, strides: Any, padding: str, dilation: int, fmt: str
+) -> None:
+    x = jnp.asarray(RNG.normal(size=shape), jnp.float32)
+    channels = shape[-1] if fmt == "channels_last" else shape[1]
+    k = jnp.asarray(RNG.normal(size=(*ks, channels, 5)), jnp.float32)
+
+    def conv(x: jax.Array, k: jax.Array) -> jax.Array:
+        return nn.conv(x, k, strides, padding, fmt, dilation)
+
+    want, want_grads = _values_and_grads(conv, (x, k), (0, 1), lowered=False)
+    got, got_grads = _values_and_grads(conv, (x, k), (0, 1), lowered=True)
+    assert got.shape == want.shape
+    # float32 sums of up to 3*3*3 products (value) / ~600 (kernel gradient), another order
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=5e-5)
+    with lowering.lowered(lowering.ALL):
+        assert "conv_general_dilated" not in _primitives(conv, x, k)
+    assert "conv_general_dilated" in _primitives(conv, x, k)  # outside: Keras' own
+
+
+POOLS = [  # input shape, pool size, strides, padding, data format
+    ((4, 8, 8, 3), 2, 2, "valid", "channels_last"),
+    ((4, 9, 7, 3), 2, 2, "valid", "channels_last"),  # cropped like `valid`
+    ((4, 8, 8, 3), (2, 4), (2, 4), "same", "channels_last"),
+    ((2, 3, 8, 8), 2, 2, "valid", "channels_first"),
+    ((2, 9, 3), 3, 3, "valid", "channels_last"),
+]
+
+
+@pytest.mark.parametrize(("shape", "pool", "strides", "padding", "fmt"), POOLS)
+@pytest.mark.parametrize("kind", ["max_pool", "average_pool"])
+def test_pooling_as_reshape_matches_keras(
+    kind: str, shape: tuple, pool: Any, strides: Any, padding: str, fmt: str
+) -> None:
+    x = RNG.normal(size=shape).astype(np.float32)
+    x[0, :4] = 1.0  # ties inside windows: the max's gradient goes to the first, as XLA's
+    x[1] = 0.0  # all-equal windows (ReLU's zeros)
+    f = getattr(nn, kind)
+
+    def pooled(x: jax.Array) -> jax.Array:
+        return f(x, pool, strides, padding, fmt)
+
+    want, (want_grad,) = _values_and_grads(pooled, (jnp.asarray(x),), (0,), lowered=False)
+    got, (got_grad,) = _values_and_grads(pooled, (jnp.asarray(x),), (0,), lowered=True)
+    if kind == "max_pool":  # a selection: bit-identical values and gradient
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(got_grad, want_grad)
+    else:  # a mean of pool-size values summed in another order
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(got_grad, want_grad, rtol=1e-6, atol=1e-7)
+    with lowering.lowered(lowering.ALL):
+        assert not any("reduce_window" in p for p in _primitives(pooled, jnp.asarray(x)))
+
+
+def test_what_does_not_tile_or_groups_keeps_keras_lowering() -> None:
+    x = jnp.ones((2, 8, 8, 4), jnp.float32)
+    grouped = jnp.ones((3, 3, 2, 6), jnp.float32)  # 2 groups of 2 input channels
+    with lowering.lowered(lowering.ALL):
+        conv = _primitives(lambda x: nn.conv(x, grouped, 1, "same", None, 1), x)
+        overlapping = _primitives(lambda x: nn.max_pool(x, 3, 1, "valid", None), x)
+        odd_same = _primitives(lambda x: nn.max_pool(x, 3, 3, "same", None), x)  # 8 % 3
+        only_pool = lowering.lowered(frozenset({"pool"}))
+        with only_pool:
+            conv_off = _primitives(
+                lambda x: nn.conv(x, grouped[:, :, :, :2], 1, "same"), x[..., :2]
+            )
+    assert "conv_general_dilated" in conv
+    assert any("reduce_window" in p for p in overlapping)
+    assert any("reduce_window" in p for p in odd_same)
+    assert "conv_general_dilated" in conv_off
+
+
+def test_env_selects_lowerings(monkeypatch: pytest.MonkeyPatch) -> None:
+    cases = [("", lowering.DEFAULT), ("1", lowering.DEFAULT), ("all", lowering.ALL),
+             ("0", frozenset()), ("off", frozenset()), ("pool", {"pool"}),
+             ("conv, pool", {"conv", "pool"}), ("dense", {"dense"})]  # fmt: skip
+    for value, want in cases:
+        monkeypatch.setenv(lowering.ENV, value)
+        assert lowering.enabled() == want, value
+    monkeypatch.setenv(lowering.ENV, "conv,im2col")
+    with pytest.raises(ValueError, match=r"unknown lowering\(s\) \['im2col'\]"):
+        lowering.enabled()
+
+
+@pytest.mark.parametrize("x_shape", [(6, 5), (3, 6, 5)])
+def test_dense_kernel_gradient_transposed_matches_keras(x_shape: tuple) -> None:
+    from ablab._keras import keras_backend_numpy
+
+    matmul = keras_backend_numpy().matmul
+    x = jnp.asarray(RNG.normal(size=x_shape), jnp.float32)
+    k = jnp.asarray(RNG.normal(size=(5, 4)), jnp.float32)
+    seeds_k = jnp.asarray(RNG.normal(size=(3, 5, 4)), jnp.float32)
+
+    def per_seed(x: jax.Array, k: jax.Array) -> jax.Array:  # a shared input, per-seed kernels
+        return jax.vmap(lambda kk: matmul(x, kk))(k)
+
+    for fn, args in [(matmul, (x, k)), (per_seed, (x, seeds_k))]:
+        want, want_grads = _values_and_grads(fn, args, (0, 1), lowered=False)
+        got, got_grads = _values_and_grads(fn, args, (0, 1), lowered=True)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+        for g, w in zip(got_grads, want_grads, strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    with lowering.lowered(frozenset({"dense"})):
+        assert "custom_vjp_call" in _primitives(matmul, x, k)
+        assert "custom_vjp_call" not in _primitives(
+            matmul, x.astype(jnp.int32), k.astype(jnp.int32)
+        )
+
+
+CNN_BN = [
+    {"layer": "Reshape", "target_shape": [8, 8, 1]},
+    {"layer": "Conv2D", "filters": 4, "kernel_size": 3, "padding": "same"},
+    {"layer": "BatchNormalization"},
+    {"layer": "Activation", "activation": "relu"},
+    {"layer": "MaxPooling2D", "pool_size": 2},
+    {"layer": "Flatten"},
+    {"layer": "Dense", "units": 10},
+]
+
+
+def _cnn_study(tmp_path: Path) -> Any:
+    return _study(
+        tmp_path,
+        {"sklearn": "digits", "standardize": True},
+        {"layers": CNN_BN},
+        loss={"name": "sparse_categorical_crossentropy", "from_logits": True},
+        batch_size=256,
+        epochs=1,
+    )
+
+
+def test_engine_traces_with_the_lowerings_and_fit_agrees(tmp_path: Path) -> None:
+    """The engine's compiled program has no convolution and no windowed reduction, and
+    still reproduces ``model.fit`` (BatchNormalization's validation values at 1e-4)."""
+    study = _cnn_study(tmp_path)
+    engine = _assert_fidelity(study, bn=True)
+    text = make_program(study, "v")._lower_program("train", 1).as_text()  # before XLA's passes
+    assert "convolution" not in text and "reduce_window" not in text
+    assert np.isfinite(engine["val_loss"]).all()
+
+
+def test_lowerings_switch_off_for_a_b(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(lowering.ENV, "0")
+    study = _cnn_study(tmp_path)
+    program = make_program(study, "v")
+    text = program._lower_program("train", 1).as_text()
+    assert "stablehlo.convolution" in text and "reduce_window" in text
