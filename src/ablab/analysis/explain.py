@@ -53,6 +53,8 @@ def linear_rank(program: VariantProgram) -> int | None:
     model = program.prepared.model
     if program.prepared.train.loss_name.replace("_", "") not in {m.replace("_", "") for m in _MSE}:
         return None
+    if not hasattr(program.split.x_train, "shape") or not hasattr(program.split.y_train, "shape"):
+        return None  # several inputs / outputs: no single linear map to compare with
     widths = [int(np.prod(program.split.x_train.shape[1:]))]
     for layer in flatten_layers(model, include_self=False):
         linear_dense = isinstance(layer, keras.layers.Dense) and _is_linear_activation(

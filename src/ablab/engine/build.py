@@ -12,8 +12,11 @@ from ablab.engine.data import (
     Dataset,
     Split,
     class_weighted,
+    is_structured,
     load_dataset,
+    row_shape,
     split,
+    tree_map,
     standardized,
     with_validation_data,
 )
@@ -45,8 +48,8 @@ def check_memory(
         footprint = memory.footprint(
             model,
             optimizer_elements=math.ceil(slots * trainable_elements(model)),
-            x_row=parts.x_train.shape[1:],
-            y_row=parts.y_train.shape[1:],
+            x_row=row_shape(parts.x_train),
+            y_row=row_shape(parts.y_train),
             n_train=parts.n_train,
             batch_size=train.batch_size,
             val_batch_size=train.validation_batch_size or train.batch_size,
@@ -162,11 +165,16 @@ def build_program(
     # the model's weights are still shapes only
     slots = optimizer_slots(train.optimizer_config())
     preflight = functools.partial(check_memory, study, variant, parts, slots=slots)
-    prepared = prepare_model(study, variant, parts.x_train[:n], parts.y_train[:n], preflight)
-    check_loss_target(study, variant, prepared.output_width, data.y)
+    x_example = tree_map(lambda a: a[:n], parts.x_train)
+    y_example = tree_map(lambda a: a[:n], parts.y_train)
+    prepared = prepare_model(study, variant, x_example, y_example, preflight)
+    if not is_structured(data.y):  # several outputs: Keras checks each target's shape
+        check_loss_target(study, variant, prepared.output_width, data.y)
     if probes is None:
         setting = study.probes
         probes = probes_enabled(setting.enabled, count_params(prepared), setting.max_params)
+    if is_structured(data.x) or is_structured(data.y):
+        probes = False  # the probes read one input array; not recorded for these models
     check_monitor(study, variant, parts)
     program = VariantProgram(prepared, parts, probes=probes)
     if probes:  # the probes' own memory, now that the program knows it

@@ -6,7 +6,9 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -14,31 +16,72 @@ from ablab.errors import StudyError
 from ablab.study.schema import Study
 
 
+Arrays = Any
+"""An array, or -- for a multi-input / multi-output model -- a dict (input / output name ->
+array) or a list of arrays, all with the same rows: what ``fit`` takes as ``x`` or ``y``."""
+
+
+def tree_map(fn: Callable[[np.ndarray], Any], arrays: Arrays) -> Any:
+    """``fn`` applied to each array of ``arrays`` (one array, a dict or a list of them)."""
+    if isinstance(arrays, dict):
+        return {k: fn(v) for k, v in arrays.items()}
+    if isinstance(arrays, list | tuple):
+        return [fn(v) for v in arrays]
+    return fn(arrays)
+
+
+def named_arrays(arrays: Arrays, name: str) -> list[tuple[str, np.ndarray]]:
+    """``(name, array)`` of each array of ``arrays``: ``x``, ``x.<key>`` or ``x[<i>]``."""
+    if isinstance(arrays, dict):
+        return [(f"{name}.{k}", v) for k, v in arrays.items()]
+    if isinstance(arrays, list | tuple):
+        return [(f"{name}[{i}]", v) for i, v in enumerate(arrays)]
+    return [(name, arrays)]
+
+
+def is_structured(arrays: Arrays) -> bool:
+    """Several arrays (a multi-input / multi-output model's), not one?"""
+    return isinstance(arrays, dict | list | tuple)
+
+
+def rows_of(arrays: Arrays) -> int:
+    """The row count of ``arrays`` (its first array's; all share it)."""
+    return int(named_arrays(arrays, "")[0][1].shape[0])
+
+
+def row_shape(arrays: Arrays) -> tuple[int, ...]:
+    """One row's shape; several arrays: ``(their elements per row, summed,)`` (memory)."""
+    if not is_structured(arrays):
+        return tuple(arrays.shape[1:])
+    return (sum(math.prod(a.shape[1:]) for _, a in named_arrays(arrays, "")),)
+
+
 @dataclass(frozen=True)
 class Dataset:
     """All rows of a study, float32, before any split.
 
-    x: (rows, *features); y: (rows, *targets).
+    x: (rows, *features); y: (rows, *targets) -- or dicts / lists of such arrays (several
+    inputs or outputs).
     """
 
-    x: np.ndarray
-    y: np.ndarray
+    x: Arrays
+    y: Arrays
     sample_weight: np.ndarray | None = None
     """(rows,) per-row loss weights (``[data] sample_weight``), or None."""
 
     @property
     def rows(self) -> int:
-        return int(self.x.shape[0])
+        return rows_of(self.x)
 
 
 @dataclass(frozen=True)
 class Split:
     """Train and validation rows, as ``fit`` cuts them (validation = the last fraction)."""
 
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_val: np.ndarray | None
-    y_val: np.ndarray | None
+    x_train: Arrays
+    y_train: Arrays
+    x_val: Arrays | None
+    y_val: Arrays | None
     sw_train: np.ndarray | None = None
     """(n_train,) sample weights of the training rows (``fit(sample_weight=...)`` or the
     class weights ``fit(class_weight=...)`` turns into), or None: unweighted."""
@@ -47,11 +90,11 @@ class Split:
 
     @property
     def n_train(self) -> int:
-        return int(self.x_train.shape[0])
+        return rows_of(self.x_train)
 
     @property
     def n_val(self) -> int:
-        return 0 if self.x_val is None else int(self.x_val.shape[0])
+        return 0 if self.x_val is None else rows_of(self.x_val)
 
 
 def _err(study: Study, key: str, expected: str, got: str, fix: str) -> StudyError:
@@ -175,6 +218,8 @@ def _from_path(study: Study) -> tuple[np.ndarray, np.ndarray]:
     target_loaded = None
     if spec.target_path is not None:
         target_loaded = _read_file(study, "data.target_path", spec.target_path)
+    if spec.x_keys is not None or spec.targets is not None:
+        return _named_npz(study, loaded)
 
     if spec.target is None and spec.target_path is None and isinstance(loaded, dict):
         # a table or an .npz has named columns / arrays: which one is the target?
@@ -186,6 +231,7 @@ def _from_path(study: Study) -> tuple[np.ndarray, np.ndarray]:
             'set `target` to the column to predict, e.g. target = "label" (or target = '
             '"input" to reconstruct the features, or target_path = "y.npy")',
         )
+    x: Arrays
     if isinstance(loaded, np.ndarray):
         x = loaded
     elif spec.path.lower().endswith(".npz"):
@@ -230,6 +276,45 @@ def _from_path(study: Study) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
+def _named_npz(study: Study, loaded: np.ndarray | dict[str, np.ndarray]) -> tuple[Arrays, Arrays]:
+    """``x_keys`` / ``targets``: the inputs / targets of a multi-input / multi-output model,
+    arrays of an .npz file by name (``x_key`` / ``target`` for the one not given)."""
+    spec = study.data
+    if not isinstance(loaded, dict) or spec.target_path is not None:
+        raise _err(
+            study,
+            "data.x_keys" if spec.x_keys is not None else "data.targets",
+            "an .npz data file (path) holding the named arrays, and no target_path",
+            f"path = {spec.path!r}" + (", a target_path" if spec.target_path else ""),
+            "store every input and target array in one .npz file",
+        )
+
+    def pick(key: str, name: str) -> np.ndarray:
+        if name not in loaded:
+            raise _err(
+                study,
+                key,
+                f"an array name among {sorted(loaded)}",
+                repr(name),
+                "name the arrays the .npz file holds",
+            )
+        return np.asarray(loaded[name])
+
+    def of(key: str, names: dict[str, str] | list[str]) -> Arrays:
+        if isinstance(names, dict):
+            return {k: pick(f"{key}.{k}", v) for k, v in names.items()}
+        return [pick(f"{key}[{i}]", v) for i, v in enumerate(names)]
+
+    x = of("data.x_keys", spec.x_keys) if spec.x_keys is not None else pick("data.x_key", spec.x_key)
+    if spec.targets is not None:
+        y = of("data.targets", spec.targets)
+    elif spec.target in (None, "input"):
+        y = x
+    else:
+        y = pick("data.target", spec.target)
+    return x, y
+
+
 def _sklearn(study: Study) -> tuple[np.ndarray, np.ndarray]:
     """A dataset that ships inside scikit-learn (no download): features and its target,
     or the features as the target when ``target = "input"`` is set explicitly."""
@@ -269,8 +354,8 @@ def load_dataset(study: Study) -> Dataset:
     else:
         x, y = _from_path(study)
     try:
-        x = np.asarray(x, dtype=np.float32)
-        y = np.asarray(y, dtype=np.float32)
+        x = tree_map(lambda a: np.asarray(a, dtype=np.float32), x)
+        y = tree_map(lambda a: np.asarray(a, dtype=np.float32), y)
     except (TypeError, ValueError) as exc:
         raise _err(
             study,
@@ -279,27 +364,29 @@ def load_dataset(study: Study) -> Dataset:
             f"{type(exc).__name__}: {exc}",
             "encode non-numeric columns as numbers first",
         ) from exc
-    if x.ndim < 2:
-        x = x.reshape(-1, 1)
-    if y.ndim < 1:
-        raise _err(
-            study,
-            "data.target",
-            "one target per row",
-            f"shape {y.shape}",
-            "give the target a row dimension",
-        )
-    if x.shape[0] == 0:
+    x = tree_map(lambda a: a.reshape(-1, 1) if a.ndim < 2 else a, x)
+    for name, arr in named_arrays(y, "target"):
+        if arr.ndim < 1:
+            raise _err(
+                study,
+                "data.target",
+                "one target per row",
+                f"shape {arr.shape}" + (f" ({name})" if name != "target" else ""),
+                "give the target a row dimension",
+            )
+    rows = rows_of(x)
+    if rows == 0:
         raise _err(study, "data", "at least one row", "0 rows", "point the study at non-empty data")
-    if y.shape[0] != x.shape[0]:
-        raise _err(
-            study,
-            "data.target",
-            f"{x.shape[0]} target rows (one per input row)",
-            f"{y.shape[0]} rows",
-            "make features and target the same length",
-        )
-    for name, arr in (("features", x), ("target", y)):
+    for name, arr in [*named_arrays(x, "features")[1:], *named_arrays(y, "target")]:
+        if arr.shape[0] != rows:
+            raise _err(
+                study,
+                "data.target" if name == "target" else "data",
+                f"{rows} rows in every array (one per input row)",
+                f"{arr.shape[0]} rows in {name}",
+                "make features and target the same length",
+            )
+    for name, arr in [*named_arrays(x, "features"), *named_arrays(y, "target")]:
         bad = ~np.isfinite(arr)
         if bad.any():
             row = int(np.argwhere(bad)[0][0])
@@ -310,10 +397,10 @@ def load_dataset(study: Study) -> Dataset:
                 f"{int(bad.sum())} non-finite values, the first in row {row}",
                 "drop or impute the non-finite values before the study",
             )
-    sw = None if spec.sample_weight is None else _sample_weight(study, x.shape[0])
+    sw = None if spec.sample_weight is None else _sample_weight(study, rows)
     if spec.row_seed is not None:
-        order = np.random.default_rng(spec.row_seed).permutation(x.shape[0])
-        x, y = x[order], y[order]
+        order = np.random.default_rng(spec.row_seed).permutation(rows)
+        x, y = tree_map(lambda a: a[order], x), tree_map(lambda a: a[order], y)
         sw = None if sw is None else sw[order]
     return Dataset(x=x, y=y, sample_weight=sw)
 
@@ -364,7 +451,27 @@ _SUFFIXES = (".npy", ".npz", ".csv", ".parquet")
 def standardized(parts: Split, *, target_too: bool) -> Split:
     """Features scaled by the training split's mean and standard deviation (a constant
     column keeps scale 1); validation rows use the same statistics. ``target_too``: the
-    target as well (an autoencoder's target is its input)."""
+    target as well (an autoencoder's target is its input). Several inputs: each scaled by its
+    own statistics."""
+    if is_structured(parts.x_train):
+        keys = list(parts.x_train) if isinstance(parts.x_train, dict) else None
+        train = parts.x_train if keys is not None else dict(enumerate(parts.x_train))
+        val = parts.x_val
+        if val is not None and keys is None:
+            val = dict(enumerate(val))
+        scaled = {
+            k: standardized(
+                Split(a, a, None if val is None else val[k], None if val is None else val[k]),
+                target_too=False,
+            )
+            for k, a in train.items()
+        }
+        back = (lambda d: d) if keys is not None else (lambda d: [d[k] for k in sorted(d)])
+        x_train = back({k: p.x_train for k, p in scaled.items()})
+        x_val = None if val is None else back({k: p.x_val for k, p in scaled.items()})
+        if not target_too:
+            return dataclasses.replace(parts, x_train=x_train, x_val=x_val)
+        return dataclasses.replace(parts, x_train=x_train, y_train=x_train, x_val=x_val, y_val=x_val)
     mean = parts.x_train.mean(axis=0)
     std = parts.x_train.std(axis=0)
     std = np.where(std > 0, std, 1.0).astype(np.float32)
@@ -407,8 +514,8 @@ def split(data: Dataset, validation_split: float, *, where: str = "<study>") -> 
         ) from exc
     as_np = lambda a: None if a is None else np.asarray(a)  # noqa: E731
     return Split(
-        np.asarray(x_tr), np.asarray(y_tr), np.asarray(x_va), np.asarray(y_va), as_np(sw_tr),
-        as_np(sw_va),
+        tree_map(np.asarray, x_tr), tree_map(np.asarray, y_tr), tree_map(np.asarray, x_va),
+        tree_map(np.asarray, y_va), as_np(sw_tr), as_np(sw_va),
     )  # fmt: skip
 
 
@@ -427,5 +534,13 @@ def class_weighted(parts: Split, class_weight: dict[int, float]) -> Split:
     row); validation rows stay unweighted, as in ``fit``."""
     from ablab._keras import data_adapter_utils
 
+    if is_structured(parts.y_train):
+        raise StudyError(
+            where="<study>",
+            key="train.class_weight",
+            expected="a model with one output (fit refuses class_weight for several)",
+            got="several targets",
+            fix="pass per-row weights as sample_weight instead",
+        )
     sw = data_adapter_utils.class_weight_to_sample_weights(parts.y_train, class_weight)
     return dataclasses.replace(parts, sw_train=np.asarray(sw, dtype=np.float32))

@@ -41,6 +41,24 @@ from typing import Any
 import numpy as np
 
 
+def _take(arrays: Any, index: Any) -> Any:
+    """``arrays[index]`` of an array, or of each array of a dict / list (several inputs or
+    outputs, as ``fit`` takes them)."""
+    if isinstance(arrays, dict):
+        return {k: v[index] for k, v in arrays.items()}
+    if isinstance(arrays, list | tuple):
+        return [v[index] for v in arrays]
+    return arrays[index]
+
+
+def _rows(arrays: Any) -> int:
+    if isinstance(arrays, dict):
+        return len(next(iter(arrays.values())))
+    if isinstance(arrays, list | tuple):
+        return len(arrays[0])
+    return len(arrays)
+
+
 def fit_history(
     model: Any,
     x: np.ndarray,
@@ -101,14 +119,15 @@ def fit_history(
         rows = {k: [float(v) for v in vals] for k, vals in hist.history.items()}
     else:
         if validation is None:
-            n_train = int(np.floor(len(x) * (1.0 - split))) if split else len(x)
-            x_va, y_va = x[n_train:], y[n_train:]
+            rows_all = _rows(x)
+            n_train = int(np.floor(rows_all * (1.0 - split))) if split else rows_all
+            x_va, y_va = _take(x, slice(n_train, None)), _take(y, slice(n_train, None))
             sw_va = None if sample_weight is None else sample_weight[n_train:]
-            if len(x_va):
+            if n_train < rows_all:
                 validation = (x_va, y_va, sw_va)
         else:
-            n_train = len(x)
-        x_tr, y_tr = x[:n_train], y[:n_train]
+            n_train = _rows(x)
+        x_tr, y_tr = _take(x, slice(None, n_train)), _take(y, slice(None, n_train))
         sw_tr = None if sample_weight is None else sample_weight[:n_train]
         assert permutations is not None
         end = stopper.on_train_end if stopper is not None else None
@@ -119,8 +138,8 @@ def fit_history(
                 if epoch:
                     stopper.on_train_begin = lambda logs=None: None
             hist = model.fit(
-                x_tr[perm],
-                y_tr[perm],
+                _take(x_tr, perm),
+                _take(y_tr, perm),
                 sample_weight=None if sw_tr is None else sw_tr[perm],
                 class_weight=class_weight,
                 initial_epoch=epoch,  # callbacks see the real epoch number

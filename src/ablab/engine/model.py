@@ -36,6 +36,7 @@ from ablab._keras import (
     symbolic_build,
     to_snake_case,
 )
+from ablab.engine.data import is_structured, tree_map
 from ablab.engine.data_loss import DataLoss
 from ablab.errors import StudyError, short_repr
 from ablab.study.schema import Study, TrainSpec
@@ -110,18 +111,31 @@ def dtype_policy(name: str) -> Iterator[None]:
         keras.config.set_dtype_policy(before)
 
 
-def compile_losses(train: TrainSpec) -> dict[str, Any]:
+def several_outputs(model: keras.Model) -> bool:
+    """Does ``model`` have several outputs (a dict / list of them, as a functional model may)?"""
+    try:
+        return len(model.outputs) > 1
+    except (AttributeError, ValueError):  # a subclassed model: no symbolic outputs
+        return False
+
+
+def compile_losses(train: TrainSpec, model: keras.Model | None = None) -> dict[str, Any]:
     """``loss``, ``metrics`` and ``weighted_metrics`` keyword arguments of ``model.compile``
     for ``train``. Names stay strings, so Keras resolves them as compile does (e.g.
     "accuracy" by target shape). ``weighted_metrics`` is the penalty-free loss,
-    :class:`ablab.engine.data_loss.DataLoss` (History ``data_loss`` / ``val_data_loss``)."""
+    :class:`ablab.engine.data_loss.DataLoss` (History ``data_loss`` / ``val_data_loss``) --
+    not for a ``model`` with several outputs (Keras takes a metric list per output there;
+    their History has ``loss``, ``<output>_loss`` and their ``val_`` twins)."""
     loss = train.loss_config()
     metrics = [keras.metrics.get(m) if isinstance(m, dict) else m for m in train.metric_configs()]
-    return {
+    out: dict[str, Any] = {
         "loss": keras.losses.get(loss) if isinstance(loss, dict) else loss,
         "metrics": metrics,
         "weighted_metrics": [DataLoss(loss)],
     }
+    if model is not None and several_outputs(model):
+        out["weighted_metrics"] = None
+    return out
 
 
 def _layer_from_spec(study: Study, key: str, spec: dict[str, Any]) -> keras.Layer:
@@ -312,17 +326,18 @@ def _construct(study: Study, variant: str, input_shape: tuple[int, ...]) -> kera
 def prepare_model(
     study: Study,
     variant: str,
-    x_example: np.ndarray,
-    y_example: np.ndarray,
+    x_example: Any,
+    y_example: Any,
     preflight: Callable[[keras.Model], None] | None = None,
 ) -> PreparedModel:
     """Build, compile and symbolically build ``variant``'s model; check it fits the target.
 
-    x_example / y_example: a few rows (rows, ...) used only for shapes and dtypes.
+    x_example / y_example: a few rows (rows, ...) used only for shapes and dtypes -- or dicts /
+    lists of such arrays (a multi-input / multi-output model, which its builder builds).
     preflight(model) runs on the built model before its variables hold values (are
     allocated): it may refuse the model from its shapes (a memory pre-flight).
     """
-    input_shape = tuple(int(d) for d in x_example.shape[1:])
+    input_shape = () if is_structured(x_example) else tuple(int(d) for d in x_example.shape[1:])
     train = study.variant_train(variant)
     with dtype_policy(train.dtype_policy), deferred_variables():
         model = _construct(study, variant, input_shape)
@@ -342,7 +357,7 @@ def prepare_model(
             fix='e.g. optimizer = "adam" or {name = "sgd", momentum = 0.9}',
         ) from exc
     try:
-        model.compile(optimizer=optimizer, **compile_losses(train))
+        model.compile(optimizer=optimizer, **compile_losses(train, model))
         symbolic_build(model, (x_example, y_example))
     except Exception as exc:
         raise StudyError(
@@ -441,20 +456,23 @@ def check_loss_target(study: Study, variant: str, output_width: int, y: np.ndarr
 
 
 def _check_output_shape(
-    study: Study, variant: str, model: keras.Model, x: np.ndarray, y: np.ndarray
+    study: Study, variant: str, model: keras.Model, x: Any, y: Any
 ) -> tuple[int, ...]:
     try:
         spec = keras_backend.compute_output_spec(
-            model, keras.KerasTensor(x.shape, "float32"), training=False
+            model, tree_map(lambda a: keras.KerasTensor(a.shape, "float32"), x), training=False
         )
     except Exception as exc:
+        shapes = tree_map(lambda a: tuple(a.shape[1:]), x)
         raise StudyError(
             where=study.source,
             key=f"variants.{variant}",
-            expected=f"a model that accepts inputs of shape {x.shape[1:]}",
+            expected=f"a model that accepts inputs of shape {shapes}",
             got=f"{type(exc).__name__}: {exc}",
             fix="make the first layer match the data's features",
         ) from exc
+    if not hasattr(spec, "shape") and is_structured(y):
+        return ()  # several outputs: compile checks each target against its output
     if not hasattr(spec, "shape"):
         raise StudyError(
             where=study.source,
@@ -464,6 +482,8 @@ def _check_output_shape(
             fix="return one output tensor",
         )
     out_shape = tuple(spec.shape[1:])
+    if is_structured(y):  # one output, targets by name: compile matches them
+        return tuple(int(d) for d in out_shape)
     target_shape = tuple(y.shape[1:])
     loss = study.variant_train(variant).loss_name
     # sparse categorical targets are class indices: (batch,) or (batch, 1)

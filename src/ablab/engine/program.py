@@ -33,7 +33,7 @@ import numpy as np
 
 from ablab._keras import early_stopping_minimizes, flatten_layers
 from ablab.engine import lowering
-from ablab.engine.data import Split
+from ablab.engine.data import Split, row_shape
 from ablab.engine.initial_state import SHUFFLE_STREAM, initial_state, stream_key
 from ablab.engine.memory import Footprint, activation_elements, footprint
 from ablab.engine.model import PreparedModel
@@ -99,8 +99,8 @@ def _run_batches(
     step: Callable,
     trace: Callable | None,
     state: Any,
-    x: jax.Array,
-    y: jax.Array,
+    x: Any,
+    y: Any,
     full: int,
     part: int,
     bs: int,
@@ -108,11 +108,12 @@ def _run_batches(
 ) -> tuple[Any, Any, Any]:
     """``full`` batches of ``bs`` rows (``lax.scan``) then a last partial one of ``part`` rows,
     as ``fit`` feeds them: ``(state, the last batch's logs, per-step traces or None)``.
-    sw: (rows,) sample weights, the batch's third element as in ``fit``; None: unweighted."""
+    sw: (rows,) sample weights, the batch's third element as in ``fit``; None: unweighted.
+    x, y: arrays, or dicts / lists of arrays (a multi-input / multi-output model's)."""
     logs, traces = None, []
     arrays = (x, y) if sw is None else (x, y, sw)
     if full:
-        batched = tuple(a[: full * bs].reshape(full, bs, *a.shape[1:]) for a in arrays)
+        batched = jax.tree.map(lambda a: a[: full * bs].reshape(full, bs, *a.shape[1:]), arrays)
 
         def body(st: Any, batch: tuple) -> tuple[Any, tuple]:
             out_logs, st, extra = step(st, batch)
@@ -122,7 +123,7 @@ def _run_batches(
         logs = jax.tree.map(lambda a: a[-1], stacked)
         traces.append(steps)
     if part:
-        logs, state, extra = step(state, tuple(a[full * bs :] for a in arrays))
+        logs, state, extra = step(state, jax.tree.map(lambda a: a[full * bs :], arrays))
         if trace:
             traces.append(jax.tree.map(lambda a: a[None], trace(logs, state, extra)))
     steps = None
@@ -334,10 +335,10 @@ class VariantProgram:
         self._optimizer0 = [np.asarray(v.value) for v in model.optimizer.variables]
         self._metrics0 = [np.asarray(v.value) for v in model.metrics_variables]
         self._data = (
-            jnp.asarray(split.x_train),
-            jnp.asarray(split.y_train),
-            None if split.x_val is None else jnp.asarray(split.x_val),
-            None if split.y_val is None else jnp.asarray(split.y_val),
+            jax.tree.map(jnp.asarray, split.x_train),
+            jax.tree.map(jnp.asarray, split.y_train),
+            None if split.x_val is None else jax.tree.map(jnp.asarray, split.x_val),
+            None if split.y_val is None else jax.tree.map(jnp.asarray, split.y_val),
             None if split.sw_train is None else jnp.asarray(split.sw_train, jnp.float32),
             None if split.sw_val is None else jnp.asarray(split.sw_val, jnp.float32),
         )
@@ -378,7 +379,7 @@ class VariantProgram:
                 rows = jnp.arange(lay.n_train) if rows is None else rows
                 size = lay.steps_limit * lay.batch_size
                 rows = jax.lax.dynamic_slice_in_dim(rows, first * lay.batch_size, size)
-            pick = (lambda a: a) if rows is None else (lambda a: a[rows])
+            pick = (lambda a: a) if rows is None else (lambda a: jax.tree.map(lambda b: b[rows], a))
             x_ep, y_ep = pick(x_tr), pick(y_tr)
             sw_ep = None if sw_tr is None else pick(sw_tr)
             state = (tv, ntv, ov, metrics0)
@@ -564,13 +565,13 @@ class VariantProgram:
         if self.probes:  # per-step probe scalars and the BN probe's chunk of activations
             assert self._probe_spec is not None
             probe_elements = (3 * len(self._probe_spec.layers) + 1) * steps
-            acts = activation_elements(model, self.split.x_train.shape[1:])
+            acts = activation_elements(model, row_shape(self.split.x_train))
             probe_elements += 2 * min(lay.n_train, BN_PROBE_ROWS) * acts * len(self._probe_spec.bn)
         return footprint(
             model,
             optimizer_elements=sum(int(np.prod(v.shape)) for v in model.optimizer.variables),
-            x_row=self.split.x_train.shape[1:],
-            y_row=self.split.y_train.shape[1:],
+            x_row=row_shape(self.split.x_train),
+            y_row=row_shape(self.split.y_train),
             n_train=lay.n_train,
             batch_size=lay.batch_size,
             val_batch_size=lay.val_batch_size,

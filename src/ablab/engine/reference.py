@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jax
 import keras
 import numpy as np
 
@@ -200,7 +201,8 @@ def all_rows(program: VariantProgram) -> tuple[np.ndarray, np.ndarray]:
     sp = program.split
     if sp.x_val is None:
         return sp.x_train, sp.y_train
-    return np.concatenate([sp.x_train, sp.x_val]), np.concatenate([sp.y_train, sp.y_val])
+    both = lambda a, b: jax.tree.map(lambda u, v: np.concatenate([u, v]), a, b)  # noqa: E731
+    return both(sp.x_train, sp.x_val), both(sp.y_train, sp.y_val)
 
 
 def permutations(program: VariantProgram, seed_id: int) -> np.ndarray | None:
@@ -243,7 +245,9 @@ def fresh_model(program: VariantProgram, seed_id: int) -> keras.Model:
         dtype_policy(train.dtype_policy),
     ):
         model = keras.models.clone_model(original)
-    model.compile(optimizer=keras.optimizers.get(train.optimizer_config()), **compile_losses(train))
+    model.compile(
+        optimizer=keras.optimizers.get(train.optimizer_config()), **compile_losses(train, model)
+    )
     tv, ntv = program.initial_weights(np.asarray([seed_id]))
     model.set_weights(_in_weights_order(program, tv, ntv))
     _set_seed_states(program, model, ntv)

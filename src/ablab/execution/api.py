@@ -52,19 +52,89 @@ def _err(key: str, expected: str, got: str, fix: str) -> StudyError:
     return StudyError(where=SOURCE, key=key, expected=expected, got=got, fix=fix)
 
 
-def _array(key: str, value: Any) -> np.ndarray:
-    """One numeric array with a row dimension; dicts / lists of arrays (several inputs or
-    outputs) are refused: the engine trains single-input, single-output models."""
-    if isinstance(value, Mapping) or (
+def _several(value: Any) -> bool:
+    """A dict / list of arrays (a multi-input / multi-output model's), not one array?"""
+    return isinstance(value, Mapping) or (
         isinstance(value, list | tuple) and any(hasattr(v, "shape") for v in value)
-    ):
+    )
+
+
+def _arrays(key: str, value: Any) -> Any:
+    """One numeric array, or a dict (input / output name -> array) or list of them -- as
+    ``fit`` takes ``x`` and ``y`` of a multi-input / multi-output model -- all with the
+    same number of rows."""
+    if not _several(value):
+        return _array(key, value)
+    if not value:
+        raise _err(key, "at least one array", f"an empty {type(value).__name__}", "pass arrays")
+    if isinstance(value, Mapping):
+        bad = [k for k in value if not isinstance(k, str) or not k]
+        if bad:
+            raise _err(
+                key,
+                "a dict keyed by the model's input / output names",
+                f"key {bad[0]!r}",
+                "key each array by its keras.Input (or output layer) name",
+            )
+        out: Any = {k: _array(f"{key}.{k}", v) for k, v in value.items()}
+        named = list(out.items())
+        names = [f"{key}.{k}" for k in out]
+    else:
+        out = [_array(f"{key}[{i}]", v) for i, v in enumerate(value)]
+        named = list(enumerate(out))
+        names = [f"{key}[{i}]" for i in range(len(out))]
+    rows = _rows(out)
+    for name, (_, arr) in zip(names, named, strict=True):
+        _same_rows(name, arr, rows, names[0])
+    return out
+
+
+def _leaves(value: Any) -> list[np.ndarray]:
+    if isinstance(value, Mapping):
+        return list(value.values())
+    return list(value) if isinstance(value, list) else [value]
+
+
+def _rows(value: Any) -> int:
+    return int(_leaves(value)[0].shape[0])
+
+
+def _same_rows_all(key: str, value: Any, rows: int, of: str) -> None:
+    """Every array of ``value`` (one, or a dict / list) has ``rows`` rows."""
+    if isinstance(value, Mapping):
+        for k, arr in value.items():
+            _same_rows(f"{key}.{k}", arr, rows, of)
+    elif isinstance(value, list):
+        for i, arr in enumerate(value):
+            _same_rows(f"{key}[{i}]", arr, rows, of)
+    else:
+        _same_rows(key, value, rows, of)
+
+
+def _store(
+    arrays: dict[str, np.ndarray], spec: dict[str, Any], name: str, value: Any, one: str, many: str
+) -> None:
+    """Put ``value`` in ``arrays`` (npz names ``name`` or ``name.<key>``) and name it in the
+    ``[data]`` table ``spec``: ``one`` (x_key / target) or ``many`` (x_keys / targets)."""
+    if isinstance(value, Mapping):
+        spec[many] = {k: f"{name}.{k}" for k in value}
+        arrays.update({f"{name}.{k}": v for k, v in value.items()})
+    elif isinstance(value, list):
+        spec[many] = [f"{name}.{i}" for i in range(len(value))]
+        arrays.update({f"{name}.{i}": v for i, v in enumerate(value)})
+    else:
+        spec[one] = name
+        arrays[name] = value
+
+
+def _array(key: str, value: Any) -> np.ndarray:
+    """One numeric array with a row dimension."""
+    if _several(value):
         raise _err(
             key,
-            "one array (a model with one input and one output)",
+            "one array (one value per row)",
             f"a {type(value).__name__} of {len(value)} arrays",
-            "multi-input / multi-output models are not supported yet: concatenate the "
-            "inputs into one array (and the targets into another), or train such a model "
-            "with model.fit",
+            "pass one array (per-input / per-output arrays are taken for x and y only)",
         )
     try:
         arr = np.asarray(value)
@@ -249,14 +319,17 @@ def _data(x: Any, y: Any, fit: Mapping[str, Any] | None, staging: Path) -> dict[
             "None",
             "pass y=x for an autoencoder (the target is the input)",
         )
-    xa, ya = _array("x", x), _array("y", y)
-    _same_rows("y", ya, xa.shape[0], "x")
-    arrays = {"x": xa, "y": ya}
-    spec: dict[str, Any] = {"path": "data/arrays.npz", "x_key": "x", "target": "y"}
+    xa, ya = _arrays("x", x), _arrays("y", y)
+    rows = _rows(xa)
+    _same_rows_all("y", ya, rows, "x")
+    arrays: dict[str, np.ndarray] = {}
+    spec: dict[str, Any] = {"path": "data/arrays.npz"}
+    _store(arrays, spec, "x", xa, "x_key", "x_keys")
+    _store(arrays, spec, "y", ya, "target", "targets")
     fit = fit or {}
     if fit.get("sample_weight") is not None:
         sw = _array("fit.sample_weight", fit["sample_weight"])
-        _same_rows("fit.sample_weight", sw, xa.shape[0], "x")
+        _same_rows("fit.sample_weight", sw, rows, "x")
         arrays["sample_weight"], spec["sample_weight"] = sw, "sample_weight"
     if fit.get("validation_data") is not None:
         val = fit["validation_data"]
@@ -267,13 +340,17 @@ def _data(x: Any, y: Any, fit: Mapping[str, Any] | None, staging: Path) -> dict[
                 short_repr(val),
                 "pass validation_data=(x_val, y_val)",
             )
-        vx, vy = _array("fit.validation_data[0]", val[0]), _array("fit.validation_data[1]", val[1])
-        _same_rows("fit.validation_data[1]", vy, vx.shape[0], "validation_data[0]")
-        vals = {"x": vx, "y": vy}
-        vspec: dict[str, Any] = {"path": "data/validation.npz", "x_key": "x", "target": "y"}
+        vx = _arrays("fit.validation_data[0]", val[0])
+        vy = _arrays("fit.validation_data[1]", val[1])
+        vrows = _rows(vx)
+        _same_rows_all("fit.validation_data[1]", vy, vrows, "validation_data[0]")
+        vals: dict[str, np.ndarray] = {}
+        vspec: dict[str, Any] = {"path": "data/validation.npz"}
+        _store(vals, vspec, "x", vx, "x_key", "x_keys")
+        _store(vals, vspec, "y", vy, "target", "targets")
         if len(val) == 3 and val[2] is not None:
             vsw = _array("fit.validation_data[2]", val[2])
-            _same_rows("fit.validation_data[2]", vsw, vx.shape[0], "validation_data[0]")
+            _same_rows("fit.validation_data[2]", vsw, vrows, "validation_data[0]")
             vals["sample_weight"], vspec["sample_weight"] = vsw, "sample_weight"
         (staging / "data").mkdir(parents=True, exist_ok=True)
         (staging / "data" / "validation.npz").write_bytes(_npz(vals))
@@ -326,8 +403,8 @@ def ablate(
     without arguments) or a ``keras.Model`` object (its architecture is cloned; its weights
     are not used: ablab draws every seed's initial weights from the layers' initializers).
     x, y: numpy arrays (anything ``np.asarray`` takes) with the same number of rows; y=x for an
-    autoencoder. One input and one output: dicts / lists of arrays (multi-input or
-    multi-output models) are refused.
+    autoencoder. A multi-input / multi-output model takes dicts (keyed by its input / output
+    names) or lists of arrays, as ``fit`` does (its probes are not recorded).
     compile: optimizer (a name, a table ``{"name": "adam", "learning_rate": 1e-3}`` or a
     Keras optimizer object with a fixed rate), loss and metrics (names or tables).
     fit: the ``[train]`` keys of a study file (epochs, batch_size, validation_split, shuffle,

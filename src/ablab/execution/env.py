@@ -101,10 +101,17 @@ def environment_fingerprint() -> dict[str, str]:
     return fp
 
 
-def data_digest(x: np.ndarray, y: np.ndarray) -> str:
+def data_digest(x: Any, y: Any) -> str:
     """sha256 of a dataset's rows (dtype, shape, bytes): a resumed run must see the same data."""
     h = hashlib.sha256()
-    for a in (x, y):
-        h.update(f"{a.dtype.str}{a.shape}".encode())
-        h.update(np.ascontiguousarray(a).data)
+    for arrays in (x, y):
+        if isinstance(arrays, dict):  # several inputs / outputs: by name
+            named = list(arrays.items())
+        elif isinstance(arrays, list | tuple):
+            named = [(str(i), a) for i, a in enumerate(arrays)]
+        else:
+            named = [("", arrays)]
+        for name, a in named:
+            h.update(f"{name}{a.dtype.str}{a.shape}".encode())
+            h.update(np.ascontiguousarray(a).data)
     return h.hexdigest()[:24]

@@ -95,7 +95,7 @@ class RunResult:
         """Per-epoch paired difference of ``variant`` vs the baseline with a 95 % bootstrap band
         (``{"epoch", "diff_mean", "ci_low", "ci_high"}``); metric defaults to the verdicts'."""
         spec = self.study.verdicts
-        metric = metric or resolve_metric(spec, self.histories)
+        metric = metric or resolve_metric(spec, self.histories, self.study.resolved())
         # its own baseline: the [verdicts] pair (a sweep's: the baseline at the same point)
         base = next((b for v, b in spec.pairs if v == variant), str(self.study.baseline))
         return paired_curve(
@@ -142,7 +142,7 @@ class RunResult:
             dynamics=training_dynamics(
                 self.histories,
                 rows,
-                metric=spec.metric,
+                metric=rows[0]["metric"] if rows else spec.metric,
                 higher_is_better=spec.higher_is_better,
                 confidence=spec.confidence,
             ),
