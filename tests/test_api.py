@@ -284,13 +284,14 @@ def test_ablate_multi_input_list_and_validation_data(tmp_path: Path) -> None:
     _assert_fit_fidelity(result)
 
 
-def test_ablate_multi_output_dict_matches_model_fit(tmp_path: Path) -> None:
+@pytest.mark.parametrize("loss", ["mse", {"p": "mse", "q": {"name": "Huber", "delta": 0.5}}])
+def test_ablate_multi_output_dict_matches_model_fit(loss: object, tmp_path: Path) -> None:
     x, _, y = _multi_data()
     result = ablab.ablate(
         {"two": build_two_outputs},
         x,
         y,
-        compile={"optimizer": "adam", "loss": "mse"},
+        compile={"optimizer": "adam", "loss": loss},
         fit={"epochs": 2, "batch_size": 16, "validation_split": 0.25, "shuffle": True},
         seeds=3,
         runs_dir=tmp_path / "runs",

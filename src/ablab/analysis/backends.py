@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from ablab.engine.model import several_outputs
 from ablab.engine.program import VariantProgram
 from ablab.engine.reference import (
     fit_arguments,
@@ -55,8 +56,15 @@ def write_job(
     arrays: dict[str, np.ndarray] = {}
     entries = []
     for variant, program in programs.items():
+        structure: dict[str, Any] = {}  # several inputs / outputs: their names (or count)
         for name, arr in fit_inputs(program).items():  # x, y and any weights / validation_data
-            if arr is not None:
+            if isinstance(arr, dict):
+                structure[name] = list(arr)
+                arrays.update({f"{variant}/{name}.{k}": v for k, v in arr.items()})
+            elif isinstance(arr, list | tuple):
+                structure[name] = len(arr)
+                arrays.update({f"{variant}/{name}.{i}": v for i, v in enumerate(arr)})
+            elif arr is not None:
                 arrays[f"{variant}/{name}"] = arr
         train = program.prepared.train
         users = [u.to_job() for u in user_objects(program.prepared.model) if u.problem is None]
@@ -77,6 +85,10 @@ def write_job(
                     "user_objects": users,
                     "optimizer": train.optimizer_config(),
                     "loss": train.loss_config(),
+                    "per_output_loss": isinstance(train.loss, dict),
+                    "data_loss": not several_outputs(program.prepared.model)
+                    and not isinstance(train.loss, dict),
+                    "structure": structure,
                     "metrics": train.metric_configs(),
                     "fit": fit_arguments(program),
                     "callbacks": callbacks or [],

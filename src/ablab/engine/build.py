@@ -16,8 +16,8 @@ from ablab.engine.data import (
     load_dataset,
     row_shape,
     split,
-    tree_map,
     standardized,
+    tree_map,
     with_validation_data,
 )
 from ablab.engine.memory import Footprint, human_bytes, optimizer_slots, trainable_elements

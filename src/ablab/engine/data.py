@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,6 @@ import numpy as np
 
 from ablab.errors import StudyError
 from ablab.study.schema import Study
-
 
 Arrays = Any
 """An array, or -- for a multi-input / multi-output model -- a dict (input / output name ->
@@ -305,13 +304,17 @@ def _named_npz(study: Study, loaded: np.ndarray | dict[str, np.ndarray]) -> tupl
             return {k: pick(f"{key}.{k}", v) for k, v in names.items()}
         return [pick(f"{key}[{i}]", v) for i, v in enumerate(names)]
 
-    x = of("data.x_keys", spec.x_keys) if spec.x_keys is not None else pick("data.x_key", spec.x_key)
+    x = (
+        of("data.x_keys", spec.x_keys)
+        if spec.x_keys is not None
+        else pick("data.x_key", spec.x_key)
+    )
     if spec.targets is not None:
         y = of("data.targets", spec.targets)
     elif spec.target in (None, "input"):
         y = x
     else:
-        y = pick("data.target", spec.target)
+        y = pick("data.target", str(spec.target))
     return x, y
 
 
@@ -471,7 +474,9 @@ def standardized(parts: Split, *, target_too: bool) -> Split:
         x_val = None if val is None else back({k: p.x_val for k, p in scaled.items()})
         if not target_too:
             return dataclasses.replace(parts, x_train=x_train, x_val=x_val)
-        return dataclasses.replace(parts, x_train=x_train, y_train=x_train, x_val=x_val, y_val=x_val)
+        return dataclasses.replace(
+            parts, x_train=x_train, y_train=x_train, x_val=x_val, y_val=x_val
+        )
     mean = parts.x_train.mean(axis=0)
     std = parts.x_train.std(axis=0)
     std = np.where(std > 0, std, 1.0).astype(np.float32)

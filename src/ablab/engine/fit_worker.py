@@ -255,11 +255,15 @@ def run_entry(entry: dict[str, Any], arrays: Any) -> dict[str, list[float]]:
         model = _deserialize(entry)
     finally:
         keras.config.set_dtype_policy(before)
+    get = lambda c: keras.losses.get(c) if isinstance(c, dict) else c  # noqa: E731
+    loss = entry["loss"]
+    per_output = entry.get("per_output_loss", False)  # {output: loss}
     model.compile(
         optimizer=keras.optimizers.get(entry["optimizer"]),
-        loss=keras.losses.get(entry["loss"]) if isinstance(entry["loss"], dict) else entry["loss"],
+        loss={k: get(c) for k, c in loss.items()} if per_output else get(loss),
         metrics=[keras.metrics.get(m) if isinstance(m, dict) else m for m in entry["metrics"]],
-        weighted_metrics=[data_loss(entry["loss"])],  # History data_loss, as the engine
+        # History data_loss, as the engine (not for several outputs)
+        weighted_metrics=[data_loss(loss)] if entry.get("data_loss", True) else None,
     )
     key = entry["key"]
     weights = [arrays[f"{key}/w{i}"] for i in range(entry["n_weights"])]
@@ -271,9 +275,17 @@ def run_entry(entry: dict[str, Any], arrays: Any) -> dict[str, list[float]]:
         if c.get("backend") in (None, keras.backend.backend())
     ]
     data = entry["data"]
-    got: Callable[[str], Any] = lambda name: (  # noqa: E731
-        arrays[f"{data}/{name}"] if f"{data}/{name}" in arrays.files else None
-    )
+    structure = entry.get("structure", {})
+
+    def got(name: str) -> Any:
+        """One array, or the dict / list of a multi-input / multi-output model's arrays."""
+        nested = structure.get(name)
+        if isinstance(nested, list):
+            return {k: arrays[f"{data}/{name}.{k}"] for k in nested}
+        if isinstance(nested, int):
+            return [arrays[f"{data}/{name}.{i}"] for i in range(nested)]
+        return arrays[f"{data}/{name}"] if f"{data}/{name}" in arrays.files else None
+
     validation = None
     if got("x_val") is not None:  # fit(validation_data=...)
         validation = (got("x_val"), got("y_val"), got("sw_val"))

@@ -128,8 +128,16 @@ def compile_losses(train: TrainSpec, model: keras.Model | None = None) -> dict[s
     their History has ``loss``, ``<output>_loss`` and their ``val_`` twins)."""
     loss = train.loss_config()
     metrics = [keras.metrics.get(m) if isinstance(m, dict) else m for m in train.metric_configs()]
+    get = lambda c: keras.losses.get(c) if isinstance(c, dict) else c  # noqa: E731
+    if isinstance(train.loss, dict):  # one loss per output
+        assert isinstance(loss, dict)
+        return {
+            "loss": {k: get(c) for k, c in loss.items()},
+            "metrics": metrics,
+            "weighted_metrics": None,
+        }
     out: dict[str, Any] = {
-        "loss": keras.losses.get(loss) if isinstance(loss, dict) else loss,
+        "loss": get(loss),
         "metrics": metrics,
         "weighted_metrics": [DataLoss(loss)],
     }
@@ -406,6 +414,8 @@ def check_loss_target(study: Study, variant: str, output_width: int, y: np.ndarr
     loss = train.loss_name
     own = "loss" in study.variants[variant].train
     key = f"variants.{variant}.train.loss" if own else "train.loss"
+    if isinstance(train.loss, dict):
+        return  # one loss per output: Keras matches each to its target
     name = train.loss if isinstance(train.loss, str) else train.loss.name
     y = np.asarray(y, dtype=np.float64)
     if loss in SPARSE_CE:

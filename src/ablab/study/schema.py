@@ -165,9 +165,7 @@ class DataSpec(_Strict):
             return True
         if self.sklearn is not None:  # the dataset's own target unless input is asked for
             return self.target == "input"
-        return (
-            self.target in (None, "input") and self.target_path is None and self.targets is None
-        )
+        return self.target in (None, "input") and self.target_path is None and self.targets is None
 
 
 class OptimizerSpec(_Strict):
@@ -260,7 +258,8 @@ class TrainSpec(_Strict):
     """``model.compile`` / ``model.fit`` arguments, with Keras' own defaults."""
 
     optimizer: str | OptimizerSpec = "rmsprop"
-    loss: str | ObjectSpec
+    loss: str | ObjectSpec | dict[str, str | ObjectSpec] = Field(union_mode="left_to_right")
+    """A Keras loss, or ``{output name = loss}``: one per output of a multi-output model."""
     metrics: list[str | ObjectSpec] = Field(default_factory=list)
     epochs: int = Field(1, ge=1, le=MAX_EPOCHS)
     batch_size: int = Field(FIT_DEFAULT_BATCH_SIZE, ge=1, le=MAX_BATCH_SIZE)
@@ -343,11 +342,17 @@ class TrainSpec(_Strict):
 
     @property
     def loss_name(self) -> str:
-        """The loss's name in snake_case, lower-cased (``mse``, ``sparse_categorical_...``)."""
+        """The loss's name in snake_case, lower-cased (``mse``, ``sparse_categorical_...``);
+        ``per_output`` for one loss per output."""
+        if isinstance(self.loss, dict):
+            return "per_output"
         name = self.loss if isinstance(self.loss, str) else self.loss.name
         return snake_case(name) if name[:1].isupper() else name.lower()
 
     def loss_config(self) -> str | dict[str, Any]:
+        """The loss as ``keras.losses.get`` takes it; per output: ``{output: that}``."""
+        if isinstance(self.loss, dict):
+            return {k: keras_object_config(v) for k, v in self.loss.items()}
         return keras_object_config(self.loss)
 
     def metric_configs(self) -> list[str | dict[str, Any]]:
