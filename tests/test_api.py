@@ -183,6 +183,12 @@ def _not_a_model() -> str:
         ({"y": [np.zeros((ROWS, 2)), np.zeros((ROWS + 1, 2))]}, "y[1]", f"{ROWS} rows"),
         ({"fit": {"sample_weight": {"a": np.ones(ROWS)}}}, "fit.sample_weight", "one array"),
         ({"y": None}, "y", "y=x for an autoencoder"),
+        ({"variants": {"baseline": build_plain}}, "variants", "other than 'baseline'"),
+        (
+            {"fit": {"callbacks": [keras.callbacks.ReduceLROnPlateau()]}},
+            "fit.callbacks[0]",
+            "--engine reference",
+        ),
     ],
 )
 def test_ablate_refuses_bad_input_before_writing(
@@ -239,10 +245,19 @@ def _assert_fit_fidelity(result: ablab.RunResult) -> None:
     from ablab.engine.reference import reference_history
 
     study = result.study.model_copy(update={"root": str(result.run_dir)})
+    table = result.history.to_pydict()
     for variant, history in result.histories.items():
         program = build_program(study, variant, probes=False)
         for i, seed in enumerate(history.seeds):
             ref = reference_history(program, int(seed))
+            stopped = ref.pop("stopped_epoch", None)  # EarlyStopping: a column of its own
+            if stopped is not None:
+                rows = [
+                    r
+                    for r, (v, s) in enumerate(zip(table["variant"], table["seed"], strict=True))
+                    if v == variant and s == int(seed)
+                ]
+                assert (table["stopped_epoch"][rows[0]] or 0) == int(stopped)
             assert set(ref) == set(history.values), (sorted(ref), sorted(history.values))
             for name, expected in ref.items():
                 np.testing.assert_allclose(
@@ -277,10 +292,18 @@ def test_ablate_multi_input_list_and_validation_data(tmp_path: Path) -> None:
         [x["a"][:-rows], x["b"][:-rows]],
         y[:-rows],
         compile={"optimizer": "sgd", "loss": "mse"},
-        fit={"epochs": 2, "batch_size": 8, "validation_data": val},
+        fit={
+            "epochs": 2,
+            "batch_size": 8,
+            "validation_data": val,
+            # Keras' own callback object, per seed (was: "unknown argument 'callbacks'")
+            "callbacks": [keras.callbacks.EarlyStopping(monitor="val_loss", patience=0)],
+        },
         seeds=2,
         runs_dir=tmp_path / "runs",
+        verdicts={"metric": "val_loss"},  # recorded with validation_data (was refused)
     )
+    assert result.study.train.early_stopping is not None
     _assert_fit_fidelity(result)
 
 

@@ -141,3 +141,18 @@ def test_run_executes_declared_checks_and_fails_on_a_failed_one(
     doc = json.loads(captured.out)
     assert doc["checks"][0]["passed"] is False and "check(s) failed" in captured.err
     assert doc["state"] == "complete"  # the run itself is stored
+
+
+def test_an_early_stopped_history_compares_up_to_its_stop() -> None:
+    """fit's History ends at the EarlyStopping epoch; the engine's repeats that epoch after it
+    and says where in ``stopped_epoch``. The two agree on the epochs both ran; a seed that
+    stopped elsewhere fails, naming the epochs."""
+    loss = np.array([[1.0, 0.8, 0.7, 0.7], [1.0, 0.9, 0.8, 0.7]], np.float32)
+    engine = {"loss": loss, "stopped_epoch": np.array([3, 0], np.int32)}
+    seeds = np.array([5, 6])
+    fit = {5: {"loss": [1.0, 0.8, 0.7]}, 6: {"loss": [1.0, 0.9, 0.8, 0.7]}}
+    ok = _checks._compare_histories("x", "backend", 1e-5, engine, seeds, fit)
+    assert ok.passed is True, ok.detail
+    fit[5] = {"loss": [1.0, 0.8, 0.7, 0.7]}  # fit ran on: the engine stopped too early
+    bad = _checks._compare_histories("x", "backend", 1e-5, engine, seeds, fit)
+    assert bad.passed is False and "seed 5 trained [4] epochs there, 3 in the engine" in bad.detail

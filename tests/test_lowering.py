@@ -18,6 +18,7 @@ import pytest
 
 from ablab._keras import keras_backend_nn
 from ablab.engine import lowering
+from ablab.errors import InputError
 from tests.conftest import make_program
 from tests.test_layers import _assert_fidelity, _study
 
@@ -134,7 +135,7 @@ def test_env_selects_lowerings(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv(lowering.ENV, value)
         assert lowering.enabled() == want, value
     monkeypatch.setenv(lowering.ENV, "conv,im2col")
-    with pytest.raises(ValueError, match=r"unknown lowering\(s\) \['im2col'\]"):
+    with pytest.raises(InputError, match=r"unknown lowering\(s\) \['im2col'\]"):
         lowering.enabled()
 
 

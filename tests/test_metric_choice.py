@@ -110,3 +110,27 @@ def test_data_loss_is_keras_loss_without_a_penalty() -> None:
     ).history
     np.testing.assert_allclose(h["data_loss"], h["loss"], rtol=1e-6)
     np.testing.assert_allclose(h["val_data_loss"], h["val_loss"], rtol=1e-6)
+
+
+def test_the_worker_side_name_is_the_study_name_and_imports_no_ablab() -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from ablab.engine import data_loss
+    from ablab.study.keras_names import DATA_LOSS
+
+    assert data_loss.DATA_LOSS == DATA_LOSS
+    # what fit_worker does: load the file by path, in an interpreter without ablab
+    code = (
+        "import importlib.util, sys; "
+        f"spec = importlib.util.spec_from_file_location('w', {str(Path(data_loss.__file__))!r}); "
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
+        "print('ablab' in sys.modules, m.DataLoss('mse').name)"
+    )
+    env = {"KERAS_BACKEND": "jax", "PATH": "", "HOME": str(Path.home())}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env,
+        cwd=str(Path(data_loss.__file__).parent.parent.parent.parent),
+    )  # fmt: skip
+    assert out.stdout.split()[-2:] == ["False", DATA_LOSS]

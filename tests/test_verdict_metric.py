@@ -126,3 +126,28 @@ def test_compare_run_refuses_an_unrecorded_metric(
     assert main(argv) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "'val_auc'" in err and "val_accuracy" in err and "val_data_loss" in err
+
+
+def test_rejudging_on_another_metric_drops_the_old_metrics_direction_and_margin(
+    l2_run: tuple[Path, dict], tmp_path: Path
+) -> None:
+    """A study judged on val_accuracy (higher is better, margin 0.01 in accuracy units),
+    re-judged on val_data_loss: the loss is lower-is-better with its own default margin --
+    not the stored accuracy settings (which would invert the verdict)."""
+    import shutil
+
+    from ablab.analysis.document import rejudge
+
+    runs, doc = l2_run
+    copy = tmp_path / doc["run_id"]
+    shutil.copytree(runs / doc["run_id"], copy)
+    meta = json.loads((copy / "study.json").read_text())
+    meta["study"]["verdicts"] = {"metric": "val_accuracy", "higher_is_better": True, "margin": 0.01}
+    (copy / "study.json").write_text(json.dumps(meta))
+    same = rejudge(RunDir(copy))["comparisons"][0]
+    assert same["metric"] == "val_accuracy" and same["lower_is_better"] is False
+    assert same["margin"] == 0.01
+    other = rejudge(RunDir(copy), metric="val_data_loss")["comparisons"][0]
+    assert other["metric"] == "val_data_loss" and other["lower_is_better"] is True
+    assert other["margin"] != 0.01  # the default for the loss: 0.1 x the baseline's SD
+    assert other["margin_rule"].startswith("0.1 × baseline SD")

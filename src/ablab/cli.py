@@ -341,7 +341,8 @@ def check_cmd(
     "--higher-is-better/--lower-is-better",
     "higher_is_better",
     default=None,
-    help="Direction (default: from the metric's name; losses lower, accuracy-like higher).",
+    help="Direction (default: from the metric's name, losses lower, accuracy-like higher; "
+    "a RUN re-judged on its own metric keeps its study's direction).",
 )
 @click.option(
     "--margin",

@@ -31,7 +31,7 @@ import numpy as np
 
 from ablab.analysis.backends import BACKENDS, available, run_backends
 from ablab.engine.build import build_program
-from ablab.engine.program import VariantProgram
+from ablab.engine.program import STOPPED_EPOCH, VariantProgram
 from ablab.engine.reference import worker_problem
 from ablab.engine.sizing import default_workers
 from ablab.errors import InputError
@@ -274,6 +274,8 @@ def _compare_histories(
     seeds: np.ndarray,
     other: dict[int, dict[str, list[float]]],
 ) -> CheckResult:
+    engine = dict(engine)
+    stopped = engine.pop(STOPPED_EPOCH, None)  # early stopping: (seeds,) 1-based, 0 = never
     epochs = next(iter(engine.values())).shape[1]
     per_epoch = np.zeros(epochs)
     max_abs = 0.0
@@ -282,13 +284,19 @@ def _compare_histories(
         missing = set(engine) ^ set(hist)
         if missing:
             return CheckResult.failed(name, kind, tol, f"History names differ: {sorted(missing)}")
+        ran = {len(v) for v in hist.values()}  # fit's History ends where EarlyStopping stopped
+        mine = int(stopped[i]) if stopped is not None and int(stopped[i]) else epochs
+        if ran != {mine}:
+            why = f"seed {int(seed)} trained {sorted(ran)} epochs there, {mine} in the engine"
+            return CheckResult.failed(name, kind, tol, why)
         for key, values in hist.items():
             b = np.asarray(values, dtype=np.float64)
-            e = engine[key][i].astype(np.float64)
+            e = engine[key][i, :mine].astype(np.float64)
             both_nan = np.isnan(b) & np.isnan(e)  # diverged in both: they agree
             diff = np.where(both_nan, 0.0, np.nan_to_num(np.abs(b - e), nan=np.inf))
             # relative above 1, absolute below (as for trajectories); one-sided NaN fails
-            per_epoch = np.maximum(per_epoch, diff / np.maximum(np.abs(np.nan_to_num(e)), 1.0))
+            rel = diff / np.maximum(np.abs(np.nan_to_num(e)), 1.0)
+            per_epoch[:mine] = np.maximum(per_epoch[:mine], rel)
             max_abs = max(max_abs, float(diff.max()))
     bad = np.flatnonzero(~(per_epoch <= tol))
     first = int(bad[0]) + 1 if bad.size else None

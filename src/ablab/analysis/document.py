@@ -274,6 +274,12 @@ def rejudge(
         updates.update(margin=margin, margin_pct=margin_pct, force=True)
     force = updates.pop("force", False)
     verdicts = dict(study.get("verdicts") or {})
+    if metric is not None and metric != verdicts.get("metric"):
+        # another metric: the stored direction, margin and effect were in the old metric's
+        # terms (accuracy's "higher is better" would invert a loss), so they go back to
+        # their defaults for the new one unless given here
+        for key in ("higher_is_better", "margin", "margin_pct", "effect"):
+            verdicts.pop(key, None)
     verdicts.update({k: v for k, v in updates.items() if v is not None or force})
     try:
         VerdictSpec.model_validate(verdicts)

@@ -11,7 +11,8 @@ averages ``loss`` (a mean weighted by each batch's row count). Without a penalty
 
 It is compiled as a *weighted* metric (``compile(weighted_metrics=[...])``) so it receives the
 sample weights (and ``class_weight`` turned into sample weights) as the loss does. This module
-imports only public Keras: the ``model.fit`` workers import it under any backend.
+imports only public Keras and nothing of ablab: the ``model.fit`` workers load it from its file
+under any backend, in an interpreter that has not imported ablab.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from typing import Any
 
 import keras
 
-from ablab.study.keras_names import DATA_LOSS
+DATA_LOSS = "data_loss"
+"""``ablab.study.keras_names.DATA_LOSS``, repeated: this module must not import ablab (the
+model.fit workers run without it; tests/test_metric_choice.py checks the two agree)."""
 
 
 def _resolve(identifier: Any, y_true: Any, y_pred: Any) -> keras.losses.Loss:
@@ -82,6 +85,7 @@ class DataLoss(keras.metrics.Mean):
 
     def __init__(self, loss: Any, name: str = DATA_LOSS, dtype: Any = None) -> None:
         super().__init__(name=name, dtype=dtype)
+        self._direction = "down"  # a loss: EarlyStopping's mode "auto" minimizes it
         self._identifier = loss
         self._loss: keras.losses.Loss | None = None
 

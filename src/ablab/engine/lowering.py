@@ -50,6 +50,7 @@ import jax
 import jax.numpy as jnp
 
 from ablab._keras import keras_backend_nn, keras_backend_numpy
+from ablab.errors import InputError
 
 ENV = "ABLAB_LOWERINGS"
 ALL = frozenset({"conv", "pool", "dense"})
@@ -77,11 +78,13 @@ def enabled() -> frozenset[str]:
     names = frozenset(s.strip() for s in setting.split(",") if s.strip())
     unknown = names - ALL
     if unknown:
-        msg = (
-            f"${ENV}={setting!r}: unknown lowering(s) {sorted(unknown)}; expected a comma-"
-            f"separated subset of {sorted(ALL)}, or 0 / 1."
+        raise InputError(
+            where="the environment",
+            key=f"${ENV}",
+            expected=f"0, 1, all, or a comma-separated subset of {sorted(ALL)}",
+            got=f"{setting!r} (unknown lowering(s) {sorted(unknown)})",
+            fix=f"unset {ENV} (the default lowerings) or use e.g. {ENV}=conv,pool",
         )
-        raise ValueError(msg)
     return names
 
 

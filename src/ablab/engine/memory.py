@@ -68,7 +68,11 @@ def _elements(shape: Any) -> int:
 
 
 def activation_elements(model: keras.Model, x_row: tuple[int, ...]) -> int:
-    """Output elements per row of every layer of ``model`` (at least the input's)."""
+    """Output elements per row of every layer of ``model`` (at least the input's), plus the
+    im2col patches of each convolution the engine lowers (``ablab.engine.lowering``)."""
+    from ablab.engine import lowering
+
+    patches = "conv" in lowering.enabled()
     acts = 0
     for layer in model.layers:
         try:
@@ -76,7 +80,29 @@ def activation_elements(model: keras.Model, x_row: tuple[int, ...]) -> int:
         except (AttributeError, ValueError):
             continue
         acts += _elements(shape[1:])
+        if patches:
+            acts += conv_patch_elements(layer)
     return max(acts, _elements(x_row))
+
+
+def conv_patch_elements(layer: keras.Layer) -> int:
+    """Per row, the im2col patch matrix of a convolution layer lowered as im2col + matmul:
+    output positions x kernel window x input channels (kept for the kernel gradient); 0 for
+    other layers."""
+    kernel = getattr(layer, "kernel", None)
+    size = getattr(layer, "kernel_size", None)
+    if kernel is None or size is None or not isinstance(layer, keras.layers.Layer):
+        return 0
+    try:
+        out = layer.output.shape
+    except (AttributeError, ValueError):
+        return 0
+    n = len(size)
+    if len(out) != n + 2 or len(kernel.shape) != n + 2:
+        return 0
+    channels_last = getattr(layer, "data_format", "channels_last") == "channels_last"
+    spatial = out[1:-1] if channels_last else out[2:]
+    return _elements(spatial) * _elements(kernel.shape[:-1])
 
 
 def optimizer_slots(config: dict[str, Any]) -> float:

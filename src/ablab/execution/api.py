@@ -228,6 +228,13 @@ def _builders(variants: Any, staging: Path) -> dict[str, dict[str, Any]]:
                 repr(name),
                 "rename the variant, e.g. bn_after",
             )
+        if name == "baseline":  # the study's [variants] table keeps that key for itself
+            raise _err(
+                "variants",
+                "variant names other than 'baseline'",
+                "'baseline'",
+                "rename the variant and pass baseline='<its name>' to choose the baseline",
+            )
         if isinstance(spec, keras.Model):
             model = spec
         elif callable(spec):
@@ -292,7 +299,9 @@ def _train(compile: Mapping[str, Any] | None, fit: Mapping[str, Any] | None) -> 
         else:
             value = _keras_object(f"compile.{key}", value)
         train[key] = value
-    fit_keys = [k for k in TrainSpec.model_fields if k not in COMPILE_KEYS]
+    # `callbacks` is no field: TrainSpec turns EarlyStopping objects / tables into
+    # `early_stopping` and refuses any other callback with the reason
+    fit_keys = [k for k in TrainSpec.model_fields if k not in COMPILE_KEYS] + ["callbacks"]
     for key, value in (fit or {}).items():
         if key in IGNORED_FIT_KEYS or key in DATA_FIT_KEYS:
             continue

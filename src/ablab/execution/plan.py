@@ -77,7 +77,7 @@ def _history_names(study: Study) -> set[str]:
         train = study.variant_train(variant)
         mine = {"loss", DATA_LOSS, *train.metric_names()}
         names |= mine
-        if train.validation_split > 0:
+        if train.validation_split > 0 or study.data.validation is not None:
             names |= {f"val_{n}" for n in mine}
     return names
 
