@@ -24,3 +24,39 @@ def test_differing_keys_names_each_difference_once_missing_keys_included() -> No
     b = {"jax": "0.10.3", "keras": "3.15.1", "numpy": "2.0"}
     assert differing_keys(a, b) == ["jax", "numpy", "xla_flags"]
     assert differing_keys(a, a) == []
+
+
+def test_the_data_digest_covers_sample_weights_and_validation_rows(tmp_path: Path) -> None:
+    import hashlib
+
+    import numpy as np
+
+    from ablab.execution.env import data_digest, study_data_digest
+
+    x, y = np.arange(8, dtype=np.float32).reshape(4, 2), np.ones((4, 1), np.float32)
+    old = hashlib.sha256()  # the digest runs stored before weights counted have
+    for a in (x, y):
+        old.update(f"{a.dtype.str}{a.shape}".encode())
+        old.update(a.data)
+    assert data_digest(x, y) == old.hexdigest()[:24]  # stored plain runs still resume
+
+    def study(weights: str, val_target: str) -> ablab.Study:
+        for name, col in (("train.csv", weights), ("val.csv", val_target)):
+            rows = ["a,t,w"] + [f"{i},{i % 2},{col}" for i in range(6)]
+            (tmp_path / name).write_text("\n".join(rows) + "\n")
+        val = {"path": str(tmp_path / "val.csv"), "target": "t", "sample_weight": "w"}
+        data = {"path": str(tmp_path / "train.csv"), "target": "t", "sample_weight": "w"}
+        return ablab.Study(
+            data={**data, "validation": val},
+            train={"loss": "mse"},
+            variants={"a": {"layers": [{"layer": "Dense", "units": 1}]}},
+            source="<test>",
+        )
+
+    from ablab.engine.data import load_dataset
+
+    digests = set()
+    for weights, val_w in (("1", "1"), ("2", "1"), ("1", "2")):
+        s = study(weights, val_w)
+        digests.add(study_data_digest(s, load_dataset(s)))
+    assert len(digests) == 3  # a changed sample_weight or validation source is noticed

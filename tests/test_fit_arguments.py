@@ -135,6 +135,66 @@ def test_mixed_precision_matches_fit_under_the_same_policy() -> None:
     _assert_fit(study, SEEDS[:2], rtol=1e-3)
 
 
+def _float32_model(explicit: bool = False) -> Any:
+    import keras
+
+    dtype = {"dtype": "float32"} if explicit else {}
+    return keras.Sequential([keras.Input((4,)), keras.layers.Dense(4, **dtype)], name="stored")
+
+
+def _builder_study(builder: Any, root: str = ".", **train: Any) -> ablab.Study:
+    base = _study(**train)
+    return ablab.Study(
+        data=base.data.model_dump(),
+        train=base.train.model_dump(),
+        model={"builder": builder},
+        variants={"a": {}},
+        source="<test>",
+        root=root,
+    )
+
+
+def test_mixed_precision_applies_to_stored_and_cloned_models(tmp_path: Path) -> None:
+    # a model rebuilt from model.to_json() / cloned keeps its layers' float32 config: the
+    # requested policy is applied to them (it was silently ignored)
+    (tmp_path / "m.json").write_text(_float32_model().to_json())
+    stored = _builder_study("m.json", root=str(tmp_path), dtype_policy="mixed_bfloat16", epochs=2)
+    program = make_program(stored, "a")
+    assert program.prepared.model.layers[-1].dtype_policy.name == "mixed_bfloat16"
+    _assert_fit(stored, SEEDS[:2], rtol=1e-3)
+    cloned = _builder_study(_float32_model(), dtype_policy="mixed_bfloat16", epochs=2)
+    program = make_program(cloned, "a")
+    assert program.prepared.model.layers[-1].dtype_policy.name == "mixed_bfloat16"
+
+
+def test_mixed_precision_a_builder_fixing_float32_is_refused() -> None:
+    study = _builder_study(lambda: _float32_model(explicit=True), dtype_policy="mixed_bfloat16")
+    with pytest.raises(StudyError) as err:
+        make_program(study, "a")
+    assert err.value.key == "train.dtype_policy"
+    assert "set_global_policy" in err.value.fix
+
+
+def test_early_stopping_monitors_what_the_history_records() -> None:
+    # val_data_loss (ablab's penalty-free loss, in every History) was refused as unknown
+    stop = {"monitor": "val_data_loss", "min_delta": 0.1, "patience": 0}
+    _assert_fit(_study(early_stopping=stop, epochs=2), SEEDS[:2])
+    bad = _study(early_stopping={"monitor": "val_nope"})
+    with pytest.raises(StudyError, match="val_data_loss") as err:
+        make_program(bad, "a")
+    assert err.value.key == "train.early_stopping.monitor"
+
+
+def test_early_stopping_on_a_metric_without_a_direction_asks_for_a_mode() -> None:
+    # mode "auto" on a metric Keras has no direction for: a friendly error, not a traceback
+    stop = {"monitor": "val_false_positives"}
+    study = _study(metrics=["false_positives"], early_stopping=stop, epochs=2)
+    with pytest.raises(StudyError, match='mode = "min"') as err:
+        make_program(study, "a")
+    assert err.value.key == "train.early_stopping.mode"
+    make_program(_study(metrics=["false_positives"], early_stopping={**stop, "mode": "max"}), "a")
+
+
 def test_callback_objects_convert_and_other_callbacks_are_refused() -> None:
     import keras
 

@@ -88,6 +88,31 @@ def test_different_loss_functions_compare_a_shared_metric() -> None:
     assert choice.metric == "val_loss" and "add a metric they share" in choice.warning
 
 
+@pytest.mark.parametrize("spelling", ["mean_squared_error", "MeanSquaredError", {"name": "MSE"}])
+def test_one_loss_however_spelled_is_the_same_loss(spelling: object) -> None:
+    hists = {"plain": _history(0, metrics=("mae",)), "l2": _history(1, metrics=("mae",))}
+    study = _study()
+    study["variants"]["l2"]["train"]["loss"] = spelling
+    choice = choose_metric(VerdictSpec(), hists, study)
+    assert choice.metric == "val_loss" and not choice.note and not choice.warning
+    # arguments still tell losses apart
+    study["train"]["loss"] = {"name": "huber", "delta": 2.0}
+    study["variants"]["l2"]["train"]["loss"] = {"name": "Huber", "delta": 1.0}
+    assert choose_metric(VerdictSpec(), hists, study).metric == "val_mae"
+    study["variants"]["l2"]["train"]["loss"] = {"delta": 2.0, "name": "Huber"}
+    assert choose_metric(VerdictSpec(), hists, study).metric == "val_loss"
+
+
+def test_sweep_arms_read_their_declared_variant() -> None:
+    arms = {"plain@batch_size=8": "plain", "l2@batch_size=8": "l2"}
+    hists = {a: _history(i, metrics=("mae",)) for i, a in enumerate(arms)}
+    study = _study(l2_loss="huber")
+    study["arms"] = {a: {"variant": v, "point": {"batch_size": 8}} for a, v in arms.items()}
+    choice = choose_metric(VerdictSpec(), hists, study)
+    assert choice.metric == "val_mae"
+    assert "(plain@batch_size=8: mse, l2@batch_size=8: huber)" in choice.note
+
+
 def test_data_loss_is_keras_loss_without_a_penalty() -> None:
     """``DataLoss`` against Keras' own History (the source of the expected values): equal to
     ``loss`` and ``val_loss`` without a regulariser, with sample weights (weighed as Keras

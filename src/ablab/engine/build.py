@@ -7,6 +7,7 @@ import math
 
 import keras
 
+from ablab._keras import early_stopping_minimizes
 from ablab.engine import memory
 from ablab.engine.data import (
     Dataset,
@@ -128,24 +129,41 @@ def fit_split(study: Study, variant: str, data: Dataset) -> Split:
     return parts
 
 
-def check_monitor(study: Study, variant: str, parts: Split) -> None:
+def history_names(model: keras.Model, validation: bool) -> list[str]:
+    """The names ``fit`` puts in ``model``'s History (compiled and symbolically built):
+    ``loss``, per-output losses, metrics, ``data_loss`` -- and their ``val_`` twins."""
+    names = list(model.get_metrics_result())
+    return names + [f"val_{n}" for n in names] if validation else names
+
+
+def check_monitor(study: Study, variant: str, parts: Split, model: keras.Model) -> None:
     """Refuse early stopping on a quantity the History does not have (fit would only warn
-    and never stop)."""
+    and never stop), or one whose direction Keras cannot tell with ``mode = "auto"``."""
     train = study.variant_train(variant)
-    if train.early_stopping is None:
+    spec = train.early_stopping
+    if spec is None:
         return
-    names = ["loss", *train.metric_names()]
-    if parts.n_val:
-        names += [f"val_{n}" for n in names]
-    if train.early_stopping.monitor not in names:
+    key = _train_key(study, variant, "early_stopping")
+    names = history_names(model, bool(parts.n_val))
+    if spec.monitor not in names:
         raise _refuse(
             study,
-            _train_key(study, variant, "early_stopping") + ".monitor",
+            key + ".monitor",
             f"a quantity of the History: {names}",
-            repr(train.early_stopping.monitor),
+            repr(spec.monitor),
             "monitor one of them"
             + ("" if parts.n_val else " (val_* needs validation_split or [data.validation])"),
         )
+    try:
+        early_stopping_minimizes(model, spec.monitor, spec.mode)
+    except ValueError as exc:
+        raise _refuse(
+            study,
+            key + ".mode",
+            f"a mode saying whether {spec.monitor!r} should fall or rise",
+            f"mode = {spec.mode!r} (Keras cannot tell this metric's direction)",
+            'set mode = "min" (lower is better) or mode = "max" (higher is better)',
+        ) from exc
 
 
 def build_program(
@@ -175,7 +193,7 @@ def build_program(
         probes = probes_enabled(setting.enabled, count_params(prepared), setting.max_params)
     if is_structured(data.x) or is_structured(data.y):
         probes = False  # the probes read one input array; not recorded for these models
-    check_monitor(study, variant, parts)
+    check_monitor(study, variant, parts, prepared.model)
     program = VariantProgram(prepared, parts, probes=probes)
     if probes:  # the probes' own memory, now that the program knows it
         check_memory(study, variant, parts, prepared.model, program.footprint())

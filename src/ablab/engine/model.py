@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import re
 import sys
 from collections.abc import Callable, Iterator
@@ -233,6 +234,50 @@ def _import_object(study: Study, key: str, ref: str) -> Any:
         ) from exc
 
 
+def _weighted(layer: keras.Layer) -> bool:
+    """A layer (not a model) owning variables of its own: the ones a dtype policy computes in."""
+    return not isinstance(layer, keras.Model) and bool(layer.weights)
+
+
+def _takes_policy(model: keras.Model, policy: str) -> bool:
+    """Should a copy of ``model`` take the global ``policy``: it differs from float32 and no
+    layer with weights has it yet (a model built without any policy -- one built under it,
+    keeping some layers float32 on purpose, stays as built)."""
+    if policy == "float32":
+        return False
+    layers = [la for la in flatten_layers(model, include_self=False) if _weighted(la)]
+    return not any(la.dtype_policy.name == policy for la in layers)
+
+
+def _policy_names(node: Any, policy: str) -> Iterator[bool]:
+    """For each serialized ``DTypePolicy`` in ``node`` (a ``to_json`` tree): is it ``policy``?"""
+    if isinstance(node, dict):
+        if node.get("class_name") == "DTypePolicy" and isinstance(node.get("config"), dict):
+            yield node["config"].get("name") == policy
+            return
+        for value in node.values():
+            yield from _policy_names(value, policy)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _policy_names(value, policy)
+
+
+def _set_float32_policies(node: Any, policy: str) -> None:
+    """Every serialized float32 ``DTypePolicy`` in ``node`` set to ``policy`` (the layers'
+    ``dtype``; an ``InputLayer``'s plain "float32" string is the input's dtype, kept)."""
+    if isinstance(node, dict):
+        conf = node.get("config")
+        if node.get("class_name") == "DTypePolicy" and isinstance(conf, dict):
+            if conf.get("name") == "float32":
+                conf["name"] = policy
+            return
+        for value in node.values():
+            _set_float32_policies(value, policy)
+    elif isinstance(node, list):
+        for value in node:
+            _set_float32_policies(value, policy)
+
+
 def _clone_of(model: keras.Model) -> Callable[..., Any]:
     """A builder giving a fresh copy of ``model``'s architecture (new variables, each with its
     own initializer; the object's weights are not used) -- it takes no parameters."""
@@ -240,7 +285,20 @@ def _clone_of(model: keras.Model) -> Callable[..., Any]:
     def build(**params: Any) -> keras.Model:
         if params:
             raise TypeError(f"a model object takes no builder parameters, got {sorted(params)}")
-        return keras.models.clone_model(model)
+        policy = keras.config.dtype_policy().name
+        if not _takes_policy(model, policy):
+            return keras.models.clone_model(model)
+
+        def clone_layer(layer: keras.Layer) -> keras.Layer:
+            config = layer.get_config()
+            if _weighted(layer) and layer.dtype_policy.name == "float32":
+                config["dtype"] = policy
+            return layer.__class__.from_config(config)
+
+        try:
+            return keras.models.clone_model(model, clone_function=clone_layer, recursive=True)
+        except ValueError:  # a subclassed model: cloned as is (prepare_model checks it)
+            return keras.models.clone_model(model)
 
     return build
 
@@ -263,7 +321,13 @@ def _architecture_file(study: Study, key: str, ref: str) -> Callable[..., Any]:
     def build(**params: Any) -> keras.Model:
         if params:
             raise TypeError(f"a saved architecture takes no builder parameters, got {params}")
-        return keras.models.model_from_json(text)
+        policy = keras.config.dtype_policy().name
+        if policy == "float32":
+            return keras.models.model_from_json(text)
+        config = json.loads(text)
+        if not any(_policy_names(config, policy)):  # saved without a policy: apply this one
+            _set_float32_policies(config, policy)
+        return keras.models.model_from_json(json.dumps(config))
 
     return build
 
@@ -331,6 +395,29 @@ def _construct(study: Study, variant: str, input_shape: tuple[int, ...]) -> kera
     return model
 
 
+def _check_dtype_policy(study: Study, variant: str, model: keras.Model, policy: str) -> None:
+    """Refuse a model none of whose layers with weights took the requested ``policy`` (a
+    builder passing explicit float32 dtypes, a subclassed model object): the policy would
+    be silently ignored. Some layers kept float32 (e.g. the output) is a deliberate mix."""
+    if policy == "float32":
+        return
+    layers = [la for la in flatten_layers(model, include_self=False) if _weighted(la)]
+    if not layers or any(la.dtype_policy.name == policy for la in layers):
+        return
+    got = sorted({la.dtype_policy.name for la in layers})
+    raise StudyError(
+        where=study.source,
+        key="train.dtype_policy",
+        expected=f"a model of variant {variant!r} whose layers compute in {policy!r}",
+        got=f"every layer with weights has dtype policy {', '.join(got)}",
+        fix=(
+            f"build the model under keras.mixed_precision.set_global_policy({policy!r}) "
+            "(give a function that builds it, without explicit dtype=), or set dtype per "
+            "layer"
+        ),
+    )
+
+
 def prepare_model(
     study: Study,
     variant: str,
@@ -353,6 +440,7 @@ def prepare_model(
         if preflight is not None:  # shapes only: nothing is allocated yet
             preflight(model)
     # Leaving the scope gave every variable a (throw-away) value; the engine draws its own.
+    _check_dtype_policy(study, variant, model, train.dtype_policy)
     out_shape = _check_output_shape(study, variant, model, x_example, y_example)
     try:
         optimizer = keras.optimizers.get(train.optimizer_config())

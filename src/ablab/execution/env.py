@@ -101,17 +101,53 @@ def environment_fingerprint() -> dict[str, str]:
     return fp
 
 
-def data_digest(x: Any, y: Any) -> str:
-    """sha256 of a dataset's rows (dtype, shape, bytes): a resumed run must see the same data."""
+def _digest_arrays(h: Any, arrays: Any) -> None:
+    if isinstance(arrays, dict):  # several inputs / outputs: by name
+        named = list(arrays.items())
+    elif isinstance(arrays, list | tuple):
+        named = [(str(i), a) for i, a in enumerate(arrays)]
+    else:
+        named = [("", arrays)]
+    for name, a in named:
+        h.update(f"{name}{a.dtype.str}{a.shape}".encode())
+        h.update(np.ascontiguousarray(a).data)
+
+
+def data_digest(
+    x: Any,
+    y: Any,
+    sample_weight: Any = None,
+    validation: tuple[Any, Any, Any] | None = None,
+) -> str:
+    """sha256 of a dataset's rows (dtype, shape, bytes): a resumed run must see the same data.
+    ``sample_weight`` ([data] sample_weight) and ``validation`` ((x, y, sample weights or
+    None) of [data.validation]) count too, where given -- without them the digest is that of
+    x and y alone, as runs stored before they counted have it."""
     h = hashlib.sha256()
     for arrays in (x, y):
-        if isinstance(arrays, dict):  # several inputs / outputs: by name
-            named = list(arrays.items())
-        elif isinstance(arrays, list | tuple):
-            named = [(str(i), a) for i, a in enumerate(arrays)]
-        else:
-            named = [("", arrays)]
-        for name, a in named:
-            h.update(f"{name}{a.dtype.str}{a.shape}".encode())
-            h.update(np.ascontiguousarray(a).data)
+        _digest_arrays(h, arrays)
+    if sample_weight is not None:
+        h.update(b"sample_weight")
+        _digest_arrays(h, sample_weight)
+    if validation is not None:
+        h.update(b"validation")
+        vx, vy, vsw = validation
+        for arrays in (vx, vy):
+            _digest_arrays(h, arrays)
+        if vsw is not None:
+            h.update(b"sample_weight")
+            _digest_arrays(h, vsw)
     return h.hexdigest()[:24]
+
+
+def study_data_digest(study: Any, data: Any) -> str:
+    """:func:`data_digest` of ``study``'s rows ``data`` (an ``ablab.engine.data.Dataset``):
+    x, y, their sample weights and the [data.validation] rows (loaded here, as ``fit_split``
+    loads them)."""
+    validation = None
+    if study.data.validation is not None:
+        from ablab.engine.data import load_dataset
+
+        val = load_dataset(study.model_copy(update={"data": study.data.validation}))
+        validation = (val.x, val.y, val.sample_weight)
+    return data_digest(data.x, data.y, data.sample_weight, validation)

@@ -22,7 +22,7 @@ from ablab.engine.sizing import (
     workers_within_budget,
 )
 from ablab.errors import InputError, StudyError
-from ablab.execution.env import data_digest, differing_keys, environment_fingerprint
+from ablab.execution.env import differing_keys, environment_fingerprint, study_data_digest
 from ablab.execution.executors import Cell
 from ablab.execution.progress import Progress
 from ablab.study.keras_names import DATA_LOSS
@@ -67,7 +67,7 @@ class Plan:
                 v: sum(c.probes for c in self.cells if c.variant == v) for v in self.programs
             },
             "fingerprint": environment_fingerprint(),
-            "data": data_digest(self.data.x, self.data.y),
+            "data": study_data_digest(self.study, self.data),
         }
 
 

@@ -137,7 +137,7 @@ def study_fingerprint(study: Study, data: Dataset) -> str:
         import cloudpickle
 
         h.update(cloudpickle.dumps(builder))
-    h.update(data_digest(data.x, data.y).encode())
+    h.update(data_digest(data.x, data.y, data.sample_weight).encode())
     return h.hexdigest()[:24]
 
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from ablab.stats.summary import headline_metric
 from ablab.store.records import VariantHistory
-from ablab.study.keras_names import DATA_LOSS
+from ablab.study.keras_names import DATA_LOSS, loss_key
 from ablab.study.schema import VerdictSpec
 
 PENALTY_RTOL = 1e-5
@@ -70,17 +70,47 @@ def penalties(histories: Mapping[str, VariantHistory]) -> dict[str, float]:
 
 
 def _variant_table(study: Mapping[str, Any], variant: str) -> Mapping[str, Any]:
-    return (study.get("variants") or {}).get(variant) or {}
+    """``variant``'s table in the study; a sweep arm (``v@axis=value``) not among them: its
+    declared variant's."""
+    variants = study.get("variants") or {}
+    if variant not in variants:
+        arm = (study.get("arms") or {}).get(variant) or {}
+        variant = arm.get("variant", variant)
+    return variants.get(variant) or {}
+
+
+def _loss_spec(study: Mapping[str, Any], variant: str) -> Any:
+    arm = (study.get("arms") or {}).get(variant) or {}
+    point = arm.get("point") or {}
+    if "loss" in point and variant not in (study.get("variants") or {}):
+        return point["loss"]  # a sweep over the loss
+    own = (_variant_table(study, variant).get("train") or {}).get("loss")
+    return own if own is not None else (study.get("train") or {}).get("loss")
+
+
+def _loss_words(loss: Any, key: bool) -> str:
+    """A loss (a name, ``{name, args}`` or one per output) as text; ``key``: the comparable
+    form (aliases and class names as one, arguments sorted)."""
+    if isinstance(loss, Mapping) and "name" in loss:
+        items = sorted(loss.items()) if key else loss.items()
+        args = ", ".join(f"{k}={v!r}" for k, v in items if k != "name")
+        name = loss_key(str(loss["name"])) if key else str(loss["name"])
+        return f"{name}({args})" if args else name
+    if isinstance(loss, Mapping):  # one loss per output
+        items = sorted(loss.items()) if key else loss.items()
+        return "{" + ", ".join(f"{k}: {_loss_words(v, key)}" for k, v in items) + "}"
+    return loss_key(str(loss)) if key and isinstance(loss, str) else str(loss)
 
 
 def loss_of(study: Mapping[str, Any], variant: str) -> str:
     """``variant``'s loss as the resolved study names it (with its arguments, if any)."""
-    own = (_variant_table(study, variant).get("train") or {}).get("loss")
-    loss = own if own is not None else (study.get("train") or {}).get("loss")
-    if isinstance(loss, Mapping):
-        args = ", ".join(f"{k}={v!r}" for k, v in loss.items() if k != "name")
-        return f"{loss.get('name')}({args})" if args else str(loss.get("name"))
-    return str(loss)
+    return _loss_words(_loss_spec(study, variant), key=False)
+
+
+def loss_identity(study: Mapping[str, Any], variant: str) -> str:
+    """``variant``'s loss in a form equal for the same loss however spelled (``mse``,
+    ``mean_squared_error``, ``MeanSquaredError``); arguments still tell losses apart."""
+    return _loss_words(_loss_spec(study, variant), key=True)
 
 
 def regularizers_of(study: Mapping[str, Any], variant: str) -> list[str]:
@@ -113,8 +143,9 @@ def _differing_losses(
     """``{variant: loss}`` when the variants' loss functions differ, else {}."""
     if not study:
         return {}
-    losses = {v: loss_of(study, v) for v in histories}
-    return losses if len(set(losses.values())) > 1 else {}
+    if len({loss_identity(study, v) for v in histories}) <= 1:
+        return {}
+    return {v: loss_of(study, v) for v in histories}
 
 
 def _shared_metric(histories: Mapping[str, VariantHistory], validation: bool) -> str | None:

@@ -34,6 +34,24 @@ def _class_name(name: str) -> str:
     return "".join(part.capitalize() for part in name.split("_"))
 
 
+_LOSS_ALIASES = {
+    "bce": "binarycrossentropy",
+    "kld": "kldivergence",
+    "kullback_leibler_divergence": "kldivergence",
+    "huber_loss": "huber",
+}
+
+
+def loss_key(name: str) -> str:
+    """One spelling of a Keras loss name, for comparing: its aliases, snake_case name and
+    class name alike (``mse``, ``mean_squared_error``, ``MeanSquaredError`` ->
+    ``meansquarederror``)."""
+    lowered = name.lower()
+    if lowered in _LOSS_ALIASES:
+        return _LOSS_ALIASES[lowered]
+    return _class_name(name).lower().replace("_", "")
+
+
 def snake_case(name: str) -> str:
     return re.sub(r"(?<!^)(?=[A-Z][a-z])", "_", name).lower()
 
