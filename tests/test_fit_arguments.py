@@ -213,3 +213,49 @@ def test_callback_objects_convert_and_other_callbacks_are_refused() -> None:
     text = str(err.value)
     assert "train.callbacks[0]" in text and "compiled program" in text
     assert 'kind = "reference"' in text
+
+
+def test_reduce_lr_on_plateau_lowers_each_seeds_rate_on_its_own_like_fit() -> None:
+    # monitor loss with min_delta 0.2: the seeds' gains fall under it at different epochs:
+    # seed 0 halves its rate after epoch 4 (1-based), seed 2 after epoch 5, seed 3 never.
+    plateau = {"monitor": "loss", "min_delta": 0.2, "patience": 0, "factor": 0.5}
+    study = _study(epochs=6, reduce_lr_on_plateau=plateau)
+    engine = _assert_fit(study, SEEDS[[0, 2, 3]])  # History's learning_rate included
+    first_lowered = [
+        (lr < 0.05).argmax() if (lr < 0.05).any() else 0 for lr in engine["learning_rate"]
+    ]
+    assert first_lowered == [4, 5, 0], engine["learning_rate"]
+    # shuffled rows (one fit call per epoch, the callback's state kept across them), with
+    # EarlyStopping in the same fit
+    stop = {"monitor": "val_loss", "min_delta": 0.05, "patience": 1}
+    both = _study(epochs=5, shuffle=True, reduce_lr_on_plateau=plateau, early_stopping=stop)
+    _assert_fit(both, SEEDS[[0, 2]])
+
+
+def test_reduce_lr_on_plateau_converts_and_refuses_what_keras_refuses() -> None:
+    import keras
+
+    cb = keras.callbacks.ReduceLROnPlateau(monitor="loss", factor=0.3, patience=2, cooldown=1)
+    key, spec = callback_spec(cb)
+    assert key == "reduce_lr_on_plateau" and spec["factor"] == 0.3 and spec["cooldown"] == 1
+    train = TrainSpec(loss="mse", callbacks=[cb, keras.callbacks.EarlyStopping(patience=1)])
+    assert train.reduce_lr_on_plateau is not None and train.reduce_lr_on_plateau.patience == 2
+    assert train.early_stopping is not None
+    study = {
+        "data": {"synthetic": {"shape": [8, 2]}},
+        "variants": {"a": {"layers": [{"layer": "Dense", "units": 2}]}},
+    }
+    with pytest.raises(StudyError, match="factor"):
+        ablab.study_from_dict(
+            {**study, "train": {"loss": "mse", "reduce_lr_on_plateau": {"factor": 1.0}}}
+        )
+    schedule = {"schedule": "ExponentialDecay", "initial_learning_rate": 0.1}
+    schedule |= {"decay_steps": 10, "decay_rate": 0.9}
+    train_spec = {
+        "loss": "mse",
+        "optimizer": {"name": "sgd", "learning_rate": schedule},
+        "callbacks": [{"name": "ReduceLROnPlateau", "monitor": "loss"}],
+    }
+    with pytest.raises(StudyError, match="schedule") as err:
+        ablab.study_from_dict({**study, "train": train_spec})
+    assert "reduce_lr_on_plateau" in str(err.value)

@@ -137,33 +137,35 @@ def history_names(model: keras.Model, validation: bool) -> list[str]:
 
 
 def check_monitor(study: Study, variant: str, parts: Split, model: keras.Model) -> None:
-    """Refuse early stopping on a quantity the History does not have (fit would only warn
-    and never stop), or one whose direction Keras cannot tell with ``mode = "auto"``."""
+    """Refuse early stopping (or ReduceLROnPlateau) on a quantity the History does not have
+    (fit would only warn and never act), or one whose direction Keras cannot tell with
+    ``mode = "auto"``."""
     train = study.variant_train(variant)
-    spec = train.early_stopping
-    if spec is None:
-        return
-    key = _train_key(study, variant, "early_stopping")
-    names = history_names(model, bool(parts.n_val))
-    if spec.monitor not in names:
-        raise _refuse(
-            study,
-            key + ".monitor",
-            f"a quantity of the History: {names}",
-            repr(spec.monitor),
-            "monitor one of them"
-            + ("" if parts.n_val else " (val_* needs validation_split or [data.validation])"),
-        )
-    try:
-        early_stopping_minimizes(model, spec.monitor, spec.mode)
-    except ValueError as exc:
-        raise _refuse(
-            study,
-            key + ".mode",
-            f"a mode saying whether {spec.monitor!r} should fall or rise",
-            f"mode = {spec.mode!r} (Keras cannot tell this metric's direction)",
-            'set mode = "min" (lower is better) or mode = "max" (higher is better)',
-        ) from exc
+    for name in ("early_stopping", "reduce_lr_on_plateau"):
+        spec = getattr(train, name)
+        if spec is None:
+            continue
+        key = _train_key(study, variant, name)
+        names = history_names(model, bool(parts.n_val))
+        if spec.monitor not in names:
+            raise _refuse(
+                study,
+                key + ".monitor",
+                f"a quantity of the History: {names}",
+                repr(spec.monitor),
+                "monitor one of them"
+                + ("" if parts.n_val else " (val_* needs validation_split or [data.validation])"),
+            )
+        try:
+            early_stopping_minimizes(model, spec.monitor, spec.mode)
+        except ValueError as exc:
+            raise _refuse(
+                study,
+                key + ".mode",
+                f"a mode saying whether {spec.monitor!r} should fall or rise",
+                f"mode = {spec.mode!r} (Keras cannot tell this metric's direction)",
+                'set mode = "min" (lower is better) or mode = "max" (higher is better)',
+            ) from exc
 
 
 def build_program(

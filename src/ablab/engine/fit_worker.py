@@ -76,11 +76,12 @@ def fit_history(
     given (``fit(validation_data=...)``). sample_weight: (rows,) one per row of ``x``.
     fit: epochs, batch_size, validation_split, validation_batch_size, shuffle, and optionally
     class_weight, steps_per_epoch, early_stopping (``keras.callbacks.EarlyStopping``'s
-    arguments).
+    arguments), reduce_lr_on_plateau (``keras.callbacks.ReduceLROnPlateau``'s).
     permutations: (epochs, rows) training-row orders when ``shuffle`` is true -- each
     epoch is then one ``fit(epochs=1, shuffle=False)`` on that order (the rows that epoch
     trains on), validated on the validation rows as ``validation_split`` would; an early
-    stopper then keeps its state from one call to the next and restores at the very end.
+    stopper (and a ReduceLROnPlateau) then keeps its state from one call to the next and
+    restores at the very end.
     After an early stop every name repeats its last epoch's value up to ``epochs`` (as the
     engine stores it); ``fit["stopped_epoch"]`` is set to the 1-based stop epoch (0: none).
     """
@@ -96,7 +97,12 @@ def fit_history(
     stopper = None
     if fit.get("early_stopping"):
         stopper = keras.callbacks.EarlyStopping(**fit["early_stopping"])
-    cbs = [*(callbacks or []), *([stopper] if stopper is not None else [])]
+    plateau = None
+    if fit.get("reduce_lr_on_plateau"):
+        plateau = keras.callbacks.ReduceLROnPlateau(**fit["reduce_lr_on_plateau"])
+    # callbacks whose state lasts the whole training (across one-epoch fit calls)
+    stateful = [c for c in (plateau, stopper) if c is not None]
+    cbs = [*(callbacks or []), *stateful]
     rows: dict[str, list[float]] = {}
     if not fit.get("shuffle"):
         with warnings.catch_warnings():  # steps_per_epoch > batches: fit warns, each epoch
@@ -133,10 +139,10 @@ def fit_history(
         end = stopper.on_train_end if stopper is not None else None
         for epoch in range(epochs):  # one fit() per epoch, on that epoch's row order
             perm = permutations[epoch]
-            if stopper is not None:  # one training across the calls: no reset, restore last
-                stopper.on_train_end = lambda logs=None: None
+            for cb in stateful:  # one training across the calls: no reset, restore last
+                cb.on_train_end = lambda logs=None: None
                 if epoch:
-                    stopper.on_train_begin = lambda logs=None: None
+                    cb.on_train_begin = lambda logs=None: None
             hist = model.fit(
                 _take(x_tr, perm),
                 _take(y_tr, perm),

@@ -47,7 +47,7 @@ from ablab.engine.probes import (
     train_step_with_grads,
 )
 from ablab.engine.xla import compiler_options
-from ablab.study.schema import EarlyStoppingSpec
+from ablab.study.schema import EarlyStoppingSpec, ReduceLROnPlateauSpec
 
 
 def epoch_permutation(seed_id: int | jax.Array, epoch: int | jax.Array, n: int) -> jax.Array:
@@ -234,6 +234,104 @@ class StoppingRule:
         return jax.tree.map(lambda n, o: jnp.where(watching, n, o), new, st)
 
 
+LEARNING_RATE = "learning_rate"
+"""History key ``keras.callbacks.ReduceLROnPlateau`` adds: the rate each epoch trained with."""
+
+
+class PlateauState(NamedTuple):
+    """One seed's ``keras.callbacks.ReduceLROnPlateau`` state, carried through the epoch scan."""
+
+    best: jax.Array
+    has_best: jax.Array
+    wait: jax.Array
+    cooldown: jax.Array
+    reductions: jax.Array
+    """How many times the rate was lowered: the rate is ``PlateauRule.rates[reductions]``."""
+
+    @staticmethod
+    def initial() -> PlateauState:
+        f, i = jnp.float32, jnp.int32
+        return PlateauState(f(0), jnp.bool_(False), i(0), i(0), i(0))
+
+
+@dataclass(frozen=True)
+class PlateauRule:
+    """``keras.callbacks.ReduceLROnPlateau.on_epoch_end`` (Keras 3.15), per seed and traced.
+
+    The rates a seed can have are the initial one lowered k times, each step done as Keras
+    does it on the host (``float(lr) * factor`` in float64, ``max`` with ``min_lr``, stored
+    into the float32 variable): they are computed here, so a seed carries only ``k``.
+    """
+
+    monitor: str
+    minimize: bool
+    min_delta: float
+    patience: int
+    cooldown: int
+    index: int
+    """Position of the learning-rate variable among the optimizer's variables."""
+    rates: tuple[float, ...]
+    reducible: tuple[bool, ...]
+    """``rates[k] > float32(min_lr)``: whether Keras lowers the rate from ``rates[k]``."""
+
+    @staticmethod
+    def of(spec: ReduceLROnPlateauSpec, model: keras.Model, epochs: int) -> PlateauRule:
+        optimizer = model.optimizer
+        inner = getattr(optimizer, "inner_optimizer", optimizer)  # LossScaleOptimizer
+        lr_var = getattr(inner, "_learning_rate", None)
+        index = next((i for i, v in enumerate(optimizer.variables) if v is lr_var), None)
+        if index is None or lr_var is None:
+            raise ValueError(
+                "ReduceLROnPlateau needs an optimizer whose learning rate is a number "
+                "(a variable), not a schedule"
+            )
+        rate = np.float32(np.asarray(lr_var.value))
+        rates, reducible = [], []
+        for _ in range(epochs + 1):
+            rates.append(float(rate))
+            can = float(rate) > np.float32(spec.min_lr)
+            reducible.append(bool(can))
+            if can:
+                rate = np.float32(max(float(rate) * spec.factor, spec.min_lr))
+        return PlateauRule(
+            monitor=spec.monitor,
+            minimize=early_stopping_minimizes(model, spec.monitor, spec.mode),
+            min_delta=abs(spec.min_delta),
+            patience=spec.patience,
+            cooldown=spec.cooldown,
+            index=index,
+            rates=tuple(rates),
+            reducible=tuple(reducible),
+        )
+
+    def rate(self, st: PlateauState) -> jax.Array:
+        return jnp.asarray(self.rates, jnp.float32)[st.reductions]
+
+    def update(self, st: PlateauState, value: jax.Array) -> PlateauState:
+        """The state after an epoch logged ``value``."""
+        value = jnp.asarray(value, jnp.float32)
+        delta = jnp.float32(self.min_delta)
+        if self.minimize:
+            better = jnp.less(value + delta, st.best)
+        else:
+            better = jnp.greater(value - delta, st.best)
+        cooling = st.cooldown > 0
+        cooldown = jnp.where(cooling, st.cooldown - 1, st.cooldown)
+        wait = jnp.where(cooling, 0, st.wait)
+        improved = ~st.has_best | better
+        counts = ~improved & (cooldown <= 0)
+        wait = jnp.where(improved, 0, jnp.where(counts, wait + 1, wait))
+        can = jnp.asarray(self.reducible)[st.reductions]
+        reduced = counts & (wait >= self.patience) & can
+        return PlateauState(
+            best=jnp.where(improved, value, st.best),
+            has_best=jnp.bool_(True),
+            wait=jnp.where(reduced, 0, wait).astype(jnp.int32),
+            cooldown=jnp.where(reduced, self.cooldown, cooldown).astype(jnp.int32),
+            reductions=st.reductions + reduced.astype(jnp.int32),
+        )
+
+
 class Recorder:
     """What a seed's training records besides the History: nothing (this base class), the
     weight trajectory (:class:`Trajectory`) or the probes (:class:`Probes`). One compiled
@@ -332,6 +430,11 @@ class VariantProgram:
         self.stopping = (
             None if train.early_stopping is None else StoppingRule.of(train.early_stopping, model)
         )
+        self.plateau = (
+            None
+            if train.reduce_lr_on_plateau is None
+            else PlateauRule.of(train.reduce_lr_on_plateau, model, train.epochs)
+        )
         self._optimizer0 = [np.asarray(v.value) for v in model.optimizer.variables]
         self._metrics0 = [np.asarray(v.value) for v in model.metrics_variables]
         self._data = (
@@ -358,7 +461,7 @@ class VariantProgram:
         nfull, rem = _batches(lay.n_train, lay.batch_size)
         if lay.steps_limit is not None:  # a window of whole batches of the current pass
             nfull, rem = lay.steps_limit, 0
-        stopping = self.stopping
+        stopping, plateau = self.stopping, self.plateau
         vfull, vrem = _batches(lay.n_val, lay.val_batch_size)
         metrics0 = self._metrics0
         tv0, ntv0 = tv, ntv
@@ -370,7 +473,7 @@ class VariantProgram:
             return recorder.step(logs, state, extra, tv0)
 
         def epoch(carry: tuple, epoch_index: jax.Array) -> tuple[tuple, tuple]:
-            tv, ntv, ov, stop = carry
+            tv, ntv, ov, stop, lr_state = carry
             pass_index, first = lay.epoch_window(epoch_index)
             rows = None  # the epoch's training rows, in order (None: all, in file order)
             if lay.shuffle:
@@ -400,12 +503,19 @@ class VariantProgram:
                 new = jax.tree.map(keep, (tv, ntv, ov), new)
                 stop = stopping.update(stop, out[stopping.monitor], epoch_index)
             tv, ntv, ov = new
+            if plateau is not None:  # logged before it may lower the rate, as in fit
+                out[LEARNING_RATE] = plateau.rate(lr_state)
+                lr_state = plateau.update(lr_state, out[plateau.monitor])
+                ov = list(ov)
+                ov[plateau.index] = plateau.rate(lr_state).astype(ov[plateau.index].dtype)
             ctx = EpochEnd(model, lay, tv, ntv, ov, ntv0, metrics0, data)
-            return (tv, ntv, ov, stop), (out, steps, recorder.epoch_end(ctx))
+            return (tv, ntv, ov, stop, lr_state), (out, steps, recorder.epoch_end(ctx))
 
         stop0 = StopState.initial() if stopping is not None else None
-        carry0 = (tv, ntv, self._optimizer0, stop0)
-        (*_, stop), (history, steps, per_epoch) = jax.lax.scan(
+        lr0 = PlateauState.initial() if plateau is not None else None
+        ov0 = list(self._optimizer0)
+        carry0 = (tv, ntv, ov0, stop0, lr0)
+        (*_, stop, _), (history, steps, per_epoch) = jax.lax.scan(
             epoch, carry0, jnp.arange(lay.epochs)
         )
         history = {k: jnp.asarray(v, jnp.float32) for k, v in history.items()}

@@ -163,6 +163,10 @@ def fit_arguments(program: VariantProgram) -> dict[str, object]:
         spec = train.early_stopping.model_dump()
         spec.pop("verbose")
         out["early_stopping"] = spec
+    if train.reduce_lr_on_plateau is not None:
+        spec = train.reduce_lr_on_plateau.model_dump()
+        spec.pop("verbose")
+        out["reduce_lr_on_plateau"] = spec
     if train.dtype_policy != "float32":
         out["dtype_policy"] = train.dtype_policy
     return out

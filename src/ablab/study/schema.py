@@ -208,14 +208,39 @@ class EarlyStoppingSpec(_Strict):
     """Accepted for a ``keras.callbacks.EarlyStopping`` object's sake; ablab prints nothing."""
 
 
-VECTORIZED_CALLBACKS = {"EarlyStopping": "early_stopping"}
+class ReduceLROnPlateauSpec(_Strict):
+    """``keras.callbacks.ReduceLROnPlateau``'s arguments and defaults
+    (``[train.reduce_lr_on_plateau]``).
+
+    Every seed lowers its own learning rate, inside the one compiled program (see
+    docs/engine.md); the History then records ``learning_rate`` per epoch, as ``fit``'s does.
+    The optimizer's learning rate must be a number (Keras cannot lower a schedule).
+    """
+
+    monitor: str = "val_loss"
+    factor: float = Field(0.1, gt=0.0, lt=1.0)
+    patience: int = Field(10, ge=0, le=MAX_EPOCHS)
+    mode: Literal["auto", "min", "max"] = "auto"
+    min_delta: float = 1e-4
+    cooldown: int = Field(0, ge=0, le=MAX_EPOCHS)
+    min_lr: float = Field(0.0, ge=0.0)
+    verbose: int = 0
+    """Accepted for a ``keras.callbacks.ReduceLROnPlateau`` object's sake; ablab prints
+    nothing."""
+
+
+VECTORIZED_CALLBACKS = {
+    "EarlyStopping": "early_stopping",
+    "ReduceLROnPlateau": "reduce_lr_on_plateau",
+}
 """Keras callbacks ablab runs per seed inside its program -> their ``[train]`` key."""
 
 
 def callback_spec(callback: Any, *, where: str = "callbacks") -> tuple[str, dict[str, Any]]:
     """``(train key, arguments)`` of a Keras callback ablab runs per seed -- a
-    ``keras.callbacks.EarlyStopping`` object, or a table ``{name = "EarlyStopping", patience =
-    3}``; any other callback raises (why, and the fix: the ``model.fit`` engine).
+    ``keras.callbacks.EarlyStopping`` or ``ReduceLROnPlateau`` object, or a table ``{name =
+    "EarlyStopping", patience = 3}``; any other callback raises (why, and the fix: the
+    ``model.fit`` engine).
 
     Reads the object's public attributes (no Keras import: the study layer loads without it).
     """
@@ -236,6 +261,16 @@ def callback_spec(callback: Any, *, where: str = "callbacks") -> tuple[str, dict
                 "baseline": None if baseline is None else float(baseline),
                 "restore_best_weights": bool(callback.restore_best_weights),
                 "start_from_epoch": int(callback.start_from_epoch),
+            }
+        elif name == "ReduceLROnPlateau":
+            args = {
+                "monitor": callback.monitor,
+                "factor": float(callback.factor),
+                "patience": int(callback.patience),
+                "mode": callback.mode,
+                "min_delta": abs(float(callback.min_delta)),
+                "cooldown": int(callback.cooldown),
+                "min_lr": float(callback.min_lr),
             }
         elif not name:
             name = f"{cls.__module__}.{cls.__qualname__}"
@@ -274,6 +309,8 @@ class TrainSpec(_Strict):
     ``steps_per_epoch`` batches of a pass over the rows, a new pass starting when one ends."""
     early_stopping: EarlyStoppingSpec | None = None
     """``keras.callbacks.EarlyStopping``'s arguments: each seed stops on its own."""
+    reduce_lr_on_plateau: ReduceLROnPlateauSpec | None = None
+    """``keras.callbacks.ReduceLROnPlateau``'s arguments: each seed lowers its own rate."""
     dtype_policy: Literal["float32", "mixed_float16", "mixed_bfloat16"] = "float32"
     """The Keras dtype policy the model is built under (``keras.mixed_precision``)."""
 
@@ -281,7 +318,8 @@ class TrainSpec(_Strict):
     @classmethod
     def _callbacks(cls, data: Any) -> Any:
         """``callbacks = [...]`` (Keras callback objects, in code, or ``{name = ...}`` tables):
-        the ones ablab runs per seed become their own keys (``early_stopping``); any other is
+        the ones ablab runs per seed become their own keys (``early_stopping``,
+        ``reduce_lr_on_plateau``); any other is
         refused with the reason (:func:`callback_spec`)."""
         if not isinstance(data, Mapping) or "callbacks" not in data:
             return data
@@ -318,6 +356,24 @@ class TrainSpec(_Strict):
                     else "give a finite value (see the keras.optimizers argument's docs)",
                     relative=True,
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _plateau_needs_a_number(self) -> TrainSpec:
+        """ReduceLROnPlateau sets the optimizer's learning rate: a schedule has none to set
+        (``fit`` raises TypeError at the first reduction)."""
+        if self.reduce_lr_on_plateau is None or isinstance(self.optimizer, str):
+            return self
+        lr = (self.optimizer.model_extra or {}).get("learning_rate")
+        if isinstance(lr, Mapping):
+            raise _KeyedError(
+                "reduce_lr_on_plateau",
+                "an optimizer whose learning_rate is a number",
+                f"learning_rate = {dict(lr)!r} (a schedule)",
+                "give the optimizer a number as learning_rate, or drop ReduceLROnPlateau "
+                "(Keras cannot lower a schedule's rate either)",
+                relative=True,
+            )
         return self
 
     def optimizer_config(self) -> dict[str, Any]:
