@@ -234,6 +234,23 @@ def load_run(run_dir: RunDir) -> tuple[RunDocument, dict[str, VariantHistory]]:
     return run_document(meta, status, saved, histories), histories
 
 
+def load_finished_run(
+    run_dir: RunDir, verb: str = "open"
+) -> tuple[RunDocument, dict[str, VariantHistory]]:
+    """:func:`load_run` of a run with at least one finished cell (else ``InputError``:
+    nothing to ``verb``)."""
+    doc, histories = load_run(run_dir)
+    if not histories:
+        raise InputError(
+            where=str(run_dir.path),
+            key="cells",
+            expected="a run with at least one finished cell",
+            got=f"state {doc['state']!r} with no finished cell",
+            fix=f"{verb} a run that trained at least one seed chunk (`ablab show` lists runs)",
+        )
+    return doc, histories
+
+
 def rejudge(
     run_dir: RunDir,
     *,

@@ -156,19 +156,11 @@ def stored_result(run_dir: RunDir) -> RunResult:
     a run that never finished: its ``state`` says so)."""
     from dataclasses import fields
 
-    from ablab.analysis.document import load_run
+    from ablab.analysis.document import load_finished_run
     from ablab.errors import InputError
 
-    document, histories = load_run(run_dir)
+    document, histories = load_finished_run(run_dir, "open")
     doc: dict[str, Any] = dict(document)  # read as plain JSON below
-    if not histories:
-        raise InputError(
-            where=str(run_dir.path),
-            key="cells",
-            expected="a run with at least one finished cell",
-            got=f"state {doc['state']!r} with no finished cell",
-            fix="open a run that trained at least one seed chunk (`ablab show` lists runs)",
-        )
     try:
         study = Study.model_validate(doc["study"])
     except Exception as exc:

@@ -23,7 +23,6 @@ import numpy as np
 import pyarrow as pa
 from matplotlib.figure import Figure
 
-from ablab.errors import InputError
 from ablab.execution.result import RunResult
 from ablab.output import figures as figs
 from ablab.output.figures import Band
@@ -168,17 +167,9 @@ class ReportData:
 
     @classmethod
     def from_run(cls, run_dir: RunDir) -> ReportData:
-        from ablab.analysis.document import load_run
+        from ablab.analysis.document import load_finished_run
 
-        doc, histories = load_run(run_dir)
-        if not histories:
-            raise InputError(
-                where=str(run_dir.path),
-                key="cells",
-                expected="a run with at least one finished cell",
-                got=f"state {doc['state']!r} with no finished cell",
-                fix="report a run that trained at least one seed chunk (`ablab show` lists runs)",
-            )
+        doc, histories = load_finished_run(run_dir, "report")
         return cls(doc, histories, [str(f) for f in run_dir.done_probe_files()])
 
     # -- computed data ---------------------------------------------------------------------
