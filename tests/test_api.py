@@ -185,7 +185,7 @@ def _not_a_model() -> str:
         ({"y": None}, "y", "y=x for an autoencoder"),
         ({"variants": {"baseline": build_plain}}, "variants", "other than 'baseline'"),
         (
-            {"fit": {"callbacks": [keras.callbacks.ReduceLROnPlateau()]}},
+            {"fit": {"callbacks": [keras.callbacks.TerminateOnNaN()]}},
             "fit.callbacks[0]",
             "--engine reference",
         ),
