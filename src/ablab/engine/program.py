@@ -171,6 +171,19 @@ def steps_limit(steps_per_epoch: int | None, n_train: int, batch_size: int) -> i
     return steps_per_epoch
 
 
+def is_improvement(
+    value: jax.Array, reference: jax.Array | float, minimize: bool, min_delta: float
+) -> jax.Array:
+    """``keras.callbacks.MonitorCallback._is_improvement`` (shared by EarlyStopping and
+    ReduceLROnPlateau), traced in float32: ``value`` beats ``reference`` by more than
+    ``min_delta`` in the monitor's direction."""
+    ref = jnp.asarray(reference, jnp.float32)
+    delta = jnp.float32(min_delta)
+    if minimize:
+        return jnp.less(value + delta, ref)
+    return jnp.greater(value - delta, ref)
+
+
 class StopState(NamedTuple):
     """One seed's ``keras.callbacks.EarlyStopping`` state, carried through the epoch scan."""
 
@@ -210,11 +223,7 @@ class StoppingRule:
         )
 
     def _improves(self, value: jax.Array, reference: jax.Array | float) -> jax.Array:
-        ref = jnp.asarray(reference, jnp.float32)
-        delta = jnp.float32(self.min_delta)
-        if self.minimize:
-            return jnp.less(value + delta, ref)
-        return jnp.greater(value - delta, ref)
+        return is_improvement(value, reference, self.minimize, self.min_delta)
 
     def update(self, st: StopState, value: jax.Array, epoch: jax.Array) -> StopState:
         """The state after epoch ``epoch`` logged ``value``; a stopped seed's stays."""
@@ -310,11 +319,7 @@ class PlateauRule:
     def update(self, st: PlateauState, value: jax.Array) -> PlateauState:
         """The state after an epoch logged ``value``."""
         value = jnp.asarray(value, jnp.float32)
-        delta = jnp.float32(self.min_delta)
-        if self.minimize:
-            better = jnp.less(value + delta, st.best)
-        else:
-            better = jnp.greater(value - delta, st.best)
+        better = is_improvement(value, st.best, self.minimize, self.min_delta)
         cooling = st.cooldown > 0
         cooldown = jnp.where(cooling, st.cooldown - 1, st.cooldown)
         wait = jnp.where(cooling, 0, st.wait)

@@ -328,18 +328,10 @@ def _data(x: Any, y: Any, fit: Mapping[str, Any] | None, staging: Path) -> dict[
             "None",
             "pass y=x for an autoencoder (the target is the input)",
         )
-    xa, ya = _arrays("x", x), _arrays("y", y)
-    rows = _rows(xa)
-    _same_rows_all("y", ya, rows, "x")
-    arrays: dict[str, np.ndarray] = {}
-    spec: dict[str, Any] = {"path": "data/arrays.npz"}
-    _store(arrays, spec, "x", xa, "x_key", "x_keys")
-    _store(arrays, spec, "y", ya, "target", "targets")
     fit = fit or {}
-    if fit.get("sample_weight") is not None:
-        sw = _array("fit.sample_weight", fit["sample_weight"])
-        _same_rows("fit.sample_weight", sw, rows, "x")
-        arrays["sample_weight"], spec["sample_weight"] = sw, "sample_weight"
+    arrays, spec = _rows_of(
+        "data/arrays.npz", "x", x, "y", y, "fit.sample_weight", fit.get("sample_weight"), "x"
+    )
     if fit.get("validation_data") is not None:
         val = fit["validation_data"]
         if not isinstance(val, list | tuple) or len(val) not in (2, 3):
@@ -349,24 +341,39 @@ def _data(x: Any, y: Any, fit: Mapping[str, Any] | None, staging: Path) -> dict[
                 short_repr(val),
                 "pass validation_data=(x_val, y_val)",
             )
-        vx = _arrays("fit.validation_data[0]", val[0])
-        vy = _arrays("fit.validation_data[1]", val[1])
-        vrows = _rows(vx)
-        _same_rows_all("fit.validation_data[1]", vy, vrows, "validation_data[0]")
-        vals: dict[str, np.ndarray] = {}
-        vspec: dict[str, Any] = {"path": "data/validation.npz"}
-        _store(vals, vspec, "x", vx, "x_key", "x_keys")
-        _store(vals, vspec, "y", vy, "target", "targets")
-        if len(val) == 3 and val[2] is not None:
-            vsw = _array("fit.validation_data[2]", val[2])
-            _same_rows("fit.validation_data[2]", vsw, vrows, "validation_data[0]")
-            vals["sample_weight"], vspec["sample_weight"] = vsw, "sample_weight"
+        vals, vspec = _rows_of(
+            "data/validation.npz",
+            "fit.validation_data[0]", val[0],
+            "fit.validation_data[1]", val[1],
+            "fit.validation_data[2]", val[2] if len(val) == 3 else None,
+            "validation_data[0]",
+        )  # fmt: skip
         (staging / "data").mkdir(parents=True, exist_ok=True)
         (staging / "data" / "validation.npz").write_bytes(_npz(vals))
         spec["validation"] = vspec
     (staging / "data").mkdir(parents=True, exist_ok=True)
     (staging / "data" / "arrays.npz").write_bytes(_npz(arrays))
     return spec
+
+
+def _rows_of(
+    path: str, x_key: str, x: Any, y_key: str, y: Any, sw_key: str, sw: Any, x_name: str
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """One set of rows (training, or ``validation_data``): its arrays, checked for one row
+    count (named by ``x_key`` / ``y_key`` / ``sw_key``, against ``x_name``), and the data
+    table entries that name them in the npz file ``path``."""
+    xa, ya = _arrays(x_key, x), _arrays(y_key, y)
+    rows = _rows(xa)
+    _same_rows_all(y_key, ya, rows, x_name)
+    arrays: dict[str, np.ndarray] = {}
+    spec: dict[str, Any] = {"path": path}
+    _store(arrays, spec, "x", xa, "x_key", "x_keys")
+    _store(arrays, spec, "y", ya, "target", "targets")
+    if sw is not None:
+        weights = _array(sw_key, sw)
+        _same_rows(sw_key, weights, rows, x_name)
+        arrays["sample_weight"], spec["sample_weight"] = weights, "sample_weight"
+    return arrays, spec
 
 
 def _in_ablate_terms(exc: StudyError) -> StudyError:
