@@ -27,15 +27,24 @@ def test_seed_chunks_cover_every_seed_once_with_equal_lengths() -> None:
     np.testing.assert_array_equal(real, np.arange(10, 17))
 
 
+class _Sized:
+    """A program as choose_chunk_size sees it: only its per-seed memory estimate."""
+
+    def __init__(self, per_seed_bytes: int) -> None:
+        self.bytes = per_seed_bytes
+
+    def per_seed_bytes(self) -> int:
+        return self.bytes
+
+
 @pytest.mark.parametrize(
     ("budget_mb", "explicit", "expected"), [(2048.0, None, 500), (2048.0, 7, 7), (1e-3, None, 1)]
 )
 def test_chunk_size_choice(
     seed_programs: dict[str, VariantProgram], budget_mb: float, explicit: int | None, expected: int
 ) -> None:
-    assert choose_chunk_size(seed_programs["bn"], 1000, budget_mb, explicit) == expected
-    # 100,000 seeds at the 1,024 cap: 98 chunks of 1,021 (balanced, 58 seeds of padding)
-    assert choose_chunk_size(seed_programs["bn"], 100_000, 2048.0) == 1021
+    program = seed_programs["plain"]
+    assert choose_chunk_size(program, 1000, budget_mb, explicit) == expected
 
 
 def test_a_variant_with_enough_seeds_gets_two_cells(
@@ -43,12 +52,38 @@ def test_a_variant_with_enough_seeds_gets_two_cells(
 ) -> None:
     """One cell per variant left a worker idle (issue #17): 64 seeds and more make two cells
     of one size (one compiled program); fewer stay one cell. The study alone decides."""
-    program = seed_programs["bn"]
+    program = seed_programs["plain"]
     assert choose_chunk_size(program, 1000, 2048.0) == 500
     assert choose_chunk_size(program, 200, 2048.0) == 100
     assert choose_chunk_size(program, 65, 2048.0) == 33  # 2 cells, one padded seed
     assert choose_chunk_size(program, 63, 2048.0) == 63
-    assert choose_chunk_size(program, 3000, 2048.0) == 1000
+
+
+def test_a_cell_working_set_stays_in_the_caches_on_cpu(
+    seed_programs: dict[str, VariantProgram], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a CPU backend a cell holds at most 16 MiB of per-seed memory (measured in issue #17:
+    the digits CNN 1.8x, MLP 64-512-10 1.3x faster at that size than in cells of 100), at
+    least 8 seeds, then balanced; an accelerator keeps big cells (the 1,024 cap)."""
+    program = seed_programs["plain"]
+    per_seed = program.per_seed_bytes()
+    cap = _engine.CELL_WORKING_SET_BYTES // per_seed  # the seed study's plain: ~800 seeds
+    assert 500 < cap < 1024
+    # 3,000 seeds: ceil(3000 / cap) = 4 balanced cells of 750 (without the cap: 3 of 1,000)
+    assert choose_chunk_size(program, 3000, 2048.0) == 3000 // -(-3000 // cap)
+    assert choose_chunk_size(program, 100_000, 2048.0) * per_seed <= 16 * 2**20
+    # a CNN-sized seed (2.5 MiB: examples/digits_cnn.toml's bn variant is ~2.4 MiB): 6 seeds
+    # fit 16 MiB, but a cell has at least 8; 200 seeds are 25 cells of 8
+    cnn = _Sized(int(2.5 * 2**20))
+    assert choose_chunk_size(cnn, 200, 2048.0) == 8  # type: ignore[arg-type]
+    assert choose_chunk_size(cnn, 5, 2048.0) == 5  # type: ignore[arg-type]
+    assert choose_chunk_size(_Sized(2**20), 200, 2048.0) == 16  # type: ignore[arg-type]
+    # the memory budget still wins when it is tighter
+    assert choose_chunk_size(_Sized(2**20), 200, 4.0) == 4  # type: ignore[arg-type]
+    # an accelerator: no cache cap; the 1,024 cap, then balanced (100,000 seeds: 98 x 1,021)
+    monkeypatch.setattr(_engine.jax, "default_backend", lambda: "gpu")
+    assert choose_chunk_size(cnn, 200, 2048.0) == 100  # type: ignore[arg-type]
+    assert choose_chunk_size(program, 100_000, 2048.0) == 1021
 
 
 def test_workers_within_budget() -> None:
