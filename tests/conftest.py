@@ -19,6 +19,12 @@ os.environ.setdefault(
     str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "xla-compilation-cache"),
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# ablab's own cache folder (the traced programs it keeps: ablab.engine.trace_cache) beside it,
+# not in the user's ~/.cache
+os.environ.setdefault(
+    "ABLAB_COMPILATION_CACHE",
+    str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "ablab-cache"),
+)
 
 import jax
 import pytest

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import math
 
 import keras
@@ -197,6 +198,11 @@ def build_program(
         probes = False  # the probes read one input array; not recorded for these models
     check_monitor(study, variant, parts, prepared.model)
     program = VariantProgram(prepared, parts, probes=probes)
+    layers = study.variant_layers(variant)
+    if layers is not None and study.variants[variant].builder is None:
+        # the model is its layer list (with the data's shapes): what keys its kept traces
+        description = {"variant": variant, "layers": layers}
+        program.model_description = json.dumps(description, sort_keys=True, default=repr)
     if probes:  # the probes' own memory, now that the program knows it
         check_memory(study, variant, parts, prepared.model, program.footprint())
     return program

@@ -18,6 +18,8 @@ pre-update batch losses (Keras' loss tracker).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import math
 import threading
@@ -32,7 +34,7 @@ import keras
 import numpy as np
 
 from ablab._keras import early_stopping_minimizes, flatten_layers
-from ablab.engine import lowering
+from ablab.engine import lowering, trace_cache
 from ablab.engine.data import Split, row_shape
 from ablab.engine.initial_state import SHUFFLE_STREAM, initial_state, stream_key
 from ablab.engine.memory import Footprint, activation_elements, footprint
@@ -452,6 +454,10 @@ class VariantProgram:
         )
         self._compiled: dict[tuple[str, int], Any] = {}  # (program, seeds) -> executable
         self._compiling = threading.Lock()  # cells of one program may run in several threads
+        self._exportable = True  # traced through jax.export (trace_cache) until that fails
+        self.model_description: str | None = None
+        """The study's description of the model (its layer list, JSON): set by
+        ``build_program`` for a model built from one; the key of its kept traces."""
         self.compile_seconds: dict[int, float] = {}
 
     # -- the traced program --------------------------------------------------------------
@@ -562,13 +568,84 @@ class VariantProgram:
             return self._compiled[key]
 
     def _lower_program(self, program: str, n: int) -> Any:
-        """``program`` for ``n`` seeds traced and lowered (``jax.stages.Lowered``)."""
+        """``program`` for ``n`` seeds traced and lowered (``jax.stages.Lowered``).
+
+        A model of Keras' own objects is traced through ``jax.export`` and its trace kept
+        between runs (``ablab.engine.trace_cache``: a warm run loads it instead of tracing);
+        the user's classes are traced every time."""
         ids = jax.ShapeDtypeStruct((n,), jnp.uint32)
+        fn: Callable[..., Any]
+        args: tuple[Any, ...]
+        context: Callable[[], contextlib.AbstractContextManager[Any]]
         if program == "init":
-            return jax.jit(lambda i: initial_state(self.prepared, i)).lower(ids)
-        fn = functools.partial(self._all_seeds, recorder=self._recorder(program))
-        with lowering.lowered():  # traced with conv / pooling lowerings XLA runs well
-            return jax.jit(fn).lower(ids, self._data)
+            fn, args, context = (
+                lambda i: initial_state(self.prepared, i),
+                (ids,),
+                contextlib.nullcontext,
+            )
+        else:
+            recorder = self._recorder(program)
+            fn = functools.partial(self._all_seeds, recorder=recorder)
+            # traced with conv / pooling lowerings XLA runs well
+            args, context = (ids, self._data), lowering.lowered
+        if self._exportable:
+            try:
+                exported = trace_cache.exported_program(
+                    self._trace_key(program, n), fn, args, context
+                )
+            except Exception:  # not exportable after all (an effect, a custom call): trace
+                self._exportable = False
+            else:
+                return jax.jit(exported.call).lower(*args)
+        with context():
+            return jax.jit(fn).lower(*args)
+
+    def _trace_key(self, program: str, n: int) -> str | None:
+        """What this program's trace depends on (``trace_cache.program_key``); None: keep no
+        trace of it (a model not described by a study's layer list, or one holding the
+        user's code)."""
+        prepared = self.prepared
+        if self.model_description is None:
+            return None
+        try:
+            train_json = prepared.train.model_dump_json()
+        except Exception:  # an object without a config: nothing to key it by
+            return None
+        if not trace_cache.own_objects_only(prepared.model, [self.model_description, train_json]):
+            return None
+        spec = self._probe_spec
+        data = [
+            None if a is None else (str(a.dtype), list(a.shape))
+            for a in jax.tree.leaves(self._data, is_leaf=lambda a: a is None)
+        ]
+        return trace_cache.program_key(
+            {
+                "program": program,
+                "seeds": n,
+                "probes": None
+                if spec is None or program != "train"
+                else {
+                    "layers": spec.layers,
+                    "bn": [
+                        {
+                            k: getattr(b, k)
+                            for k in ("layer_id", "momentum", "sub_tv", "sub_ntv", "axis")
+                        }
+                        | {"indices": [b.mean_index, b.var_index]}
+                        for b in spec.bn
+                    ],
+                },
+                "model": self.model_description,
+                "train": train_json,
+                "ids": [prepared.trainable_ids, prepared.non_trainable_ids, prepared.seed_state],
+                "output_shape": list(prepared.output_shape),
+                "layout": dataclasses.asdict(self.layout),
+                "stopping": None if self.stopping is None else repr(self.stopping),
+                "plateau": None if self.plateau is None else repr(self.plateau),
+                "data": [str(jax.tree.structure(self._data)), data],
+                "constants": trace_cache.array_digest(self._optimizer0 + self._metrics0),
+            }
+        )
 
     def _compile_program(self, program: str, n: int) -> Any:
         return self._lower_program(program, n).compile(compiler_options=compiler_options())
