@@ -6,10 +6,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jax
+import keras
 import numpy as np
 import pytest
 
 import ablab
+from ablab.engine import probes as _probes
 from ablab.engine import trace_cache
 from ablab.engine.build import build_program
 from ablab.engine.program import VariantProgram
@@ -40,11 +43,27 @@ def _no_tracing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(VariantProgram, "_all_seeds", refuse)
 
 
+CNN_STUDY = (
+    TINY_STUDY.replace("shape = [100, 12]", "shape = [100, 16]")
+    .replace("units = 12 }]", "units = 16 }]")
+    .replace(
+        '[{ layer = "Dense", units = 8 }, { layer = "BatchNormalization" },',
+        '[{ layer = "Reshape", target_shape = [4, 4, 1] },\n'
+        '{ layer = "Conv2D", filters = 2, kernel_size = 3, padding = "same" },\n'
+        '{ layer = "BatchNormalization" }, { layer = "MaxPooling2D", pool_size = 2 },\n'
+        '{ layer = "Flatten" },',
+    )
+)
+
+
+@pytest.mark.parametrize("text", [TINY_STUDY, CNN_STUDY], ids=["dense_bn", "conv_bn_pool"])
 def test_a_stored_trace_is_loaded_instead_of_traced_and_gives_the_same_bits(
-    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch, text: str
 ) -> None:
-    """The seed study's warm run traced 12 programs again (~3 s of 14 s, issue #17)."""
-    study = _study(tmp_path)
+    """The seed study's warm run traced 12 programs again (~3 s of 14 s, issue #17). The
+    stored program, loaded, gives what plain tracing gives, bit for bit (History, step and
+    epoch probes), the conv / pool lowerings included."""
+    study = _study(tmp_path, text)
     first = build_program(study, "bn", probes=True).run(SEEDS)
     direct = build_program(study, "bn", probes=True)
     direct._exportable = False  # plain jax.jit tracing, as before the trace cache
@@ -54,7 +73,7 @@ def test_a_stored_trace_is_loaded_instead_of_traced_and_gives_the_same_bits(
 
     _no_tracing(monkeypatch)
     again = build_program(study, "bn", probes=True).run(SEEDS)
-    for got in (again, traced):  # History, step probes and epoch probes, bit for bit
+    for got in (again, traced):
         for ours, theirs in zip(first, got, strict=True):
             assert ours is not None and theirs is not None
             assert ours.keys() == theirs.keys()
@@ -98,6 +117,18 @@ def test_what_the_trace_depends_on_changes_its_key(
             probes=False,
         )._trace_key("train", 4),
     }
+    program = build_program(study, "plain", probes=False)
+    with jax.default_matmul_precision("highest"):  # any JAX setting, thread-local ones too
+        variants["jax_config"] = program._trace_key("train", 4)
+    bn = build_program(study, "bn", probes=True)
+    probed = bn._trace_key("train", 4)
+    monkeypatch.setattr(_probes, "BN_PROBE_ROWS", 5)  # the BN probe's chunked path
+    variants["bn_probe_rows"] = bn._trace_key("train", 4)
+    variants["bn_probed"] = probed
+    monkeypatch.setattr(trace_cache.jax, "default_backend", lambda: "gpu")
+    variants["backend"] = program._trace_key("train", 4)
+    monkeypatch.undo()
+    monkeypatch.setenv("ABLAB_COMPILATION_CACHE", str(cache.parent.parent))
     monkeypatch.setenv("ABLAB_LOWERINGS", "0")
     variants["lowerings"] = build_program(study, "plain", probes=False)._trace_key("train", 4)
     assert None not in variants.values()
@@ -128,6 +159,23 @@ def test_the_users_code_is_traced_every_time(tmp_path: Path, cache: Path) -> Non
     assert program._trace_key("train", 4) is None
     program.run(SEEDS)
     assert not list(cache.glob("*.jaxexport"))
+
+
+def _twice(x: object) -> object:
+    return x
+
+
+def test_an_object_registered_with_keras_may_be_the_users_code(tmp_path: Path, cache: Path) -> None:
+    """A plain name in a config may resolve to an object the user registered with Keras
+    (``keras.saving.get_custom_objects()``): nothing is kept while the user has registered
+    anything (ablab's own registrations, ``ablab>...``, do not count)."""
+    study = _study(tmp_path)
+    assert build_program(study, "plain", probes=False)._trace_key("train", 4) is not None
+    keras.saving.get_custom_objects()["twice"] = _twice
+    try:
+        assert build_program(study, "plain", probes=False)._trace_key("train", 4) is None
+    finally:
+        del keras.saving.get_custom_objects()["twice"]
 
 
 def test_no_trace_is_kept_with_the_compilation_cache_off(

@@ -202,7 +202,10 @@ def build_program(
     if layers is not None and study.variants[variant].builder is None:
         # the model is its layer list (with the data's shapes): what keys its kept traces
         description = {"variant": variant, "layers": layers}
-        program.model_description = json.dumps(description, sort_keys=True, default=repr)
+        try:  # strict: a Python object in the list (not TOML / JSON) has no faithful text
+            program.model_description = json.dumps(description, sort_keys=True)
+        except (TypeError, ValueError):
+            program.model_description = None
     if probes:  # the probes' own memory, now that the program knows it
         check_memory(study, variant, parts, prepared.model, program.footprint())
     return program

@@ -35,6 +35,7 @@ import numpy as np
 
 from ablab._keras import early_stopping_minimizes, flatten_layers
 from ablab.engine import lowering, trace_cache
+from ablab.engine import probes as _probes
 from ablab.engine.data import Split, row_shape
 from ablab.engine.initial_state import SHUFFLE_STREAM, initial_state, stream_key
 from ablab.engine.memory import Footprint, activation_elements, footprint
@@ -588,15 +589,13 @@ class VariantProgram:
             fn = functools.partial(self._all_seeds, recorder=recorder)
             # traced with conv / pooling lowerings XLA runs well
             args, context = (ids, self._data), lowering.lowered
-        if self._exportable:
+        key = self._trace_key(program, n) if self._exportable else None
+        if key is not None:
             try:
-                exported = trace_cache.exported_program(
-                    self._trace_key(program, n), fn, args, context
-                )
+                exported = trace_cache.exported_program(key, fn, args, context)
+                return jax.jit(exported.call).lower(*args)
             except Exception:  # not exportable after all (an effect, a custom call): trace
                 self._exportable = False
-            else:
-                return jax.jit(exported.call).lower(*args)
         with context():
             return jax.jit(fn).lower(*args)
 
@@ -625,6 +624,7 @@ class VariantProgram:
                 "probes": None
                 if spec is None or program != "train"
                 else {
+                    "bn_probe_rows": _probes.BN_PROBE_ROWS,  # (patched by a test)
                     "layers": spec.layers,
                     "bn": [
                         {

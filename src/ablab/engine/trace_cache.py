@@ -7,27 +7,31 @@ initial-weight programs). Here a traced program is exported (``jax.export``: its
 and pytree structure), stored under a key of everything the trace depends on, and a later
 run loads it instead of tracing. The stored program is what would be traced again, so the
 results are the same bits (the engine compiles the exported module on a miss too: one path,
-one XLA cache entry).
+one XLA cache entry per program).
 
 The key is conservative. A trace depends on code, settings and shapes, never on the data's
 values (the rows are the program's arguments); the key covers:
 
-* the program (train / trajectory / init), its seed count and recorder (probes, their
-  layers);
-* the model's Keras JSON (architecture, every layer's config and initializers, its compile
-  config) and the study's [train] table (loss, optimizer, metrics, fit arguments, early
-  stopping, learning-rate schedule), the epoch layout (rows, batches, shuffle, steps), the
+* the program (train / trajectory / init), its seed count and recorder (probes: their
+  layers, BatchNormalization's, the rows per BN-probe chunk);
+* the study's description of the model -- its layer list, as strict JSON (with the data's
+  shapes it is the whole Keras model: ``keras.Sequential`` of those layers) -- and the
+  variant's [train] table (loss, optimizer, metrics, fit arguments, early stopping,
+  ReduceLROnPlateau, dtype policy), the epoch layout (rows, batches, shuffle, steps), the
   optimizer's and metrics' initial values, and the argument shapes and dtypes;
-* ablab's own source files, the versions of Python, jax, jaxlib, keras and numpy, every JAX
-  config value (dtype promotion, x64, PRNG, matmul precision, ...) and Keras' (floatx,
-  epsilon, dtype policy, image data format), and the lowerings in use
-  (``$ABLAB_LOWERINGS``).
+* ablab's own source files, the versions of Python, jax, jaxlib, keras and numpy, the
+  backend and device kind, every JAX config value (dtype promotion, x64, PRNG, matmul
+  precision, ...) and Keras' (floatx, epsilon, dtype policy, image data format), and the
+  lowerings in use (``$ABLAB_LOWERINGS``).
 
-Only programs of Keras' (and ablab's) own objects are kept: a model holding the user's
-classes or functions (a custom layer, activation, loss), a subclassed model or callback
-objects is traced every time, since its Python code could change without its config
-changing. Off with the compilation cache (``ABLAB_COMPILATION_CACHE=0`` / ``--no-compilation-
-cache``); stored next to it (``<cache>/traces``), at most :data:`MAX_BYTES` (oldest dropped).
+Only models built from a study's layer list of Keras' (and ablab's) own objects are kept
+(:func:`own_objects_only`): a builder, a stored or given model object, a layer or function of
+the user's (``"file.py:Class"``, a registered ``"Package>name"``, a callable held by a layer),
+or anything the user registered with Keras is traced every time, since its Python code could
+change without its config changing. Off with the compilation cache
+(``ABLAB_COMPILATION_CACHE=0`` / ``--no-compilation-cache``); stored next to it
+(``<cache>/traces``), at most :data:`MAX_BYTES` (least recently used dropped first). A trace
+that fails to load, export or lower is traced again the plain way.
 """
 
 from __future__ import annotations
@@ -83,29 +87,37 @@ def trace_dir() -> Path | None:
 
 
 @functools.cache
-def _environment_key() -> str:
-    """Versions and settings every trace depends on (per process: they do not change)."""
+def _versions() -> dict[str, str]:
+    """The versions every trace depends on (fixed for the process)."""
     import jaxlib
 
+    return {
+        "python": sys.version,
+        "machine": platform.machine(),
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "keras": keras.__version__,
+        "numpy": np.__version__,
+        "ablab": source_digest(),
+    }
+
+
+def _environment() -> dict[str, Any]:
+    """Versions, the backend and every JAX config value, thread-local ones included (read at
+    each key: a ``jax.config.update`` between two programs must change the key)."""
     config = {
         k: repr(v)
         for k, v in sorted(jax.config.values.items())
         # where caches and logs go, and how chatty JAX is, do not change a program
         if not any(word in k for word in ("cache", "log", "explain", "traceback", "debug"))
     }
-    return json.dumps(
-        {
-            "python": sys.version,
-            "machine": platform.machine(),
-            "jax": jax.__version__,
-            "jaxlib": jaxlib.__version__,
-            "keras": keras.__version__,
-            "numpy": np.__version__,
-            "ablab": source_digest(),
-            "jax_config": config,
-        },
-        sort_keys=True,
-    )
+    device = jax.devices()[0]
+    return {
+        **_versions(),
+        "backend": jax.default_backend(),
+        "device": getattr(device, "device_kind", str(device.platform)),
+        "jax_config": config,  # (with a `with jax.default_matmul_precision(...)` block's)
+    }
 
 
 def _keras_config() -> dict[str, Any]:
@@ -118,25 +130,50 @@ def _keras_config() -> dict[str, Any]:
     }
 
 
-def own_objects_only(model: keras.Model, configs: list[str]) -> bool:
-    """Are ``model`` (a Sequential or functional model) and ``configs`` (JSON: the study's
-    layer list, its [train] table) made of Keras' and ablab's own classes and functions only?
-    Only then do their configs describe their code."""
-    from ablab.engine.reference import user_objects
+_OWN = ("keras", "ablab")
+_HARMLESS = (*_OWN, "builtins", "numpy", "jax", "jaxlib")
 
+
+def own_objects_only(model: keras.Model, configs: list[str]) -> bool:
+    """Are ``model`` (a Sequential or functional model) and ``configs`` (strict JSON: the
+    study's layer list, its [train] table) made of Keras' and ablab's own classes and
+    functions only? Only then do their configs describe their code: any class of the user's,
+    any function or callable object a layer holds that is not Keras', any object registered
+    with Keras by the user, or a name of the user's code (``"file.py:name"``,
+    ``"module:name"``, ``"Package>name"``) keeps no trace."""
     cls = type(model)
     if cls.__module__.split(".")[0] != "keras" or cls.__name__ not in ("Sequential", "Functional"):
         return False  # a subclassed model: its call() is code, not config
+    registered = keras.saving.get_custom_objects()
+    if any(not name.startswith("ablab>") for name in registered):
+        return False  # a plain name in a config may resolve to the user's object
     for layer in flatten_layers(model, include_self=False):
-        if type(layer).__module__.split(".")[0] not in ("keras", "ablab"):
+        if type(layer).__module__.split(".")[0] not in _OWN:
             return False
-    if user_objects(model):  # the user's activations, initializers, ... held by layers
-        return False
-    # a layer, loss, metric or callback of the user's is named "file.py:name" / "module:name"
+        for held in _held(vars(layer).values()):
+            if isinstance(held, keras.Layer | type):
+                continue
+            if callable(held) or hasattr(held, "get_config"):
+                module = getattr(held, "__module__", None) or type(held).__module__
+                if (module or "").split(".")[0] not in _HARMLESS:
+                    return False
     strings: list[str] = []
     for config in configs:
         _strings(json.loads(config), strings)
-    return not any(":" in s for s in strings)
+    return not any(":" in s or ">" in s for s in strings)
+
+
+def _held(values: Any) -> list[Any]:
+    """Objects held directly or in lists, tuples and dicts (one level deep)."""
+    out: list[Any] = []
+    for v in values:
+        if isinstance(v, list | tuple):
+            out.extend(v)
+        elif isinstance(v, dict):
+            out.extend(v.values())
+        else:
+            out.append(v)
+    return out
 
 
 def _strings(tree: Any, out: list[str]) -> None:
@@ -161,7 +198,7 @@ def program_key(parts: dict[str, Any]) -> str:
             "program": parts,
             "keras": _keras_config(),
             "lowerings": sorted(lowering.enabled()),
-            "environment": _environment_key(),
+            "environment": _environment(),
         },
         sort_keys=True,
         default=repr,
@@ -183,6 +220,7 @@ def array_digest(arrays: list[Any]) -> str:
 def _load(path: Path) -> Any | None:
     try:
         blob = path.read_bytes()
+        os.utime(path)  # used now: the eviction drops the least recently used first
     except OSError:
         return None
     try:
@@ -194,13 +232,15 @@ def _load(path: Path) -> Any | None:
 
 def _store(folder: Path, path: Path, exported: Any) -> None:
     """Write atomically (a reader sees the old file or the whole new one), then keep the
-    folder within MAX_BYTES (oldest first out). Failing to store is not an error."""
+    folder within MAX_BYTES (least recently used first out). Failing to store is not an error."""
+    tmp = None
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(exported.serialize())
         os.replace(tmp, path)
+        tmp = None
         with _lock:
             files = sorted(folder.glob(f"*{SUFFIX}"), key=lambda p: p.stat().st_mtime)
             total = sum(p.stat().st_size for p in files)
@@ -211,6 +251,9 @@ def _store(folder: Path, path: Path, exported: Any) -> None:
                 old.unlink(missing_ok=True)
     except OSError:
         pass
+    finally:
+        if tmp is not None:  # a failed write leaves nothing behind
+            Path(tmp).unlink(missing_ok=True)
 
 
 def exported_program(

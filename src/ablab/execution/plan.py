@@ -137,6 +137,7 @@ def make_plan(
             cells.append(Cell(variant, k, ids, real, probed))
         if program.probes and any(c.variant == variant and not c.probes for c in cells):
             plain[variant] = VariantProgram(program.prepared, program.split, probes=False)
+            plain[variant].model_description = program.model_description  # same model
     if workers is not None and (workers < 1 or (reference and workers > 1)):
         raise InputError(
             where=study.source,
