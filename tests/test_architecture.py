@@ -16,6 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "ablab"
 LAYERS = {
     "errors": 0,
     "_keras": 0,
+    "_source": 0,
     "study": 1,
     "store": 2,
     "stats": 3,

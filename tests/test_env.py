@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import ablab
-from ablab.execution.env import differing_keys, environment_fingerprint, source_root
+from ablab._source import source_root
+from ablab.execution.env import differing_keys, environment_fingerprint
 
 
 def test_the_source_digest_covers_every_subpackage_and_the_templates() -> None:

@@ -53,28 +53,11 @@ import keras
 import numpy as np
 
 from ablab._keras import flatten_layers
+from ablab._source import source_digest
 
 MAX_BYTES = 512 * 2**20
 SUFFIX = ".jaxexport"
 _lock = threading.Lock()
-
-
-def source_root() -> Path:
-    """The ``ablab`` package folder: every subpackage's code and templates below it."""
-    return Path(__file__).resolve().parents[1]
-
-
-@functools.cache
-def source_digest() -> str:
-    """sha256 of ablab's own source files: two installs of the same version number with
-    different code (a local edit, another commit) must not pass as the same."""
-    root = source_root()
-    h = hashlib.sha256()
-    for path in sorted(root.rglob("*")):
-        if path.is_file() and path.suffix in (".py", ".j2"):
-            h.update(path.relative_to(root).as_posix().encode())
-            h.update(path.read_bytes())
-    return h.hexdigest()[:16]
 
 
 def trace_dir() -> Path | None:

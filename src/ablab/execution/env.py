@@ -10,12 +10,12 @@ import os
 import platform
 import sys
 from collections.abc import Mapping
-from functools import cache
 from importlib import metadata
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ablab._source import source_digest as _source_digest
 
 _VERSIONED = ("ablab", "keras", "jax", "jaxlib", "numpy")
 
@@ -42,24 +42,6 @@ def environment() -> dict[str, Any]:
         "jax_devices": [str(d) for d in jax.devices()],
         "executable": sys.executable,
     }
-
-
-def source_root() -> Path:
-    """The ``ablab`` package folder: every subpackage's code and templates below it."""
-    return Path(__file__).resolve().parents[1]
-
-
-@cache
-def _source_digest() -> str:
-    """sha256 of ablab's own source files: two installs of the same version number with
-    different code (a local edit, another commit) must not pass as the same."""
-    root = source_root()
-    h = hashlib.sha256()
-    for path in sorted(root.rglob("*")):
-        if path.is_file() and path.suffix in (".py", ".j2"):
-            h.update(path.relative_to(root).as_posix().encode())
-            h.update(path.read_bytes())
-    return h.hexdigest()[:16]
 
 
 def differing_keys(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
