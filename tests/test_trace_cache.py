@@ -4,6 +4,7 @@ changes the key; the user's code is never kept; off with the compilation cache."
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax
@@ -22,12 +23,24 @@ SEEDS = np.arange(4, dtype=np.uint32)
 
 
 @pytest.fixture
-def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A fresh cache folder of the test's own; the traces go to <it>/<versions>/traces."""
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A fresh cache folder of the test's own; the traces go to <it>/<versions>/traces.
+
+    Keras' registry of custom objects is emptied meanwhile (ablab's own entries kept): other
+    test files in this process register their layers (tests/layer_models.py), and while
+    anything of the user's is registered no trace is kept at all."""
     monkeypatch.setenv("ABLAB_COMPILATION_CACHE", str(tmp_path / "cache"))
     folder = trace_cache.trace_dir()
     assert folder is not None
-    return folder
+    registry = keras.saving.get_custom_objects()
+    saved = dict(registry)
+    for name in [n for n in registry if not n.startswith("ablab>")]:
+        del registry[name]
+    try:
+        yield folder
+    finally:
+        registry.clear()
+        registry.update(saved)
 
 
 def _study(tmp_path: Path, text: str = TINY_STUDY) -> ablab.Study:
