@@ -589,7 +589,12 @@ class VariantProgram:
             fn = functools.partial(self._all_seeds, recorder=recorder)
             # traced with conv / pooling lowerings XLA runs well
             args, context = (ids, self._data), lowering.lowered
-        key = self._trace_key(program, n) if self._exportable else None
+        key = None
+        if self._exportable:
+            try:
+                key = self._trace_key(program, n)
+            except Exception:  # a model the key cannot describe: traced the plain way
+                self._exportable = False
         if key is not None:
             try:
                 exported = trace_cache.exported_program(key, fn, args, context)
