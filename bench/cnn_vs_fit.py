@@ -39,6 +39,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+# Keras' model serialization (the fit job's model JSON) imports TensorFlow where it is
+# installed: keep its start-up logging off this benchmark's output
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = ROOT / "examples" / "digits_cnn.toml"
 WORKER = ROOT / "src" / "ablab" / "engine" / "fit_worker.py"
