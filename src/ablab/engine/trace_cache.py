@@ -240,12 +240,12 @@ def _store(folder: Path, path: Path, exported: Any) -> None:
 
 
 def exported_program(
-    key: str | None, fn: Callable[..., Any], args: tuple[Any, ...], trace: Callable[[], Any]
+    key: str, fn: Callable[..., Any], args: tuple[Any, ...], trace: Callable[[], Any]
 ) -> Any:
     """``jax.export.Exported`` of ``fn`` at ``args``' shapes: loaded under ``key`` if stored,
-    else exported (``trace()`` sets the tracing context: ``with trace(): ...``), stored when
-    ``key`` is given. Raises what tracing raises."""
-    folder = trace_dir() if key is not None else None
+    else exported (``trace()`` sets the tracing context: ``with trace(): ...``) and stored
+    (unless the cache is off). Raises what tracing raises."""
+    folder = trace_dir()
     path = None if folder is None else folder / f"{key}{SUFFIX}"
     if path is not None and path.exists():
         found = _load(path)
@@ -254,6 +254,6 @@ def exported_program(
     specs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)
     with trace():
         exported = jax.export.export(jax.jit(fn))(*specs)
-    if path is not None and folder is not None:
+    if folder is not None and path is not None:
         _store(folder, path, exported)
     return exported
