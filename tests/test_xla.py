@@ -30,13 +30,14 @@ def _cache_in_a_fresh_process(tmp_path: object, **env: str) -> str:
     import sys
 
     # (the suite sets both for itself: conftest.py)
-    ours = ("JAX_COMPILATION_CACHE_DIR", "ABLAB_COMPILATION_CACHE")
+    ours = ("JAX_COMPILATION_CACHE_DIR", "ABLAB_COMPILATION_CACHE", xla.MIN_COMPILE_ENV)
     clean = {k: v for k, v in os.environ.items() if k not in ours}
     out = subprocess.run(
         [
             sys.executable,
             "-c",
-            "import ablab.engine, jax; print(jax.config.jax_compilation_cache_dir)",
+            "import ablab.engine, jax; c = jax.config; print("
+            "c.jax_persistent_cache_min_compile_time_secs, c.jax_compilation_cache_dir)",
         ],
         capture_output=True,
         text=True,
@@ -60,11 +61,16 @@ def test_the_persistent_compilation_cache_is_on_by_default_per_versions(
 
     import ablab
 
-    used = Path(_cache_in_a_fresh_process(tmp_path))
+    min_s, folder_name = _cache_in_a_fresh_process(tmp_path).split(" ", 1)
+    used = Path(folder_name)
     assert used.parent == tmp_path / "ablab" / "xla" and used.is_dir()
     for version in (jax.__version__, jaxlib.__version__, keras.__version__, ablab.__version__):
         assert version in used.name
-    assert _cache_in_a_fresh_process(tmp_path, ABLAB_COMPILATION_CACHE="0") == "None"
+    # programs compiling in 0.1-1 s are kept too (JAX's default keeps only those over 1 s)
+    assert float(min_s) == xla.MIN_COMPILE_S == 0.1
+    assert _cache_in_a_fresh_process(tmp_path, ABLAB_COMPILATION_CACHE="0") == "1.0 None"
+    mine = _cache_in_a_fresh_process(tmp_path, **{xla.MIN_COMPILE_ENV: "2.5"})
+    assert mine.split(" ")[0] == "2.5"  # the user's own setting wins
     monkeypatch.setenv("ABLAB_COMPILATION_CACHE", str(tmp_path / "mine"))
     folder = xla.cache_dir()
     assert folder is not None and folder.parent == tmp_path / "mine"

@@ -57,6 +57,13 @@ CACHE_ENV = "ABLAB_COMPILATION_CACHE"
 ``$XDG_CACHE_HOME/ablab/xla`` or ``~/.cache/ablab/xla``)."""
 _OFF = ("0", "off", "false", "no")
 CACHE_MAX_BYTES = 4 * 2**30
+# JAX keeps only programs that took >= 1 s to compile (its default). The engine's small
+# programs compile in 0.1-1 s -- each variant's initial-weights program ("init", ~0.45 s),
+# the initializers Keras runs while building a model (~0.3 s each) -- so a warm run compiled
+# them all again: ~1 s of the flagship's warm 10 s (bench/latency.py). Loading an entry
+# takes ~10 ms, so anything over 0.1 s is worth keeping.
+MIN_COMPILE_S = 0.1
+MIN_COMPILE_ENV = "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"
 
 
 def cache_dir() -> Path | None:
@@ -86,7 +93,9 @@ def use_persistent_cache() -> str | None:
     """Turn JAX's persistent compilation cache on in :func:`cache_dir` -- unless the user chose
     one already (``JAX_COMPILATION_CACHE_DIR`` / ``jax.config``) or turned it off. Must run
     before the process' first compilation (JAX settles on its cache then); ablab calls it
-    when ``ablab.engine`` is imported. Returns the folder in use, or None."""
+    when ``ablab.engine`` is imported. In ablab's own folder, programs that took over
+    :data:`MIN_COMPILE_S` to compile are kept (JAX's default: 1 s). Returns the folder in use,
+    or None."""
     chosen = getattr(jax.config, "jax_compilation_cache_dir", None)
     if chosen:
         return str(chosen)
@@ -98,6 +107,8 @@ def use_persistent_cache() -> str | None:
     except OSError:  # a read-only home: compile every time, as without a cache
         return None
     jax.config.update("jax_compilation_cache_dir", str(folder))
+    if MIN_COMPILE_ENV not in os.environ:  # the user's own setting wins
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_S)
     try:  # bounded, evicting least recently used, and entries written under a file lock
         import filelock  # noqa: F401  (JAX needs it for a size limit)
 
