@@ -22,7 +22,6 @@ as infinite); ``first_bad_step`` is then the first epoch (1-based) over toleranc
 from __future__ import annotations
 
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -31,6 +30,7 @@ import numpy as np
 
 from ablab.analysis.backends import BACKENDS, available, run_backends
 from ablab.engine.build import build_program
+from ablab.engine.compiling import Job, compile_programs
 from ablab.engine.program import STOPPED_EPOCH, VariantProgram
 from ablab.engine.reference import worker_problem
 from ablab.engine.sizing import default_workers
@@ -111,15 +111,26 @@ def trajectory_deviation(
 def _all_trajectories(
     programs: list[VariantProgram], seeds: np.ndarray
 ) -> dict[int, dict[str, np.ndarray]]:
-    """``id(program) -> program.trajectories(seeds)``, computed for up to ``default_workers()``
-    programs at once: each compiles two programs (trajectory, initial weights), and XLA
-    compiles one program on one core."""
+    """``id(program) -> program.trajectories(seeds)``. Each program needs two compiled
+    programs (trajectory, initial weights): compiled first, up to ``default_workers()`` at
+    once and each distinct one once (``ablab.engine.compiling``: the programs of variants a
+    check declares equivalent are often the same program); then run, a few seeds each."""
     unique = list({id(p): p for p in programs}.values())
-    if len(unique) <= 1:
-        return {id(p): p.trajectories(seeds) for p in unique}
-    with ThreadPoolExecutor(max_workers=min(len(unique), default_workers())) as pool:
-        done = pool.map(lambda p: p.trajectories(seeds), unique)
-        return {id(p): t for p, t in zip(unique, done, strict=True)}
+    jobs = _trajectory_jobs(unique, len(seeds))
+    compile_programs(jobs, min(len(jobs), default_workers()))
+    return {id(p): p.trajectories(seeds) for p in unique}
+
+
+def _trajectory_jobs(programs: list[VariantProgram], n: int) -> list[Job]:
+    unique = list({id(p): p for p in programs}.values())
+    return [(p, which, n) for which in ("trajectory", "init") for p in unique]
+
+
+def equivalence_jobs(study: Study, programs: dict[str, VariantProgram]) -> list[Job]:
+    """The programs the study's declared equivalence checks will compile (``run_checks``):
+    to compile ahead, while the seeds train (``ablab.engine.compiling.Prefetch``)."""
+    needed = [programs[v] for group in study.checks.equivalent for v in group]
+    return _trajectory_jobs(needed, len(check_seeds(study)))
 
 
 def _trajectory_check(

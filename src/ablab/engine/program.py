@@ -568,6 +568,22 @@ class VariantProgram:
                 self._compiled[key] = self._compile_program(program, n)
             return self._compiled[key]
 
+    def has_executable(self, program: str, n: int) -> bool:
+        """Whether ``program`` for ``n`` seeds is compiled already."""
+        with self._compiling:
+            return (program, n) in self._compiled
+
+    def lower(self, program: str, n: int) -> Any:
+        """``program`` ("train", "trajectory" or "init") for ``n`` seeds, traced and lowered,
+        to be compiled (``ablab.engine.compiling``) and handed back with :meth:`adopt`."""
+        return self._lower_program(program, n)
+
+    def adopt(self, program: str, n: int, executable: Any) -> None:
+        """Use ``executable`` -- ``lower(program, n)`` compiled -- from now on (the first one
+        handed over stays)."""
+        with self._compiling:
+            self._compiled.setdefault((program, n), executable)
+
     def _lower_program(self, program: str, n: int) -> Any:
         """``program`` for ``n`` seeds traced and lowered (``jax.stages.Lowered``).
 

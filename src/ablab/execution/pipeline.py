@@ -18,9 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ablab.analysis.checks import CheckResult, run_checks
+from ablab.analysis.checks import CheckResult, equivalence_jobs, run_checks
 from ablab.analysis.document import stored_histories
 from ablab.analysis.explain import bn_diagnosis, optimum_gaps
+from ablab.engine.compiling import Prefetch
+from ablab.engine.sizing import default_workers
 from ablab.errors import InputError, RunInterrupted
 from ablab.execution.env import environment
 from ablab.execution.executors import EXECUTORS, Cell, Executor, LocalExecutor
@@ -260,6 +262,7 @@ def _execute(
     whole run from its stored cells (the same path whether it ran in one go or resumed)."""
     total = len(plan.cells)
     done = total - len(todo)
+    prefetch = _prefetch_checks(plan)
     try:
         t_train = time.perf_counter()
         try:
@@ -286,7 +289,7 @@ def _execute(
             executor.close()
         train_s = time.perf_counter() - t_train
         trained = sum(c.real for c in todo)
-        result = _analyse(plan, run_dir, progress, compile_s)
+        result = _analyse(plan, run_dir, progress, compile_s, prefetch)
         result.train_s, result.compile_wall_s = train_s, compile_wall
         result.wall_s = time.perf_counter() - t0  # everything: start, compile, train, analysis
         result.runs_per_s = trained / result.wall_s
@@ -295,12 +298,27 @@ def _execute(
             result.executor["workers"] = executor.workers
         run_dir.finish("complete", done, total, result.to_json())
     except KeyboardInterrupt as exc:  # during training, checks or analysis
+        if prefetch is not None:
+            prefetch.cancel()
         run_dir.finish("interrupted", done, total, None)
         raise RunInterrupted(str(run_dir.path), done, total) from exc
     except BaseException:
+        if prefetch is not None:
+            prefetch.cancel()
         run_dir.finish("failed", done, total, None)
         raise
     return result
+
+
+def _prefetch_checks(plan: Plan) -> Prefetch | None:
+    """The declared equivalence checks' programs, compiled in the background while the
+    seeds train and the verdicts are computed (on 2 cores a cold flagship spent ~5 s
+    compiling them after everything else); None when the run has none to compile."""
+    study = plan.study
+    if study.engine.kind == "reference" or not declares_checks(study):
+        return None
+    jobs = equivalence_jobs(study, plan.programs)
+    return Prefetch(jobs, min(len(jobs), default_workers())) if jobs else None
 
 
 def _analyse(
@@ -308,20 +326,18 @@ def _analyse(
     run_dir: RunDir,
     progress: Progress,
     compile_s: dict[str, float],
+    prefetch: Prefetch | None = None,
 ) -> RunResult:
     """Verdicts, checks and explanations of a run whose cells are all stored -- computed
-    from the store, so a resumed run and an uninterrupted one give identical documents."""
+    from the store, so a resumed run and an uninterrupted one give identical documents.
+    The checks come last: their programs compile in the background (``prefetch``) until
+    then."""
     from ablab.analysis.explain import divergence_summary
 
     study = plan.study
     histories = stored_histories(run_dir, list(plan.programs))
     epoch_probes = epoch_probe_arrays(run_dir.probes("epoch"))
     reference = study.engine.kind == "reference"
-    checks: list[CheckResult] = []
-    if declares_checks(study) and reference:
-        checks = [reference_engine_checks_skipped(study)]
-    elif declares_checks(study):
-        checks = run_checks(study, plan.programs, progress=progress)
     explain = {}
     for v, program in plan.programs.items():
         epoch_p = epoch_probes.get(v)
@@ -330,6 +346,16 @@ def _analyse(
             "bn": bn_diagnosis(program, histories[v].values, epoch_p),
             "probes": epoch_p is not None,
         }
+    summary = summarize(histories)
+    comparisons = compare(histories, str(study.baseline), study.verdicts, study=study.resolved())
+    divergence = divergence_summary(histories, study.resolved())
+    checks: list[CheckResult] = []
+    if declares_checks(study) and reference:
+        checks = [reference_engine_checks_skipped(study)]
+    elif declares_checks(study):
+        if prefetch is not None:
+            prefetch.wait()
+        checks = run_checks(study, plan.programs, progress=progress)
     return RunResult(
         run_id=run_dir.run_id,
         run_dir=run_dir.path,
@@ -337,11 +363,11 @@ def _analyse(
         state="complete",
         wall_s=0.0,  # set by the caller, once the analysis is done too
         runs_per_s=0.0,
-        summary=summarize(histories),
+        summary=summary,
         histories=histories,
-        comparisons=compare(histories, str(study.baseline), study.verdicts, study=study.resolved()),
+        comparisons=comparisons,
         checks=checks,
         explain=explain,
-        divergence=divergence_summary(histories, study.resolved()),
+        divergence=divergence,
         compile_s=compile_s,
     )

@@ -4,15 +4,13 @@ written, so bad input leaves nothing behind."""
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import keras
-
 from ablab.analysis.checks import CheckResult
 from ablab.engine.build import build_program
+from ablab.engine.compiling import compile_programs
 from ablab.engine.data import Dataset, load_dataset
 from ablab.engine.program import VariantProgram
 from ablab.engine.sizing import (
@@ -156,29 +154,24 @@ def make_plan(
     return Plan(study, data, programs, plain, cells, sizes, workers)
 
 
-def compile_program(study: Study, variant: str, program: VariantProgram, chunk_size: int) -> float:
-    """Compile ``variant``'s program; a model the vectorized engine cannot trace is bad
-    input, named by its layer, with the way out (``--engine reference``)."""
-    filtering = keras.config.is_traceback_filtering_enabled()
-    keras.config.disable_traceback_filtering()  # keep Keras' frames: they name the layer
-    try:
-        return program.compile(chunk_size)
-    except Exception as exc:
-        layer = program.culprit(exc)
-        if layer is None:  # not the model's fault as far as we can tell: a real failure
-            raise
-        first_line = str(exc).splitlines()[0] if str(exc) else ""
-        raise StudyError(
-            where=study.source,
-            key=f"variants.{variant}",
-            expected="layers the vectorized engine can run (JAX-traceable under vmap and scan)",
-            got=f"layer {layer} failed: {type(exc).__name__}: {first_line}",
-            fix='run this study with `--engine reference` ([engine] kind = "reference"): '
-            "plain model.fit per seed, slower, same tables and verdicts",
-        ) from exc
-    finally:
-        if filtering:
-            keras.config.enable_traceback_filtering()
+def untraceable(
+    study: Study, variant: str, program: VariantProgram, exc: BaseException
+) -> StudyError | None:
+    """A failure to compile ``variant``'s program as bad input, named by the layer to blame,
+    with the way out (``--engine reference``); None when no layer is to blame (a real
+    failure, raised as it is)."""
+    layer = program.culprit(exc)
+    if layer is None:
+        return None
+    first_line = str(exc).splitlines()[0] if str(exc) else ""
+    return StudyError(
+        where=study.source,
+        key=f"variants.{variant}",
+        expected="layers the vectorized engine can run (JAX-traceable under vmap and scan)",
+        got=f"layer {layer} failed: {type(exc).__name__}: {first_line}",
+        fix='run this study with `--engine reference` ([engine] kind = "reference"): '
+        "plain model.fit per seed, slower, same tables and verdicts",
+    )
 
 
 def reference_engine_checks_skipped(study: Study) -> CheckResult:
@@ -215,39 +208,41 @@ def prepare_study(study: Study | str | Path, seeds: int | None, remedies: bool) 
 
 def compile_all(plan: Plan, todo: list[Cell], progress: Progress) -> dict[str, float]:
     """Compile every program the cells in ``todo`` need (before anything is written on a new
-    run: a model the engine cannot trace is bad input), up to ``plan.workers`` variants at
-    once: XLA compiles one program on one core, so a cold start on 2 cores compiles two
-    variants in the time of one. Returns seconds per variant (overlapping when concurrent);
-    a failure is the first failing variant's, in study order."""
+    run: a model the engine cannot trace is bad input), up to ``plan.workers`` at once, each
+    distinct program once (``ablab.engine.compiling``: twins such as an identity layer's
+    are a cache hit). Returns seconds per variant (lowering + compile, overlapping when
+    concurrent); a failure is the first failing variant's, in study order."""
     reference = plan.study.engine.kind == "reference"
-    jobs: dict[str, list[VariantProgram]] = {}
+    jobs: list[tuple[str, VariantProgram]] = []
     for variant in plan.programs:
         mine = [c for c in todo if c.variant == variant]
         if not mine:
             continue
         progress.variant_started(variant, len(mine), plan.chunk_sizes[variant])
-        jobs[variant] = (
-            [] if reference else list({id(p): p for p in map(plan.program_for, mine)}.values())
-        )
-
-    def work(variant: str) -> float:
-        size = plan.chunk_sizes[variant]
-        return sum(compile_program(plan.study, variant, p, size) for p in jobs[variant])
-
+        if reference:
+            progress.compiled(variant, 0.0)
+            continue
+        jobs += [(variant, p) for p in {id(p): p for p in map(plan.program_for, mine)}.values()]
     compile_s: dict[str, float] = {}
-    # (compile_program turns Keras' traceback filtering off in its own thread: it is per thread)
-    with ThreadPoolExecutor(max_workers=max(1, min(plan.workers, len(jobs)))) as pool:
-        futures = {v: pool.submit(work, v) for v in jobs}
-        try:
-            for variant, future in futures.items():
-                seconds = future.result()
-                if not reference:
-                    compile_s[variant] = seconds
-                progress.compiled(variant, seconds)
-        except BaseException:
-            for future in futures.values():
-                future.cancel()
-            raise
+    left = {v: sum(1 for w, _ in jobs if w == v) for v, _ in jobs}
+
+    def done(i: int, seconds: float) -> None:
+        variant = jobs[i][0]
+        compile_s[variant] = compile_s.get(variant, 0.0) + seconds
+        left[variant] -= 1
+        if not left[variant]:
+            progress.compiled(variant, compile_s[variant])
+
+    def wrap_error(i: int, exc: BaseException) -> BaseException | None:
+        variant, program = jobs[i]
+        return untraceable(plan.study, variant, program, exc)
+
+    compile_programs(
+        [(p, "train", plan.chunk_sizes[v]) for v, p in jobs],
+        max(1, plan.workers),
+        done=done,
+        wrap_error=wrap_error,
+    )
     return compile_s
 
 

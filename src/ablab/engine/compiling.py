@@ -1,0 +1,192 @@
+"""Compile several of the engine's programs at once, each distinct program only once.
+
+XLA compiles one program on one core, so a cold start on 2 cores compiles two programs in the
+time of one -- but studies are full of programs that are the same program: an identity layer,
+a BatchNormalization placed either side of a linear activation, a variant that only renames
+another (the flagship's ``plain`` / ``plain_identity`` and ``bn`` / ``bn_after`` each lower to
+one StableHLO module). Compiled side by side, such twins cost two compiles; compiled one after
+the other, the second is a hit in JAX's persistent compilation cache (~0.1 s).
+
+:func:`compile_programs` lowers (traces) the programs one by one in the calling thread while
+earlier ones compile in a pool, and holds back a program whose StableHLO text equals one
+still compiling until that compile has finished. The text only orders the work: what is
+compiled, and the cache key it is stored under, is JAX's (the cache keys each entry by the
+module, the compile options and the versions), so a fingerprint that matched two different
+programs would cost time, never a wrong executable. With the persistent cache off, twins
+compile twice, as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+import keras
+
+from ablab.engine.xla import compiler_options
+
+if TYPE_CHECKING:
+    from ablab.engine.program import VariantProgram
+
+Job = tuple["VariantProgram", str, int]
+"""(program, which -- "train", "trajectory" or "init" --, seeds)."""
+
+
+class _Cancelled(Exception):
+    pass
+
+
+def fingerprint(lowered: Any) -> str | None:
+    """SHA-256 of a lowered program's StableHLO text without debug locations; None when it
+    has no text (then it is held back behind nothing)."""
+    try:
+        text = lowered.as_text(debug_info=False)
+    except Exception:
+        return None
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _after(prior: Future, pool: ThreadPoolExecutor, task: Callable[[], float]) -> Future:
+    """``task`` submitted to ``pool`` once ``prior`` is done (whatever its outcome)."""
+    out: Future = Future()
+
+    def copy(inner: Future) -> None:
+        exc = inner.exception()
+        if exc is not None:
+            out.set_exception(exc)
+        else:
+            out.set_result(inner.result())
+
+    def go(_: Future) -> None:
+        if not out.set_running_or_notify_cancel():  # cancelled while it waited
+            return
+        try:
+            pool.submit(task).add_done_callback(copy)
+        except RuntimeError as exc:  # the pool was shut down (an interrupted compile)
+            out.set_exception(exc)
+
+    prior.add_done_callback(go)
+    return out
+
+
+def compile_programs(
+    jobs: Sequence[Job],
+    workers: int,
+    *,
+    done: Callable[[int, float], None] | None = None,
+    wrap_error: Callable[[int, BaseException], BaseException | None] | None = None,
+    cancel: threading.Event | None = None,
+) -> list[float]:
+    """Compile every job (skipping what its program has compiled already), up to ``workers``
+    at once; returns seconds per job (its lowering plus its compile, not the time it waited).
+
+    Lowering runs here, in job order, with Keras' traceback filtering off (its frames name
+    the layer that failed: ``VariantProgram.culprit``); compiles run in a pool of ``workers``
+    threads, a job whose program equals one still compiling after it (module docstring).
+    done(i, seconds) is called here for each job in order as it finishes. On failure the
+    earliest failing job's exception is raised, as ``wrap_error(i, exc)`` when that returns
+    one (chained to the original), else as it is; nothing after a failed lowering is lowered.
+    cancel: once set, nothing more is lowered or started (what runs finishes) and the jobs
+    not compiled are left to compile when first used.
+    """
+    seconds = [0.0] * len(jobs)
+    futures: dict[int, Future] = {}
+    errors: dict[int, BaseException] = {}
+    inflight: dict[str, Future] = {}
+    filtering = keras.config.is_traceback_filtering_enabled()
+    pool = ThreadPoolExecutor(max_workers=max(1, workers))
+    try:
+        keras.config.disable_traceback_filtering()
+        try:
+            for i, (program, which, n) in enumerate(jobs):
+                if cancel is not None and cancel.is_set():
+                    break
+                if program.has_executable(which, n):
+                    futures[i] = Future()
+                    futures[i].set_result(0.0)
+                    continue
+                t0 = time.perf_counter()
+                try:
+                    lowered = program.lower(which, n)
+                except Exception as exc:
+                    errors[i] = exc
+                    break
+                lower_s = time.perf_counter() - t0
+
+                def task(
+                    program: VariantProgram = program,
+                    which: str = which,
+                    n: int = n,
+                    lowered: Any = lowered,
+                    lower_s: float = lower_s,
+                ) -> float:
+                    if cancel is not None and cancel.is_set():  # queued, then cancelled
+                        return 0.0
+                    t = time.perf_counter()
+                    program.adopt(which, n, lowered.compile(compiler_options=compiler_options()))
+                    return lower_s + time.perf_counter() - t
+
+                key = fingerprint(lowered)
+                prior = inflight.get(key) if key is not None else None
+                futures[i] = pool.submit(task) if prior is None else _after(prior, pool, task)
+                if key is not None:
+                    inflight[key] = futures[i]
+        finally:
+            if filtering:
+                keras.config.enable_traceback_filtering()
+        for i, future in futures.items():
+            if cancel is not None and cancel.is_set():
+                raise _Cancelled
+            try:
+                seconds[i] = future.result()
+            except Exception as exc:
+                errors[i] = exc
+                continue
+            if done is not None and not errors:
+                done(i, seconds[i])
+    except BaseException as exc:  # interrupted: drop what has not started
+        for future in futures.values():
+            future.cancel()
+        pool.shutdown(wait=False, cancel_futures=True)
+        if isinstance(exc, _Cancelled):
+            return seconds
+        raise
+    pool.shutdown()
+    if errors:
+        first = min(errors)
+        error = errors[first]
+        wrapped = wrap_error(first, error) if wrap_error is not None else None
+        if wrapped is not None:
+            raise wrapped from error
+        raise error
+    return seconds
+
+
+class Prefetch:
+    """:func:`compile_programs` in a background thread, for programs needed later (the checks'
+    while the seeds train): whoever needs them calls :meth:`wait` first, and finds them
+    compiled. A failure here is not reported: the program compiles again when first used,
+    and fails there, where it is reported. :meth:`cancel` (a run that failed or was
+    interrupted) starts nothing more; the thread ends when what runs has finished."""
+
+    def __init__(self, jobs: Sequence[Job], workers: int) -> None:
+        self._cancel = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, args=(list(jobs), workers), name="ablab-prefetch"
+        )
+        self._thread.start()
+
+    def _run(self, jobs: list[Job], workers: int) -> None:
+        with contextlib.suppress(Exception):  # compiled (and reported) again where used
+            compile_programs(jobs, workers, cancel=self._cancel)
+
+    def wait(self) -> None:
+        self._thread.join()
+
+    def cancel(self) -> None:
+        self._cancel.set()
