@@ -20,8 +20,9 @@ Tested range: ``keras>=3.15.1,<3.16`` (pinned in pyproject.toml). What is used a
   at call time; ``ablab.engine.lowering`` wraps them (the wrapper
   calls Keras' own unless the engine is tracing with its lowerings);
 * ``keras.src.backend.common`` (``global_state``'s list of uninitialized variables,
-  ``initialize_all_variables``) -- variables built in a ``StatelessScope`` stay unallocated
-  until we say so: a model too big for the memory budget is refused from its shapes;
+  ``initialize_all_variables``) and ``Variable._initialize`` -- variables built in a
+  ``StatelessScope`` stay unallocated until we say so (a model too big for the memory budget
+  is refused from its shapes), and then hold zeros instead of running their initializers;
 * ``keras.src.trainers.data_adapters`` (``array_slicing`` -- ``fit``'s validation split;
   ``data_adapter_utils`` -- ``fit``'s unpacking of ``(x, y, sample_weight)``),
   ``keras.src.initializers.random_initializers.RandomInitializer``,
@@ -37,7 +38,9 @@ from typing import Any
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
+import jax.numpy as jnp
 import keras
+import numpy as np
 
 if keras.backend.backend() != "jax":  # pragma: no cover - depends on the caller's process
     msg = (
@@ -137,9 +140,15 @@ _UNINITIALIZED = "uninitialized_variables"
 
 @contextmanager
 def deferred_variables() -> Iterator[None]:
-    """A ``keras.StatelessScope`` whose variables get their values (are allocated) only on a
-    clean exit -- as the scope itself does on exit -- and are dropped, never allocated, on an
-    exception. Inside, every variable has its shape and its initializer but no value."""
+    """A ``keras.StatelessScope`` whose variables are allocated only on a clean exit, and are
+    dropped, never allocated, on an exception. Inside, every variable has its shape and its
+    initializer but no value.
+
+    On exit they hold zeros, not their initializers' draws (which the scope itself would
+    run): the engine draws each seed's initial values from the initializers inside its own
+    program (``ablab.engine.initial_state``), so these values are never used, and drawing
+    them ran one small JAX program per initializer and shape -- ~0.2 s per variant compiled
+    on a cold start (bench/latency.py)."""
     outer = in_stateless_scope()
     pending = global_state.get_global_attribute(_UNINITIALIZED, [], set_to_default=True)
     before = len(pending)
@@ -151,4 +160,9 @@ def deferred_variables() -> Iterator[None]:
             del global_state.get_global_attribute(_UNINITIALIZED)[before:]
         raise
     if not outer:
-        initialize_all_variables()
+        collection = global_state.get_global_attribute(_UNINITIALIZED)
+        ours = collection[before:]
+        del collection[before:]
+        for v in ours:  # host zeros: no program to compile, whatever the shape
+            v._initialize(np.zeros(v.shape, dtype=jnp.dtype(v.dtype)))
+        initialize_all_variables()  # any the caller had pending before: Keras' own way
