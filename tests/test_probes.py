@@ -122,3 +122,70 @@ def test_bn_convergence_is_one_minus_momentum_to_the_updates(
 def test_probes_switch() -> None:
     assert probes_enabled("auto", 212, 100_000) and not probes_enabled("auto", 10**6, 100_000)
     assert probes_enabled(True, 10**9, 1) and not probes_enabled(False, 1, 10)
+
+
+RELU_STUDY = ablab.Study(
+    data={"synthetic": {"shape": [40, 6]}},
+    train={"loss": "mse", "epochs": 2, "batch_size": 16, "validation_split": 0.25},
+    variants={
+        "relu": {
+            "layers": [
+                {"layer": "Dense", "units": 4, "activation": "relu"},
+                {"layer": "Dense", "units": 6},
+            ]
+        },
+        "relu_bn": {
+            "layers": [
+                {"layer": "Dense", "units": 4, "activation": "relu"},
+                {"layer": "BatchNormalization"},
+                {"layer": "Dense", "units": 6},
+            ]
+        },
+    },
+)
+
+
+@pytest.mark.parametrize(
+    ("study", "variant", "expected"),
+    [
+        # linear under MSE: an analytic optimum (explain.optimum_gaps) needs the train loss
+        ("seed", "plain", {"train_loss_inference"}),
+        (
+            "seed",
+            "bn",
+            {
+                "train_loss_inference",
+                "val_loss_train_mode",
+                "batch_normalization#0/moving_mean_progress",
+                "batch_normalization#0/moving_var_progress",
+                "batch_normalization#0/moving_var_ratio",
+            },
+        ),
+        ("relu", "relu", set()),  # nothing explains a plain non-linear model per epoch
+        (
+            "relu",
+            "relu_bn",
+            {
+                "val_loss_train_mode",
+                "batch_normalization#0/moving_mean_progress",
+                "batch_normalization#0/moving_var_progress",
+                "batch_normalization#0/moving_var_ratio",
+            },
+        ),
+    ],
+)
+def test_epoch_probes_are_recorded_where_an_explanation_uses_them(
+    seed_study: ablab.Study, study: str, variant: str, expected: set[str]
+) -> None:
+    """Each per-epoch probe is an extra pass over rows (up to ~1.5x the training of a small
+    CNN): the training-set loss only for a model with an analytic optimum, the train-mode
+    validation loss and the moving statistics only for a model with BatchNormalization.
+    The History and the per-step probes do not change."""
+    spec = seed_study if study == "seed" else RELU_STUDY
+    seeds = SEEDS
+    history, steps, epochs = make_program(spec, variant, probes=True).run(seeds)
+    assert set(epochs) == expected
+    assert "grad_norm" in steps and "dense#0/kernel_sum" in steps
+    plain = make_program(spec, variant, probes=False).train(seeds)
+    for name in plain:
+        np.testing.assert_array_equal(plain[name], history[name])

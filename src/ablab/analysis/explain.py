@@ -36,39 +36,14 @@ if TYPE_CHECKING:
     from ablab.engine.data import Split
     from ablab.engine.program import VariantProgram
 
-_MSE = ("mse", "mean_squared_error", "meansquarederror")
-
-
-def _is_linear_activation(fn: Any) -> bool:
-    return getattr(fn, "__name__", None) == "linear"
-
 
 def linear_rank(program: VariantProgram) -> int | None:
-    """The rank bound of an affine-at-inference model (its narrowest width), else None."""
-    import keras
+    """The rank bound of an affine-at-inference model under MSE (its narrowest width), else
+    None (``ablab.engine.model.linear_rank``)."""
+    from ablab.engine.model import linear_rank as model_linear_rank
 
-    from ablab._keras import flatten_layers
-
-    shape_only = (keras.layers.InputLayer, keras.layers.Flatten, keras.layers.Reshape)
-    model = program.prepared.model
-    if program.prepared.train.loss_name.replace("_", "") not in {m.replace("_", "") for m in _MSE}:
-        return None
-    if not hasattr(program.split.x_train, "shape") or not hasattr(program.split.y_train, "shape"):
-        return None  # several inputs / outputs: no single linear map to compare with
-    widths = [int(np.prod(program.split.x_train.shape[1:]))]
-    for layer in flatten_layers(model, include_self=False):
-        linear_dense = isinstance(layer, keras.layers.Dense) and _is_linear_activation(
-            layer.activation
-        )
-        identity = isinstance(layer, keras.layers.Activation) and _is_linear_activation(
-            layer.activation
-        )
-        affine = isinstance(layer, (keras.Model, keras.layers.BatchNormalization, *shape_only))
-        if linear_dense:
-            widths.append(int(layer.units))
-        elif not (identity or affine):
-            return None
-    return min(widths)
+    split = program.split
+    return model_linear_rank(program.prepared, split.x_train, split.y_train)
 
 
 def linear_optimum(split: Split, rank: int) -> dict[str, Any]:

@@ -487,6 +487,39 @@ def prepare_model(
     )
 
 
+_MSE = ("mse", "mean_squared_error", "meansquarederror")
+
+
+def _is_linear_activation(fn: Any) -> bool:
+    return getattr(fn, "__name__", None) == "linear"
+
+
+def linear_rank(prepared: PreparedModel, x_train: Any, y_train: Any) -> int | None:
+    """The rank bound of a model that is affine at inference and trained under MSE (its
+    narrowest width), else None: such a model has an analytic optimum
+    (``ablab.analysis.explain.linear_optimum``). Affine: Dense layers with linear
+    activations, ``Activation('linear')``, BatchNormalization, Flatten / Reshape."""
+    if prepared.train.loss_name.replace("_", "") not in {m.replace("_", "") for m in _MSE}:
+        return None
+    if not hasattr(x_train, "shape") or not hasattr(y_train, "shape"):
+        return None  # several inputs / outputs: no single linear map to compare with
+    shape_only = (keras.layers.InputLayer, keras.layers.Flatten, keras.layers.Reshape)
+    widths = [int(np.prod(x_train.shape[1:]))]
+    for layer in flatten_layers(prepared.model, include_self=False):
+        linear_dense = isinstance(layer, keras.layers.Dense) and _is_linear_activation(
+            layer.activation
+        )
+        identity = isinstance(layer, keras.layers.Activation) and _is_linear_activation(
+            layer.activation
+        )
+        affine = isinstance(layer, (keras.Model, keras.layers.BatchNormalization, *shape_only))
+        if linear_dense:
+            widths.append(int(layer.units))
+        elif not (identity or affine):
+            return None
+    return min(widths)
+
+
 SPARSE_CE = ("sparse_categorical_crossentropy",)
 CATEGORICAL_CE = ("categorical_crossentropy", "categorical_focal_crossentropy")
 BINARY_CE = ("binary_crossentropy", "binary_focal_crossentropy", "bce")  # bce: Keras' alias

@@ -2,14 +2,20 @@
 
 Per optimizer step (every seed): for every layer with trainable weights, the sum of its
 kernel (the seed answer's "Sum of weights" figure), the L2 norm of its weights and their L2
-distance from the initial weights; and the global gradient norm. Per epoch: the validation
-loss in training mode (BatchNormalization using the batch's own statistics) beside fit's
-inference-mode val_loss; the training-set loss in inference mode (the final model's real
-train error, comparable with an analytic optimum); and for every BatchNormalization layer,
-how far its moving statistics have travelled towards the batch statistics of the full
-training set: ``progress = 1 - |moving - full| / |initial - full|`` (L2 over channels;
-NaN where ``|initial - full|`` is under 2 % of the statistic's own scale: nothing to travel),
-which for constant batches equals ``1 - momentum ** updates`` exactly.
+distance from the initial weights; and the global gradient norm. Per epoch, each where an
+explanation uses it (each is an extra pass over rows, up to ~1.5x the training's cost on a
+small CNN, bench/cnn_vs_fit.py):
+
+* a model with BatchNormalization: the validation loss in training mode (BN using the
+  batch's own statistics) beside fit's inference-mode val_loss, and for every BN layer how
+  far its moving statistics have travelled towards the batch statistics of the full training
+  set: ``progress = 1 - |moving - full| / |initial - full|`` (L2 over channels; NaN where
+  ``|initial - full|`` is under 2 % of the statistic's own scale: nothing to travel), which
+  for constant batches equals ``1 - momentum ** updates`` exactly
+  (``ablab.analysis.explain.bn_diagnosis``, the report's BN figures);
+* a model with an analytic optimum (affine under MSE: ``ablab.engine.model.linear_rank``):
+  the training-set loss in inference mode, the final model's real train error that the
+  optimum is compared with (``ablab.analysis.explain.optimum_gaps``).
 
 Everything here runs inside the engine's traced program; arrays are one seed's.
 """
@@ -17,13 +23,14 @@ Everything here runs inside the engine's traced program; arrays are one seed's.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import keras
 
 from ablab._keras import data_adapter_utils, flatten_layers, update_metrics_variables
-from ablab.engine.model import PreparedModel
+from ablab.engine.model import PreparedModel, linear_rank
 
 # The BN statistics probe runs the training rows through the layers before each BN layer
 # in chunks of this many rows (memory per seed stays bounded however large the data).
@@ -49,12 +56,15 @@ class ProbeSpec:
     layers: list[tuple[str, list[int], int]] = field(default_factory=list)
     """(layer stable id, indices of its trainable variables, index of its kernel)."""
     bn: list[_BNProbe] = field(default_factory=list)
+    train_loss: bool = False
+    """Record the training-set loss in inference mode (the model has an analytic optimum)."""
 
 
-def make_probe_spec(prepared: PreparedModel) -> ProbeSpec:
-    """Group trainable variables by layer and prepare BatchNormalization sub-models."""
+def make_probe_spec(prepared: PreparedModel, x_train: Any, y_train: Any) -> ProbeSpec:
+    """Group trainable variables by layer, prepare BatchNormalization sub-models, and say
+    whether the model has an analytic optimum (its training rows ``x_train`` / ``y_train``)."""
     model = prepared.model
-    spec = ProbeSpec()
+    spec = ProbeSpec(train_loss=linear_rank(prepared, x_train, y_train) is not None)
     groups: dict[str, list[int]] = {}
     for i, vid in enumerate(prepared.trainable_ids):
         groups.setdefault(vid.rsplit("/", 1)[0], []).append(i)

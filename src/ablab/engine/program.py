@@ -394,9 +394,12 @@ class Probes(Recorder):
         vbs = lay.val_batch_size
         tfull, trem = _batches(lay.n_train, vbs)
         state = (ctx.tv, ctx.ntv, ctx.metrics0)
-        _, tr_logs, _ = _run_batches(_test_step(model), None, state, x_tr, y_tr, tfull, trem, vbs)
-        per_epoch = {"train_loss_inference": tr_logs["loss"]}
-        if lay.n_val:
+        per_epoch = {}
+        if self.spec.train_loss:
+            test_step = _test_step(model)
+            _, tr_logs, _ = _run_batches(test_step, None, state, x_tr, y_tr, tfull, trem, vbs)
+            per_epoch["train_loss_inference"] = tr_logs["loss"]
+        if lay.n_val and self.spec.bn:
 
             def train_mode_step(st: tuple, batch: tuple) -> tuple[dict, tuple, Any]:
                 logs, st = train_mode_test_step(model, st, batch, ctx.ov)
@@ -421,7 +424,9 @@ class VariantProgram:
     def __init__(self, prepared: PreparedModel, split: Split, probes: bool = False) -> None:
         self.prepared = prepared
         self.probes = probes
-        self._probe_spec = make_probe_spec(prepared) if probes else None
+        self._probe_spec = (
+            make_probe_spec(prepared, split.x_train, split.y_train) if probes else None
+        )
         self.split = split
         train = prepared.train
         self.layout = EpochLayout(
@@ -647,6 +652,7 @@ class VariantProgram:
                 else {
                     "bn_probe_rows": _probes.BN_PROBE_ROWS,  # (patched by a test)
                     "layers": spec.layers,
+                    "train_loss": spec.train_loss,
                     "bn": [
                         {
                             k: getattr(b, k)

@@ -339,12 +339,13 @@ def _analyse(
     epoch_probes = epoch_probe_arrays(run_dir.probes("epoch"))
     reference = study.engine.kind == "reference"
     explain = {}
+    probed = {c.variant for c in plan.cells if c.probes}
     for v, program in plan.programs.items():
         epoch_p = epoch_probes.get(v)
         explain[v] = {
             "optimum": optimum_gaps(program, histories[v].values, epoch_p),
             "bn": bn_diagnosis(program, histories[v].values, epoch_p),
-            "probes": epoch_p is not None,
+            "probes": v in probed,
         }
     summary = summarize(histories)
     comparisons = compare(histories, str(study.baseline), study.verdicts, study=study.resolved())
