@@ -60,8 +60,11 @@ class _Program:
             raise self.lower_error
         return _Lowered(self.text, self.log, self)
 
-    def adopt(self, which: str, n: int, executable: Any) -> None:
+    def adopt(self, which: str, n: int, executable: Any, seconds: float) -> None:
         self.adopted.setdefault((which, n), executable)
+
+    def compile_time(self, which: str, n: int) -> float:
+        return 1.5 if (which, n) in self.adopted else 0.0
 
 
 def _wait_for(cond: Any) -> None:
@@ -99,8 +102,9 @@ def test_what_is_compiled_already_is_skipped() -> None:
     p = _Program("p", "X", log)
     p.adopted[("train", 4)] = "kept"
     done: list[tuple[int, float]] = []
-    assert compile_programs([(p, "train", 4)], 2, done=lambda i, s: done.append((i, s))) == [0.0]
-    assert p.lowered == 0 and log == [] and done == [(0, 0.0)]
+    # (reported with the seconds it took when it was compiled)
+    assert compile_programs([(p, "train", 4)], 2, done=lambda i, s: done.append((i, s))) == [1.5]
+    assert p.lowered == 0 and log == [] and done == [(0, 1.5)]
     assert p.adopted[("train", 4)] == "kept"
 
 
@@ -177,3 +181,70 @@ def test_an_identity_layer_lowers_to_the_same_program(
         assert got.keys() == want.keys()
         for key in want:
             np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_lowering_runs_at_most_one_program_ahead_of_the_compiles() -> None:
+    """A lowered program holds its whole module: a study of many variants does not hold them
+    all at once (workers + 1 at most)."""
+    log: list[tuple[str, str]] = []
+    held = _Program("held", "A", log)
+    held.release = threading.Event()
+    rest = [_Program(f"p{i}", f"B{i}", log) for i in range(3)]
+    jobs = [(p, "train", 4) for p in (held, *rest)]
+    worker = threading.Thread(target=compile_programs, args=(jobs, 1))
+    worker.start()
+    _wait_for(lambda: ("start", "held") in log and rest[0].lowered == 1)
+    time.sleep(0.2)  # (a scheduling bug would lower more meanwhile)
+    assert [p.lowered for p in rest] == [1, 0, 0]
+    held.release.set()
+    worker.join(WAIT_S)
+    assert not worker.is_alive() and all(p.adopted for p in rest)
+
+
+def test_an_interrupted_call_starts_no_twin_and_logs_no_callback_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    log: list[tuple[str, str]] = []
+    first, held, twin = (
+        _Program(n, t, log) for n, t in [("first", "F"), ("held", "X"), ("twin", "X")]
+    )
+    held.release = threading.Event()
+
+    def interrupt(i: int, seconds: float) -> None:
+        _wait_for(lambda: ("start", "held") in log)
+        raise KeyboardInterrupt
+
+    jobs = [(first, "train", 4), (held, "train", 4), (twin, "train", 4)]
+    with pytest.raises(KeyboardInterrupt):
+        compile_programs(jobs, 2, done=interrupt)
+    held.release.set()  # what was compiling finishes...
+    _wait_for(lambda: ("end", "held") in log)
+    time.sleep(0.2)
+    assert ("start", "twin") not in log  # ...and its twin never starts
+    assert not [r for r in caplog.records if "callback" in r.getMessage()]
+
+
+def test_a_twin_whose_program_was_cancelled_in_the_queue_never_starts(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An interrupted call cancels what is queued: a queued program's twin, chained behind
+    it, must not be submitted by the cancellation (nor log a callback error)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ablab.engine.compiling import _after
+
+    pool = ThreadPoolExecutor(max_workers=1)
+    busy = threading.Event()
+    ran: list[str] = []
+    running = pool.submit(busy.wait, WAIT_S)  # the one worker is busy
+    prior = pool.submit(ran.append, "prior")  # queued behind it
+    stop = threading.Event()
+    twin = _after(prior, pool, lambda: ran.append("twin") or 0.0, stop)
+    stop.set()  # what compile_programs does on its way out, before cancelling
+    for future in (twin, prior, running):
+        future.cancel()
+    pool.shutdown(wait=False, cancel_futures=True)
+    busy.set()
+    running.result(WAIT_S)
+    assert ran == [] and prior.cancelled() and twin.cancelled()
+    assert not [r for r in caplog.records if "callback" in r.getMessage()]

@@ -38,6 +38,7 @@ from typing import Any
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
+import jax
 import jax.numpy as jnp
 import keras
 import numpy as np
@@ -139,30 +140,32 @@ _UNINITIALIZED = "uninitialized_variables"
 
 
 @contextmanager
-def deferred_variables() -> Iterator[None]:
+def deferred_variables() -> Iterator[set[int]]:
     """A ``keras.StatelessScope`` whose variables are allocated only on a clean exit, and are
     dropped, never allocated, on an exception. Inside, every variable has its shape and its
     initializer but no value.
 
-    On exit they hold zeros, not their initializers' draws (which the scope itself would
-    run): the engine draws each seed's initial values from the initializers inside its own
-    program (``ablab.engine.initial_state``), so these values are never used, and drawing
-    them ran one small JAX program per initializer and shape -- ~0.2 s per variant compiled
-    on a cold start (bench/latency.py)."""
+    Yields a set for the ``id`` of every variable whose value the engine draws itself (the
+    model's, ``ablab.engine.initial_state``): on exit those hold zeros, not their
+    initializers' draws -- drawing them ran one small JAX program per initializer and shape,
+    ~0.2 s per variant compiled on a cold start (bench/latency.py). Any other variable
+    created inside (one a layer holds without tracking it) is initialized Keras' way."""
     outer = in_stateless_scope()
     pending = global_state.get_global_attribute(_UNINITIALIZED, [], set_to_default=True)
     before = len(pending)
+    redrawn: set[int] = set()
     try:
         with keras.StatelessScope(initialize_variables=False):
-            yield
+            yield redrawn
     except BaseException:
         if not outer:
             del global_state.get_global_attribute(_UNINITIALIZED)[before:]
         raise
     if not outer:
         collection = global_state.get_global_attribute(_UNINITIALIZED)
-        ours = collection[before:]
-        del collection[before:]
-        for v in ours:  # host zeros: no program to compile, whatever the shape
-            v._initialize(np.zeros(v.shape, dtype=jnp.dtype(v.dtype)))
-        initialize_all_variables()  # any the caller had pending before: Keras' own way
+        ours = [v for v in collection[before:] if id(v) in redrawn]
+        collection[before:] = [v for v in collection[before:] if id(v) not in redrawn]
+        for v in ours:  # zeros put on the device: no program to compile, whatever the shape
+            v._initialize(jax.device_put(np.zeros(v.shape, dtype=jnp.dtype(v.dtype))))
+            v._initializer = None  # as Keras leaves a variable that holds its value
+        initialize_all_variables()  # the others: Keras' own way

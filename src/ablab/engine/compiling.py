@@ -19,6 +19,7 @@ compile twice, as before.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import threading
 import time
@@ -51,18 +52,23 @@ def fingerprint(lowered: Any) -> str | None:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _after(prior: Future, pool: ThreadPoolExecutor, task: Callable[[], float]) -> Future:
-    """``task`` submitted to ``pool`` once ``prior`` is done (whatever its outcome)."""
+def _after(
+    prior: Future, pool: ThreadPoolExecutor, task: Callable[[], float], stop: threading.Event
+) -> Future:
+    """``task`` submitted to ``pool`` once ``prior`` is done (whatever its outcome), unless
+    ``stop`` is set by then (the future is then cancelled)."""
     out: Future = Future()
 
     def copy(inner: Future) -> None:
-        exc = inner.exception()
-        if exc is not None:
-            out.set_exception(exc)
-        else:
+        try:
             out.set_result(inner.result())
+        except BaseException as exc:  # its own failure, or cancelled by a shutdown
+            out.set_exception(exc)
 
     def go(_: Future) -> None:
+        if stop.is_set():
+            out.cancel()
+            return
         if not out.set_running_or_notify_cancel():  # cancelled while it waited
             return
         try:
@@ -83,37 +89,48 @@ def compile_programs(
     cancel: threading.Event | None = None,
 ) -> list[float]:
     """Compile every job (skipping what its program has compiled already), up to ``workers``
-    at once; returns seconds per job (its lowering plus its compile, not the time it waited).
+    at once; returns seconds per job (its lowering plus its compile, not the time it waited;
+    for a job compiled before, the seconds it took then).
 
     Lowering runs here, in job order, with Keras' traceback filtering off (its frames name
-    the layer that failed: ``VariantProgram.culprit``); compiles run in a pool of ``workers``
-    threads, a job whose program equals one still compiling after it (module docstring).
-    done(i, seconds) is called here for each job in order as it finishes. On failure the
-    earliest failing job's exception is raised, as ``wrap_error(i, exc)`` when that returns
-    one (chained to the original), else as it is; nothing after a failed lowering is lowered.
-    cancel: once set, nothing more is lowered or started (what runs finishes) and the jobs
-    not compiled are left to compile when first used.
+    the layer that failed: ``VariantProgram.culprit``), at most ``workers + 1`` programs
+    ahead of the compiles (a lowered program holds its whole module); compiles run in a pool
+    of ``workers`` threads, a job whose program equals one still compiling after it (module
+    docstring). done(i, seconds) is called here for each job in order as it finishes, until
+    one fails. On failure the earliest failing job's exception is raised, as
+    ``wrap_error(i, exc)`` when that returns one (chained to the original), else as it is;
+    nothing after a failed lowering is lowered. cancel: once set, nothing more is lowered
+    or started (what runs finishes), and the jobs not compiled are left to compile when
+    first used. Interrupted (KeyboardInterrupt), it starts nothing more either.
     """
     seconds = [0.0] * len(jobs)
     futures: dict[int, Future] = {}
     errors: dict[int, BaseException] = {}
     inflight: dict[str, Future] = {}
+    stop = threading.Event()  # set on the way out of an interrupted or cancelled call
+    slots = threading.Semaphore(max(1, workers) + 1)
+
+    def stopped() -> bool:
+        return stop.is_set() or (cancel is not None and cancel.is_set())
+
     filtering = keras.config.is_traceback_filtering_enabled()
     pool = ThreadPoolExecutor(max_workers=max(1, workers))
     try:
         keras.config.disable_traceback_filtering()
         try:
             for i, (program, which, n) in enumerate(jobs):
-                if cancel is not None and cancel.is_set():
+                if stopped():
                     break
                 if program.has_executable(which, n):
                     futures[i] = Future()
-                    futures[i].set_result(0.0)
+                    futures[i].set_result(program.compile_time(which, n))
                     continue
+                slots.acquire()
                 t0 = time.perf_counter()
                 try:
                     lowered = program.lower(which, n)
                 except Exception as exc:
+                    slots.release()
                     errors[i] = exc
                     break
                 lower_s = time.perf_counter() - t0
@@ -125,15 +142,24 @@ def compile_programs(
                     lowered: Any = lowered,
                     lower_s: float = lower_s,
                 ) -> float:
-                    if cancel is not None and cancel.is_set():  # queued, then cancelled
-                        return 0.0
-                    t = time.perf_counter()
-                    program.adopt(which, n, lowered.compile(compiler_options=compiler_options()))
-                    return lower_s + time.perf_counter() - t
+                    try:
+                        if stopped():  # queued, then interrupted or cancelled
+                            return 0.0
+                        t = time.perf_counter()
+                        executable = lowered.compile(compiler_options=compiler_options())
+                        took = lower_s + time.perf_counter() - t
+                        program.adopt(which, n, executable, took)
+                        return took
+                    finally:
+                        slots.release()
 
                 key = fingerprint(lowered)
+                del lowered  # (the task holds it until it has compiled)
                 prior = inflight.get(key) if key is not None else None
-                futures[i] = pool.submit(task) if prior is None else _after(prior, pool, task)
+                if prior is None:
+                    futures[i] = pool.submit(task)
+                else:
+                    futures[i] = _after(prior, pool, task, stop)
                 if key is not None:
                     inflight[key] = futures[i]
         finally:
@@ -149,8 +175,9 @@ def compile_programs(
                 continue
             if done is not None and not errors:
                 done(i, seconds[i])
-    except BaseException as exc:  # interrupted: drop what has not started
-        for future in futures.values():
+    except BaseException as exc:  # interrupted or cancelled: start nothing more
+        stop.set()
+        for future in reversed(futures.values()):  # twins first: they wait on the others
             future.cancel()
         pool.shutdown(wait=False, cancel_futures=True)
         if isinstance(exc, _Cancelled):
@@ -172,12 +199,15 @@ class Prefetch:
     while the seeds train): whoever needs them calls :meth:`wait` first, and finds them
     compiled. A failure here is not reported: the program compiles again when first used,
     and fails there, where it is reported. :meth:`cancel` (a run that failed or was
-    interrupted) starts nothing more; the thread ends when what runs has finished."""
+    interrupted) starts nothing more; the thread ends when what runs has finished, and the
+    process waits for that at exit (one compile: seconds). The thread runs in a copy of
+    the caller's context variables."""
 
     def __init__(self, jobs: Sequence[Job], workers: int) -> None:
         self._cancel = threading.Event()
+        context = contextvars.copy_context()
         self._thread = threading.Thread(
-            target=self._run, args=(list(jobs), workers), name="ablab-prefetch"
+            target=context.run, args=(self._run, list(jobs), workers), name="ablab-prefetch"
         )
         self._thread.start()
 

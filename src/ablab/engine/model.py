@@ -434,9 +434,10 @@ def prepare_model(
     """
     input_shape = () if is_structured(x_example) else tuple(int(d) for d in x_example.shape[1:])
     train = study.variant_train(variant)
-    with dtype_policy(train.dtype_policy), deferred_variables():
+    with dtype_policy(train.dtype_policy), deferred_variables() as redrawn:
         model = _construct(study, variant, input_shape)
         inits = {id(v): initializer_of(v) for v in model.variables}
+        redrawn.update(inits)  # the engine draws these per seed: zeros meanwhile
         if preflight is not None:  # shapes only: nothing is allocated yet
             preflight(model)
     # Leaving the scope gave every variable a (throw-away) value; the engine draws its own.

@@ -464,7 +464,7 @@ class VariantProgram:
         self.model_description: str | None = None
         """The study's description of the model (its layer list, JSON): set by
         ``build_program`` for a model built from one; the key of its kept traces."""
-        self.compile_seconds: dict[int, float] = {}
+        self._seconds: dict[tuple[str, int], float] = {}  # (program, seeds) -> to compile
 
     # -- the traced program --------------------------------------------------------------
     def _train_seed(
@@ -570,7 +570,9 @@ class VariantProgram:
         key = (program, n)
         with self._compiling:
             if key not in self._compiled:
+                t0 = time.perf_counter()
                 self._compiled[key] = self._compile_program(program, n)
+                self._seconds[key] = time.perf_counter() - t0
             return self._compiled[key]
 
     def has_executable(self, program: str, n: int) -> bool:
@@ -583,11 +585,18 @@ class VariantProgram:
         to be compiled (``ablab.engine.compiling``) and handed back with :meth:`adopt`."""
         return self._lower_program(program, n)
 
-    def adopt(self, program: str, n: int, executable: Any) -> None:
-        """Use ``executable`` -- ``lower(program, n)`` compiled -- from now on (the first one
-        handed over stays)."""
+    def adopt(self, program: str, n: int, executable: Any, seconds: float) -> None:
+        """Use ``executable`` -- ``lower(program, n)`` compiled, in ``seconds`` -- from now on
+        (the first one handed over stays)."""
         with self._compiling:
-            self._compiled.setdefault((program, n), executable)
+            if (program, n) not in self._compiled:
+                self._compiled[(program, n)] = executable
+                self._seconds[(program, n)] = seconds
+
+    def compile_time(self, program: str, n: int) -> float:
+        """Seconds ``program`` for ``n`` seeds took to lower and compile (0 if not compiled)."""
+        with self._compiling:
+            return self._seconds.get((program, n), 0.0)
 
     def _lower_program(self, program: str, n: int) -> Any:
         """``program`` for ``n`` seeds traced and lowered (``jax.stages.Lowered``).
@@ -730,11 +739,8 @@ class VariantProgram:
 
     def compile(self, chunk_size: int) -> float:
         """Compile the program for ``chunk_size`` seeds ahead of time; returns seconds spent."""
-        if chunk_size not in self.compile_seconds:
-            t0 = time.perf_counter()
-            self._executable("train", chunk_size)
-            self.compile_seconds.setdefault(chunk_size, time.perf_counter() - t0)
-        return self.compile_seconds[chunk_size]
+        self._executable("train", chunk_size)
+        return self.compile_time("train", chunk_size)
 
     def run(self, seed_ids: np.ndarray) -> tuple[dict, dict | None, dict | None]:
         """Train ``seed_ids`` (seeds,) in one call: ``(history, step probes, epoch probes)``,

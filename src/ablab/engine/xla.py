@@ -63,6 +63,7 @@ CACHE_MAX_BYTES = 4 * 2**30
 # them all again: ~1 s of the flagship's warm 10 s (bench/latency.py). Loading an entry
 # takes ~10 ms, so anything over 0.1 s is worth keeping.
 MIN_COMPILE_S = 0.1
+JAX_MIN_COMPILE_S = 1.0  # JAX's own default
 MIN_COMPILE_ENV = "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"
 
 
@@ -107,7 +108,12 @@ def use_persistent_cache() -> str | None:
     except OSError:  # a read-only home: compile every time, as without a cache
         return None
     jax.config.update("jax_compilation_cache_dir", str(folder))
-    if MIN_COMPILE_ENV not in os.environ:  # the user's own setting wins
+    own_minimum = (
+        MIN_COMPILE_ENV in os.environ
+        or getattr(jax.config, "jax_persistent_cache_min_compile_time_secs", JAX_MIN_COMPILE_S)
+        != JAX_MIN_COMPILE_S
+    )
+    if not own_minimum:  # the user's own setting (environment or jax.config) wins
         jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_S)
     try:  # bounded, evicting least recently used, and entries written under a file lock
         import filelock  # noqa: F401  (JAX needs it for a size limit)

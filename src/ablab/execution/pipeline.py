@@ -262,8 +262,9 @@ def _execute(
     whole run from its stored cells (the same path whether it ran in one go or resumed)."""
     total = len(plan.cells)
     done = total - len(todo)
-    prefetch = _prefetch_checks(plan)
+    prefetch: Prefetch | None = None
     try:
+        prefetch = _prefetch_checks(plan)
         t_train = time.perf_counter()
         try:
             for cell, (out, step_p, epoch_p) in executor.run_cells(todo):

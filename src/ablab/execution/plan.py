@@ -214,15 +214,20 @@ def compile_all(plan: Plan, todo: list[Cell], progress: Progress) -> dict[str, f
     concurrent); a failure is the first failing variant's, in study order."""
     reference = plan.study.engine.kind == "reference"
     jobs: list[tuple[str, VariantProgram]] = []
+    started = []
     for variant in plan.programs:
         mine = [c for c in todo if c.variant == variant]
         if not mine:
             continue
         progress.variant_started(variant, len(mine), plan.chunk_sizes[variant])
-        if reference:
+        started.append(variant)
+        if not reference:
+            unique = {id(p): p for p in map(plan.program_for, mine)}.values()
+            jobs += [(variant, p) for p in unique]
+    if reference:  # model.fit per seed: nothing to compile
+        for variant in started:
             progress.compiled(variant, 0.0)
-            continue
-        jobs += [(variant, p) for p in {id(p): p for p in map(plan.program_for, mine)}.values()]
+        return {}
     compile_s: dict[str, float] = {}
     left = {v: sum(1 for w, _ in jobs if w == v) for v, _ in jobs}
 
