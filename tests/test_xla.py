@@ -69,8 +69,6 @@ def test_the_persistent_compilation_cache_is_on_by_default_per_versions(
     # programs compiling in 0.1-1 s are kept too (JAX's default keeps only those over 1 s)
     assert float(min_s) == xla.MIN_COMPILE_S == 0.1
     assert _cache_in_a_fresh_process(tmp_path, ABLAB_COMPILATION_CACHE="0") == "1.0 None"
-    mine = _cache_in_a_fresh_process(tmp_path, **{xla.MIN_COMPILE_ENV: "2.5"})
-    assert mine.split(" ")[0] == "2.5"  # the user's own setting wins
     monkeypatch.setenv("ABLAB_COMPILATION_CACHE", str(tmp_path / "mine"))
     folder = xla.cache_dir()
     assert folder is not None and folder.parent == tmp_path / "mine"
@@ -78,3 +76,25 @@ def test_the_persistent_compilation_cache_is_on_by_default_per_versions(
     assert xla.cache_dir() is None
     own = jax.config.jax_compilation_cache_dir  # type: ignore[attr-defined]
     assert own and xla.use_persistent_cache() == own
+
+
+def test_the_users_own_minimum_compile_time_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    import jax
+
+    name = "jax_persistent_cache_min_compile_time_secs"
+    saved = getattr(jax.config, name)
+    try:
+        for env, configured, kept in [
+            (None, xla.JAX_MIN_COMPILE_S, xla.MIN_COMPILE_S),  # JAX's default: ours
+            ("2.5", xla.JAX_MIN_COMPILE_S, xla.JAX_MIN_COMPILE_S),  # set in the environment
+            (None, 3.0, 3.0),  # set with jax.config before ablab
+        ]:
+            if env is None:
+                monkeypatch.delenv(xla.MIN_COMPILE_ENV, raising=False)
+            else:
+                monkeypatch.setenv(xla.MIN_COMPILE_ENV, env)
+            jax.config.update(name, configured)
+            xla.keep_quick_programs()
+            assert getattr(jax.config, name) == kept
+    finally:
+        jax.config.update(name, saved)

@@ -90,6 +90,19 @@ def cache_dir() -> Path | None:
     return root / f"{key}_ablab-{ablab_version}"
 
 
+def keep_quick_programs() -> None:
+    """Keep programs that took over :data:`MIN_COMPILE_S` to compile in the persistent cache
+    -- unless the user chose a minimum (``$JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` or
+    ``jax.config``)."""
+    own_minimum = (
+        MIN_COMPILE_ENV in os.environ
+        or getattr(jax.config, "jax_persistent_cache_min_compile_time_secs", JAX_MIN_COMPILE_S)
+        != JAX_MIN_COMPILE_S
+    )
+    if not own_minimum:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_S)
+
+
 def use_persistent_cache() -> str | None:
     """Turn JAX's persistent compilation cache on in :func:`cache_dir` -- unless the user chose
     one already (``JAX_COMPILATION_CACHE_DIR`` / ``jax.config``) or turned it off. Must run
@@ -108,13 +121,7 @@ def use_persistent_cache() -> str | None:
     except OSError:  # a read-only home: compile every time, as without a cache
         return None
     jax.config.update("jax_compilation_cache_dir", str(folder))
-    own_minimum = (
-        MIN_COMPILE_ENV in os.environ
-        or getattr(jax.config, "jax_persistent_cache_min_compile_time_secs", JAX_MIN_COMPILE_S)
-        != JAX_MIN_COMPILE_S
-    )
-    if not own_minimum:  # the user's own setting (environment or jax.config) wins
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_S)
+    keep_quick_programs()
     try:  # bounded, evicting least recently used, and entries written under a file lock
         import filelock  # noqa: F401  (JAX needs it for a size limit)
 
