@@ -188,7 +188,7 @@ def test_engine_traces_with_the_lowerings_and_fit_agrees(tmp_path: Path) -> None
     still reproduces ``model.fit`` (BatchNormalization's validation values at 1e-4)."""
     study = _cnn_study(tmp_path)
     engine = _assert_fidelity(study, bn=True)
-    text = make_program(study, "v")._lower_program("train", 1).as_text()  # before XLA's passes
+    text = make_program(study, "v").lower("train", 1).as_text()  # before XLA's passes
     assert "convolution" not in text and "reduce_window" not in text
     assert np.isfinite(engine["val_loss"]).all()
 
@@ -197,5 +197,5 @@ def test_lowerings_switch_off_for_a_b(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setenv(lowering.ENV, "0")
     study = _cnn_study(tmp_path)
     program = make_program(study, "v")
-    text = program._lower_program("train", 1).as_text()
+    text = program.lower("train", 1).as_text()
     assert "stablehlo.convolution" in text and "reduce_window" in text

@@ -126,10 +126,15 @@ def _trajectory_jobs(programs: list[VariantProgram], n: int) -> list[Job]:
     return [(p, which, n) for which in ("trajectory", "init") for p in unique]
 
 
+def _equivalent_programs(study: Study, programs: dict[str, VariantProgram]) -> list[VariantProgram]:
+    """The programs of every variant in the study's declared equivalence groups."""
+    return [programs[v] for group in study.checks.equivalent for v in group]
+
+
 def equivalence_jobs(study: Study, programs: dict[str, VariantProgram]) -> list[Job]:
     """The programs the study's declared equivalence checks will compile (``run_checks``):
     to compile ahead, while the seeds train (``ablab.engine.compiling.Prefetch``)."""
-    needed = [programs[v] for group in study.checks.equivalent for v in group]
+    needed = _equivalent_programs(study, programs)
     return _trajectory_jobs(needed, len(check_seeds(study)))
 
 
@@ -180,7 +185,7 @@ def equivalence_checks(
 ) -> list[CheckResult]:
     seeds = check_seeds(study)
     tol = study.checks.tolerance
-    needed = [programs[v] for group in study.checks.equivalent for v in group]
+    needed = _equivalent_programs(study, programs)
     traj = _all_trajectories(needed, seeds)
     out = []
     for group in study.checks.equivalent:

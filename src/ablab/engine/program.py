@@ -580,11 +580,6 @@ class VariantProgram:
         with self._compiling:
             return (program, n) in self._compiled
 
-    def lower(self, program: str, n: int) -> Any:
-        """``program`` ("train", "trajectory" or "init") for ``n`` seeds, traced and lowered,
-        to be compiled (``ablab.engine.compiling``) and handed back with :meth:`adopt`."""
-        return self._lower_program(program, n)
-
     def adopt(self, program: str, n: int, executable: Any, seconds: float) -> None:
         """Use ``executable`` -- ``lower(program, n)`` compiled, in ``seconds`` -- from now on
         (the first one handed over stays)."""
@@ -598,8 +593,10 @@ class VariantProgram:
         with self._compiling:
             return self._seconds.get((program, n), 0.0)
 
-    def _lower_program(self, program: str, n: int) -> Any:
-        """``program`` for ``n`` seeds traced and lowered (``jax.stages.Lowered``).
+    def lower(self, program: str, n: int) -> Any:
+        """``program`` ("train", "trajectory" or "init") for ``n`` seeds, traced and lowered
+        (``jax.stages.Lowered``): compiled here when first used, or ahead by
+        ``ablab.engine.compiling`` and handed back with :meth:`adopt`.
 
         A model of Keras' own objects is traced through ``jax.export`` and its trace kept
         between runs (``ablab.engine.trace_cache``: a warm run loads it instead of tracing);
@@ -684,7 +681,7 @@ class VariantProgram:
         )
 
     def _compile_program(self, program: str, n: int) -> Any:
-        return self._lower_program(program, n).compile(compiler_options=compiler_options())
+        return self.lower(program, n).compile(compiler_options=compiler_options())
 
     # -- public -----------------------------------------------------------------------
     def culprit(self, exc: BaseException) -> str | None:
