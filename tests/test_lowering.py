@@ -130,13 +130,60 @@ def test_what_does_not_tile_or_groups_keeps_keras_lowering() -> None:
 def test_env_selects_lowerings(monkeypatch: pytest.MonkeyPatch) -> None:
     cases = [("", lowering.DEFAULT), ("1", lowering.DEFAULT), ("all", lowering.ALL),
              ("0", frozenset()), ("off", frozenset()), ("pool", {"pool"}),
-             ("conv, pool", {"conv", "pool"}), ("dense", {"dense"})]  # fmt: skip
+             ("conv, pool", {"conv", "pool"}), ("dense", {"dense"}),
+             ("norm", {"norm"})]  # fmt: skip
     for value, want in cases:
         monkeypatch.setenv(lowering.ENV, value)
         assert lowering.enabled() == want, value
     monkeypatch.setenv(lowering.ENV, "conv,im2col")
     with pytest.raises(InputError, match=r"unknown lowering\(s\) \['im2col'\]"):
         lowering.enabled()
+
+
+MOMENTS = [  # input shape, axes (BatchNormalization's: every axis but the channels)
+    ((64, 8, 8, 8), (0, 1, 2)),  # the digits CNN's conv output: rows folded 32 at a time
+    ((29, 8, 8, 8), [0, 1, 2]),  # an epoch's last, short batch: 1,856 rows, folded 32
+    ((64, 128), (0,)),  # Dense(128): 2 at a time (2 * 128 = WIDE_SUM)
+    ((33, 5), (0,)),  # 33 rows: no power of two divides them, summed as they are
+    ((6, 4, 300), (-3, -2)),  # wider than WIDE_SUM
+]
+
+
+@pytest.mark.parametrize(("shape", "axes"), MOMENTS)
+@pytest.mark.parametrize("keepdims", [False, True])
+def test_batch_moments_over_a_wide_minor_axis_match_keras(
+    shape: tuple, axes: Any, keepdims: bool
+) -> None:
+    x = jnp.asarray(RNG.normal(loc=0.5, size=shape), jnp.float32)
+    weights = jnp.asarray(RNG.normal(size=(2, shape[-1])), jnp.float32)
+
+    def moments(x: jax.Array) -> jax.Array:  # both statistics, in one output to differentiate
+        mean, var = nn.moments(x, axes, keepdims)
+        return jnp.stack([mean.reshape(-1) * weights[0], var.reshape(-1) * weights[1]])
+
+    want, (want_grad,) = _values_and_grads(moments, (x,), (0,), lowered=False)
+    got, (got_grad,) = _values_and_grads(moments, (x,), (0,), lowered=True)
+    mean, var = nn.moments(x, axes, keepdims)
+    with lowering.lowered(lowering.ALL):
+        got_mean, got_var = nn.moments(x, axes, keepdims)
+        assert "custom_vjp_call" in _primitives(moments, x)
+    assert got_mean.shape == mean.shape and got_var.shape == var.shape
+    # float32 means of up to 4,096 rows summed in another order; the gradient without
+    # autodiff's term for the mean's share of the variance (a sum of deviations: ~0)
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-7)
+    np.testing.assert_allclose(got_grad, want_grad, rtol=1e-5, atol=1e-7)
+
+
+def test_moments_that_are_not_batch_statistics_keep_keras_lowering() -> None:
+    x = jnp.ones((4, 6, 8), jnp.float32)
+    with lowering.lowered(lowering.ALL):
+        layer_norm = _primitives(lambda x: nn.moments(x, [-1], True), x)  # over the channels
+        first = _primitives(lambda x: nn.moments(x, (0, 2), False), x)  # channels first
+        some = _primitives(lambda x: nn.moments(x, (1,), False), x)
+    with lowering.lowered(frozenset({"conv", "pool"})):
+        off = _primitives(lambda x: nn.moments(x, (0, 1), False), x)
+    for primitives in (layer_norm, first, some, off):
+        assert "custom_vjp_call" not in primitives
 
 
 @pytest.mark.parametrize("x_shape", [(6, 5), (3, 6, 5)])
