@@ -186,14 +186,14 @@ def test_moments_that_are_not_batch_statistics_keep_keras_lowering() -> None:
         assert "custom_vjp_call" not in primitives
 
 
-@pytest.mark.parametrize("x_shape", [(6, 5), (3, 6, 5)])
+@pytest.mark.parametrize("x_shape", [(6, 40), (3, 6, 40)])
 def test_dense_kernel_gradient_transposed_matches_keras(x_shape: tuple) -> None:
     from ablab._keras import keras_backend_numpy
 
     matmul = keras_backend_numpy().matmul
     x = jnp.asarray(RNG.normal(size=x_shape), jnp.float32)
-    k = jnp.asarray(RNG.normal(size=(5, 4)), jnp.float32)
-    seeds_k = jnp.asarray(RNG.normal(size=(3, 5, 4)), jnp.float32)
+    k = jnp.asarray(RNG.normal(size=(40, 32)), jnp.float32)  # 1,280 weights: transposed
+    seeds_k = jnp.asarray(RNG.normal(size=(3, 40, 32)), jnp.float32)
 
     def per_seed(x: jax.Array, k: jax.Array) -> jax.Array:  # a shared input, per-seed kernels
         return jax.vmap(lambda kk: matmul(x, kk))(k)
@@ -201,11 +201,15 @@ def test_dense_kernel_gradient_transposed_matches_keras(x_shape: tuple) -> None:
     for fn, args in [(matmul, (x, k)), (per_seed, (x, seeds_k))]:
         want, want_grads = _values_and_grads(fn, args, (0, 1), lowered=False)
         got, got_grads = _values_and_grads(fn, args, (0, 1), lowered=True)
-        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+        # float32 sums of 40 products (value) / 6-18 (kernel gradient), another order
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
         for g, w in zip(got_grads, want_grads, strict=True):
             np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    small = k[:31]  # 31 x 32 = 992 weights, under DENSE_MIN_WEIGHTS: Keras' own product
+    assert small.size < lowering.DENSE_MIN_WEIGHTS <= k.size
     with lowering.lowered(frozenset({"dense"})):
         assert "custom_vjp_call" in _primitives(matmul, x, k)
+        assert "custom_vjp_call" not in _primitives(matmul, x[..., :31], small)
         assert "custom_vjp_call" not in _primitives(
             matmul, x.astype(jnp.int32), k.astype(jnp.int32)
         )

@@ -27,10 +27,11 @@ matrix products and reshapes runs on the GEMM library instead:
   without autodiff's extra pass over the rows for the mean's share of the variance (zero up
   to rounding). (The same fold for the sums in ``batch_normalization``'s gradient was
   slower: XLA then materializes their operands instead of fusing them into the sum.)
-* ``matmul`` (``dense``, opt-in) -- a dense layer's per-seed kernel gradient computed as
-  ``(out, in)`` and transposed after: ``vmap`` makes it a batched product whose ``(seeds,
-  in, out)`` output layout XLA's CPU backend ran several times slower than ``(seeds, out,
-  in)`` on the W=512 digits MLP (issue 17).
+* ``matmul`` (``dense``) -- a dense layer's per-seed kernel gradient computed as ``(out,
+  in)`` and transposed after, for kernels of at least :data:`DENSE_MIN_WEIGHTS` weights:
+  ``vmap`` makes it a batched product whose ``(seeds, in, out)`` output layout XLA's CPU
+  backend ran several times slower than ``(seeds, out, in)`` on the W=512 digits MLP
+  (issue 17).
 
 The results are the same functions; only float32 summation order changes (a convolution
 sums its products in another order, a channel's statistics its rows).
@@ -63,12 +64,16 @@ from ablab.errors import InputError
 
 ENV = "ABLAB_LOWERINGS"
 ALL = frozenset({"conv", "pool", "norm", "dense"})
-DEFAULT = frozenset({"conv", "pool", "norm"})
-"""On unless ``$ABLAB_LOWERINGS`` says otherwise. ``dense`` is opt-in: interleaved A/B on
-bench/peers.py's cases (2 cores, median of 5 calls) it ran the W=512 digits MLP 1.14x and
-W=32 1.12x as fast, W=128 and MLP+BN unchanged, the seed autoencoder 2 % slower; it holds
-every fidelity test, but changes the kernel gradient's summation order (BN's val_loss by up
-to 6e-5 relative after 20 epochs), so turning it on by default would move stored figures."""
+DEFAULT = ALL
+"""On unless ``$ABLAB_LOWERINGS`` says otherwise."""
+
+DENSE_MIN_WEIGHTS = 1024
+"""The ``dense`` lowering's smallest kernel (in x out weights). Interleaved A/B on
+bench/peers.py's cases (2 cores, median of 7-9 calls a case): digits MLP 64-512-10 1.44x,
+64-128-10 1.26-1.41x, 64-32-10 1.0x (only its 64 x 32 layer qualifies; every layer
+transposed: 1.06-1.15x), MLP+BN 128 and the digits CNNs 0.95-1.08x (noise); the seed
+autoencoder (12 x 8 kernels) 0.91-1.0x with every kernel transposed, so small kernels keep
+Keras' product -- and the flagship study its bits."""
 
 _ACTIVE: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar(
     "ablab_lowerings", default=frozenset()
@@ -78,7 +83,7 @@ _ACTIVE: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar(
 def enabled() -> frozenset[str]:
     """The lowerings ``$ABLAB_LOWERINGS`` asks for: :data:`DEFAULT` when unset (or ``1``),
     every one for ``all``, none for ``0`` / ``off``, else the comma-separated names
-    (``conv``, ``pool``, ``dense``)."""
+    (``conv``, ``pool``, ``norm``, ``dense``)."""
     setting = os.environ.get(ENV, "").strip().lower()
     if setting in ("", "1", "on", "true", "yes"):
         return DEFAULT
@@ -418,6 +423,7 @@ def _matmul(original: Callable) -> Callable:
         a, b = jnp.asarray(x1), jnp.asarray(x2)
         if (
             b.ndim != 2
+            or b.size < DENSE_MIN_WEIGHTS
             or a.ndim < 2
             or a.dtype != b.dtype
             or not jnp.issubdtype(a.dtype, jnp.floating)
