@@ -73,7 +73,7 @@ bench/peers.py's cases (2 cores, median of 7-9 calls a case): digits MLP 64-512-
 64-128-10 1.26-1.41x, 64-32-10 1.0x (only its 64 x 32 layer qualifies; every layer
 transposed: 1.06-1.15x), MLP+BN 128 and the digits CNNs 0.95-1.08x (noise); the seed
 autoencoder (12 x 8 kernels) 0.91-1.0x with every kernel transposed, so small kernels keep
-Keras' product -- and the flagship study its bits."""
+Keras' product."""
 
 _ACTIVE: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar(
     "ablab_lowerings", default=frozenset()
