@@ -135,6 +135,11 @@ def test_env_selects_lowerings(monkeypatch: pytest.MonkeyPatch) -> None:
     for value, want in cases:
         monkeypatch.setenv(lowering.ENV, value)
         assert lowering.enabled() == want, value
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setenv(lowering.ENV, "")
+    assert lowering.enabled() == frozenset()  # an accelerator keeps Keras' own lowering...
+    monkeypatch.setenv(lowering.ENV, "1")
+    assert lowering.enabled() == lowering.DEFAULT  # ... unless asked
     monkeypatch.setenv(lowering.ENV, "conv,im2col")
     with pytest.raises(InputError, match=r"unknown lowering\(s\) \['im2col'\]"):
         lowering.enabled()

@@ -81,11 +81,15 @@ _ACTIVE: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar(
 
 
 def enabled() -> frozenset[str]:
-    """The lowerings ``$ABLAB_LOWERINGS`` asks for: :data:`DEFAULT` when unset (or ``1``),
-    every one for ``all``, none for ``0`` / ``off``, else the comma-separated names
-    (``conv``, ``pool``, ``norm``, ``dense``)."""
+    """The lowerings ``$ABLAB_LOWERINGS`` asks for: when unset, :data:`DEFAULT` on a CPU
+    backend and none on an accelerator (they are layouts XLA's *CPU* backend runs well; a
+    GPU's compiler has its own convolution and reduction kernels, and nothing was measured
+    there); :data:`DEFAULT` for ``1``, every one for ``all``, none for ``0`` / ``off``, else
+    the comma-separated names (``conv``, ``pool``, ``norm``, ``dense``)."""
     setting = os.environ.get(ENV, "").strip().lower()
-    if setting in ("", "1", "on", "true", "yes"):
+    if setting == "":
+        return DEFAULT if jax.default_backend() == "cpu" else frozenset()
+    if setting in ("1", "on", "true", "yes"):
         return DEFAULT
     if setting == "all":
         return ALL
