@@ -128,6 +128,7 @@ def test_what_does_not_tile_or_groups_keeps_keras_lowering() -> None:
 
 
 def test_env_selects_lowerings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
     cases = [("", lowering.DEFAULT), ("1", lowering.DEFAULT), ("all", lowering.ALL),
              ("0", frozenset()), ("off", frozenset()), ("pool", {"pool"}),
              ("conv, pool", {"conv", "pool"}), ("dense", {"dense"}),
@@ -171,7 +172,7 @@ def test_batch_moments_over_a_wide_minor_axis_match_keras(
     mean, var = nn.moments(x, axes, keepdims)
     with lowering.lowered(lowering.ALL):
         got_mean, got_var = nn.moments(x, axes, keepdims)
-        assert "custom_vjp_call" in _primitives(moments, x)
+        assert "custom_jvp_call" in _primitives(moments, x)
     assert got_mean.shape == mean.shape and got_var.shape == var.shape
     # float32 means of up to 4,096 rows summed in another order; the gradient without
     # autodiff's term for the mean's share of the variance (a sum of deviations: ~0)
@@ -185,10 +186,20 @@ def test_moments_that_are_not_batch_statistics_keep_keras_lowering() -> None:
         layer_norm = _primitives(lambda x: nn.moments(x, [-1], True), x)  # over the channels
         first = _primitives(lambda x: nn.moments(x, (0, 2), False), x)  # channels first
         some = _primitives(lambda x: nn.moments(x, (1,), False), x)
+        # axes Keras takes that are not batch statistics: everything (None), the statistics
+        # of a 1-d array; repeated axes are Keras' error, as without the lowering
+        odd = [
+            _primitives(lambda x: nn.moments(x, None, False), x),
+            _primitives(lambda x: nn.moments(x[0, 0], 0, False), x),
+        ]
+        with pytest.raises(ValueError, match="duplicate value"):
+            nn.moments(x, (0, 0, 1), False)
+        numpy_axes = _primitives(lambda x: nn.moments(x, np.array([0, -2]), False), x)
+        assert "custom_jvp_call" in numpy_axes  # numpy integers are axes too
     with lowering.lowered(frozenset({"conv", "pool"})):
         off = _primitives(lambda x: nn.moments(x, (0, 1), False), x)
-    for primitives in (layer_norm, first, some, off):
-        assert "custom_vjp_call" not in primitives
+    for primitives in (layer_norm, first, some, off, *odd):
+        assert "custom_jvp_call" not in primitives
 
 
 @pytest.mark.parametrize("x_shape", [(6, 40), (3, 6, 40)])
@@ -239,13 +250,18 @@ def _cnn_study(tmp_path: Path) -> Any:
     return _study(tmp_path, data, {"layers": layers}, batch_size=32, epochs=2, shuffle=False)
 
 
-def test_engine_traces_with_the_lowerings_and_fit_agrees(tmp_path: Path) -> None:
-    """The engine's compiled program has no convolution and no windowed reduction, and
+def test_engine_traces_with_the_lowerings_and_fit_agrees(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine's compiled program has no convolution and no windowed reduction, sums
+    BatchNormalization's statistics folded (32 x 8 x 8 rows of 4 channels as 32 x 256), and
     still reproduces ``model.fit`` (BatchNormalization's validation values at 1e-4)."""
+    monkeypatch.setenv(lowering.ENV, "1")  # the default lowerings, on any backend
     study = _cnn_study(tmp_path)
     engine = _assert_fidelity(study, bn=True)
     text = make_program(study, "v").lower("train", 1).as_text()  # before XLA's passes
     assert "convolution" not in text and "reduce_window" not in text
+    assert "32x256xf32>" in text
     assert np.isfinite(engine["val_loss"]).all()
 
 

@@ -15,7 +15,9 @@ Tested range: ``keras>=3.15.1,<3.16`` (pinned in pyproject.toml). What is used a
 * ``Trainer._update_metrics_variables`` -- the stateless metric update of ``train_step``;
 * ``EarlyStopping._set_monitor_op`` / ``monitor_op`` -- whether early stopping minimizes its
   monitored value (Keras' own rule, from the metric's direction);
-* ``keras.src.backend.jax.nn`` (``conv``, ``max_pool``, ``average_pool``) and
+* ``keras.src.backend.jax.nn`` (``conv``, ``max_pool``, ``average_pool``, ``moments`` --
+  the last with the signature ``moments(x, axes, keepdims, synchronized)``, which
+  BatchNormalization's ``_moments`` calls through ``keras.ops.moments``) and
   ``keras.src.backend.jax.numpy`` (``matmul``) -- the functions ``keras.ops`` dispatches to
   at call time; ``ablab.engine.lowering`` wraps them (the wrapper
   calls Keras' own unless the engine is tracing with its lowerings);
@@ -105,8 +107,8 @@ def initializer_of(variable: keras.Variable) -> Any:
 
 
 def keras_backend_nn() -> Any:
-    """The module ``keras.ops.conv`` / ``max_pool`` / ``average_pool`` call into at call time
-    (``keras.src.backend.nn``: the JAX backend's ``nn``)."""
+    """The module ``keras.ops.conv`` / ``max_pool`` / ``average_pool`` / ``moments`` call
+    into at call time (``keras.src.backend.nn``: the JAX backend's ``nn``)."""
     return keras_backend.nn
 
 

@@ -8,11 +8,11 @@ were 43 % and ~20 % of the op time at ~0.2 GFLOP/s (issue 17). The same mathemat
 matrix products and reshapes runs on the GEMM library instead:
 
 * ``conv`` -- **im2col**: the input's patches gathered by static strided slices into
-  ``(batch, *out_spatial, k_1 * .. * k_n * channels)`` and one matmul with the kernel
-  reshaped to ``(k_1 * .. * k_n * channels, filters)``. Under ``vmap`` with the input shared
-  by every seed (the first layer) this is one GEMM with ``seeds * filters`` columns; its
-  kernel gradient is one GEMM too. Any stride, dilation, ``valid`` / ``same`` padding,
-  channels last or first; grouped convolutions keep Keras' own lowering.
+  ``(k_1 * .. * k_n * channels, batch * out)`` and one matmul computed transposed,
+  ``(filters, batch * out) = kernel^T @ patches``, then transposed back. Under ``vmap``
+  with the input shared by every seed (the first layer) this is one GEMM with ``seeds *
+  filters`` rows; its kernel gradient is one GEMM too. Any stride, dilation, ``valid`` /
+  ``same`` padding, channels last or first; grouped convolutions keep Keras' own lowering.
 * ``max_pool`` / ``average_pool`` -- **reshape + reduce** when the windows tile the input
   (``strides == pool_size``, ``valid`` padding or a size the pool divides): the input is
   cropped to whole windows, reshaped to ``(.., out, pool, ..)`` and reduced. Max pooling
@@ -23,10 +23,11 @@ matrix products and reshapes runs on the GEMM library instead:
   batch statistics reduce every axis but the channels. XLA's CPU reduction of a
   ``(rows, C)`` array with a narrow ``C`` (8 filters) ran at ~10 GB/s; the rows folded into
   the minor axis first (``(rows / k, k * C)`` summed over rows, then the ``k`` partial rows)
-  ran it 1.5-2.6x as fast. Their gradient is written out, ``(dm + 2 dv (x - mean)) / n``,
-  without autodiff's extra pass over the rows for the mean's share of the variance (zero up
-  to rounding). (The same fold for the sums in ``batch_normalization``'s gradient was
-  slower: XLA then materializes their operands instead of fusing them into the sum.)
+  ran it 1.5-2.6x as fast. Their derivative is written out (a custom JVP, linear in the
+  tangent; reverse mode transposes it to ``(dm + 2 dv (x - mean)) / n``), without autodiff's
+  extra pass over the rows for the mean's share of the variance (zero up to rounding). (The
+  same fold for the sums in ``batch_normalization``'s gradient was slower: XLA then
+  materializes their operands instead of fusing them into the sum.)
 * ``matmul`` (``dense``) -- a dense layer's per-seed kernel gradient computed as ``(out,
   in)`` and transposed after, for kernels of at least :data:`DENSE_MIN_WEIGHTS` weights:
   ``vmap`` makes it a batched product whose ``(seeds, in, out)`` output layout XLA's CPU
@@ -51,6 +52,7 @@ from __future__ import annotations
 
 import contextvars
 import math
+import operator
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -58,6 +60,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ablab._keras import keras_backend_nn, keras_backend_numpy
 from ablab.errors import InputError
@@ -65,7 +68,7 @@ from ablab.errors import InputError
 ENV = "ABLAB_LOWERINGS"
 ALL = frozenset({"conv", "pool", "norm", "dense"})
 DEFAULT = ALL
-"""On unless ``$ABLAB_LOWERINGS`` says otherwise."""
+"""On a CPU backend when ``$ABLAB_LOWERINGS`` is unset (:func:`enabled`)."""
 
 DENSE_MIN_WEIGHTS = 1024
 """The ``dense`` lowering's smallest kernel (in x out weights). Interleaved A/B on
@@ -349,30 +352,36 @@ def channel_sum(x: jax.Array) -> jax.Array:
     return jnp.sum(jnp.sum(x, axis=0).reshape(k, c), axis=0)
 
 
-@jax.custom_vjp
+@jax.custom_jvp
 def _channel_moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     n = math.prod(x.shape[:-1])
     mean = channel_sum(x) / n
     return mean, channel_sum(jnp.square(x - mean)) / n
 
 
-def _channel_moments_fwd(
-    x: jax.Array,
+@_channel_moments.defjvp
+def _channel_moments_jvp(
+    primals: tuple[jax.Array], tangents: tuple[jax.Array]
 ) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
+    # linear in the tangent: reverse mode transposes it to ((dm + 2 dv (x - mean)) / n,),
+    # forward mode (jvp, Hessian-vector products) works as well
+    (x,), (t,) = primals, tangents
     mean, var = _channel_moments(x)
-    return (mean, var), (x, mean)
-
-
-def _channel_moments_bwd(
-    res: tuple[jax.Array, jax.Array], g: tuple[jax.Array, jax.Array]
-) -> tuple[jax.Array]:
-    x, mean = res
-    d_mean, d_var = g
     n = math.prod(x.shape[:-1])
-    return ((d_mean + 2.0 * d_var * (x - mean)) / n,)
+    return (mean, var), (channel_sum(t) / n, 2.0 * channel_sum((x - mean) * t) / n)
 
 
-_channel_moments.defvjp(_channel_moments_fwd, _channel_moments_bwd)
+def _batch_axes(axes: Any, ndim: int) -> set[int] | None:
+    """``axes`` (an int, a sequence of ints, negatives allowed) as a set of axes of an
+    ``ndim``-d array; None for anything else (None = all axes, out of range, repeated)."""
+    try:
+        listed = [operator.index(axes)] if np.ndim(axes) == 0 else [operator.index(i) for i in axes]
+    except TypeError:
+        return None
+    if any(not -ndim <= i < ndim for i in listed):
+        return None
+    reduced = {i % ndim for i in listed}
+    return reduced if len(reduced) == len(listed) else None
 
 
 def _moments(original: Callable) -> Callable:
@@ -380,9 +389,12 @@ def _moments(original: Callable) -> Callable:
         if "norm" not in _ACTIVE.get() or synchronized:
             return original(x, axes, keepdims, synchronized=synchronized)
         a = jnp.asarray(x)
-        reduced = {int(i) % a.ndim for i in ((axes,) if isinstance(axes, int) else axes)}
         # channels-last batch statistics (every axis reduced but the last), float32
-        if a.ndim < 2 or a.dtype != jnp.float32 or reduced != set(range(a.ndim - 1)):
+        if (
+            a.ndim < 2
+            or a.dtype != jnp.float32
+            or _batch_axes(axes, a.ndim) != set(range(a.ndim - 1))
+        ):
             return original(x, axes, keepdims, synchronized=synchronized)
         mean, var = _channel_moments(a)
         if keepdims:
