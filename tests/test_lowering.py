@@ -221,14 +221,49 @@ def test_dense_kernel_gradient_transposed_matches_keras(x_shape: tuple) -> None:
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
         for g, w in zip(got_grads, want_grads, strict=True):
             np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
-    small = k[:31]  # 31 x 32 = 992 weights, under DENSE_MIN_WEIGHTS: Keras' own product
-    assert small.size < lowering.DENSE_MIN_WEIGHTS <= k.size
+    small = k[:3, :4]  # a kernel of any size goes through it; integers keep Keras' product
     with lowering.lowered(frozenset({"dense"})):
         assert "custom_vjp_call" in _primitives(matmul, x, k)
-        assert "custom_vjp_call" not in _primitives(matmul, x[..., :31], small)
+        assert "custom_vjp_call" in _primitives(matmul, x[..., :3], small)
         assert "custom_vjp_call" not in _primitives(
             matmul, x.astype(jnp.int32), k.astype(jnp.int32)
         )
+
+
+def _dots_contracting_rows_of_both(fn: Any, *args: Any) -> list[str]:
+    """The dots in ``fn``'s optimized CPU program that contract axis 1 of both of two
+    seed-batched operands: the ``(seeds, rows, in) x (seeds, rows, out)`` form."""
+    with jax.default_device(jax.devices("cpu")[0]):
+        hlo = jax.jit(fn).lower(*args).compile().as_text()
+    dims = ["lhs_batch_dims={0}", "lhs_contracting_dims={1}", "rhs_batch_dims={0}"]
+    bad = ", ".join([*dims, "rhs_contracting_dims={1}"])
+    return [line.strip() for line in hlo.splitlines() if " dot(" in line and bad in line]
+
+
+def test_dense_per_seed_kernel_gradient_is_a_plain_batched_product() -> None:
+    """Under ``vmap`` Keras' kernel gradient ``x.T @ g`` contracts the rows axis of both
+    operands, which XLA's CPU backend runs on its own slow dot emitter (~5 GFLOP/s, the seed
+    autoencoder's 12 x 8 kernels; issue 17). Lowered, it is ``(out, rows) @ (rows, in)``
+    per seed, with the same values."""
+    from ablab._keras import keras_backend_numpy
+
+    matmul = keras_backend_numpy().matmul
+    # the seed autoencoder's second layer: 6 seeds, batches of 32 rows, 8 -> 12
+    h = jnp.asarray(RNG.normal(size=(6, 32, 8)), jnp.float32)
+    k = jnp.asarray(RNG.normal(size=(6, 8, 12)), jnp.float32)
+    y = jnp.asarray(RNG.normal(size=(6, 32, 12)), jnp.float32)
+
+    def kernel_grads(h: jax.Array, k: jax.Array, y: jax.Array) -> jax.Array:
+        loss = lambda h, k, y: jnp.mean((matmul(h, k) - y) ** 2)  # noqa: E731
+        return jax.vmap(jax.grad(loss, argnums=1))(h, k, y)
+
+    want = kernel_grads(h, k, y)
+    assert _dots_contracting_rows_of_both(lambda *a: kernel_grads(*a), h, k, y)  # Keras' own
+    with lowering.lowered(frozenset({"dense"})):
+        got = kernel_grads(h, k, y)
+        assert not _dots_contracting_rows_of_both(lambda *a: kernel_grads(*a), h, k, y)
+    # float32 sums of 32 products in another order
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 CNN_BN = [

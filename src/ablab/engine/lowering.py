@@ -28,11 +28,16 @@ matrix products and reshapes runs on the GEMM library instead:
   extra pass over the rows for the mean's share of the variance (zero up to rounding). (The
   same fold for the sums in ``batch_normalization``'s gradient was slower: XLA then
   materializes their operands instead of fusing them into the sum.)
-* ``matmul`` (``dense``) -- a dense layer's per-seed kernel gradient computed as ``(out,
-  in)`` and transposed after, for kernels of at least :data:`DENSE_MIN_WEIGHTS` weights:
-  ``vmap`` makes it a batched product whose ``(seeds, in, out)`` output layout XLA's CPU
-  backend ran several times slower than ``(seeds, out, in)`` on the W=512 digits MLP
-  (issue 17).
+* ``matmul`` (``dense``) -- **a dense layer's per-seed kernel gradient as a plain batched
+  product**: under ``vmap`` Keras' ``x.T @ g`` is a product contracting the rows axis of
+  both ``(seeds, rows, in)`` and ``(seeds, rows, out)``, which XLA's CPU backend runs on its
+  own dot emitter (~5 GFLOP/s for the seed autoencoder's 32 x 8 x 12 products). ``g`` is
+  transposed and materialized first, the product ``(out, rows) @ (rows, in)`` goes to the
+  GEMM library, and its ``(out, in)`` result is transposed after (issue 17). A loop of 60
+  such products on the 2-core VM: the seed autoencoder's (834 seeds) 0.77 -> 0.15 ms a
+  product, the W=512 digits MLP's output layer (10 seeds) 1.16 -> 0.14 ms. Each transpose
+  is kept behind an optimization barrier: XLA folds an unmaterialized one back into the
+  product.
 
 The results are the same functions; only float32 summation order changes (a convolution
 sums its products in another order, a channel's statistics its rows).
@@ -69,14 +74,6 @@ ENV = "ABLAB_LOWERINGS"
 ALL = frozenset({"conv", "pool", "norm", "dense"})
 DEFAULT = ALL
 """On a CPU backend when ``$ABLAB_LOWERINGS`` is unset (:func:`enabled`)."""
-
-DENSE_MIN_WEIGHTS = 1024
-"""The ``dense`` lowering's smallest kernel (in x out weights). Interleaved A/B on
-bench/peers.py's cases (2 cores, median of 7-9 calls a case): digits MLP 64-512-10 1.44x,
-64-128-10 1.26-1.41x, 64-32-10 1.0x (only its 64 x 32 layer qualifies; every layer
-transposed: 1.06-1.15x), MLP+BN 128 and the digits CNNs 0.95-1.08x (noise); the seed
-autoencoder (12 x 8 kernels) 0.91-1.0x with every kernel transposed, so small kernels keep
-Keras' product."""
 
 _ACTIVE: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar(
     "ablab_lowerings", default=frozenset()
@@ -423,9 +420,13 @@ def _matmul_t_bwd(res: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.A
     dx = jnp.matmul(g, k.T)
     rows_x = x.reshape(-1, x.shape[-1])
     rows_g = g.reshape(-1, g.shape[-1])
-    # (out, in), kept in that layout (XLA would fold the transpose back into the product),
-    # then transposed: per seed, the product runs several times faster this way round
-    dk = jax.lax.optimization_barrier(jnp.matmul(rows_g.T, rows_x)).T
+    # g transposed and materialized, so that the product is a plain (seeds-batched) matmul
+    # (out, rows) @ (rows, in); the result kept in that (out, in) layout, then transposed.
+    # Each barrier stops XLA folding its transpose back into the product, which would make
+    # it a product contracting the rows axis of both operands, run by XLA's own dot emitter
+    # several times slower under vmap
+    g_t = jax.lax.optimization_barrier(rows_g.T)
+    dk = jax.lax.optimization_barrier(jnp.matmul(g_t, rows_x)).T
     return dx, dk
 
 
@@ -439,7 +440,6 @@ def _matmul(original: Callable) -> Callable:
         a, b = jnp.asarray(x1), jnp.asarray(x2)
         if (
             b.ndim != 2
-            or b.size < DENSE_MIN_WEIGHTS
             or a.ndim < 2
             or a.dtype != b.dtype
             or not jnp.issubdtype(a.dtype, jnp.floating)
