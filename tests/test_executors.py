@@ -186,6 +186,36 @@ def test_the_plan_bounds_workers_by_the_memory_budget(tiny_study: Path) -> None:
     assert plan.workers == 1 and plan.chunk_sizes == {"plain": 4, "bn": 4}
 
 
+def test_the_plan_evens_the_study_count_of_cells(
+    tiny_study: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every variant's cells go to one queue: an odd total leaves a worker idle for the last
+    round, so the plan cuts one variant into one more cell; not with an explicit chunk size,
+    nor for a resumed run (its stored sizes), nor with the reference engine."""
+    from ablab.execution import plan as _plan
+
+    monkeypatch.setattr(_plan, "choose_chunk_size", lambda program, n, budget, explicit: 30)
+    study = ablab.load_study(tiny_study)
+    engine = study.engine.model_copy(update={"chunk_size": None})
+    seeds = study.seeds.model_copy(update={"count": 150})
+    free = study.model_copy(update={"engine": engine, "seeds": seeds})
+    # plain and bn: 5 + 5 cells of 30, even already
+    assert make_plan(free).chunk_sizes == {"plain": 30, "bn": 30}
+    twin = free.variants["plain"].model_copy()
+    three = free.model_copy(update={"variants": {**free.variants, "plain2": twin}})
+    plan = make_plan(three)  # 15 cells: bn's (the biggest per seed) become 6 of 25
+    assert plan.chunk_sizes == {"plain": 30, "bn": 25, "plain2": 30}
+    assert len(plan.cells) == 16
+    assert make_plan(three, chunk_sizes={"plain": 30, "bn": 30, "plain2": 30}).chunk_sizes == {
+        "plain": 30,
+        "bn": 30,
+        "plain2": 30,
+    }
+    for update in ({"kind": "reference"}, {"chunk_size": 30}):
+        other = three.model_copy(update={"engine": engine.model_copy(update=update)})
+        assert make_plan(other).chunk_sizes == {"plain": 30, "bn": 30, "plain2": 30}, update
+
+
 def test_workers_refused_where_they_cannot_apply(tiny_study: Path) -> None:
     study = ablab.load_study(tiny_study)
     with pytest.raises(InputError, match="positive number"):

@@ -18,6 +18,7 @@ import pytest
 
 from ablab._keras import keras_backend_nn
 from ablab.engine import lowering
+from ablab.engine.xla import compiler_options
 from ablab.errors import InputError
 from tests.conftest import make_program
 from tests.test_layers import _assert_fidelity, _study
@@ -208,7 +209,7 @@ def test_dense_kernel_gradient_transposed_matches_keras(x_shape: tuple) -> None:
 
     matmul = keras_backend_numpy().matmul
     x = jnp.asarray(RNG.normal(size=x_shape), jnp.float32)
-    k = jnp.asarray(RNG.normal(size=(40, 32)), jnp.float32)  # 1,280 weights: transposed
+    k = jnp.asarray(RNG.normal(size=(40, 32)), jnp.float32)
     seeds_k = jnp.asarray(RNG.normal(size=(3, 40, 32)), jnp.float32)
 
     def per_seed(x: jax.Array, k: jax.Array) -> jax.Array:  # a shared input, per-seed kernels
@@ -221,20 +222,68 @@ def test_dense_kernel_gradient_transposed_matches_keras(x_shape: tuple) -> None:
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
         for g, w in zip(got_grads, want_grads, strict=True):
             np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
-    small = k[:3, :4]  # a kernel of any size goes through it; integers keep Keras' product
+    small = k[:3, :4]  # a kernel of any size goes through it; integers, a 1-d second
+    # operand and an empty kernel keep Keras' product
     with lowering.lowered(frozenset({"dense"})):
         assert "custom_vjp_call" in _primitives(matmul, x, k)
         assert "custom_vjp_call" in _primitives(matmul, x[..., :3], small)
-        assert "custom_vjp_call" not in _primitives(
-            matmul, x.astype(jnp.int32), k.astype(jnp.int32)
+        assert "custom_vjp_call" in _primitives(
+            matmul, x.astype(jnp.float16), k.astype(jnp.float16)
         )
+        for a, b in [
+            (x.astype(jnp.int32), k.astype(jnp.int32)),
+            (x, k[:, 0]),
+            (x[..., :0], k[:0]),
+        ]:
+            assert "custom_vjp_call" not in _primitives(matmul, a, b)
+        # an empty kernel's gradient (Keras' own product): no reshape of 0 columns
+        empty = jax.grad(lambda k: jnp.sum(matmul(x[..., :0], k)))(k[:0])
+        assert empty.shape == (0, 32)
+
+
+def test_dense_lowering_gradients_for_one_operand_higher_orders_and_half_precision() -> None:
+    """The custom VJP's gradients w.r.t. either operand alone, reverse over reverse, and in
+    float16, against Keras' own product; forward mode is what a custom VJP cannot do (the
+    engine uses none: this pins the limitation)."""
+    from ablab._keras import keras_backend_numpy
+
+    matmul = keras_backend_numpy().matmul
+    x = jnp.asarray(RNG.normal(size=(2, 3, 6, 5)), jnp.float32)  # a 4-d input
+    k = jnp.asarray(RNG.normal(size=(5, 4)), jnp.float32)
+
+    def f(x: jax.Array, k: jax.Array) -> jax.Array:
+        return jnp.sum(jnp.tanh(matmul(x, k)))
+
+    def grads(argnums: int) -> tuple[jax.Array, jax.Array]:  # traced afresh on each call
+        def squared(x: jax.Array, k: jax.Array) -> jax.Array:
+            return jnp.sum(jax.grad(f, argnums)(x, k) ** 2)
+
+        return jax.grad(f, argnums)(x, k), jax.grad(squared, 1)(x, k)
+
+    for argnums in (0, 1):
+        want, second_want = grads(argnums)
+        with lowering.lowered(frozenset({"dense"})):
+            got, second = grads(argnums)
+        # float32 sums of 5 (input gradient) / 36 (kernel gradient) products, another order
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(second, second_want, rtol=1e-4, atol=1e-4)
+    half = (x.astype(jnp.float16), k.astype(jnp.float16))
+    want_half = jax.grad(lambda x, k: f(x, k).astype(jnp.float32), (0, 1))(*half)
+    with lowering.lowered(frozenset({"dense"})):
+        got_half = jax.grad(lambda x, k: f(x, k).astype(jnp.float32), (0, 1))(*half)
+        with pytest.raises(TypeError, match="forward-mode"):
+            jax.jvp(lambda k: matmul(x, k), (k,), (jnp.ones_like(k),))
+    for g, w in zip(got_half, want_half, strict=True):
+        assert g.dtype == w.dtype == jnp.float16
+        # float16 sums of 5 / 36 products in another order: a few float16 ulps
+        np.testing.assert_allclose(g.astype(np.float32), w.astype(np.float32), rtol=1e-2, atol=1e-2)
 
 
 def _dots_contracting_rows_of_both(fn: Any, *args: Any) -> list[str]:
     """The dots in ``fn``'s optimized CPU program that contract axis 1 of both of two
     seed-batched operands: the ``(seeds, rows, in) x (seeds, rows, out)`` form."""
-    with jax.default_device(jax.devices("cpu")[0]):
-        hlo = jax.jit(fn).lower(*args).compile().as_text()
+    with jax.default_device(jax.devices("cpu")[0]):  # compiled as the engine compiles
+        hlo = jax.jit(fn).lower(*args).compile(compiler_options=compiler_options()).as_text()
     dims = ["lhs_batch_dims={0}", "lhs_contracting_dims={1}", "rhs_batch_dims={0}"]
     bad = ", ".join([*dims, "rhs_contracting_dims={1}"])
     return [line.strip() for line in hlo.splitlines() if " dot(" in line and bad in line]

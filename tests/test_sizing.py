@@ -14,6 +14,7 @@ from ablab.engine.sizing import (
     MAX_DEFAULT_WORKERS,
     choose_chunk_size,
     default_workers,
+    even_cell_count,
     seed_chunks,
     usable_cores,
     workers_within_budget,
@@ -59,16 +60,22 @@ def test_a_variant_with_enough_seeds_gets_two_cells(
     assert choose_chunk_size(program, 63, 2048.0) == 63
 
 
+def _one_variant_cut(per_seed_bytes: int, seeds: int) -> int:
+    """A one-variant study's chunk size as a run cuts it: choose, then even the count."""
+    chunk = choose_chunk_size(_Sized(per_seed_bytes), seeds, 2048.0)  # type: ignore[arg-type]
+    return even_cell_count(seeds, {"v": chunk}, {"v": per_seed_bytes})["v"]
+
+
 @pytest.mark.parametrize(
     ("per_seed_kib", "seeds", "chunk", "cells"),
     [
-        # bench/peers.py's cases (per-seed estimates rounded); the rule cut 5, 19, 5, 7 and
-        # 21 cells before: an odd count left one of 2 workers idle for the last round.
-        (370, 200, 34, 6),  # MLP 64-128-10: 5 cells of 40 before
-        (1429, 200, 10, 20),  # MLP 64-512-10: 19 cells of 11 before
-        (1454, 50, 9, 6),  # digits CNN: 5 cells of 10 before
-        (2479, 50, 7, 8),  # digits CNN + BN: 7 cells of 8 before
-        (33.4, 10_000, 455, 22),  # seed autoencoder + BN: 21 cells of 477 before
+        # bench/peers.py's cases (per-seed estimates rounded); choose_chunk_size cuts 5, 19, 5,
+        # 7 and 21 cells: an odd count leaves one of 2 workers idle for the last round.
+        (370, 200, 34, 6),  # MLP 64-128-10: 5 cells of 40 chosen
+        (1429, 200, 10, 20),  # MLP 64-512-10: 19 cells of 11 chosen
+        (1454, 50, 9, 6),  # digits CNN: 5 cells of 10 chosen
+        (2479, 50, 8, 7),  # digits CNN + BN: 8 cells would hold 7 seeds, under 8: left odd
+        (33.4, 10_000, 455, 22),  # seed autoencoder + BN: 21 cells of 477 chosen
         (18.7, 10_000, 834, 12),  # seed autoencoder: already even, unchanged
         (128, 200, 100, 2),  # two cells: unchanged
         (2560, 200, 8, 25),  # 26 cells would be 25 cells of 8 again: left odd
@@ -79,8 +86,7 @@ def test_an_odd_count_of_cells_gets_one_more(
 ) -> None:
     """Issue #17: MLP 64-128-10 on 2 workers ran 271 runs/s in 5 cells of 40, 303 in 6 of 34
     (median of 5 rounds): the sixth cell costs no round, and each cell is smaller."""
-    program = _Sized(int(per_seed_kib * 2**10))
-    got = choose_chunk_size(program, seeds, 2048.0)  # type: ignore[arg-type]
+    got = _one_variant_cut(int(per_seed_kib * 2**10), seeds)
     assert (got, -(-seeds // got)) == (chunk, cells)
 
 
@@ -89,13 +95,41 @@ def test_an_odd_count_of_cells_is_kept_only_when_one_more_cell_cannot_even_it(
     seeds: int,
 ) -> None:
     for per_seed_mib in (0.5, 1.0, 2.5, 6.0):
-        program = _Sized(int(per_seed_mib * 2**20))
-        chunk = choose_chunk_size(program, seeds, 2048.0)  # type: ignore[arg-type]
+        chosen = choose_chunk_size(_Sized(int(per_seed_mib * 2**20)), seeds, 2048.0)  # type: ignore[arg-type]
+        chunk = _one_variant_cut(int(per_seed_mib * 2**20), seeds)
         cells = -(-seeds // chunk)
         assert chunk * (cells - 1) < seeds  # no cell is only padding
+        assert chunk >= min(_engine.MIN_WORKING_SET_CHUNK, chosen)
         if cells > 1 and cells % 2:
             one_more = -(-seeds // (cells + 1))
-            assert (-(-seeds // one_more)) % 2 == 1, (seeds, per_seed_mib, chunk)
+            assert (-(-seeds // one_more)) % 2 == 1 or one_more < min(8, chosen), (
+                seeds,
+                per_seed_mib,
+                chunk,
+            )
+
+
+def test_the_study_count_of_cells_is_evened_across_variants(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every variant's cells share one queue: the study's total count is what is evened, by
+    one more cell in the variant with the biggest cells that can take one."""
+    kib = 2**10
+    costs = {"a": 300 * kib, "b": 370 * kib, "c": 200 * kib}
+    # 5 + 5 cells: already even, unchanged
+    two = {"a": 40, "b": 40}
+    assert even_cell_count(200, two, costs) == two
+    # 5 + 5 + 5: b's cells are the biggest (40 x 370 KiB): 6 cells of 34
+    assert even_cell_count(200, {**two, "c": 40}, costs) == {"a": 40, "b": 34, "c": 40}
+    # 2 + 25 cells: 26 cells of 200 seeds are 25 again, so a (2 -> 3 cells of 67) it is
+    assert even_cell_count(200, {"a": 100, "b": 8}, costs) == {"a": 67, "b": 8}
+    # one cell stays one cell (fewer than 64 seeds); a chunk never drops under 8 seeds
+    assert even_cell_count(63, {"a": 63}, costs) == {"a": 63}
+    assert even_cell_count(50, {"a": 8}, costs) == {"a": 8}
+    assert even_cell_count(60, {"a": 20}, costs) == {"a": 15}  # 3 cells -> 4 of 15
+    # an accelerator runs one big call at a time: nothing to even
+    monkeypatch.setattr(_engine.jax, "default_backend", lambda: "gpu")
+    assert even_cell_count(200, {**two, "c": 40}, costs) == {**two, "c": 40}
 
 
 def test_a_cell_working_set_stays_in_the_caches_on_cpu(
@@ -116,8 +150,9 @@ def test_a_cell_working_set_stays_in_the_caches_on_cpu(
     cnn = _Sized(int(2.5 * 2**20))
     assert choose_chunk_size(cnn, 200, 2048.0) == 8  # type: ignore[arg-type]
     assert choose_chunk_size(cnn, 5, 2048.0) == 5  # type: ignore[arg-type]
-    # 1 MiB a seed: 16 fit; 13 cells of 16 made 14 of 15 (an even count)
-    assert choose_chunk_size(_Sized(2**20), 200, 2048.0) == 15  # type: ignore[arg-type]
+    # 1 MiB a seed: 16 fit; 200 seeds are 13 cells of 16 (a run then evens it: 14 of 15)
+    assert choose_chunk_size(_Sized(2**20), 200, 2048.0) == 16  # type: ignore[arg-type]
+    assert _one_variant_cut(2**20, 200) == 15
     # the memory budget still wins when it is tighter
     assert choose_chunk_size(_Sized(2**20), 200, 4.0) == 4  # type: ignore[arg-type]
     # an accelerator: no cache cap; the 1,024 cap, then balanced (100,000 seeds: 98 x 1,021)

@@ -29,15 +29,20 @@ matrix products and reshapes runs on the GEMM library instead:
   same fold for the sums in ``batch_normalization``'s gradient was slower: XLA then
   materializes their operands instead of fusing them into the sum.)
 * ``matmul`` (``dense``) -- **a dense layer's per-seed kernel gradient as a plain batched
-  product**: under ``vmap`` Keras' ``x.T @ g`` is a product contracting the rows axis of
+  product**. It applies to every float ``matmul`` whose second operand is 2-d and not empty
+  (Dense layers, and also e.g. an RNN cell's products, Keras' ``Dot`` on 2-d operands: the
+  same values and gradients; their speed was measured on Dense layers only). Under ``vmap``
+  Keras' ``x.T @ g`` is a product contracting the rows axis of
   both ``(seeds, rows, in)`` and ``(seeds, rows, out)``, which XLA's CPU backend runs on its
   own dot emitter (~5 GFLOP/s for the seed autoencoder's 32 x 8 x 12 products). ``g`` is
   transposed and materialized first, the product ``(out, rows) @ (rows, in)`` goes to the
-  GEMM library, and its ``(out, in)`` result is transposed after (issue 17). A loop of 60
-  such products on the 2-core VM: the seed autoencoder's (834 seeds) 0.77 -> 0.15 ms a
-  product, the W=512 digits MLP's output layer (10 seeds) 1.16 -> 0.14 ms. Each transpose
+  GEMM library, and its ``(out, in)`` result is transposed after (issue 17).
+  ``bench/dense_grad.py`` on the 2-core VM: the seed autoencoder's (834 seeds) 0.81 -> 0.30
+  ms a product, the W=512 digits MLP's output layer (10 seeds) 0.94 -> 0.16 ms. Each transpose
   is kept behind an optimization barrier: XLA folds an unmaterialized one back into the
-  product.
+  product. A custom VJP has no forward mode: ``jax.jvp`` / ``jacfwd`` through a lowered
+  matmul raises (nothing in the engine uses forward mode; the max pool's custom VJP has
+  the same limit, BatchNormalization's moments a custom JVP that keeps it).
 
 The results are the same functions; only float32 summation order changes (a convolution
 sums its products in another order, a channel's statistics its rows).
@@ -440,6 +445,7 @@ def _matmul(original: Callable) -> Callable:
         a, b = jnp.asarray(x1), jnp.asarray(x2)
         if (
             b.ndim != 2
+            or b.size == 0
             or a.ndim < 2
             or a.dtype != b.dtype
             or not jnp.issubdtype(a.dtype, jnp.floating)

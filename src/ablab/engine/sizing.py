@@ -34,9 +34,7 @@ MAX_DEFAULT_WORKERS = 8
 # MIN_CELL_SEEDS seeds or more: one cell per variant left a core idle (one call keeps ~1.3 of
 # 2 cores busy); two cells of 100 seeds on 2 workers ran 1.07-1.26x a single cell of 200
 # (the peer benchmark of issue #17). Both cells have one size, so one compiled program serves
-# them; below 64 seeds a second call's fixed cost outweighs the idle core. An odd count of
-# cells is made even where one more cell does it: MLP 64-128-10, 200 seeds, 2 workers, median
-# of 5 rounds: 5 cells of 40 271 runs/s, 6 cells of 34 303 runs/s (1.12x), 8 of 25 303.
+# them; below 64 seeds a second call's fixed cost outweighs the idle core.
 MIN_CELLS = 2
 MIN_CELL_SEEDS = 32
 
@@ -96,10 +94,10 @@ def choose_chunk_size(
     on a CPU backend, at a working set of ``CELL_WORKING_SET_BYTES`` (at least
     ``MIN_WORKING_SET_CHUNK`` seeds); a variant of at least ``MIN_CELLS * MIN_CELL_SEEDS``
     seeds is cut into at least ``MIN_CELLS`` cells; then evened out so the last chunk carries
-    little padding, and an odd count of cells (more than one) made one more where that evens
-    it, so two workers finish together. The rule depends on the study and the kind of backend
-    only (never on the core count, the cache sizes or the workers), so a study cuts the same
-    cells -- and computes the same bits -- on every CPU machine.
+    little padding. The rule depends on the study and the kind of backend only (never on the
+    core count, the cache sizes or the workers), so a study cuts the same cells -- and
+    computes the same bits -- on every CPU machine. A run then evens the study's count of
+    cells across its variants (:func:`even_cell_count`).
     """
     if chunk_size is not None:
         return max(1, min(chunk_size, n_seeds))
@@ -110,17 +108,49 @@ def choose_chunk_size(
         cap = min(cap, max(MIN_WORKING_SET_CHUNK, CELL_WORKING_SET_BYTES // per_seed))
     if n_seeds >= MIN_CELLS * MIN_CELL_SEEDS:  # at least two cells: every worker gets one
         cap = min(cap, math.ceil(n_seeds / MIN_CELLS))
-    # Balance the chunks (10,000 seeds at cap 1,024 -> 10 x 1,000, not 10 x 1,024 with padding)
-    # ... and an odd count of cells made one more where that evens it: an odd count leaves a
-    # worker idle for the last round (5 cells on 2 workers: 3 rounds, the last half empty;
-    # 6 smaller cells take the same 3 rounds, each shorter), one more cell never adds a round
-    # on 2 or 4 workers.
+    # Balance the chunks (10,000 seeds at cap 1,024 -> 10 x 1,000, not 10 x 1,024 with padding).
     n_chunks = math.ceil(n_seeds / cap)
-    if n_chunks > 1 and n_chunks % 2:
-        chunk = math.ceil(n_seeds / (n_chunks + 1))
-        if math.ceil(n_seeds / chunk) % 2 == 0:
-            return chunk
     return math.ceil(n_seeds / n_chunks)
+
+
+def even_cell_count(
+    n_seeds: int, chunks: dict[str, int], per_seed_bytes: dict[str, int]
+) -> dict[str, int]:
+    """The study's chunk sizes (``{variant: seeds per cell}``, each variant ``n_seeds``
+    seeds), with one variant cut into one more cell where that makes the study's count of
+    cells even; on a CPU backend only.
+
+    Every variant's cells go to one queue of workers. An odd count leaves a worker idle for
+    the queue's last round (5 cells on 2 workers: 3 rounds, the last half empty); one more,
+    smaller cell takes no more rounds on an even number of workers (the usual 2, 4, 8 cores),
+    and each round is shorter. The variant cut is the one with the biggest cells (seeds x
+    per-seed memory, the proxy for a call's time) among those where one more cell exists
+    (``ceil(n / ceil(n / (k + 1))) == k + 1``) and keeps at least ``MIN_WORKING_SET_CHUNK``
+    seeds a cell (or the size it had, if smaller); a variant in one cell keeps it (below
+    ``MIN_CELLS * MIN_CELL_SEEDS`` seeds a second call costs more than it gives). Like
+    :func:`choose_chunk_size`, it depends on the study and the kind of backend only.
+    Measured (issue #17, MLP 64-128-10, 200 seeds, 2 workers, median of 5 rounds): 5 cells of
+    40 seeds 271 runs/s, 6 cells of 34 303 runs/s (1.12x), 8 of 25 303.
+    """
+    evened = dict(chunks)
+    counts = {v: math.ceil(n_seeds / c) for v, c in chunks.items()}
+    if jax.default_backend() != "cpu" or sum(counts.values()) % 2 == 0:
+        return evened
+    candidates = []
+    for variant, chunk in chunks.items():
+        if counts[variant] < 2:
+            continue
+        smaller = math.ceil(n_seeds / (counts[variant] + 1))
+        if math.ceil(n_seeds / smaller) != counts[variant] + 1:
+            continue  # no size gives exactly one more cell (200 seeds: 25 x 8, 26 -> 25 x 8)
+        if smaller < min(MIN_WORKING_SET_CHUNK, chunk):
+            continue
+        candidates.append((chunk * per_seed_bytes[variant], variant, smaller))
+    if candidates:
+        # the biggest cells; ties: the first variant (max keeps the first maximum)
+        _, variant, smaller = max(candidates, key=lambda c: c[0])
+        evened[variant] = smaller
+    return evened
 
 
 def workers_within_budget(wanted: int, cell_bytes: list[int], memory_budget_mb: float) -> int:

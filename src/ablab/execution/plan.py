@@ -16,6 +16,7 @@ from ablab.engine.program import VariantProgram
 from ablab.engine.sizing import (
     choose_chunk_size,
     default_workers,
+    even_cell_count,
     seed_chunks,
     workers_within_budget,
 )
@@ -109,7 +110,8 @@ def make_plan(
     """Validate everything and return the programs and the cells, without writing anything.
 
     chunk_sizes: the stored plan's (a resumed run cuts exactly the cells it started with);
-    else each variant's from the memory budget (``choose_chunk_size``). A probed variant
+    else each variant's from the memory budget (``choose_chunk_size``), the study's count of
+    cells then made even where one more cell does it (``even_cell_count``). A probed variant
     probes its first chunks covering ``[probes] seeds`` seeds; the rest run probe-free.
     workers: overrides ``[engine] workers`` (default: ``default_workers()``), then bounded so
     the cells in flight together fit the memory budget.
@@ -130,6 +132,12 @@ def make_plan(
                 program, study.seeds.count, study.engine.memory_budget_mb, study.engine.chunk_size
             )
         programs[variant], sizes[variant] = program, chunk
+    if chunk_sizes is None and study.engine.chunk_size is None and not reference:
+        sizes = even_cell_count(
+            study.seeds.count, sizes, {v: p.per_seed_bytes() for v, p in programs.items()}
+        )
+    for variant, program in programs.items():
+        chunk = sizes[variant]
         for k, ids, real in seed_chunks(study.seeds.base, study.seeds.count, chunk):
             probed = program.probes and k * chunk < study.probes.seeds
             cells.append(Cell(variant, k, ids, real, probed))
