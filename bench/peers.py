@@ -94,7 +94,7 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from ablab.engine.build import build_program
 from ablab.engine.program import VariantProgram
-from ablab.engine.sizing import choose_chunk_size, default_workers, even_cell_count, seed_chunks
+from ablab.engine.sizing import chunk_size_alone, default_workers, seed_chunks
 from ablab.execution.executors import Cell, LocalExecutor
 from ablab.study.loading import study_from_dict
 from ablab.study.schema import Study
@@ -635,9 +635,7 @@ class AblabRunner:
     def __init__(self, case: Case, seeds: int) -> None:
         self.program = build_program(case.study, case.variant, probes=False)
         budget = case.study.engine.memory_budget_mb
-        chunk = choose_chunk_size(self.program, seeds, budget)
-        per_seed = {case.variant: self.program.per_seed_bytes()}
-        self.chunk = even_cell_count(seeds, {case.variant: chunk}, per_seed)[case.variant]
+        self.chunk = chunk_size_alone(self.program, seeds, budget)
         self.workers = default_workers()
         self.compile_s = self.program.compile(self.chunk)
         self.cells = [

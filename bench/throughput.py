@@ -45,9 +45,8 @@ from ablab.engine.data import load_dataset, split
 from ablab.engine.program import VariantProgram
 from ablab.engine.sizing import (
     DEFAULT_MAX_CHUNK,
-    choose_chunk_size,
+    chunk_size_alone,
     default_workers,
-    even_cell_count,
     seed_chunks,
     workers_within_budget,
 )
@@ -78,8 +77,7 @@ def prepared_cells(
     from the memory budget), the program compiled for them and warmed up (its first call
     allocates), and each worker count in ``workers`` bounded by the budget as `ablab run`
     bounds it. Returns ``(cells, compile seconds, bounded worker counts)``."""
-    chunk = choose_chunk_size(program, seeds, budget_mb, max_chunk=max_chunk)
-    chunk = even_cell_count(seeds, {"bench": chunk}, {"bench": program.per_seed_bytes()})["bench"]
+    chunk = chunk_size_alone(program, seeds, budget_mb, max_chunk=max_chunk)
     compile_s = program.compile(chunk)
     cells = [
         Cell("bench", k, ids, real, program.probes) for k, ids, real in seed_chunks(0, seeds, chunk)

@@ -13,6 +13,7 @@ from ablab.engine.program import VariantProgram
 from ablab.engine.sizing import (
     MAX_DEFAULT_WORKERS,
     choose_chunk_size,
+    chunk_size_alone,
     default_workers,
     even_cell_count,
     seed_chunks,
@@ -62,8 +63,7 @@ def test_a_variant_with_enough_seeds_gets_two_cells(
 
 def _one_variant_cut(per_seed_bytes: int, seeds: int) -> int:
     """A one-variant study's chunk size as a run cuts it: choose, then even the count."""
-    chunk = choose_chunk_size(_Sized(per_seed_bytes), seeds, 2048.0)  # type: ignore[arg-type]
-    return even_cell_count(seeds, {"v": chunk}, {"v": per_seed_bytes})["v"]
+    return chunk_size_alone(_Sized(per_seed_bytes), seeds, 2048.0)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -102,7 +102,8 @@ def test_an_odd_count_of_cells_is_kept_only_when_one_more_cell_cannot_even_it(
         assert chunk >= min(_engine.MIN_WORKING_SET_CHUNK, chosen)
         if cells > 1 and cells % 2:
             one_more = -(-seeds // (cells + 1))
-            assert (-(-seeds // one_more)) % 2 == 1 or one_more < min(8, chosen), (
+            floor = min(_engine.MIN_WORKING_SET_CHUNK, chosen)
+            assert (-(-seeds // one_more)) % 2 == 1 or one_more < floor, (
                 seeds,
                 per_seed_mib,
                 chunk,

@@ -153,6 +153,18 @@ def even_cell_count(
     return evened
 
 
+def chunk_size_alone(
+    program: VariantProgram,
+    n_seeds: int,
+    memory_budget_mb: float,
+    max_chunk: int = DEFAULT_MAX_CHUNK,
+) -> int:
+    """A one-variant study's chunk size as a run cuts it: :func:`choose_chunk_size`, then
+    :func:`even_cell_count` over that one variant (what the benchmarks time)."""
+    chunk = choose_chunk_size(program, n_seeds, memory_budget_mb, max_chunk=max_chunk)
+    return even_cell_count(n_seeds, {"": chunk}, {"": program.per_seed_bytes()})[""]
+
+
 def workers_within_budget(wanted: int, cell_bytes: list[int], memory_budget_mb: float) -> int:
     """How many of ``wanted`` chunk calls may run at once when each in-flight cell holds up
     to ``max(cell_bytes)``: as many as the memory budget holds, at least one.
