@@ -20,29 +20,35 @@ from tests.conftest import TINY_STUDY
 
 ABLAB = [sys.executable, "-m", "ablab"]
 
+_IMPORTS_AT_EXIT = """
+import atexit, sys
+def imports():
+    seen = ", ".join(f"{m} {m in sys.modules}" for m in ("sklearn", "matplotlib", "keras"))
+    print("imported:", seen, file=sys.stderr)
+atexit.register(imports)
+sys.argv[0] = "ablab"
+from ablab.cli import run_main
+run_main()
+"""
+
 
 @pytest.fixture(scope="module")
 def stored(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     """One run of the tiny study, made through the CLI with --json."""
     root = tmp_path_factory.mktemp("cli")
     (root / "tiny.toml").write_text(TINY_STUDY)
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ablab",
-            "run",
-            str(root / "tiny.toml"),
-            "--runs-dir",
-            str(root / "runs"),
-            "--json",
-        ],
+    args = ["run", str(root / "tiny.toml"), "--runs-dir", str(root / "runs"), "--json"]
+    out = subprocess.run(  # `ablab run ...` (python -m ablab), telling what it imported
+        [sys.executable, "-c", _IMPORTS_AT_EXIT, *args],
         capture_output=True,
         text=True,
         check=False,
         timeout=300,
     )
     assert out.returncode == 0, out.stderr
+    # Keras came without scikit-learn and matplotlib (ablab._startup), and the synthetic
+    # data and the tables needed neither
+    assert "imported: sklearn False, matplotlib False, keras True" in out.stderr
     doc = json.loads(out.stdout)  # exactly one JSON document on stdout
     return root, doc
 

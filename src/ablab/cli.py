@@ -20,6 +20,7 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
+from ablab._startup import import_keras_lean
 from ablab.errors import (
     EXIT_BAD_INPUT,
     EXIT_FAILURE,
@@ -219,6 +220,7 @@ def _resume_start(
         )
     run_dir = resolve_run(where["runs_dir"], ref)  # a bad reference fails here, in a second
 
+    import_keras_lean()
     from ablab.execution.pipeline import resume
 
     return functools.partial(resume, run_dir, **where)
@@ -241,6 +243,7 @@ def _run_start(
     if engine is not None:
         spec = spec.model_copy(update={"engine": spec.engine.model_copy(update={"kind": engine})})
 
+    import_keras_lean()
     from ablab.execution.pipeline import run
 
     return functools.partial(run, spec, seeds=seeds, remedies=remedies, **where)
@@ -309,6 +312,7 @@ def check_cmd(
     quiet: bool,
 ) -> None:
     """Run STUDY's checks: declared equivalences, identity probes, model.fit on each backend."""
+    import_keras_lean()
     from ablab.analysis.checks import all_passed, check
     from ablab.output.terminal import RichProgress, checks_table
 

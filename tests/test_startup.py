@@ -1,0 +1,43 @@
+"""ablab._startup: the command line imports Keras without scikit-learn and matplotlib."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+_SCRIPT = """
+import sys
+from ablab._startup import import_keras_lean
+
+import_keras_lean()
+held = sorted(m for m in ("sklearn", "matplotlib") if m in sys.modules)
+print("during", held, "keras" in sys.modules)
+import numpy as np
+import keras
+import matplotlib
+import sklearn.datasets
+
+model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+print("after", sklearn.datasets.load_digits().data.shape, matplotlib.__name__,
+      tuple(model(np.zeros((1, 3))).shape), keras.backend.backend())
+"""
+
+
+def test_keras_comes_without_sklearn_and_matplotlib_which_import_normally_after() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", _SCRIPT], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "during [] True"
+    assert lines[1] == "after (1797, 64) matplotlib (1, 2) jax"
+
+
+def test_nothing_is_held_back_once_keras_is_imported() -> None:
+    import keras  # the test session has it already: the call must change nothing
+
+    from ablab._startup import HELD_BACK, import_keras_lean
+
+    import_keras_lean()
+    assert sys.modules["keras"] is keras
+    assert all(sys.modules.get(name, "absent") is not None for name in HELD_BACK)
