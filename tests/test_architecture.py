@@ -17,6 +17,7 @@ LAYERS = {
     "errors": 0,
     "_keras": 0,
     "_source": 0,
+    "_startup": 0,
     "study": 1,
     "store": 2,
     "stats": 3,

@@ -58,6 +58,23 @@ def test_seed_study_equivalences_pass(seed_study: ablab.Study, seed_programs: di
         assert r.passed and r.max_abs_dev == 0.0 and r.first_bad_step is None, r
 
 
+def test_a_checked_variant_compiles_one_program_whose_step_0_is_the_initial_weights() -> None:
+    # the trajectory program returns the initial weights it drew: no separate init program
+    # for the checks (issue #17: one compile less per checked variant)
+    identity = [DENSE[0], {"layer": "Activation", "activation": "linear"}, DENSE[1]]
+    study = _study({"a": {"layers": DENSE}, "b": {"layers": identity}}, equivalent=[["a", "b"]])
+    programs = {v: make_program(study, v) for v in study.variants}
+    (result,) = run_checks(study, programs)
+    assert result.passed and result.max_abs_dev == 0.0
+    for program in programs.values():
+        assert set(program._compiled) == {("trajectory", 3)}
+    seeds = check_seeds(study)
+    traj = programs["a"].trajectories(seeds)
+    tv0, _ = programs["a"].initial_weights(seeds)  # the engine's own init program
+    for vid, init in zip(programs["a"].prepared.trainable_ids, tv0, strict=True):
+        np.testing.assert_array_equal(traj[vid][:, 0], init)
+
+
 def test_a_gradient_scaling_identity_layer_is_caught() -> None:
     faulty = [DENSE[0], {"layer": GradScale, "scale": 1.01}, DENSE[1]]
     study = _study(

@@ -111,8 +111,8 @@ def trajectory_deviation(
 def _all_trajectories(
     programs: list[VariantProgram], seeds: np.ndarray
 ) -> dict[int, dict[str, np.ndarray]]:
-    """``id(program) -> program.trajectories(seeds)``. Each program needs two compiled
-    programs (trajectory, initial weights): compiled first, up to ``default_workers()`` at
+    """``id(program) -> program.trajectories(seeds)``. Each program's trajectory program
+    (it returns the initial weights too) is compiled first, up to ``default_workers()`` at
     once and each distinct one once (``ablab.engine.compiling``: the programs of variants a
     check declares equivalent are often the same program); then run, a few seeds each."""
     unique = list({id(p): p for p in programs}.values())
@@ -123,7 +123,7 @@ def _all_trajectories(
 
 def _trajectory_jobs(programs: list[VariantProgram], n: int) -> list[Job]:
     unique = list({id(p): p for p in programs}.values())
-    return [(p, which, n) for which in ("trajectory", "init") for p in unique]
+    return [(p, "trajectory", n) for p in unique]
 
 
 def _equivalent_programs(study: Study, programs: dict[str, VariantProgram]) -> list[VariantProgram]:
