@@ -41,7 +41,8 @@ class _Lowered:
 
 
 class _Program:
-    """What compile_programs needs of a VariantProgram: has_executable, lower, adopt."""
+    """What compile_programs needs of a VariantProgram: has_executable, lower, adopt,
+    compiler_options."""
 
     def __init__(self, name: str, text: str, log: list[tuple[str, str]]) -> None:
         self.name, self.text, self.log = name, text, log
@@ -53,6 +54,9 @@ class _Program:
 
     def has_executable(self, which: str, n: int) -> bool:
         return (which, n) in self.adopted
+
+    def compiler_options(self) -> dict[str, Any]:
+        return {}
 
     def lower(self, which: str, n: int) -> _Lowered:
         self.lowered += 1

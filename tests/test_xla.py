@@ -24,6 +24,36 @@ def test_compiler_options_fall_back_when_a_flag_is_unknown(
         compiler_options.cache_clear()
 
 
+def _model(*layers: object, shape: tuple[int, ...] = (8, 8, 1)) -> object:
+    import keras
+
+    return keras.Sequential([keras.Input(shape), *layers])
+
+
+def test_library_fusions_for_batch_norm_over_feature_maps_only() -> None:
+    # the rule's measurements are in ablab/engine/xla.py (digits CNN + BN faster with
+    # YNNPACK's default fusions; dense BN and LayerNormalization slower)
+    import keras
+
+    from ablab.engine.xla import wants_library_fusions
+
+    conv = keras.layers.Conv2D(4, 3)
+    assert wants_library_fusions(_model(conv, keras.layers.BatchNormalization()))
+    assert not wants_library_fusions(_model(keras.layers.Conv2D(4, 3), keras.layers.ReLU()))
+    assert not wants_library_fusions(  # the seed autoencoder's BN: (batch, features)
+        _model(keras.layers.Dense(8), keras.layers.BatchNormalization(), shape=(12,))
+    )
+    with_ln = _model(
+        keras.layers.Conv2D(4, 3),
+        keras.layers.BatchNormalization(),
+        keras.layers.LayerNormalization(),
+    )
+    assert not wants_library_fusions(with_ln)
+    options = compiler_options(library_fusions=True)
+    assert "xla_cpu_experimental_ynn_fusion_type" not in options
+    assert options["xla_backend_optimization_level"] == 1
+
+
 def _cache_in_a_fresh_process(tmp_path: object, **env: str) -> str:
     import os
     import subprocess

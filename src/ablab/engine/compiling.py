@@ -29,8 +29,6 @@ from typing import TYPE_CHECKING, Any
 
 import keras
 
-from ablab.engine.xla import compiler_options
-
 if TYPE_CHECKING:
     from ablab.engine.program import VariantProgram
 
@@ -146,7 +144,7 @@ def compile_programs(
                         if stopped():  # queued, then interrupted or cancelled
                             return 0.0
                         t = time.perf_counter()
-                        executable = lowered.compile(compiler_options=compiler_options())
+                        executable = lowered.compile(compiler_options=program.compiler_options())
                         took = lower_s + time.perf_counter() - t
                         program.adopt(which, n, executable, took)
                         return took

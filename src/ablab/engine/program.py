@@ -49,7 +49,7 @@ from ablab.engine.probes import (
     train_mode_test_step,
     train_step_with_grads,
 )
-from ablab.engine.xla import compiler_options
+from ablab.engine.xla import compiler_options, wants_library_fusions
 from ablab.study.schema import EarlyStoppingSpec, ReduceLROnPlateauSpec
 
 
@@ -470,6 +470,8 @@ class VariantProgram:
         """The study's description of the model (its layer list, JSON): set by
         ``build_program`` for a model built from one; the key of its kept traces."""
         self._seconds: dict[tuple[str, int], float] = {}  # (program, seeds) -> to compile
+        self.library_fusions = wants_library_fusions(model)
+        """Compiled with XLA's default YNNPACK fusions (``ablab.engine.xla``: BN, feature maps)."""
 
     # -- the traced program --------------------------------------------------------------
     def _train_seed(
@@ -602,6 +604,10 @@ class VariantProgram:
         with self._compiling:
             return self._seconds.get((program, n), 0.0)
 
+    def compiler_options(self) -> dict[str, Any]:
+        """The XLA options this variant's programs compile with (``ablab.engine.xla``)."""
+        return compiler_options(self.library_fusions)
+
     def lower(self, program: str, n: int) -> Any:
         """``program`` ("train", "trajectory" or "init") for ``n`` seeds, traced and lowered
         (``jax.stages.Lowered``): compiled here when first used, or ahead by
@@ -690,7 +696,7 @@ class VariantProgram:
         )
 
     def _compile_program(self, program: str, n: int) -> Any:
-        return self.lower(program, n).compile(compiler_options=compiler_options())
+        return self.lower(program, n).compile(compiler_options=self.compiler_options())
 
     # -- public -----------------------------------------------------------------------
     def culprit(self, exc: BaseException) -> str | None:

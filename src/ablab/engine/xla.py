@@ -33,19 +33,59 @@ COMPILER_OPTIONS: dict[str, Any] = {
 BASE_COMPILER_OPTIONS: dict[str, Any] = {"xla_backend_optimization_level": 1}
 
 
+# The exception: BatchNormalization over feature maps (its input has rank >= 3, e.g. after a
+# Conv2D), where XLA's default YNNPACK fusions are the faster ones. BN's statistics and their
+# gradients there reduce over batch x height x width per channel, and XLA's own emitter runs
+# those (rewritten into reduce-windows for precision) at ~5 GB/s; YNNPACK's reductions and
+# fused graphs do better. Interleaved A/B on the 2-core CPU (median of 5-7 calls,
+# bench/peers.py's programs and examples/digits_cnn.toml's variants with probes, 2026-12-03):
+# digits CNN + BN 1.09-1.29x faster with the default fusions; the same CNN without a
+# normalization 1.0-1.05x; with LayerNormalization 0.59x (its per-pixel reductions over 8
+# channels); dense models with BN over (batch, features): seed autoencoder + BN 0.78-0.88x,
+# MLP + BN 0.95x. Hence the rule in :func:`wants_library_fusions`. The summation order differs
+# (CNN + BN val_loss within 3e-4 relative after 3 epochs), inside the fit-fidelity tolerances
+# (tests/test_lowering.py's conv + BN model against ``model.fit``).
+
+
+def wants_library_fusions(model: Any) -> bool:
+    """Compile ``model``'s programs with XLA's default YNNPACK fusions: it has a
+    BatchNormalization layer over an input of rank >= 3, and no LayerNormalization or
+    GroupNormalization (whose reductions YNNPACK runs slowly)."""
+    import keras
+
+    from ablab._keras import flatten_layers
+
+    layers = flatten_layers(model, include_self=False)
+    slow = (keras.layers.LayerNormalization, keras.layers.GroupNormalization)
+    if any(isinstance(layer, slow) for layer in layers):
+        return False
+    for layer in layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            spec = getattr(layer, "input_spec", None)
+            ndim = getattr(spec, "ndim", None)
+            if ndim is not None and ndim >= 3:
+                return True
+    return False
+
+
 @functools.cache
-def compiler_options() -> dict[str, Any]:
-    """``COMPILER_OPTIONS`` if this jaxlib accepts them all, else ``BASE_COMPILER_OPTIONS``.
+def compiler_options(library_fusions: bool = False) -> dict[str, Any]:
+    """``COMPILER_OPTIONS`` if this jaxlib accepts them all, else ``BASE_COMPILER_OPTIONS``;
+    with ``library_fusions`` (:func:`wants_library_fusions`), without the limit on YNNPACK
+    fusions.
 
     Checked once per process by compiling a one-op program: an unknown option or enum value
     fails every compile, and a speed setting must never stop a study from running.
     """
+    options = dict(COMPILER_OPTIONS)
+    if library_fusions:
+        options.pop("xla_cpu_experimental_ynn_fusion_type", None)
     lowered = jax.jit(lambda x: x + 1.0).lower(jax.ShapeDtypeStruct((1,), jnp.float32))
     try:
-        lowered.compile(compiler_options=COMPILER_OPTIONS)
+        lowered.compile(compiler_options=options)
     except jax.errors.JaxRuntimeError:
         return dict(BASE_COMPILER_OPTIONS)
-    return dict(COMPILER_OPTIONS)
+    return options
 
 
 # JAX's persistent compilation cache, on by default for users: every `ablab run` compiled
