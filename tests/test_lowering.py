@@ -315,6 +315,43 @@ def test_dense_per_seed_kernel_gradient_is_a_plain_batched_product() -> None:
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_a_small_kernels_forward_product_is_one_fused_loop() -> None:
+    """A kernel of at most 16 x 16 (the seed autoencoder's 12 x 8 and 8 x 12): its forward
+    product under ``vmap`` -- a shared input (first layer) or per-seed inputs -- is a multiply
+    + sum, no dot; one input more keeps the dot. Same values as Keras' product."""
+    from ablab._keras import keras_backend_numpy
+
+    matmul = keras_backend_numpy().matmul
+    x = jnp.asarray(RNG.normal(size=(32, 17)), jnp.float32)
+    h = jnp.asarray(RNG.normal(size=(6, 32, 16)), jnp.float32)
+    k = jnp.asarray(RNG.normal(size=(6, 17, 16)), jnp.float32)
+
+    def shared(x: jax.Array, k: jax.Array) -> jax.Array:
+        return jax.vmap(lambda kk: matmul(x, kk))(k)
+
+    def per_seed(h: jax.Array, k: jax.Array) -> jax.Array:
+        return jax.vmap(matmul)(h, k)
+
+    def dots(fn: Any, *args: Any) -> int:
+        hlo = jax.jit(fn).lower(*args).compile(compiler_options=compiler_options()).as_text()
+        return sum(" dot(" in line for line in hlo.splitlines())
+
+    cases = [
+        (shared, (x[:, :12], k[:, :12, :8]), 0),  # the autoencoder's first layer
+        (per_seed, (h[..., :8], k[:, :8, :12]), 0),  # its second
+        (per_seed, (h, k[:, :16, :16]), 0),
+        (shared, (x, k), 1),  # 17 inputs: a dot
+        (per_seed, (h[..., :8], jnp.concatenate([k[:, :8], k[:, :8, :1]], axis=2)), 1),
+    ]
+    for fn, args, n_dots in cases:
+        want = fn(*args)
+        with lowering.lowered(frozenset({"dense"})):
+            got = fn(*args)
+            assert dots(fn, *args) == n_dots
+        # float32 sums of at most 17 products, in another order
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 CNN_BN = [
     {"layer": "Reshape", "target_shape": [8, 8, 1]},
     {"layer": "Conv2D", "filters": 4, "kernel_size": 3, "padding": "same"},
