@@ -31,6 +31,7 @@ class _Lowered:
 
     def compile(self, compiler_options: dict[str, Any]) -> str:
         p = self.program
+        assert compiler_options == {"options of": p.name}  # the program's own, not a global
         self.log.append(("start", p.name))
         if p.compile_error is not None:
             raise p.compile_error
@@ -56,7 +57,7 @@ class _Program:
         return (which, n) in self.adopted
 
     def compiler_options(self) -> dict[str, Any]:
-        return {}
+        return {"options of": self.name}
 
     def lower(self, which: str, n: int) -> _Lowered:
         self.lowered += 1

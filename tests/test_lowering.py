@@ -343,6 +343,8 @@ def test_a_small_kernels_forward_product_is_one_fused_loop() -> None:
         (shared, (x, k), 1),  # 17 inputs: a dot
         (per_seed, (h[..., :8], jnp.concatenate([k[:, :8], k[:, :8, :1]], axis=2)), 1),
     ]
+    half = (h[..., :8].astype(jnp.float16), k[:, :8, :12].astype(jnp.float16))
+    cases.append((per_seed, half, 1))  # half precision: a matmul (it accumulates exactly)
     for fn, args, n_dots in cases:
         want = fn(*args)
         with lowering.lowered(frozenset({"dense"})):
@@ -350,6 +352,8 @@ def test_a_small_kernels_forward_product_is_one_fused_loop() -> None:
             assert dots(fn, *args) == n_dots
         # float32 sums of at most 17 products, in another order
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    with lowering.lowered(frozenset({"dense"})), pytest.raises(TypeError):
+        matmul(x[:, :1], k[0, :5, :3])  # a contraction that does not match is refused
 
 
 CNN_BN = [

@@ -38,3 +38,40 @@ def test_nothing_is_held_back_once_keras_is_imported() -> None:
     import_keras_lean()
     assert sys.modules["keras"] is keras
     assert all(sys.modules.get(name, "absent") is not None for name in HELD_BACK)
+
+
+_NEEDS_SKLEARN = """
+import sys
+import ablab._startup as startup
+
+# a Keras whose import needs scikit-learn: the lean import falls back to the usual one
+class Finder:
+    def find_spec(self, name, path=None, target=None):
+        if name != "keras":
+            return None
+        import importlib.util
+        return importlib.util.spec_from_loader(name, Loader())
+
+class Loader:
+    def create_module(self, spec):
+        return None
+    def exec_module(self, module):
+        import sklearn  # raises while it is held back
+        module.ok = sklearn.__name__
+
+sys.meta_path.insert(0, Finder())
+startup.import_keras_lean()
+print(sys.modules["keras"].ok, sys.modules.get("sklearn") is not None)
+"""
+
+
+def test_a_keras_that_needs_a_held_back_package_is_imported_the_usual_way() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", _NEEDS_SKLEARN],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["sklearn", "True"]

@@ -39,6 +39,15 @@ def test_library_fusions_for_batch_norm_over_feature_maps_only() -> None:
 
     conv = keras.layers.Conv2D(4, 3)
     assert wants_library_fusions(_model(conv, keras.layers.BatchNormalization()))
+    assert not wants_library_fusions(  # 1-d maps / sequences: not measured
+        _model(keras.layers.Conv1D(4, 3), keras.layers.BatchNormalization(), shape=(8, 2))
+    )
+    with_rms = _model(
+        keras.layers.Conv2D(4, 3),
+        keras.layers.BatchNormalization(),
+        keras.layers.RMSNormalization(),
+    )
+    assert not wants_library_fusions(with_rms)
     assert not wants_library_fusions(_model(keras.layers.Conv2D(4, 3), keras.layers.ReLU()))
     assert not wants_library_fusions(  # the seed autoencoder's BN: (batch, features)
         _model(keras.layers.Dense(8), keras.layers.BatchNormalization(), shape=(12,))
@@ -52,6 +61,34 @@ def test_library_fusions_for_batch_norm_over_feature_maps_only() -> None:
     options = compiler_options(library_fusions=True)
     assert "xla_cpu_experimental_ynn_fusion_type" not in options
     assert options["xla_backend_optimization_level"] == 1
+
+
+def test_a_variant_compiles_with_the_options_its_model_wants() -> None:
+    import ablab
+    from ablab.engine.build import build_program
+
+    conv_bn = [
+        {"layer": "Reshape", "target_shape": [4, 4, 1]},
+        {"layer": "Conv2D", "filters": 2, "kernel_size": 3, "padding": "same"},
+        {"layer": "BatchNormalization"},
+        {"layer": "Flatten"},
+        {"layer": "Dense", "units": 16},
+    ]
+    dense_bn = [{"layer": "Dense", "units": 8}, {"layer": "BatchNormalization"}]
+    study = ablab.Study(
+        data={"synthetic": {"shape": [40, 16], "seed": 1}, "target": "input"},
+        train={"optimizer": "adam", "loss": "mse", "epochs": 1, "validation_split": 0.1},
+        variants={
+            "conv_bn": {"layers": conv_bn},
+            "dense_bn": {"layers": [*dense_bn, {"layer": "Dense", "units": 16}]},
+        },
+        seeds={"count": 2},
+    )
+    conv = build_program(study, "conv_bn").compiler_options()
+    dense = build_program(study, "dense_bn").compiler_options()
+    assert conv == compiler_options(True) and dense == compiler_options()
+    assert "xla_cpu_experimental_ynn_fusion_type" not in conv
+    assert dense["xla_cpu_experimental_ynn_fusion_type"] == "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
 
 
 def _cache_in_a_fresh_process(tmp_path: object, **env: str) -> str:

@@ -30,8 +30,17 @@ def import_keras_lean() -> None:
     for name in held:
         sys.modules[name] = None  # type: ignore[assignment]  # ``import name`` -> ImportError
     try:
+        import keras
+    except ImportError:  # a Keras that needs them after all: import it the usual way
+        _release(held)
+        for name in [m for m in sys.modules if m == "keras" or m.startswith("keras.")]:
+            del sys.modules[name]
         import keras  # noqa: F401
     finally:
-        for name in held:
-            if name in sys.modules and sys.modules[name] is None:
-                del sys.modules[name]
+        _release(held)
+
+
+def _release(held: list[str]) -> None:
+    for name in held:
+        if name in sys.modules and sys.modules[name] is None:
+            del sys.modules[name]

@@ -40,7 +40,7 @@ matrix products and reshapes runs on the GEMM library instead:
   ``bench/dense_grad.py`` on the 2-core VM: the seed autoencoder's (834 seeds) 0.81 -> 0.30
   ms a product, the W=512 digits MLP's output layer (10 seeds) 0.94 -> 0.16 ms. Each transpose
   is kept behind an optimization barrier: XLA folds an unmaterialized one back into the
-  product. A small kernel's forward product (at most 16 inputs and 16 outputs) is a
+  product. A small float32 kernel's forward product (at most 16 inputs and 16 outputs) is a
   broadcast multiply + sum that XLA fuses into one loop (:func:`_forward_product`: the
   seed autoencoder 1.05-1.15x). A custom VJP has no forward mode: ``jax.jvp`` /
   ``jacfwd`` through a lowered matmul raises (nothing in the engine uses forward mode; the
@@ -428,7 +428,11 @@ def _forward_product(x: jax.Array, k: jax.Array) -> jax.Array:
     interleaved A/B, median of 5-7 calls: plain 1.08x, 1.11x, 1.15x, + BN 1.05x. Not kept
     for the gradients: the input gradient the same way ran 0.66x, the kernel gradient 0.49x
     (their reductions run over the minor axis or across the rows)."""
-    if k.shape[0] <= SMALL_KERNEL and k.shape[1] <= SMALL_KERNEL:
+    small = k.shape[0] <= SMALL_KERNEL and k.shape[1] <= SMALL_KERNEL
+    # float32 only: in half precision each product would be rounded (and could overflow)
+    # before the sum, where a matmul accumulates exact products; a contraction that does not
+    # match is left to jnp.matmul, which refuses it (the broadcast would not)
+    if small and x.dtype == k.dtype == jnp.float32 and x.shape[-1] == k.shape[0]:
         return jnp.sum(x[..., :, None] * k, axis=-2)
     return jnp.matmul(x, k)
 

@@ -33,8 +33,8 @@ COMPILER_OPTIONS: dict[str, Any] = {
 BASE_COMPILER_OPTIONS: dict[str, Any] = {"xla_backend_optimization_level": 1}
 
 
-# The exception: BatchNormalization over feature maps (its input has rank >= 3, e.g. after a
-# Conv2D), where XLA's default YNNPACK fusions are the faster ones. BN's statistics and their
+# The exception: BatchNormalization over 2-d feature maps (its input has rank >= 4, e.g. after
+# a Conv2D), where XLA's default YNNPACK fusions are the faster ones. BN's statistics and their
 # gradients there reduce over batch x height x width per channel, and XLA's own emitter runs
 # those (rewritten into reduce-windows for precision) at ~5 GB/s; YNNPACK's reductions and
 # fused graphs do better. Interleaved A/B on the 2-core CPU (median of 5-7 calls,
@@ -49,21 +49,32 @@ BASE_COMPILER_OPTIONS: dict[str, Any] = {"xla_backend_optimization_level": 1}
 
 def wants_library_fusions(model: Any) -> bool:
     """Compile ``model``'s programs with XLA's default YNNPACK fusions: it has a
-    BatchNormalization layer over an input of rank >= 3, and no LayerNormalization or
-    GroupNormalization (whose reductions YNNPACK runs slowly)."""
+    BatchNormalization layer over 2-d feature maps (an input of rank >= 4: batch, height,
+    width, channels; sequences and Conv1D maps were not measured), and no per-row
+    normalization (Layer-, Group-, RMS-, UnitNormalization: YNNPACK runs their reductions
+    slowly)."""
     import keras
 
     from ablab._keras import flatten_layers
 
     layers = flatten_layers(model, include_self=False)
-    slow = (keras.layers.LayerNormalization, keras.layers.GroupNormalization)
+    slow = tuple(  # per-row normalizations: reductions over a few features per position
+        getattr(keras.layers, name)
+        for name in (
+            "LayerNormalization",
+            "GroupNormalization",
+            "RMSNormalization",
+            "UnitNormalization",
+        )
+        if hasattr(keras.layers, name)
+    )
     if any(isinstance(layer, slow) for layer in layers):
         return False
     for layer in layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             spec = getattr(layer, "input_spec", None)
             ndim = getattr(spec, "ndim", None)
-            if ndim is not None and ndim >= 3:
+            if ndim is not None and ndim >= 4:  # 2-d feature maps: what was measured
                 return True
     return False
 

@@ -80,6 +80,8 @@ def environment_fingerprint() -> dict[str, str]:
     from ablab.engine.program import compiler_options  # the options the engine really compiles with
 
     fp["compiler_options"] = json.dumps(compiler_options(), sort_keys=True)
+    # a model with BatchNormalization over feature maps (ablab.engine.xla.wants_library_fusions)
+    fp["compiler_options_library_fusions"] = json.dumps(compiler_options(True), sort_keys=True)
     return fp
 
 
