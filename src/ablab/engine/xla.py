@@ -86,17 +86,20 @@ def compiler_options(library_fusions: bool = False) -> dict[str, Any]:
     fusions.
 
     Checked once per process by compiling a one-op program: an unknown option or enum value
-    fails every compile, and a speed setting must never stop a study from running.
+    fails every compile, and a speed setting must never stop a study from running. The
+    library-fusion set is the checked one less an option (no second check: what a jaxlib
+    accepts, it accepts without that option too).
     """
-    options = dict(COMPILER_OPTIONS)
     if library_fusions:
+        options = dict(compiler_options())
         options.pop("xla_cpu_experimental_ynn_fusion_type", None)
+        return options
     lowered = jax.jit(lambda x: x + 1.0).lower(jax.ShapeDtypeStruct((1,), jnp.float32))
     try:
-        lowered.compile(compiler_options=options)
+        lowered.compile(compiler_options=COMPILER_OPTIONS)
     except jax.errors.JaxRuntimeError:
         return dict(BASE_COMPILER_OPTIONS)
-    return options
+    return dict(COMPILER_OPTIONS)
 
 
 # JAX's persistent compilation cache, on by default for users: every `ablab run` compiled
