@@ -12,6 +12,7 @@ import ablab
 from ablab.analysis import checks as _checks
 from ablab.analysis.checks import check_seeds, run_checks, trajectory_deviation
 from ablab.cli import main
+from ablab.engine.compiling import compile_programs
 from tests.conftest import SEED_STUDY, TINY_STUDY, make_program
 from tests.faults import GradScale
 
@@ -73,6 +74,39 @@ def test_a_checked_variant_compiles_one_program_whose_step_0_is_the_initial_weig
     tv0, _ = programs["a"].initial_weights(seeds)  # the engine's own init program
     for vid, init in zip(programs["a"].prepared.trainable_ids, tv0, strict=True):
         np.testing.assert_array_equal(traj[vid][:, 0], init)
+
+
+def test_proven_twins_share_one_trajectory_program_and_a_fault_is_never_a_twin(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Variants whose training programs lowered to the same StableHLO (the flagship's
+    plain / plain_identity) run one compiled trajectory program -- the twin's is neither
+    lowered nor compiled -- each on its own data; a layer that changes training lowers to
+    another program and is checked on its own trajectory."""
+    identity = [DENSE[0], {"layer": "Activation", "activation": "linear"}, DENSE[1]]
+    faulty = [DENSE[0], {"layer": GradScale, "scale": 1.01}, DENSE[1]]
+    study = _study(
+        {"a": {"layers": DENSE}, "b": {"layers": identity}, "c": {"layers": faulty}},
+        equivalent=[["a", "b", "c"]],
+    )
+    programs = {v: make_program(study, v) for v in study.variants}
+    a, b, c = programs.values()
+    assert _checks.twins([a, b, c]) == {}  # nothing proven before their programs are lowered
+    compile_programs([(p, "train", 4) for p in programs.values()], 2)  # as a run does
+    assert _checks.twins([a, b, c]) == {b: a}
+    lowered: list[str] = []
+    real_lower = b.lower
+    monkeypatch.setattr(b, "lower", lambda which, n: lowered.append(which) or real_lower(which, n))
+    same, fault = run_checks(study, programs)
+    assert lowered == []  # the twin's trajectory program: a's, adopted
+    assert b._compiled[("trajectory", 3)] is a._compiled[("trajectory", 3)]
+    assert same.passed and same.max_abs_dev == 0.0 and "one compiled program" in same.detail
+    assert not fault.passed and "one compiled program" not in fault.detail
+    alone = make_program(study, "b").trajectories(check_seeds(study))  # compiled on its own
+    shared = b.trajectories(check_seeds(study))
+    assert alone.keys() == shared.keys()
+    for key in alone:
+        np.testing.assert_array_equal(shared[key], alone[key])
 
 
 def test_a_gradient_scaling_identity_layer_is_caught() -> None:

@@ -43,7 +43,7 @@ class _Lowered:
 
 class _Program:
     """What compile_programs needs of a VariantProgram: has_executable, lower, adopt,
-    compiler_options."""
+    compiler_options, record_fingerprint, compile_cost."""
 
     def __init__(self, name: str, text: str, log: list[tuple[str, str]]) -> None:
         self.name, self.text, self.log = name, text, log
@@ -52,6 +52,8 @@ class _Program:
         self.lower_error: BaseException | None = None
         self.lowered = 0
         self.adopted: dict[tuple[str, int], Any] = {}
+        self.fingerprints: dict[tuple[str, int], str] = {}
+        self.cost = 1
 
     def has_executable(self, which: str, n: int) -> bool:
         return (which, n) in self.adopted
@@ -61,12 +63,19 @@ class _Program:
 
     def lower(self, which: str, n: int) -> _Lowered:
         self.lowered += 1
+        self.log.append(("lower", self.name))
         if self.lower_error is not None:
             raise self.lower_error
         return _Lowered(self.text, self.log, self)
 
     def adopt(self, which: str, n: int, executable: Any, seconds: float) -> None:
         self.adopted.setdefault((which, n), executable)
+
+    def record_fingerprint(self, which: str, n: int, fingerprint: str) -> None:
+        self.fingerprints[(which, n)] = fingerprint
+
+    def compile_cost(self, which: str) -> int:
+        return self.cost
 
     def compile_time(self, which: str, n: int) -> float:
         return 1.5 if (which, n) in self.adopted else 0.0
@@ -132,6 +141,38 @@ def test_the_earliest_failing_job_is_raised_wrapped() -> None:
     # unwrapped when wrap_error has nothing to say
     with pytest.raises(KeyError):
         compile_programs([(second, "train", 4)], 1, wrap_error=lambda i, e: None)
+
+
+def test_the_costliest_program_is_lowered_and_compiled_first() -> None:
+    """On 2 cores the last compile to start decides when compiling ends: the flagship's BN
+    program (compile_cost 13, plain's 6) started ~2.5 s late behind plain and its twin."""
+    log: list[tuple[str, str]] = []
+    cheap, twin, costly = (_Program(n, n, log) for n in ("cheap", "twin", "costly"))
+    cheap.cost, twin.cost, costly.cost = 6, 7, 13
+    done: list[int] = []
+    jobs = [(cheap, "train", 4), (twin, "train", 4), (costly, "train", 4)]
+    compile_programs(jobs, 1, done=lambda i, s: done.append(i))
+    lowered = [name for kind, name in log if kind == "lower"]
+    started = [name for kind, name in log if kind == "start"]
+    assert lowered == started == ["costly", "twin", "cheap"]
+    assert done == [0, 1, 2]  # still told in job order
+    assert cheap.fingerprints == {("train", 4): fingerprint(_Lowered("cheap", [], cheap))}
+
+
+def test_a_failing_lowering_reported_is_the_earliest_in_job_order() -> None:
+    """Lowered costliest first, a failure is still the one a user would meet first in study
+    order: after a failed lowering, the jobs before it in job order are lowered (one may
+    fail too), the ones after it are not."""
+    log: list[tuple[str, str]] = []
+    early, costly, late = (_Program(n, n, log) for n in ("early", "costly", "late"))
+    costly.cost = 10
+    early.lower_error = KeyError("early lowering failed")
+    costly.lower_error = ValueError("costly lowering failed")
+    jobs = [(early, "train", 4), (costly, "train", 4), (late, "train", 4)]
+    with pytest.raises(KeyError, match="early lowering failed"):
+        compile_programs(jobs, 2)
+    assert [name for kind, name in log if kind == "lower"] == ["costly", "early"]
+    assert late.lowered == 0
 
 
 def test_a_cancelled_prefetch_starts_nothing_more() -> None:

@@ -50,6 +50,20 @@ def fingerprint(lowered: Any) -> str | None:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def lowering_order(jobs: Sequence[Job]) -> list[int]:
+    """Job indices, the costliest program to compile first (``compile_cost()``; ties, and
+    programs without one, in job order). On 2 cores the last compile to start decides when
+    compiling ends: the flagship lowered ``plain``, its twin, then ``bn`` -- whose compile
+    takes ~1.5x plain's -- so ``bn`` started compiling ~2.5 s in, and one core sat idle at
+    the end while it finished. Costliest first, the cheap compiles fill in beside it."""
+
+    def cost(i: int) -> float:
+        estimate = getattr(jobs[i][0], "compile_cost", None)
+        return float(estimate(jobs[i][1])) if estimate is not None else 0.0
+
+    return sorted(range(len(jobs)), key=lambda i: -cost(i))
+
+
 def _after(
     prior: Future, pool: ThreadPoolExecutor, task: Callable[[], float], stop: threading.Event
 ) -> Future:
@@ -90,16 +104,18 @@ def compile_programs(
     at once; returns seconds per job (its lowering plus its compile, not the time it waited;
     for a job compiled before, the seconds it took then).
 
-    Lowering runs here, in job order, with Keras' traceback filtering off (its frames name
-    the layer that failed: ``VariantProgram.culprit``), at most ``workers + 1`` programs
-    ahead of the compiles (a lowered program holds its whole module); compiles run in a pool
-    of ``workers`` threads, a job whose program equals one still compiling after it (module
-    docstring). done(i, seconds) is called here for each job in order as it finishes, until
-    one fails. On failure the earliest failing job's exception is raised, as
+    Lowering runs here, the costliest program first (:func:`lowering_order`), with Keras'
+    traceback filtering off (its frames name the layer that failed:
+    ``VariantProgram.culprit``), at most ``workers + 1`` programs ahead of the compiles (a
+    lowered program holds its whole module); compiles run in a pool of ``workers`` threads,
+    a job whose program equals one still compiling after it (module docstring). done(i,
+    seconds) is called here for each job in job order as it finishes, until one fails. On
+    failure the earliest failing job's exception (in job order) is raised, as
     ``wrap_error(i, exc)`` when that returns one (chained to the original), else as it is;
-    nothing after a failed lowering is lowered. cancel: once set, nothing more is lowered
-    or started (what runs finishes), and the jobs not compiled are left to compile when
-    first used. Interrupted (KeyboardInterrupt), it starts nothing more either.
+    after a failed lowering only the jobs before it in job order are lowered (one of them
+    may fail too, and be the one to report). cancel: once set, nothing more is lowered or
+    started (what runs finishes), and the jobs not compiled are left to compile when first
+    used. Interrupted (KeyboardInterrupt), it starts nothing more either.
     """
     seconds = [0.0] * len(jobs)
     futures: dict[int, Future] = {}
@@ -116,9 +132,12 @@ def compile_programs(
     try:
         keras.config.disable_traceback_filtering()
         try:
-            for i, (program, which, n) in enumerate(jobs):
+            for i in lowering_order(jobs):
+                program, which, n = jobs[i]
                 if stopped():
                     break
+                if errors and i > min(errors):  # a job before it failed to lower
+                    continue
                 if program.has_executable(which, n):
                     futures[i] = Future()
                     futures[i].set_result(program.compile_time(which, n))
@@ -130,7 +149,7 @@ def compile_programs(
                 except Exception as exc:
                     slots.release()
                     errors[i] = exc
-                    break
+                    continue
                 lower_s = time.perf_counter() - t0
 
                 def task(
@@ -153,6 +172,8 @@ def compile_programs(
 
                 key = fingerprint(lowered)
                 del lowered  # (the task holds it until it has compiled)
+                if key is not None:
+                    program.record_fingerprint(which, n, key)
                 prior = inflight.get(key) if key is not None else None
                 if prior is None:
                     futures[i] = pool.submit(task)
@@ -163,7 +184,7 @@ def compile_programs(
         finally:
             if filtering:
                 keras.config.enable_traceback_filtering()
-        for i, future in futures.items():
+        for i, future in sorted(futures.items()):
             if cancel is not None and cancel.is_set():
                 raise _Cancelled
             try:
