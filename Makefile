@@ -6,13 +6,16 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint bench clean browser
 
-# --no-compile: pip would byte-compile every module of torch, tensorflow, ray and mlflow at
-# install (2.5 min of a fresh clone's 12-min CI budget; 48 s without); Python compiles the
-# few modules a run imports when it first imports them.
+# pip byte-compiles what it installs on one core: with torch, tensorflow, ray and mlflow that
+# took 2.5 min of a fresh clone's 12-min CI budget. Installed without, then compiled on every
+# core (~48 s + ~48 s on 2 cores). The .pyc files must be there: with PYTHONDONTWRITEBYTECODE
+# set, a process would compile every module it imports again. As pip does, a file that does
+# not compile on this Python (e.g. torch's Python 3.12-only test helpers) is skipped.
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q --no-compile -e '.[test,backends,mlflow,datasets,ray]'
+	$(BIN)/python -m compileall -q -j 0 $(VENV)/lib >/dev/null 2>&1 || true
 	touch $(STAMP)
 
 demo: $(STAMP)
