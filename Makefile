@@ -7,19 +7,19 @@ STAMP := $(VENV)/.installed
 .PHONY: demo test lint bench clean browser
 
 # pip byte-compiles what it installs on one core: with torch, tensorflow, ray and mlflow that
-# took 2.5 min of a fresh clone's 12-min CI budget. Installed without, then compiled on every
-# core (~48 s + ~48 s on 2 cores). The .pyc files must be there: with PYTHONDONTWRITEBYTECODE
-# set, a process would compile every module it imports again. As pip does, a file that does
-# not compile on this Python (e.g. torch's Python 3.12-only test helpers) is skipped.
+# took 2.5 min of a fresh clone's 12-min CI budget (48 s without). Python compiles the few
+# modules a run imports when it first imports them, and keeps them -- unless
+# PYTHONDONTWRITEBYTECODE is set, when every process would compile all it imports again:
+# the commands below run with it unset ($(RUN)).
+RUN := env -u PYTHONDONTWRITEBYTECODE
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q --no-compile -e '.[test,backends,mlflow,datasets,ray]'
-	$(BIN)/python -m compileall -q -j 0 $(VENV)/lib >/dev/null 2>&1 || true
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/ablab run examples/bn_yes_or_no.toml --report
+	$(RUN) $(BIN)/ablab run examples/bn_yes_or_no.toml --report
 
 # The report's browser test drives Debian's Chromium (headless). Installed with apt-get when
 # missing and this is root (as on CI); elsewhere that one test is skipped (it fails under CI=true).
@@ -36,10 +36,10 @@ test: $(STAMP) browser
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -n 2 --dist loadfile
+	$(RUN) $(BIN)/python -m pytest -n 2 --dist loadfile --durations=25
 
 bench: $(STAMP)
-	$(BIN)/python bench/throughput.py
+	$(RUN) $(BIN)/python bench/throughput.py
 
 clean:
 	rm -rf $(VENV) runs test-artifacts .pytest_cache .ruff_cache

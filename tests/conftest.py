@@ -8,6 +8,7 @@ import os
 os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+from collections.abc import Iterator
 from pathlib import Path
 
 # JAX's persistent compilation cache: many tests (and the CLI subprocesses they start, which
@@ -27,6 +28,7 @@ os.environ.setdefault(
 )
 
 import jax
+import keras
 import pytest
 
 import ablab
@@ -60,6 +62,23 @@ def seed_study() -> ablab.Study:
 
 
 make_program = build_program  # the name the tests use
+
+
+@pytest.fixture
+def no_user_objects() -> Iterator[None]:
+    """Keras' registry of custom objects emptied for the test (ablab's own entries kept):
+    other test files in this process register their layers (tests/layer_models.py), and
+    while anything of the user's is registered no model counts as made of Keras' own
+    objects (``trace_cache.own_objects_only``: no trace kept, no twin proven)."""
+    registry = keras.saving.get_custom_objects()
+    saved = dict(registry)
+    for name in [n for n in registry if not n.startswith("ablab>")]:
+        del registry[name]
+    try:
+        yield
+    finally:
+        registry.clear()
+        registry.update(saved)
 
 
 @pytest.fixture(scope="session")

@@ -77,7 +77,7 @@ def test_a_checked_variant_compiles_one_program_whose_step_0_is_the_initial_weig
 
 
 def test_proven_twins_share_one_trajectory_program_and_a_fault_is_never_a_twin(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, no_user_objects: None
 ) -> None:
     """Variants whose training programs lowered to the same StableHLO (the flagship's
     plain / plain_identity) run one compiled trajectory program -- the twin's is neither
@@ -107,6 +107,40 @@ def test_proven_twins_share_one_trajectory_program_and_a_fault_is_never_a_twin(
     assert alone.keys() == shared.keys()
     for key in alone:
         np.testing.assert_array_equal(shared[key], alone[key])
+
+
+def test_a_twin_needs_keras_own_objects_and_the_same_variables_beside_equal_text(
+    no_user_objects: None,
+) -> None:
+    """Equal training StableHLO alone proves too little: a model of the user's could
+    override train_step (which a probed training program re-implements, and so does not
+    show), and a weight that never reaches the loss is dropped from the training program
+    but recorded by the trajectory. Here every program is given the same fingerprint."""
+    identity = [DENSE[0], {"layer": "Activation", "activation": "linear"}, DENSE[1]]
+    users = [DENSE[0], {"layer": GradScale, "scale": 1.0}, DENSE[1]]
+    no_bias = [{"layer": "Dense", "units": 8, "use_bias": False}, DENSE[1]]
+    study = _study(
+        {
+            "a": {"layers": DENSE},
+            "b": {"layers": identity},
+            "users": {"layers": users},
+            "no_bias": {"layers": no_bias},
+            "unseen": {"layers": DENSE},
+        }
+    )
+    programs = {v: make_program(study, v) for v in study.variants}
+    for name, program in programs.items():
+        if name != "unseen":  # (never compiled: nothing recorded)
+            program.record_fingerprint("train", 4, "the same text")
+    a = programs["a"]
+    assert programs["b"].same_program_as(a)
+    assert not programs["users"].same_program_as(a)  # a layer of the user's
+    assert not programs["no_bias"].same_program_as(a)  # other variables
+    assert not programs["unseen"].same_program_as(a)  # no fingerprint to compare
+    programs["unseen"].record_fingerprint("train", 8, "the same text")
+    assert not programs["unseen"].same_program_as(a)  # the same text for another seed count
+    with pytest.raises(ValueError, match="not proven the same"):
+        programs["users"].adopt_from(a, "trajectory", 3)
 
 
 def test_a_gradient_scaling_identity_layer_is_caught() -> None:

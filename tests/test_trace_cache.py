@@ -4,7 +4,6 @@ changes the key; the user's code is never kept; off with the compilation cache."
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import jax
@@ -23,24 +22,13 @@ SEEDS = np.arange(4, dtype=np.uint32)
 
 
 @pytest.fixture
-def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_user_objects: None) -> Path:
     """A fresh cache folder of the test's own; the traces go to <it>/<versions>/traces.
-
-    Keras' registry of custom objects is emptied meanwhile (ablab's own entries kept): other
-    test files in this process register their layers (tests/layer_models.py), and while
-    anything of the user's is registered no trace is kept at all."""
+    Keras' registry of custom objects is emptied meanwhile (``no_user_objects``)."""
     monkeypatch.setenv("ABLAB_COMPILATION_CACHE", str(tmp_path / "cache"))
     folder = trace_cache.trace_dir()
     assert folder is not None
-    registry = keras.saving.get_custom_objects()
-    saved = dict(registry)
-    for name in [n for n in registry if not n.startswith("ablab>")]:
-        del registry[name]
-    try:
-        yield folder
-    finally:
-        registry.clear()
-        registry.update(saved)
+    return folder
 
 
 def _study(tmp_path: Path, text: str = TINY_STUDY) -> ablab.Study:

@@ -110,24 +110,28 @@ def trajectory_deviation(
 
 def _all_trajectories(
     programs: list[VariantProgram], seeds: np.ndarray
-) -> dict[int, dict[str, np.ndarray]]:
+) -> tuple[dict[int, dict[str, np.ndarray]], dict[VariantProgram, VariantProgram]]:
     """``id(program) -> program.trajectories(seeds)``. Each program's trajectory program
     (it returns the initial weights too) is compiled first, up to ``default_workers()`` at
     once and each distinct one once (``ablab.engine.compiling``: the programs of variants a
     check declares equivalent are often the same program); then run, a few seeds each. A
     proven twin (:func:`twins`) is neither lowered nor compiled again: it runs its
-    original's compiled program on its own data."""
+    original's compiled program on its own data. Also returns ``twin -> original`` for
+    the twins that did."""
     unique = list({id(p): p for p in programs}.values())
     jobs = _trajectory_jobs(unique, len(seeds))
     compile_programs(jobs, min(len(jobs), default_workers()))
+    shared = {}
     for twin, original in twins(unique).items():
-        twin.adopt_from(original, "trajectory", len(seeds))
-    return {id(p): p.trajectories(seeds) for p in unique}
+        if twin.adopt_from(original, "trajectory", len(seeds)):
+            shared[twin] = original
+    return {id(p): p.trajectories(seeds) for p in unique}, shared
 
 
 def twins(programs: list[VariantProgram]) -> dict[VariantProgram, VariantProgram]:
     """``program -> the earlier program it is proven to be`` (``VariantProgram.same_program_as``:
-    identical training programs) for each program in ``programs`` that has one. The
+    identical training programs of Keras' own objects, with the same variables) for each
+    program in ``programs`` that has one. The
     flagship's ``plain_identity`` is ``plain``, ``bn_after`` is ``bn``: their checks' programs
     are lowered and compiled once (~0.5-1 s of lowering each, on a cold run while the seeds
     train)."""
@@ -211,7 +215,7 @@ def equivalence_checks(
     seeds = check_seeds(study)
     tol = study.checks.tolerance
     needed = _equivalent_programs(study, programs)
-    traj = _all_trajectories(needed, seeds)
+    traj, shared = _all_trajectories(needed, seeds)
     out = []
     for group in study.checks.equivalent:
         first = group[0]
@@ -225,7 +229,7 @@ def equivalence_checks(
                     traj[id(b)],
                     seeds,
                     tol,
-                    same_program=a is not b and bool(twins([a, b])),
+                    same_program=shared.get(b) is a or shared.get(a) is b,
                 )
             )
             done(out[-1].name)
@@ -250,7 +254,7 @@ def identity_probe_checks(
             continue
         planned.append((name, (programs[variant], build_program(probed_study, probed))))
     pairs = [p for _, entry in planned if isinstance(entry, tuple) for p in entry]
-    traj = _all_trajectories(pairs, seeds)
+    traj, _ = _all_trajectories(pairs, seeds)
     out = []
     for name, entry in planned:
         if isinstance(entry, tuple):

@@ -13,7 +13,9 @@ still compiling until that compile has finished. The text only orders the work: 
 compiled, and the cache key it is stored under, is JAX's (the cache keys each entry by the
 module, the compile options and the versions), so a fingerprint that matched two different
 programs would cost time, never a wrong executable. With the persistent cache off, twins
-compile twice, as before.
+compile twice, as before. The fingerprints are recorded on each program
+(``VariantProgram.record_fingerprint``): the checks share one compiled trajectory program
+between variants proven the same by more than the text (``VariantProgram.same_program_as``).
 """
 
 from __future__ import annotations
@@ -198,7 +200,9 @@ def compile_programs(
         stop.set()
         for future in reversed(futures.values()):  # twins first: they wait on the others
             future.cancel()
-        pool.shutdown(wait=False, cancel_futures=True)
+        # cancelled (a background prefetch): return once what runs has finished and been
+        # adopted; interrupted: at once (the process waits for the running compile at exit)
+        pool.shutdown(wait=isinstance(exc, _Cancelled), cancel_futures=True)
         if isinstance(exc, _Cancelled):
             return seconds
         raise

@@ -607,13 +607,26 @@ class VariantProgram:
             self._fingerprints[(program, n)] = fingerprint
 
     def same_program_as(self, other: VariantProgram) -> bool:
-        """Is this variant proven to be ``other``'s program: its training program lowered to
-        the same StableHLO as ``other``'s for the same seed count (fingerprints recorded when
-        both were compiled), compiled with the same options? Then every program of the two is
-        the same: each is the same code over the same traced model functions (the model's
-        steps, initial state, metrics and rules are all in the training program). The data
+        """Is this variant proven to be ``other``'s program, every program of it? Three things
+        must hold, beyond identical training StableHLO (fingerprints recorded when both
+        were compiled, for the same seed count, with the same compiler options):
+
+        * both models are made of Keras' and ablab's own objects only, as a study's layer
+          list builds them (``trace_cache.own_objects_only``): a model of the user's could
+          override ``train_step``, which a probed training program re-implements (and then
+          does not show) but the checks' trajectory program runs;
+        * the same variables, in order, of the same shapes and dtypes: a weight that never
+          reaches the loss is dropped from the training program, yet the trajectory records it.
+
+        Then the programs are the same code over the same traced Keras functions. The data
         are arguments, not part of the text: a twin still runs on its own rows."""
+        if self is other:
+            return True
         if self.compiler_options() != other.compiler_options():
+            return False
+        if not (self._keras_own() and other._keras_own()):
+            return False
+        if self._variable_specs() != other._variable_specs():
             return False
         with self._compiling:
             mine = {k: v for k, v in self._fingerprints.items() if k[0] == "train"}
@@ -621,12 +634,35 @@ class VariantProgram:
             theirs = {k: v for k, v in other._fingerprints.items() if k[0] == "train"}
         return any(theirs.get(k) == v for k, v in mine.items())
 
-    def adopt_from(self, other: VariantProgram, program: str, n: int) -> None:
+    def _keras_own(self) -> bool:
+        """Is the model built from a study's layer list of Keras' and ablab's own objects?"""
+        if self.model_description is None:
+            return False
+        try:
+            train_json = self.prepared.train.model_dump_json()
+        except Exception:  # an object without a config: the user's
+            return False
+        configs = [self.model_description, train_json]
+        return trace_cache.own_objects_only(self.prepared.model, configs)
+
+    def _variable_specs(self) -> tuple[list[tuple[tuple[int, ...], str]], ...]:
+        """(shape, dtype) of the model's trainable and non-trainable variables, in order."""
+        model = self.prepared.model
+        return tuple(
+            [(tuple(int(d) for d in v.shape), str(v.dtype)) for v in variables]
+            for variables in (model.trainable_variables, model.non_trainable_variables)
+        )
+
+    def adopt_from(self, other: VariantProgram, program: str, n: int) -> bool:
         """Run ``other``'s compiled ``program`` for ``n`` seeds as this variant's (compiling it
-        there first if needed); only for a proven twin (:meth:`same_program_as`)."""
+        there first if needed); only for a proven twin (:meth:`same_program_as`). False when
+        this variant has that program compiled already (it keeps its own)."""
         if not self.same_program_as(other):
-            raise ValueError("adopt_from needs a twin: the two training programs differ")
+            raise ValueError("adopt_from needs a twin: the two programs are not proven the same")
+        if self.has_executable(program, n):
+            return False
         self.adopt(program, n, other._executable(program, n), 0.0)
+        return True
 
     def compile_time(self, program: str, n: int) -> float:
         """Seconds ``program`` for ``n`` seeds took to lower and compile (0 if not compiled)."""
@@ -690,14 +726,9 @@ class VariantProgram:
         trace of it (a model not described by a study's layer list, or one holding the
         user's code)."""
         prepared = self.prepared
-        if self.model_description is None:
+        if not self._keras_own():  # (an object without a config: nothing to key it by)
             return None
-        try:
-            train_json = prepared.train.model_dump_json()
-        except Exception:  # an object without a config: nothing to key it by
-            return None
-        if not trace_cache.own_objects_only(prepared.model, [self.model_description, train_json]):
-            return None
+        train_json = prepared.train.model_dump_json()
         spec = self._probe_spec
         data = [
             None if a is None else (str(a.dtype), list(a.shape))
