@@ -145,7 +145,7 @@ def test_the_earliest_failing_job_is_raised_wrapped() -> None:
 
 def test_the_costliest_program_is_lowered_and_compiled_first() -> None:
     """On 2 cores the last compile to start decides when compiling ends: the flagship's BN
-    program (compile_cost 13, plain's 6) started ~2.5 s late behind plain and its twin."""
+    program (compile_cost 26 probed, plain's 12) started ~2.5 s late behind plain and its twin."""
     log: list[tuple[str, str]] = []
     cheap, twin, costly = (_Program(n, n, log) for n in ("cheap", "twin", "costly"))
     cheap.cost, twin.cost, costly.cost = 6, 7, 13

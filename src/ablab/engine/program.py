@@ -607,9 +607,9 @@ class VariantProgram:
             self._fingerprints[(program, n)] = fingerprint
 
     def same_program_as(self, other: VariantProgram) -> bool:
-        """Is this variant proven to be ``other``'s program, every program of it? Three things
-        must hold, beyond identical training StableHLO (fingerprints recorded when both
-        were compiled, for the same seed count, with the same compiler options):
+        """Is this variant proven to be ``other``'s program, every program of it? Beyond
+        identical training StableHLO (fingerprints recorded when both were compiled, for the
+        same seed count, with the same compiler options), two things must hold:
 
         * both models are made of Keras' and ablab's own objects only, as a study's layer
           list builds them (``trace_cache.own_objects_only``): a model of the user's could
