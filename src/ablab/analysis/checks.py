@@ -119,10 +119,11 @@ def _all_trajectories(
     original's compiled program on its own data. Also returns ``twin -> original`` for
     the twins that did."""
     unique = list({id(p): p for p in programs}.values())
-    jobs = _trajectory_jobs(unique, len(seeds))
+    proven = twins(unique)
+    jobs = _trajectory_jobs(unique, len(seeds), proven)
     compile_programs(jobs, min(len(jobs), default_workers()))
     shared = {}
-    for twin, original in twins(unique).items():
+    for twin, original in proven.items():
         if twin.adopt_from(original, "trajectory", len(seeds)):
             shared[twin] = original
     return {id(p): p.trajectories(seeds) for p in unique}, shared
@@ -146,10 +147,16 @@ def twins(programs: list[VariantProgram]) -> dict[VariantProgram, VariantProgram
     return out
 
 
-def _trajectory_jobs(programs: list[VariantProgram], n: int) -> list[Job]:
+def _trajectory_jobs(
+    programs: list[VariantProgram],
+    n: int,
+    proven: dict[VariantProgram, VariantProgram] | None = None,
+) -> list[Job]:
+    """The trajectory programs to compile: one per program, none for a proven twin
+    (``proven``: :func:`twins` of ``programs``, worked out here when not given)."""
     unique = list({id(p): p for p in programs}.values())
-    shared = twins(unique)
-    return [(p, "trajectory", n) for p in unique if p not in shared]
+    proven = twins(unique) if proven is None else proven
+    return [(p, "trajectory", n) for p in unique if p not in proven]
 
 
 def _equivalent_programs(study: Study, programs: dict[str, VariantProgram]) -> list[VariantProgram]:
@@ -229,7 +236,7 @@ def equivalence_checks(
                     traj[id(b)],
                     seeds,
                     tol,
-                    same_program=shared.get(b) is a or shared.get(a) is b,
+                    same_program=a is not b and shared.get(a, a) is shared.get(b, b),
                 )
             )
             done(out[-1].name)

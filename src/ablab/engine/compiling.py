@@ -53,17 +53,12 @@ def fingerprint(lowered: Any) -> str | None:
 
 
 def lowering_order(jobs: Sequence[Job]) -> list[int]:
-    """Job indices, the costliest program to compile first (``compile_cost()``; ties, and
-    programs without one, in job order). On 2 cores the last compile to start decides when
+    """Job indices, the costliest program to compile first (``compile_cost()``; ties in job
+    order). On 2 cores the last compile to start decides when
     compiling ends: the flagship lowered ``plain``, its twin, then ``bn`` -- whose compile
     takes ~1.5x plain's -- so ``bn`` started compiling ~2.5 s in, and one core sat idle at
     the end while it finished. Costliest first, the cheap compiles fill in beside it."""
-
-    def cost(i: int) -> float:
-        estimate = getattr(jobs[i][0], "compile_cost", None)
-        return float(estimate(jobs[i][1])) if estimate is not None else 0.0
-
-    return sorted(range(len(jobs)), key=lambda i: -cost(i))
+    return sorted(range(len(jobs)), key=lambda i: -jobs[i][0].compile_cost(jobs[i][1]))
 
 
 def _after(
