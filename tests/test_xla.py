@@ -24,6 +24,20 @@ def test_compiler_options_fall_back_when_a_flag_is_unknown(
         compiler_options.cache_clear()
 
 
+def test_an_accelerator_compiles_with_xlas_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the options are XLA CPU settings (and a GPU compiler reads the optimization level too)
+    import jax
+
+    assert compiler_options()["xla_backend_optimization_level"] == 1  # on this CPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    compiler_options.cache_clear()
+    try:
+        assert compiler_options() == {}
+        assert compiler_options(library_fusions=True) == {}
+    finally:
+        compiler_options.cache_clear()
+
+
 def _model(*layers: object, shape: tuple[int, ...] = (8, 8, 1)) -> object:
     import keras
 

@@ -45,9 +45,13 @@ MIN_CELL_SEEDS = 32
 # chunk size, median of 3): digits CNN 200 seeds 94.6 (chunk 100) -> 169 (25; the rule: 11),
 # CNN+BN 50.6 (100) -> 80.6 (8; the rule: 6), MLP 64-512-10 38.6 (100) -> 49.3 (11),
 # MLP 64-128-10 201 (100) -> 313 (25), Dense-BN 128 154 (100) -> 188 (25), seed autoencoder
-# + BN 10,000 seeds 9,020 (1,000) -> 9,379 (500); flat below ~16 MiB. An accelerator wants
+# + BN 10,000 seeds 9,020 (1,000) -> 9,379 (500); flat below ~16 MiB. 16 -> 12 MiB (2026-12-03,
+# same-process A/B of the two chunk sizes each case gets, 2 calls at once, 6 + 8 alternated
+# rounds, per-seed time): MLP 64-128-10 34 -> 25 seeds 1.05x / 1.09x, MLP + BN 128 25 -> 17
+# 1.03x / 1.07x, MLP 64-512-10 10 -> 8 1.05x / 1.06x, MLP 64-32-10 100 -> 50 0.99x / 1.09x, seed
+# autoencoder 834 -> 625 1.00x, + BN 455 -> 358 1.04x, CNN 9 -> 8 1.01x. An accelerator wants
 # big calls instead, so the cap applies to CPU backends only.
-CELL_WORKING_SET_BYTES = 16 * 2**20
+CELL_WORKING_SET_BYTES = 12 * 2**20
 # ... but never below this many seeds per cell: each call has a fixed cost (dispatch, the
 # cell's results copied out and stored), and below ~8 seeds the CNN cases stopped gaining.
 MIN_WORKING_SET_CHUNK = 8

@@ -89,7 +89,14 @@ def compiler_options(library_fusions: bool = False) -> dict[str, Any]:
     fails every compile, and a speed setting must never stop a study from running. The
     library-fusion set is the checked one less an option (no second check: what a jaxlib
     accepts, it accepts without that option too).
+
+    On an accelerator (any backend but ``cpu``): none, XLA's defaults. Every option here was
+    measured on XLA's CPU backend, and the optimization level is not CPU-only: XLA's GPU
+    compiler takes its LLVM optimization level from the same option, and GPU kernels were
+    never measured at level 1.
     """
+    if jax.default_backend() != "cpu":
+        return {}
     if library_fusions:
         options = dict(compiler_options())
         options.pop("xla_cpu_experimental_ynn_fusion_type", None)
