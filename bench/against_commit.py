@@ -40,7 +40,8 @@ import runpy, sys
 root, script = sys.argv[1], sys.argv[2]
 sys.path.insert(0, root + "/src")
 import ablab
-assert ablab.__file__.startswith(root + "/src/"), (ablab.__file__, root)
+if not ablab.__file__.startswith(root + "/src/"):
+    raise SystemExit(f"measured the wrong tree: ablab from {ablab.__file__}, not {root}/src")
 sys.argv = [script, *sys.argv[3:]]
 runpy.run_path(script, run_name="__main__")
 """
@@ -55,13 +56,21 @@ def export_commit(commit: str, into: Path) -> None:
             capture_output=True,
         ).stdout
     except subprocess.CalledProcessError as err:
+        shallow = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--is-shallow-repository"],
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        hint = " (a shallow clone lacks old commits: git fetch --unshallow)"
         raise SystemExit(
             f"against_commit: git cannot export {commit!r} from {ROOT}: "
-            f"{err.stderr.decode().strip()} (a shallow clone lacks old commits: git fetch "
-            "--unshallow)"
+            f"{err.stderr.decode().strip()}{hint if shallow == 'true' else ''}"
         ) from err
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        tar.extractall(into, filter="data")
+        if hasattr(tarfile, "data_filter"):  # Python >= 3.11.4: refuse links out of `into`
+            tar.extractall(into, filter="data")
+        else:  # git's own archive of this repository
+            tar.extractall(into)
 
 
 def throughput(root: Path, seeds: int) -> dict[str, Any]:
@@ -82,6 +91,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--seeds", type=int, default=10_000)
     args = parser.parse_args()
+    if args.rounds < 1 or args.seeds < 1:
+        parser.error("--rounds and --seeds must be at least 1")
 
     runs: dict[str, list[dict[str, Any]]] = {"old": [], "new": []}
     with tempfile.TemporaryDirectory(prefix="ablab-against-") as folder:

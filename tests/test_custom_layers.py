@@ -133,6 +133,7 @@ def _torch(results: dict[str, CheckResult], name: str) -> CheckResult:
 def test_custom_layer_from_a_file_passes_fidelity(checked: Checked, variant: str) -> None:
     r = checked[2][f"{variant} @ jax model.fit"]
     assert r.passed is True, r.detail
+    assert r.kind == "fidelity"  # the engine's own backend: fit fidelity, not a cross-check
     assert r.max_rel_dev is not None and r.max_rel_dev < 1e-5, r
 
 
@@ -140,6 +141,7 @@ def test_custom_layer_from_a_file_passes_fidelity(checked: Checked, variant: str
 def test_custom_layer_from_a_file_passes_on_torch(checked: Checked, variant: str) -> None:
     r = _torch(checked[2], f"{variant} @ torch model.fit")
     assert r.passed is True, r.detail
+    assert r.kind == "cross_backend"
     assert r.max_rel_dev is not None and r.max_rel_dev < 1e-5, r
 
 
