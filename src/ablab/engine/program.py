@@ -624,15 +624,17 @@ class VariantProgram:
             return True
         if self.compiler_options() != other.compiler_options():
             return False
-        if not (self._keras_own() and other._keras_own()):
-            return False
-        if self._variable_specs() != other._variable_specs():
-            return False
+        # cheapest first: checks compare every pair of programs (``checks.twins``), and
+        # walking a model's layers for _keras_own is the dear part
         with self._compiling:
             mine = {k: v for k, v in self._fingerprints.items() if k[0] == "train"}
         with other._compiling:
             theirs = {k: v for k, v in other._fingerprints.items() if k[0] == "train"}
-        return any(theirs.get(k) == v for k, v in mine.items())
+        if not any(theirs.get(k) == v for k, v in mine.items()):
+            return False
+        if self._variable_specs() != other._variable_specs():
+            return False
+        return self._keras_own() and other._keras_own()
 
     def _keras_own(self) -> bool:
         """Is the model built from a study's layer list of Keras' and ablab's own objects?"""
