@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q --no-compile -e '.[test,backends,mlflow,datasets,ray]'
+	$(RUN) $(BIN)/python -c 'from ablab.engine.small_products import main; main()'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 import ablab
 from ablab._source import source_root
 from ablab.execution.env import differing_keys, environment_fingerprint
@@ -14,10 +16,21 @@ def test_the_source_digest_covers_every_subpackage_and_the_templates() -> None:
     # the module that computes the digest
     root = source_root()
     assert root == Path(ablab.__file__).resolve().parent
-    hashed = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.suffix in (".py", ".j2")}
-    for needed in ("engine/program.py", "stats/rule.py", "output/templates/report.html.j2"):
-        assert needed in hashed
+    kinds = (".py", ".j2", ".cc")
+    hashed = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.suffix in kinds}
+    needed = ("engine/program.py", "stats/rule.py", "output/templates/report.html.j2")
+    for name in (*needed, "engine/small_products.cc"):
+        assert name in hashed
     assert len(environment_fingerprint()["ablab_source"]) == 16
+
+
+def test_the_fingerprint_records_the_lowerings_in_force(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lowerings sum in their own float32 order (and ``small`` runs only where its C++
+    kernel builds): a resume or a Ray worker with others would not compute the same bits."""
+    monkeypatch.setenv("ABLAB_LOWERINGS", "conv,pool")
+    assert environment_fingerprint()["lowerings"] == "conv,pool"
+    monkeypatch.setenv("ABLAB_LOWERINGS", "0")
+    assert environment_fingerprint()["lowerings"] == ""
 
 
 def test_differing_keys_names_each_difference_once_missing_keys_included() -> None:

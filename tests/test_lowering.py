@@ -17,11 +17,12 @@ import numpy as np
 import pytest
 
 from ablab._keras import keras_backend_nn
-from ablab.engine import lowering
+from ablab.engine import lowering, small_products
 from ablab.engine.xla import compiler_options
 from ablab.errors import InputError
 from tests.conftest import make_program
 from tests.test_layers import _assert_fidelity, _study
+from tests.test_small_products import require_kernel
 
 nn = keras_backend_nn()
 RNG = np.random.default_rng(0)
@@ -130,10 +131,11 @@ def test_what_does_not_tile_or_groups_keeps_keras_lowering() -> None:
 
 def test_env_selects_lowerings(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    monkeypatch.setattr(small_products, "available", lambda: True)  # (a C++ compiler here)
     cases = [("", lowering.DEFAULT), ("1", lowering.DEFAULT), ("all", lowering.ALL),
              ("0", frozenset()), ("off", frozenset()), ("pool", {"pool"}),
              ("conv, pool", {"conv", "pool"}), ("dense", {"dense"}),
-             ("norm", {"norm"})]  # fmt: skip
+             ("norm", {"norm"}), ("dense,small", {"dense", "small"})]  # fmt: skip
     for value, want in cases:
         monkeypatch.setenv(lowering.ENV, value)
         assert lowering.enabled() == want, value
@@ -141,10 +143,37 @@ def test_env_selects_lowerings(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(lowering.ENV, "")
     assert lowering.enabled() == frozenset()  # an accelerator keeps Keras' own lowering...
     monkeypatch.setenv(lowering.ENV, "1")
-    assert lowering.enabled() == lowering.DEFAULT  # ... unless asked
+    # ... unless asked; but the small-products kernel is a CPU custom call
+    assert lowering.enabled() == lowering.DEFAULT - {"small"}
+    monkeypatch.setenv(lowering.ENV, "dense,small")
+    with pytest.raises(InputError, match="runs on a CPU backend only, not 'gpu'"):
+        lowering.enabled()
     monkeypatch.setenv(lowering.ENV, "conv,im2col")
     with pytest.raises(InputError, match=r"unknown lowering\(s\) \['im2col'\]"):
         lowering.enabled()
+
+
+def test_without_its_kernel_small_is_left_out_or_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No C++ compiler: the default and ``all`` leave ``small`` out (XLA's products, the same
+    values); naming it is an error that says why and how to fix it."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    monkeypatch.setattr(small_products, "available", lambda: False)
+    monkeypatch.setattr(small_products, "unavailable_reason", lambda: "BuildError: no compiler")
+    for value in ("", "1", "all"):
+        monkeypatch.setenv(lowering.ENV, value)
+        assert lowering.enabled() == lowering.ALL - {"small"}, value
+    monkeypatch.setenv(lowering.ENV, "dense,small")
+    with pytest.raises(InputError, match="BuildError: no compiler") as err:
+        lowering.enabled()
+    assert "install a C++ compiler" in str(err.value)
+    # asked for inside the engine's tracing anyway: the product keeps XLA's form
+    from ablab._keras import keras_backend_numpy
+
+    h = jnp.asarray(RNG.normal(size=(3, 4, 8)), jnp.float32)
+    k = jnp.asarray(RNG.normal(size=(3, 8, 12)), jnp.float32)
+    with lowering.lowered(frozenset({"dense", "small"})):
+        text = jax.jit(jax.vmap(lambda a, b: keras_backend_numpy().matmul(a, b))).lower(h, k)
+    assert small_products.TARGET not in text.as_text()
 
 
 MOMENTS = [  # input shape, axes (BatchNormalization's: every axis but the channels)
@@ -354,6 +383,67 @@ def test_a_small_kernels_forward_product_is_one_fused_loop() -> None:
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     with lowering.lowered(frozenset({"dense"})), pytest.raises(TypeError):
         matmul(x[:, :1], k[0, :5, :3])  # a contraction that does not match is refused
+
+
+def test_small_kernels_per_seed_products_run_on_the_kernel() -> None:
+    """``small``: a small float32 kernel's three products under ``vmap`` -- forward, input
+    gradient, kernel gradient -- are custom calls to the kernel; with the input shared by
+    every seed (a first layer's data, which needs no gradient) its forward product and kernel
+    gradient. The values and gradients are Keras' own matmul's (float32 sums in another
+    order)."""
+    require_kernel()
+    from ablab._keras import keras_backend_numpy
+
+    matmul = keras_backend_numpy().matmul
+    h = jnp.asarray(RNG.normal(size=(6, 32, 8)), jnp.float32)
+    k = jnp.asarray(RNG.normal(size=(6, 8, 12)), jnp.float32)
+    y = jnp.asarray(RNG.normal(size=(6, 32, 12)), jnp.float32)
+
+    def per_seed(h: jax.Array, k: jax.Array, y: jax.Array) -> tuple:
+        loss = lambda h, k, y: jnp.mean((matmul(h, k) - y) ** 2)  # noqa: E731
+        return jax.vmap(jax.value_and_grad(loss, argnums=(0, 1)))(h, k, y)
+
+    def shared(h: jax.Array, k: jax.Array, y: jax.Array) -> tuple:
+        loss = lambda k, y: jnp.mean((matmul(h[0], k) - y) ** 2)  # noqa: E731
+        return jax.vmap(jax.value_and_grad(loss))(k, y)
+
+    def calls(fn: Any) -> int:
+        text = jax.jit(lambda *a: fn(*a)).lower(h, k, y).as_text()
+        return text.count(f"@{small_products.TARGET}")
+
+    for fn, n_calls in ((per_seed, 3), (shared, 2)):
+        want = fn(h, k, y)
+        assert calls(fn) == 0  # Keras' own
+        with lowering.lowered(frozenset({"dense", "small"})):
+            got = fn(h, k, y)
+            assert calls(fn) == n_calls, fn.__name__
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+    # half precision, a wide kernel: XLA's products
+    for args in ((h.astype(jnp.float16), k.astype(jnp.float16)), (h, jnp.ones((6, 8, 17)))):
+        with lowering.lowered(frozenset({"dense", "small"})):
+            text = jax.jit(jax.vmap(lambda a, b: matmul(a, b))).lower(*args).as_text()
+        assert small_products.TARGET not in text
+
+
+def test_engine_with_the_small_kernel_and_fit_agrees(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The seed autoencoder's shape with BatchNormalization (12 -> 8 -> BN -> 12): its second
+    layer's products on the kernel, and the engine still reproduces ``model.fit``
+    (BatchNormalization's validation values at 1e-4)."""
+    require_kernel()
+    monkeypatch.setenv(lowering.ENV, "1")
+    layers = [
+        {"layer": "Dense", "units": 8},
+        {"layer": "BatchNormalization"},
+        {"layer": "Dense", "units": 12},
+    ]
+    data = {"synthetic": {"kind": "normal", "shape": [100, 12], "seed": 1}, "target": "input"}
+    study = _study(tmp_path, data, {"layers": layers}, batch_size=32, epochs=3, shuffle=False)
+    _assert_fidelity(study, bn=True)
+    text = make_program(study, "v").lower("train", 2).as_text()
+    assert text.count(f"@{small_products.TARGET}") >= 3
 
 
 CNN_BN = [

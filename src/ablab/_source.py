@@ -17,12 +17,13 @@ def source_root() -> Path:
 
 @cache
 def source_digest() -> str:
-    """sha256 of ablab's own source files: two installs of the same version number with
-    different code (a local edit, another commit) must not pass as the same."""
+    """sha256 of ablab's own source files (Python, templates, the engine's C++ kernel): two
+    installs of the same version number with different code (a local edit, another commit)
+    must not pass as the same."""
     root = source_root()
     h = hashlib.sha256()
     for path in sorted(root.rglob("*")):
-        if path.is_file() and path.suffix in (".py", ".j2"):
+        if path.is_file() and path.suffix in (".py", ".j2", ".cc"):
             h.update(path.relative_to(root).as_posix().encode())
             h.update(path.read_bytes())
     return h.hexdigest()[:16]

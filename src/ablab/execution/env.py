@@ -54,7 +54,7 @@ def environment_fingerprint() -> dict[str, str]:
     """What must be equal on the driver and a worker for a cell's numbers to be equal:
     versions, ablab's source, the OS and architecture, and the settings that change numbers
     (Keras backend and floatx, JAX's x64 / matmul precision / PRNG, XLA flags, the JAX
-    backend in use, the engine's compiler options)."""
+    backend in use, the engine's compiler options and lowerings)."""
     import jax
     import keras
 
@@ -82,6 +82,11 @@ def environment_fingerprint() -> dict[str, str]:
     fp["compiler_options"] = json.dumps(compiler_options(), sort_keys=True)
     # a model with BatchNormalization over feature maps (ablab.engine.xla.wants_library_fusions)
     fp["compiler_options_library_fusions"] = json.dumps(compiler_options(True), sort_keys=True)
+    # the engine's lowerings ($ABLAB_LOWERINGS; `small` only where its C++ kernel builds):
+    # each sums in its own float32 order
+    from ablab.engine import lowering
+
+    fp["lowerings"] = ",".join(sorted(lowering.enabled()))
     return fp
 
 

@@ -280,5 +280,6 @@ def check_same_plan(where: str, stored: dict[str, Any], now: dict[str, Any]) -> 
             "be bit-identical to an uninterrupted run's)",
             got="; ".join(diffs),
             fix="resume in the environment that started the run (same versions, ablab code, "
-            "XLA flags and data), or run the study again",
+            "XLA flags, $ABLAB_LOWERINGS and a C++ compiler if it had one, and data), or run "
+            "the study again",
         )

@@ -123,7 +123,8 @@ def check_worker(driver: dict[str, str], worker: dict[str, str], where: dict[str
         "identical to a local run, so ablab refuses them.",
         fix="install the same ablab, keras, jax, jaxlib and numpy (and Python) on every node "
         "and on the driver (e.g. the same `pip install 'ablab[ray]'` lock/environment), with "
-        "the same KERAS/JAX settings and XLA_FLAGS",
+        "the same KERAS/JAX settings, XLA_FLAGS and $ABLAB_LOWERINGS, and a C++ compiler on "
+        "every node or on none (ablab's small-products kernel)",
     )
 
 

@@ -1,0 +1,230 @@
+"""Per-seed products of small dense kernels on a compiled CPU kernel (an XLA FFI custom call).
+
+Under ``vmap`` over seeds a Dense layer computes three products per step with a per-seed
+kernel: its forward product ``(rows, in) @ (in, out)``, the input gradient ``g @ kernel.T``
+and the kernel gradient ``x.T @ g`` -- with per-seed operands on both sides after the first
+layer, whose input (the data) every seed shares. XLA's CPU backend runs these thousands of
+tiny products (the seed autoencoder's are 32 x 8 x 12) on its GEMM library at ~15 GFLOP/s,
+a third of the program's op time. ``small_products.cc`` keeps each seed's operands in
+registers (an output row of at most 16 floats is one vector) and ran them 1.6-7x as fast; the
+seed autoencoder's whole program 1.35x, + BN 1.3x (issue 17, docs/performance.md). A shared
+operand (the data) is read by every seed's product.
+
+The kernel is C++ built here with the machine's compiler (``$CXX``, else ``c++`` / ``g++``)
+against jaxlib's FFI headers, once per machine: into ``<cache>/kernels/<key>/`` where the
+key covers the source, compiler, flags, jaxlib version and CPU, and ``<cache>`` is
+``$ABLAB_COMPILATION_CACHE``'s folder when it names one, else ``$XDG_CACHE_HOME/ablab`` or
+``~/.cache/ablab``. ``make`` builds it when it sets up the ``.venv``; elsewhere the first
+program that uses it builds it (~3 s). Without a compiler, or if the build fails, the engine
+keeps XLA's products (:func:`available` is False; :func:`unavailable_reason` says why) --
+the same values up to float32 rounding, only slower. ``$ABLAB_LOWERINGS`` without ``small``
+turns it off (``ablab.engine.lowering``).
+
+``python -c 'from ablab.engine.small_products import main; main()'`` (what ``make`` runs) builds
+it and prints where it is, or why not.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SOURCE = Path(__file__).with_name("small_products.cc")
+TARGET = "ablab_small_products_v1"
+"""The FFI target's name (a new ABI gets a new name: an executable kept in JAX's compilation
+cache calls its target by name)."""
+SYMBOL = "AblabSmallProducts"
+MAX_WIDTH = 16
+"""The widest output row (one vector of 16 float32 lanes)."""
+FORWARD, INPUT_GRAD, KERNEL_GRAD = 0, 1, 2
+"""Modes: ``A @ B``, ``A @ B.T``, ``A.T @ B``, per seed."""
+FLAGS = ("-O3", "-ffp-contract=fast", "-shared", "-fPIC", "-std=c++17", "-w")
+ARCH_FLAGS = (("-march=native",), ())
+"""Tried in order: tuned for this CPU, then portable (a compiler that knows no ``native``)."""
+BUILD_TIMEOUT_S = 300
+
+_lock = threading.Lock()
+_state: dict[str, Any] = {}  # "ok": bool, "reason": str, "path": Path
+
+
+class BuildError(RuntimeError):
+    """The kernel could not be built (no compiler, or it failed)."""
+
+
+def compiler() -> str | None:
+    """The C++ compiler to build with: ``$CXX``, else ``c++`` or ``g++`` on the PATH."""
+    chosen = os.environ.get("CXX", "").strip()
+    if chosen:
+        return chosen
+    return shutil.which("c++") or shutil.which("g++")
+
+
+def kernels_dir() -> Path:
+    """Where built kernels are kept (module docstring)."""
+    from ablab.engine.xla import _OFF, CACHE_ENV
+
+    setting = os.environ.get(CACHE_ENV, "").strip()
+    if setting and setting.lower() not in (*_OFF, "1", "on", "true", "yes"):
+        return Path(setting).expanduser() / "kernels"
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "ablab" / "kernels"
+
+
+def _cpu() -> str:
+    """What the CPU offers (``-march=native`` builds for it): its flags where Linux lists them."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _key(cxx: str, flags: tuple[str, ...]) -> str:
+    import jaxlib
+
+    h = hashlib.sha256(SOURCE.read_bytes())
+    for text in (
+        cxx,
+        " ".join(flags),
+        jaxlib.__version__,
+        sys.platform,
+        platform.machine(),
+        _cpu(),
+    ):
+        h.update(text.encode())
+    return h.hexdigest()[:24]
+
+
+def build(folder: Path | None = None, cxx: str | None = None) -> Path:
+    """Build the kernel library into ``folder`` (default :func:`kernels_dir`) with ``cxx``
+    (default :func:`compiler`) unless it is there already; its path. Written atomically: a
+    concurrent build or a reader sees no half-written file. Raises :class:`BuildError`."""
+    cxx = cxx or compiler()
+    if not cxx:
+        raise BuildError("no C++ compiler found ($CXX, c++ or g++ on the PATH)")
+    folder = kernels_dir() if folder is None else folder
+    errors = []
+    for arch in ARCH_FLAGS:
+        flags = (*FLAGS, *arch)
+        path = folder / _key(cxx, flags) / "small_products.so"
+        if path.exists():
+            return path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise BuildError(f"cannot write {path.parent}: {exc}") from exc
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".so.tmp")
+        os.close(fd)
+        argv = [cxx, *flags, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+            if done.returncode == 0:
+                os.replace(tmp, path)
+                return path
+            errors.append(f"{' '.join(arch) or 'portable'}: {done.stderr.strip()[-800:]}")
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            errors.append(f"{' '.join(arch) or 'portable'}: {type(exc).__name__}: {exc}")
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    raise BuildError(f"{cxx} failed to build {SOURCE.name}: " + " | ".join(errors))
+
+
+def _register(path: Path) -> None:
+    library = ctypes.cdll.LoadLibrary(str(path))
+    handler = getattr(library, SYMBOL)
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler), platform="cpu")
+
+
+def available() -> bool:
+    """Is the kernel built, loaded and registered with XLA in this process? Builds it on the
+    first call if needed; False (never raises) when that fails -- :func:`unavailable_reason`."""
+    if "ok" in _state:
+        return bool(_state["ok"])
+    with _lock:
+        if "ok" not in _state:
+            try:
+                path = build()
+                _register(path)
+                _state.update(ok=True, path=path, reason="")
+            except Exception as exc:  # no compiler, a failed build, a library that won't load
+                _state.update(ok=False, reason=f"{type(exc).__name__}: {exc}")
+    return bool(_state["ok"])
+
+
+def unavailable_reason() -> str:
+    """Why :func:`available` is False ("" when it is True or was not asked yet)."""
+    return str(_state.get("reason", ""))
+
+
+def output_shape(mode: int, a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, int, int]:
+    """``(seeds, M, N)`` of the products of ``a`` (per seed, or shared: no seeds axis) and
+    ``b`` (per seed)."""
+    a0, a1 = a[-2], a[-1]
+    if mode == FORWARD:
+        return b[0], a0, b[2]
+    if mode == INPUT_GRAD:
+        return b[0], a0, b[1]
+    return b[0], a1, b[2]
+
+
+def fits(mode: int, a: Any, b: Any) -> bool:
+    """Can the kernel compute this product: float32 operands, ``b`` per seed (seeds first),
+    ``a`` per seed or shared by every seed (rank 2), shapes that match, an output row of at
+    most :data:`MAX_WIDTH`?"""
+    if a.ndim not in (2, 3) or b.ndim != 3 or a.dtype != jnp.float32 or b.dtype != jnp.float32:
+        return False
+    if a.ndim == 3 and a.shape[0] != b.shape[0]:
+        return False
+    a0, a1 = a.shape[-2:]
+    contracted = {
+        FORWARD: (a1, b.shape[1]),
+        INPUT_GRAD: (a1, b.shape[2]),
+        KERNEL_GRAD: (a0, b.shape[1]),
+    }[mode]
+    width = output_shape(mode, a.shape, b.shape)[2]
+    return contracted[0] == contracted[1] and 1 <= width <= MAX_WIDTH
+
+
+def call(mode: int, a: jax.Array, b: jax.Array) -> jax.Array:
+    """The per-seed products of ``a`` (per seed or shared) and ``b`` (seeds first) on the
+    kernel. The kernel must be :func:`available` and the operands :func:`fits`; raises
+    ValueError otherwise."""
+    if not fits(mode, a, b):
+        raise ValueError(
+            f"small products (mode {mode}): operands {a.shape} {a.dtype} and {b.shape} "
+            f"{b.dtype} do not fit the kernel (float32, b of rank 3, a of rank 3 or 2, "
+            f"matching, output width <= "
+            f"{MAX_WIDTH})"
+        )
+    if not available():
+        raise ValueError(f"the small-products kernel is not available: {unavailable_reason()}")
+    out = jax.ShapeDtypeStruct(output_shape(mode, a.shape, b.shape), jnp.float32)
+    return jax.ffi.ffi_call(TARGET, out)(a, b, mode=np.int64(mode))
+
+
+def main() -> int:
+    """Build the kernel (``make`` runs this when it sets up the .venv); 0 when it is ready."""
+    try:
+        path = build()
+        _register(path)
+    except Exception as exc:
+        print(f"ablab: the small-products kernel is not built ({exc}); the engine keeps XLA's")
+        print("products (the same results, slower on small dense layers)")
+        return 0  # not an error: everything works without it
+    print(f"ablab: small-products kernel ready: {path}")
+    return 0

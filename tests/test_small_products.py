@@ -1,0 +1,166 @@
+"""ablab.engine.small_products: the per-seed small-products kernel (XLA FFI, built here).
+
+Expected values are numpy's float64 products of the same float32 operands (the kernel sums
+in float32, one fused multiply-add per term: agreement to float32 rounding of sums of at most
+40 terms). Which products of the engine's programs run on it, and the engine against
+``model.fit`` with it, are in tests/test_lowering.py.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ablab.engine import small_products as sp
+
+RNG = np.random.default_rng(7)
+MODES = {sp.FORWARD: "A @ B", sp.INPUT_GRAD: "A @ B.T", sp.KERNEL_GRAD: "A.T @ B"}
+
+
+def require_kernel() -> None:
+    """The kernel builds wherever a C++ compiler is; CI (``make``) has one, so there a kernel
+    that is not available fails the test instead of skipping it."""
+    if sp.available():
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"the small-products kernel is not available: {sp.unavailable_reason()}")
+    pytest.skip(f"no small-products kernel here: {sp.unavailable_reason()}")
+
+
+def _operands(mode: int, s: int, m: int, k: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    shapes = {
+        sp.FORWARD: ((s, m, k), (s, k, n)),
+        sp.INPUT_GRAD: ((s, m, k), (s, n, k)),
+        sp.KERNEL_GRAD: ((s, k, m), (s, k, n)),
+    }[mode]
+    return tuple(RNG.normal(size=shape).astype(np.float32) for shape in shapes)  # type: ignore[return-value]
+
+
+def _numpy(mode: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    if mode == sp.FORWARD:
+        return a64 @ b64
+    if mode == sp.INPUT_GRAD:
+        return a64 @ np.swapaxes(b64, 1, 2)
+    return np.swapaxes(a64, 1, 2) @ b64
+
+
+def _kernel(mode: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.asarray(jax.jit(lambda x, y: sp.call(mode, x, y))(a, b))
+
+
+# seeds, output rows M, contraction K, output width N: every width, row counts around the
+# kernel's blocks of four, contractions of one to a batch of 40 rows
+SHAPES = [
+    (1, 1, 1, 1),
+    (3, 4, 8, 12),
+    (2, 5, 12, 8),
+    (4, 7, 3, 16),
+    (2, 32, 16, 5),
+    (3, 9, 40, 2),
+    (1, 16, 1, 13),
+    (2, 2, 9, 11),
+]
+
+
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize(("s", "m", "k", "n"), SHAPES)
+def test_products_match_numpy(mode: int, s: int, m: int, k: int, n: int, shared: bool) -> None:
+    """Per seed, and with ``A`` one matrix every seed shares (a first layer's data)."""
+    require_kernel()
+    a, b = _operands(mode, s, m, k, n)
+    if shared:
+        a = a[0]
+    got = _kernel(mode, a, b)
+    assert got.shape == (s, m, n) and got.dtype == np.float32
+    want = _numpy(mode, np.broadcast_to(a, (s, *a.shape[-2:])), b)
+    # float32 sums of at most 40 products of N(0,1) values
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.sqrt(k), err_msg=MODES[mode])
+
+
+def test_the_seed_autoencoders_products() -> None:
+    """The shapes it was written for: 625 seeds (a cell), batches of 32 rows, 8 -> 12."""
+    require_kernel()
+    for mode, (m, k, n) in {
+        sp.FORWARD: (32, 8, 12),
+        sp.INPUT_GRAD: (32, 12, 8),
+        sp.KERNEL_GRAD: (8, 32, 12),
+    }.items():
+        a, b = _operands(mode, 625, m, k, n)
+        np.testing.assert_allclose(_kernel(mode, a, b), _numpy(mode, a, b), rtol=1e-5, atol=1e-4)
+
+
+def test_non_finite_values_spread_as_in_a_matmul() -> None:
+    """A NaN or inf reaches exactly the outputs it reaches in numpy's float32 matmul (the
+    kernel's unused vector lanes hold zeros and are never stored)."""
+    require_kernel()
+    a, b = _operands(sp.FORWARD, 2, 5, 4, 6)
+    a[0, 1, 2] = np.nan
+    a[1, 3, 0] = np.inf
+    b[1, 2, 4] = -np.inf
+    got = _kernel(sp.FORWARD, a, b)
+    with np.errstate(invalid="ignore"):
+        want = a @ b
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_array_equal(np.isposinf(got), np.isposinf(want))
+    np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want))
+    finite = np.isfinite(want)
+    np.testing.assert_allclose(got[finite], want[finite], rtol=1e-5, atol=1e-5)
+
+
+def test_operands_that_do_not_fit_are_refused() -> None:
+    a = jnp.zeros((2, 3, 4), jnp.float32)
+    b = jnp.zeros((2, 4, 5), jnp.float32)
+    assert sp.fits(sp.FORWARD, a, b) and sp.fits(sp.FORWARD, a[0], b)  # A shared: rank 2
+    refused = [
+        (sp.FORWARD, a, jnp.zeros((2, 4, 17), jnp.float32)),  # an output row of 17
+        (sp.FORWARD, a, jnp.zeros((2, 5, 5), jnp.float32)),  # contraction 4 vs 5
+        (sp.FORWARD, a, jnp.zeros((3, 4, 5), jnp.float32)),  # 2 seeds vs 3
+        (sp.FORWARD, a.astype(jnp.float16), b.astype(jnp.float16)),  # float32 only
+        (sp.FORWARD, a, b[0]),  # B without its seeds axis (A may be shared, B not)
+        (sp.FORWARD, a[0, 0], b),  # A of rank 1
+        (sp.INPUT_GRAD, a, b),  # B must be (seeds, N, K): its K 5 is not A's 4
+        (sp.KERNEL_GRAD, a, b),  # A (seeds, K, M): K 3 is not B's 4
+    ]
+    for mode, x, y in refused:
+        assert not sp.fits(mode, x, y), (mode, x.shape, y.shape, x.dtype)
+        with pytest.raises(ValueError, match="do not fit the kernel"):
+            sp.call(mode, x, y)
+
+
+def test_build_is_kept_and_written_whole(tmp_path: Path) -> None:
+    """Built once into its keyed folder; asked again, the same file without rebuilding; no
+    temporary file left beside it."""
+    require_kernel()
+    path = sp.build(tmp_path)
+    assert path.is_file() and path.parent.parent == tmp_path
+    stamp = path.stat().st_mtime_ns
+    assert sp.build(tmp_path) == path and path.stat().st_mtime_ns == stamp
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+def test_a_missing_or_failing_compiler_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(sp.BuildError, match=r"failed to build small_products\.cc"):
+        sp.build(tmp_path, cxx=str(tmp_path / "no-such-c++"))
+    failing = tmp_path / "failing-c++"
+    failing.write_text("#!/bin/sh\necho 'this compiler refuses' >&2\nexit 1\n")
+    failing.chmod(0o755)
+    with pytest.raises(sp.BuildError, match="this compiler refuses"):
+        sp.build(tmp_path / "out", cxx=str(failing))
+    # nothing half-written: only the empty keyed folders
+    assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+
+
+def test_kernels_folder_follows_the_cache_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ABLAB_COMPILATION_CACHE", "/some/cache")
+    assert sp.kernels_dir() == Path("/some/cache/kernels")
+    for off_or_default in ("0", "1", ""):
+        monkeypatch.setenv("ABLAB_COMPILATION_CACHE", off_or_default)
+        monkeypatch.setenv("XDG_CACHE_HOME", "/xdg")
+        assert sp.kernels_dir() == Path("/xdg/ablab/kernels")
