@@ -419,6 +419,13 @@ def test_small_kernels_per_seed_products_run_on_the_kernel() -> None:
             assert calls(fn) == n_calls, fn.__name__
         for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
             np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+    # a vmap around the seeds' vmap (the engine has none): the kernel once per outer element
+    nested = jax.vmap(jax.vmap(lambda a, b: matmul(a, b)))
+    outer = (h.reshape(2, 3, 32, 8), k.reshape(2, 3, 8, 12))
+    want_nested = nested(*outer)
+    with lowering.lowered(frozenset({"dense", "small"})):
+        got_nested = jax.jit(lambda a, b: nested(a, b))(*outer)
+    np.testing.assert_allclose(got_nested, want_nested, rtol=1e-5, atol=1e-6)
     # half precision, a wide kernel: XLA's products
     for args in ((h.astype(jnp.float16), k.astype(jnp.float16)), (h, jnp.ones((6, 8, 17)))):
         with lowering.lowered(frozenset({"dense", "small"})):

@@ -118,12 +118,13 @@ def build(folder: Path | None = None, cxx: str | None = None) -> Path:
     if not cxx:
         raise BuildError("no C++ compiler found ($CXX, c++ or g++ on the PATH)")
     folder = kernels_dir() if folder is None else folder
-    errors = []
-    for arch in ARCH_FLAGS:
-        flags = (*FLAGS, *arch)
-        path = folder / _key(cxx, flags) / "small_products.so"
+    paths = {arch: folder / _key(cxx, (*FLAGS, *arch)) / "small_products.so" for arch in ARCH_FLAGS}
+    for path in paths.values():  # built before (the portable one where the tuned one failed)
         if path.exists():
             return path
+    errors = []
+    for arch, path in paths.items():
+        flags = (*FLAGS, *arch)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -214,7 +215,9 @@ def call(mode: int, a: jax.Array, b: jax.Array) -> jax.Array:
     if not available():
         raise ValueError(f"the small-products kernel is not available: {unavailable_reason()}")
     out = jax.ShapeDtypeStruct(output_shape(mode, a.shape, b.shape), jnp.float32)
-    return jax.ffi.ffi_call(TARGET, out)(a, b, mode=np.int64(mode))
+    # under a further vmap (the engine has none): one call per outer element
+    call = jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")
+    return call(a, b, mode=np.int64(mode))
 
 
 def main() -> int:
