@@ -157,10 +157,13 @@ def test_a_missing_or_failing_compiler_is_a_clear_error(tmp_path: Path) -> None:
     assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
 
 
-def test_kernels_folder_follows_the_cache_setting(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("ABLAB_COMPILATION_CACHE", "/some/cache")
-    assert sp.kernels_dir() == Path("/some/cache/kernels")
-    for off_or_default in ("0", "1", ""):
-        monkeypatch.setenv("ABLAB_COMPILATION_CACHE", off_or_default)
-        monkeypatch.setenv("XDG_CACHE_HOME", "/xdg")
+def test_kernels_folder_is_per_machine_not_per_compilation_cache(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("ABLAB_KERNELS", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", "/xdg")
+    for cache in ("/some/cache", "0", ""):  # a fresh compilation cache does not rebuild it
+        monkeypatch.setenv("ABLAB_COMPILATION_CACHE", cache)
         assert sp.kernels_dir() == Path("/xdg/ablab/kernels")
+    monkeypatch.setenv("ABLAB_KERNELS", "/mine")
+    assert sp.kernels_dir() == Path("/mine")

@@ -11,11 +11,11 @@ seed autoencoder's whole program 1.35x, + BN 1.3x (issue 17, docs/performance.md
 operand (the data) is read by every seed's product.
 
 The kernel is C++ built here with the machine's compiler (``$CXX``, else ``c++`` / ``g++``)
-against jaxlib's FFI headers, once per machine: into ``<cache>/kernels/<key>/`` where the
-key covers the source, compiler, flags, jaxlib version and CPU, and ``<cache>`` is
-``$ABLAB_COMPILATION_CACHE``'s folder when it names one, else ``$XDG_CACHE_HOME/ablab`` or
-``~/.cache/ablab``. ``make`` builds it when it sets up the ``.venv``; elsewhere the first
-program that uses it builds it (~3 s). Without a compiler, or if the build fails, the engine
+against jaxlib's FFI headers, once per machine: into ``<kernels>/<key>/`` where the key
+covers the source, compiler, flags, jaxlib version and CPU, and ``<kernels>`` is
+``$ABLAB_KERNELS``, else ``$XDG_CACHE_HOME/ablab/kernels`` or ``~/.cache/ablab/kernels``.
+``make`` builds it when it sets up the ``.venv``; elsewhere the first program that uses it
+builds it (~3 s, once). Without a compiler, or if the build fails, the engine
 keeps XLA's products (:func:`available` is False; :func:`unavailable_reason` says why) --
 the same values up to float32 rounding, only slower. ``$ABLAB_LOWERINGS`` without ``small``
 turns it off (``ablab.engine.lowering``).
@@ -55,6 +55,7 @@ FLAGS = ("-O3", "-ffp-contract=fast", "-shared", "-fPIC", "-std=c++17", "-w")
 ARCH_FLAGS = (("-march=native",), ())
 """Tried in order: tuned for this CPU, then portable (a compiler that knows no ``native``)."""
 BUILD_TIMEOUT_S = 300
+KERNELS_ENV = "ABLAB_KERNELS"
 
 _lock = threading.Lock()
 _state: dict[str, Any] = {}  # "ok": bool, "reason": str, "path": Path
@@ -73,12 +74,12 @@ def compiler() -> str | None:
 
 
 def kernels_dir() -> Path:
-    """Where built kernels are kept (module docstring)."""
-    from ablab.engine.xla import _OFF, CACHE_ENV
-
-    setting = os.environ.get(CACHE_ENV, "").strip()
-    if setting and setting.lower() not in (*_OFF, "1", "on", "true", "yes"):
-        return Path(setting).expanduser() / "kernels"
+    """Where built kernels are kept: ``$ABLAB_KERNELS`` if set, else ``$XDG_CACHE_HOME/ablab/
+    kernels`` or ``~/.cache/ablab/kernels`` -- per machine, not per compilation cache (a
+    fresh ``$ABLAB_COMPILATION_CACHE`` folder does not rebuild it)."""
+    chosen = os.environ.get(KERNELS_ENV, "").strip()
+    if chosen:
+        return Path(chosen).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "ablab" / "kernels"
 
