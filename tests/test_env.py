@@ -27,10 +27,18 @@ def test_the_source_digest_covers_every_subpackage_and_the_templates() -> None:
 def test_the_fingerprint_records_the_lowerings_in_force(monkeypatch: pytest.MonkeyPatch) -> None:
     """The lowerings sum in their own float32 order (and ``small`` runs only where its C++
     kernel builds): a resume or a Ray worker with others would not compute the same bits."""
+    from ablab.engine import small_products
+
     monkeypatch.setenv("ABLAB_LOWERINGS", "conv,pool")
-    assert environment_fingerprint()["lowerings"] == "conv,pool"
+    fp = environment_fingerprint()
+    assert (fp["lowerings"], fp["small_products"]) == ("conv,pool", "off")
     monkeypatch.setenv("ABLAB_LOWERINGS", "0")
     assert environment_fingerprint()["lowerings"] == ""
+    monkeypatch.setattr(small_products, "available", lambda: True)
+    monkeypatch.setattr(small_products, "numerics", lambda: "mul-add")
+    monkeypatch.setenv("ABLAB_LOWERINGS", "dense,small")
+    fp = environment_fingerprint()  # and how its kernel rounds: fused multiply-adds or not
+    assert (fp["lowerings"], fp["small_products"]) == ("dense,small", "mul-add")
 
 
 def test_differing_keys_names_each_difference_once_missing_keys_included() -> None:

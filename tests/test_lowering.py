@@ -433,24 +433,18 @@ def test_small_kernels_per_seed_products_run_on_the_kernel() -> None:
         assert small_products.TARGET not in text
 
 
-def test_engine_with_the_small_kernel_and_fit_agrees(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_the_seed_studys_programs_run_their_products_on_the_small_kernel(
+    seed_study: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The seed autoencoder's shape with BatchNormalization (12 -> 8 -> BN -> 12): its second
-    layer's products on the kernel, and the engine still reproduces ``model.fit``
-    (BatchNormalization's validation values at 1e-4)."""
+    """tests/test_reference.py holds the seed study's ``plain`` and ``bn`` to ``model.fit``
+    (BatchNormalization's validation values at 1e-4) with the default lowerings: where the
+    kernel builds, that is the small-products kernel's fidelity test -- its programs call it
+    (the second layer's three products, the first layer's two with the shared data)."""
     require_kernel()
-    monkeypatch.setenv(lowering.ENV, "1")
-    layers = [
-        {"layer": "Dense", "units": 8},
-        {"layer": "BatchNormalization"},
-        {"layer": "Dense", "units": 12},
-    ]
-    data = {"synthetic": {"kind": "normal", "shape": [100, 12], "seed": 1}, "target": "input"}
-    study = _study(tmp_path, data, {"layers": layers}, batch_size=32, epochs=3, shuffle=False)
-    _assert_fidelity(study, bn=True)
-    text = make_program(study, "v").lower("train", 2).as_text()
-    assert text.count(f"@{small_products.TARGET}") >= 3
+    monkeypatch.setenv(lowering.ENV, "")  # the default lowerings
+    for variant in ("plain", "bn"):
+        text = make_program(seed_study, variant).lower("train", 2).as_text()
+        assert text.count(f"@{small_products.TARGET}") >= 5, variant
 
 
 CNN_BN = [

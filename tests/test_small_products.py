@@ -135,13 +135,14 @@ def test_operands_that_do_not_fit_are_refused() -> None:
 
 
 def test_build_is_kept_and_written_whole(tmp_path: Path) -> None:
-    """Built once into its keyed folder; asked again, the same file without rebuilding; no
-    temporary file left beside it."""
+    """Built once into its keyed folder (``$CXX`` may be a command line: here ``env c++``);
+    asked again, the same file without rebuilding; no temporary file left beside it."""
     require_kernel()
-    path = sp.build(tmp_path)
+    path = sp.build(tmp_path, cxx=f"env {sp.compiler()}")
     assert path.is_file() and path.parent.parent == tmp_path
     stamp = path.stat().st_mtime_ns
-    assert sp.build(tmp_path) == path and path.stat().st_mtime_ns == stamp
+    assert sp.build(tmp_path, cxx=f"env {sp.compiler()}") == path
+    assert path.stat().st_mtime_ns == stamp
     assert [p.name for p in path.parent.iterdir()] == [path.name]
 
 
@@ -167,3 +168,19 @@ def test_kernels_folder_is_per_machine_not_per_compilation_cache(
         assert sp.kernels_dir() == Path("/xdg/ablab/kernels")
     monkeypatch.setenv("ABLAB_KERNELS", "/mine")
     assert sp.kernels_dir() == Path("/mine")
+
+
+def test_a_damaged_library_is_built_again(tmp_path: Path) -> None:
+    require_kernel()
+    damaged = tmp_path / "small_products.so"
+    damaged.write_bytes(b"not a shared library")
+    library = sp._load(damaged)
+    assert not damaged.exists()
+    assert hasattr(library, sp.SYMBOL) and hasattr(library, sp.FMA_SYMBOL)
+
+
+def test_the_kernels_rounding_is_named() -> None:
+    """Part of the numerics fingerprint: a build with fused multiply-adds and one without
+    round differently (``-march=native`` on a CPU with FMA gives ``fma``)."""
+    require_kernel()
+    assert sp.numerics() in ("fma", "mul-add")

@@ -53,7 +53,9 @@ matrix products and reshapes runs on the GEMM library instead:
   1.35x, + BN 1.3x (issue 17). Chosen when vmap batches the kernel (a custom batching
   rule); an input shared by every seed (a first layer's data) is read by every seed's
   product. Left out where the kernel cannot be built (no C++ compiler) or on an
-  accelerator: the products are then the ``dense`` forms above.
+  accelerator: the products are then the ``dense`` forms above. The custom call has no
+  derivative of its own: like the custom VJPs here, no forward mode and no second
+  derivative through it (the engine takes neither).
 
 The results are the same functions; only float32 summation order changes (a convolution
 sums its products in another order, a channel's statistics its rows).

@@ -7,7 +7,9 @@
 //   mode 2:  C[s] = A[s]^T @ B[s]    A (S, K, M), B (S, K, N)   its kernel gradient
 // with C (S, M, N), float32, N <= 16 (one vector of 16 lanes holds an output row); A may also
 // be one (M, K) / (K, M) matrix every seed shares (a first layer's data). Each sum
-// runs over k in increasing order, one fused multiply-add per term. XLA's CPU backend runs
+// runs over k in increasing order, one fused multiply-add per term where the build has FMA
+// (AblabSmallProductsFusedMultiplyAdd says; else a rounded product, then the add). XLA's CPU
+// backend runs
 // these thousands of tiny products (K, N of 8 or 12) on its GEMM library at ~15 GFLOP/s; here a
 // seed's operands stay in registers (issue 17).
 #include <array>
@@ -165,6 +167,16 @@ ffi::Error Impl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::ResultBuf
 }
 
 }  // namespace
+
+// 1 where each term is added with a fused multiply-add (the numerics of this build: a CPU
+// without FMA, or a portable build for one, rounds each product first).
+extern "C" int AblabSmallProductsFusedMultiplyAdd() {
+#if defined(__FMA__) || defined(__aarch64__) || defined(__ARM_FEATURE_FMA)
+  return 1;
+#else
+  return 0;
+#endif
+}
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AblabSmallProducts, Impl,
                               ffi::Ffi::Bind()

@@ -30,6 +30,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -47,6 +48,7 @@ TARGET = "ablab_small_products_v1"
 """The FFI target's name (a new ABI gets a new name: an executable kept in JAX's compilation
 cache calls its target by name)."""
 SYMBOL = "AblabSmallProducts"
+FMA_SYMBOL = "AblabSmallProductsFusedMultiplyAdd"
 MAX_WIDTH = 16
 """The widest output row (one vector of 16 float32 lanes)."""
 FORWARD, INPUT_GRAD, KERNEL_GRAD = 0, 1, 2
@@ -66,7 +68,8 @@ class BuildError(RuntimeError):
 
 
 def compiler() -> str | None:
-    """The C++ compiler to build with: ``$CXX``, else ``c++`` or ``g++`` on the PATH."""
+    """The C++ compiler to build with: ``$CXX`` (a command line, e.g. ``ccache g++``), else
+    ``c++`` or ``g++`` on the PATH."""
     chosen = os.environ.get("CXX", "").strip()
     if chosen:
         return chosen
@@ -130,9 +133,12 @@ def build(folder: Path | None = None, cxx: str | None = None) -> Path:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise BuildError(f"cannot write {path.parent}: {exc}") from exc
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".so.tmp")
+        try:
+            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".so.tmp")
+        except OSError as exc:
+            raise BuildError(f"cannot write {path.parent}: {exc}") from exc
         os.close(fd)
-        argv = [cxx, *flags, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
+        argv = [*shlex.split(cxx), *flags, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
         try:
             done = subprocess.run(argv, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
             if done.returncode == 0:
@@ -146,8 +152,17 @@ def build(folder: Path | None = None, cxx: str | None = None) -> Path:
     raise BuildError(f"{cxx} failed to build {SOURCE.name}: " + " | ".join(errors))
 
 
-def _register(path: Path) -> None:
-    library = ctypes.cdll.LoadLibrary(str(path))
+def _load(path: Path) -> ctypes.CDLL:
+    """The built library, loaded; a damaged one (it fails to load) is removed and built
+    again, once."""
+    try:
+        return ctypes.cdll.LoadLibrary(str(path))
+    except OSError:
+        path.unlink(missing_ok=True)
+        return ctypes.cdll.LoadLibrary(str(build()))
+
+
+def _register(library: ctypes.CDLL) -> None:
     handler = getattr(library, SYMBOL)
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler), platform="cpu")
 
@@ -160,12 +175,22 @@ def available() -> bool:
     with _lock:
         if "ok" not in _state:
             try:
-                path = build()
-                _register(path)
-                _state.update(ok=True, path=path, reason="")
+                library = _load(build())
+                _register(library)
+                fused = bool(getattr(library, FMA_SYMBOL)())
+                _state.update(ok=True, reason="", fused=fused)
             except Exception as exc:  # no compiler, a failed build, a library that won't load
                 _state.update(ok=False, reason=f"{type(exc).__name__}: {exc}")
     return bool(_state["ok"])
+
+
+def numerics() -> str:
+    """How this machine's kernel rounds (its part of a run's numerics fingerprint): ``fma``
+    (each term added with a fused multiply-add), ``mul-add`` (a build without FMA rounds each
+    product first), or ``unavailable``."""
+    if not available():
+        return "unavailable"
+    return "fma" if _state["fused"] else "mul-add"
 
 
 def unavailable_reason() -> str:
@@ -225,7 +250,7 @@ def main() -> int:
     """Build the kernel (``make`` runs this when it sets up the .venv); 0 when it is ready."""
     try:
         path = build()
-        _register(path)
+        _register(_load(path))
     except Exception as exc:
         print(f"ablab: the small-products kernel is not built ({exc}); the engine keeps XLA's")
         print("products (the same results, slower on small dense layers)")

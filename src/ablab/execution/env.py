@@ -84,9 +84,12 @@ def environment_fingerprint() -> dict[str, str]:
     fp["compiler_options_library_fusions"] = json.dumps(compiler_options(True), sort_keys=True)
     # the engine's lowerings ($ABLAB_LOWERINGS; `small` only where its C++ kernel builds):
     # each sums in its own float32 order
-    from ablab.engine import lowering
+    from ablab.engine import lowering, small_products
 
-    fp["lowerings"] = ",".join(sorted(lowering.enabled()))
+    lowerings = lowering.enabled()
+    fp["lowerings"] = ",".join(sorted(lowerings))
+    # the kernel's own rounding: a build with or without fused multiply-adds
+    fp["small_products"] = small_products.numerics() if "small" in lowerings else "off"
     return fp
 
 
