@@ -144,7 +144,7 @@ def test_env_selects_lowerings(monkeypatch: pytest.MonkeyPatch) -> None:
     assert lowering.enabled() == frozenset()  # an accelerator keeps Keras' own lowering...
     monkeypatch.setenv(lowering.ENV, "1")
     # ... unless asked; but the small-products kernel is a CPU custom call
-    assert lowering.enabled() == lowering.DEFAULT - {"small"}
+    assert lowering.enabled() == lowering.DEFAULT - lowering.NEEDS_KERNEL
     monkeypatch.setenv(lowering.ENV, "dense,small")
     with pytest.raises(InputError, match="runs on a CPU backend only, not 'gpu'"):
         lowering.enabled()
@@ -161,7 +161,7 @@ def test_without_its_kernel_small_is_left_out_or_refused(monkeypatch: pytest.Mon
     monkeypatch.setattr(small_products, "unavailable_reason", lambda: "BuildError: no compiler")
     for value in ("", "1", "all"):
         monkeypatch.setenv(lowering.ENV, value)
-        assert lowering.enabled() == lowering.ALL - {"small"}, value
+        assert lowering.enabled() == lowering.ALL - lowering.NEEDS_KERNEL, value
     monkeypatch.setenv(lowering.ENV, "dense,small")
     with pytest.raises(InputError, match="BuildError: no compiler") as err:
         lowering.enabled()
@@ -445,6 +445,47 @@ def test_the_seed_studys_programs_run_their_products_on_the_small_kernel(
     for variant in ("plain", "bn"):
         text = make_program(seed_study, variant).lower("train", 2).as_text()
         assert text.count(f"@{small_products.TARGET}") >= 5, variant
+        assert f"@{small_products.ADAM_TARGET}" in text, variant  # and Adam's update (below)
+
+
+def _adam_steps(amsgrad: bool = False) -> tuple:
+    """Keras' Adam (``stateless_apply``) over 5 seeds' (12, 8) and (8,) weights, 3 steps,
+    vmapped over seeds: ``(function, arguments)``."""
+    import keras
+
+    shapes = [(12, 8), (8,)]
+    optimizer = keras.optimizers.Adam(learning_rate=0.01, amsgrad=amsgrad)
+    optimizer.build([keras.Variable(np.zeros(s, np.float32)) for s in shapes])
+    ov0 = [np.asarray(v.value) for v in optimizer.variables]
+    tv = [jnp.asarray(RNG.normal(size=(5, *s)), jnp.float32) for s in shapes]
+    grads = [jnp.asarray(RNG.normal(size=(3, 5, *s)), jnp.float32) for s in shapes]
+
+    def one_seed(tv: list, grads: list) -> list:
+        ov = [jnp.asarray(v) for v in ov0]
+        for step in range(3):
+            tv, ov = optimizer.stateless_apply(ov, [g[step] for g in grads], tv)
+        return [*tv, *ov]
+
+    return jax.vmap(one_seed, in_axes=(0, 1)), (tv, grads)
+
+
+def test_adams_update_runs_on_the_kernel_with_keras_values() -> None:
+    """``adam``: Keras' ``Adam.update_step`` under ``vmap`` over seeds updates each variable
+    and its moments in one custom call; the weights and slots after 3 steps are Keras' own
+    (float32 rounding: the kernel may fuse a multiply-add). amsgrad keeps Keras' update."""
+    require_kernel()
+    for amsgrad, calls in ((False, 2), (True, 0)):  # (at least) one per variable
+        fn, args = _adam_steps(amsgrad)
+        want = fn(*args)
+        with lowering.lowered(frozenset({"adam"})):
+            text = jax.jit(lambda *a, fn=fn: fn(*a)).lower(*args).as_text()
+            got = jax.jit(lambda *a, fn=fn: fn(*a))(*args)
+        assert min(text.count(f"@{small_products.ADAM_TARGET}"), 2) == calls, amsgrad
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_allclose(g, w, rtol=2e-6, atol=1e-7)
+    fn, args = _adam_steps()
+    text = jax.jit(lambda *a: fn(*a)).lower(*args).as_text()  # the lowering off: Keras' own
+    assert small_products.ADAM_TARGET not in text
 
 
 CNN_BN = [

@@ -184,3 +184,26 @@ def test_the_kernels_rounding_is_named() -> None:
     round differently (``-march=native`` on a CPU with FMA gives ``fma``)."""
     require_kernel()
     assert sp.numerics() in ("fma", "mul-add")
+
+
+def test_adams_update_matches_its_formula() -> None:
+    """``adam``: Keras' Adam update in one pass, against the same formula in numpy (float64
+    from the same float32 inputs): ``m' = m + (g - m) c1``, ``v' = v + (g^2 - v) c2``,
+    ``p' = p - m' alpha / (sqrt(v') + eps)``, the rate per seed."""
+    require_kernel()
+    g, m, p = (RNG.normal(size=(3, 37)).astype(np.float32) for _ in range(3))
+    v = np.abs(RNG.normal(size=(3, 37))).astype(np.float32)
+    alpha = np.asarray([1e-3, 2e-3, 5e-4], np.float32)
+    c1, c2, eps = 0.1, 0.001, 1e-7
+    got = jax.jit(lambda *a: sp.adam(*a, c1, c2, eps))(g, m, v, p, alpha)
+    g64, m64, v64, p64 = (a.astype(np.float64) for a in (g, m, v, p))
+    m2 = m64 + (g64 - m64) * c1
+    v2 = v64 + (g64 * g64 - v64) * c2
+    p2 = p64 - m2 * alpha[:, None] / (np.sqrt(v2) + eps)
+    for a, b in zip(got, (m2, v2, p2), strict=True):
+        np.testing.assert_allclose(np.asarray(a), b, rtol=1e-6, atol=1e-7)
+    assert not sp.adam_fits(g, m, v, p, alpha[:2])  # one rate per seed
+    assert not sp.adam_fits(g[:, :5], m, v, p, alpha)  # every array the same shape
+    assert not sp.adam_fits(g.astype(np.float16), m, v, p, alpha)
+    with pytest.raises(ValueError, match="do not fit"):
+        sp.adam(g[None], m[None], v[None], p[None], alpha, c1, c2, eps)

@@ -15,6 +15,9 @@ Tested range: ``keras>=3.15.1,<3.16`` (pinned in pyproject.toml). What is used a
 * ``Trainer._update_metrics_variables`` -- the stateless metric update of ``train_step``;
 * ``EarlyStopping._set_monitor_op`` / ``monitor_op`` -- whether early stopping minimizes its
   monitored value (Keras' own rule, from the metric's direction);
+* ``Adam._get_variable_index`` / ``_momentums`` / ``_velocities`` -- a variable's moment
+  slots; ``ablab.engine.lowering`` re-states ``Adam.update_step`` (Keras 3.15's, without
+  amsgrad) with its elementwise update on the engine's kernel;
 * ``keras.src.backend.jax.nn`` (``conv``, ``max_pool``, ``average_pool``, ``moments`` --
   the last with the signature ``moments(x, axes, keepdims, synchronized)``, which
   BatchNormalization's ``_moments`` calls through ``keras.ops.moments``) and
@@ -115,6 +118,13 @@ def keras_backend_nn() -> Any:
 def keras_backend_numpy() -> Any:
     """The module ``keras.ops.matmul`` calls into at call time (the JAX backend's ``numpy``)."""
     return keras_backend.numpy
+
+
+def adam_slots(optimizer: keras.optimizers.Adam, variable: keras.Variable) -> tuple[Any, Any]:
+    """Adam's first and second moment variables for ``variable`` (``_momentums`` /
+    ``_velocities`` at ``_get_variable_index``, as ``Adam.update_step`` finds them)."""
+    index = optimizer._get_variable_index(variable)
+    return optimizer._momentums[index], optimizer._velocities[index]
 
 
 def symbolic_build(model: keras.Model, data_batch: tuple[Any, Any]) -> None:

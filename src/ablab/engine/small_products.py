@@ -48,12 +48,15 @@ TARGET = "ablab_small_products_v1"
 """The FFI target's name (a new ABI gets a new name: an executable kept in JAX's compilation
 cache calls its target by name)."""
 SYMBOL = "AblabSmallProducts"
+ADAM_TARGET = "ablab_adam_v1"
+"""The same library's fused Adam update (:func:`adam`)."""
+ADAM_SYMBOL = "AblabAdam"
 FMA_SYMBOL = "AblabSmallProductsFusedMultiplyAdd"
 MAX_WIDTH = 16
 """The widest output row (one vector of 16 float32 lanes)."""
 FORWARD, INPUT_GRAD, KERNEL_GRAD = 0, 1, 2
 """Modes: ``A @ B``, ``A @ B.T``, ``A.T @ B``, per seed."""
-FLAGS = ("-O3", "-ffp-contract=fast", "-shared", "-fPIC", "-std=c++17", "-w")
+FLAGS = ("-O3", "-ffp-contract=fast", "-fno-math-errno", "-shared", "-fPIC", "-std=c++17", "-w")
 ARCH_FLAGS = (("-march=native",), ())
 """Tried in order: tuned for this CPU, then portable (a compiler that knows no ``native``)."""
 BUILD_TIMEOUT_S = 300
@@ -163,8 +166,9 @@ def _load(path: Path) -> ctypes.CDLL:
 
 
 def _register(library: ctypes.CDLL) -> None:
-    handler = getattr(library, SYMBOL)
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler), platform="cpu")
+    for target, symbol in ((TARGET, SYMBOL), (ADAM_TARGET, ADAM_SYMBOL)):
+        handler = getattr(library, symbol)
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
 
 
 def available() -> bool:
@@ -244,6 +248,40 @@ def call(mode: int, a: jax.Array, b: jax.Array) -> jax.Array:
     # under a further vmap (the engine has none): one call per outer element
     call = jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")
     return call(a, b, mode=np.int64(mode))
+
+
+def adam_fits(g: Any, m: Any, v: Any, p: Any, alpha: Any) -> bool:
+    """Can :func:`adam` update these: float32 ``(seeds, n)`` arrays and a ``(seeds,)`` rate?"""
+    if any(a.dtype != jnp.float32 or a.shape != g.shape for a in (g, m, v, p)):
+        return False
+    return g.ndim == 2 and alpha.dtype == jnp.float32 and alpha.shape == (g.shape[0],)
+
+
+def adam(
+    g: jax.Array,
+    m: jax.Array,
+    v: jax.Array,
+    p: jax.Array,
+    alpha: jax.Array,
+    c1: float,
+    c2: float,
+    eps: float,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Keras' Adam update (without amsgrad) of one variable for every seed in one pass:
+    ``m' = m + (g - m) * c1``, ``v' = v + (g * g - v) * c2``, ``p' = p - (m' * alpha) /
+    (sqrt(v') + eps)``, with ``g, m, v, p`` of shape ``(seeds, n)`` and ``alpha`` ``(seeds,)``;
+    returns ``(m', v', p')``. Raises ValueError where :func:`adam_fits` does not hold or the
+    kernel is not :func:`available`."""
+    if not adam_fits(g, m, v, p, alpha):
+        shapes = [(a.shape, str(a.dtype)) for a in (g, m, v, p, alpha)]
+        raise ValueError(f"adam: arrays {shapes} do not fit (float32 (seeds, n), alpha (seeds,))")
+    if not available():
+        raise ValueError(f"the small-products kernel is not available: {unavailable_reason()}")
+    out = jax.ShapeDtypeStruct(g.shape, jnp.float32)
+    call = jax.ffi.ffi_call(ADAM_TARGET, (out, out, out), vmap_method="sequential")
+    scalars = {"c1": np.float32(c1), "c2": np.float32(c2), "eps": np.float32(eps)}
+    m2, v2, p2 = call(g, m, v, p, alpha, **scalars)
+    return m2, v2, p2
 
 
 def main() -> int:

@@ -89,7 +89,7 @@ def environment_fingerprint() -> dict[str, str]:
     lowerings = lowering.enabled()
     fp["lowerings"] = ",".join(sorted(lowerings))
     # the kernel's own rounding: a build with or without fused multiply-adds
-    fp["small_products"] = small_products.numerics() if "small" in lowerings else "off"
+    fp["small_products"] = small_products.numerics() if lowerings & lowering.NEEDS_KERNEL else "off"
     return fp
 
 
