@@ -502,8 +502,13 @@ def _matmul_t_fwd(x: jax.Array, k: jax.Array) -> tuple[jax.Array, tuple[jax.Arra
 def _matmul_t_bwd(res: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Array, jax.Array]:
     x, k = res
     dx = jnp.matmul(g, k.T)
-    dk = _kernel_grad(x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]))
+    dk = _kernel_grad(_rows(x), _rows(g))
     return dx, dk
+
+
+def _rows(a: jax.Array) -> jax.Array:
+    """``a`` as (rows, last axis)."""
+    return a.reshape(-1, a.shape[-1])
 
 
 def _kernel_grad(rows_x: jax.Array, rows_g: jax.Array) -> jax.Array:
@@ -561,10 +566,6 @@ def _per_seed(mode: int, fallback: Callable[[jax.Array, jax.Array], jax.Array]) 
 _forward_small = _per_seed(small_products.FORWARD, _forward_product)
 _input_grad_small = _per_seed(small_products.INPUT_GRAD, lambda g, k: jnp.matmul(g, k.T))
 _kernel_grad_small = _per_seed(small_products.KERNEL_GRAD, _kernel_grad)
-
-
-def _rows(a: jax.Array) -> jax.Array:
-    return a.reshape(-1, a.shape[-1])
 
 
 @jax.custom_vjp

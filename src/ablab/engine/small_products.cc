@@ -9,9 +9,8 @@
 // be one (M, K) / (K, M) matrix every seed shares (a first layer's data). Each sum
 // runs over k in increasing order, one fused multiply-add per term where the build has FMA
 // (AblabSmallProductsFusedMultiplyAdd says; else a rounded product, then the add). XLA's CPU
-// backend runs
-// these thousands of tiny products (K, N of 8 or 12) on its GEMM library at ~15 GFLOP/s; here a
-// seed's operands stay in registers (issue 17).
+// backend runs these thousands of tiny products (K, N of 8 or 12) on its GEMM library at ~15
+// GFLOP/s; here a seed's operands stay in registers (issue 17).
 #include <array>
 #include <cmath>
 #include <cstdint>
@@ -53,22 +52,21 @@ inline void store_row(float* p, v16 row) {
 #endif
 }
 
-// C (M, N) = A (M, K) @ T, T a (K, 16) tile zero past lane N; A's (i, k) at a[i * rs + k * cs].
+// C (M, N) = A (M, K) @ T, T a (K, 16) tile zero past lane N, A row-major.
 // Four output rows at a time: four independent chains of multiply-adds.
 template <int N>
-inline void times_tile(const float* __restrict a, int64_t rs, int64_t cs,
-                       const v16* __restrict t, float* __restrict c, int64_t M, int64_t K) {
+inline void times_tile(const float* __restrict a, const v16* __restrict t, float* __restrict c,
+                       int64_t M, int64_t K) {
   int64_t i = 0;
   for (; i + 4 <= M; i += 4) {
     v16 c0 = {}, c1 = {}, c2 = {}, c3 = {};
-    const float* ai = a + i * rs;
+    const float* ai = a + i * K;
     for (int64_t k = 0; k < K; ++k) {
       const v16 b = t[k];
-      const float* ak = ai + k * cs;
-      c0 += ak[0] * b;
-      c1 += ak[rs] * b;
-      c2 += ak[2 * rs] * b;
-      c3 += ak[3 * rs] * b;
+      c0 += ai[k] * b;
+      c1 += ai[K + k] * b;
+      c2 += ai[2 * K + k] * b;
+      c3 += ai[3 * K + k] * b;
     }
     store_row<N>(c + (i + 0) * N, c0);
     store_row<N>(c + (i + 1) * N, c1);
@@ -77,7 +75,7 @@ inline void times_tile(const float* __restrict a, int64_t rs, int64_t cs,
   }
   for (; i < M; ++i) {
     v16 c0 = {};
-    for (int64_t k = 0; k < K; ++k) c0 += a[i * rs + k * cs] * t[k];
+    for (int64_t k = 0; k < K; ++k) c0 += a[i * K + k] * t[k];
     store_row<N>(c + i * N, c0);
   }
 }
@@ -130,7 +128,7 @@ void products(int64_t mode, const float* A, const float* B, float* C, int64_t S,
         tile[k] = load_row<N>(b + k * N);
       }
     }
-    times_tile<N>(A + s * a_stride, K, 1, tile.data(), C + s * M * N, M, K);
+    times_tile<N>(A + s * a_stride, tile.data(), C + s * M * N, M, K);
   }
 }
 
