@@ -8,8 +8,11 @@ workers), in turn: a shared machine's drift hits every setting alike. Reported: 
 (median of rounds) and the ratio to the first setting, and the seed-mean final val_loss of
 64 seeds per setting (they agree to float32 rounding, not bit for bit).
 
-Usage: python bench/lowering_ab.py [--variants plain,bn] [--settings xla=conv,pool,norm,dense
-all=all] [--rounds 3] [--seeds 10000]. The last line printed is JSON:
+``--cases`` takes bench/peers.py's cases instead (e.g. ``cnn_none,cnn_bn``: their studies,
+variants and seed counts, the digits data written to a temporary folder).
+
+Usage: python bench/lowering_ab.py [--variants plain,bn | --cases cnn_none,...] [--settings
+xla=conv,pool,norm,dense all=all] [--rounds 3] [--seeds 10000]. The last line printed is JSON:
 {"seeds", "rounds", "settings", "runs_per_s": {variant: {setting: r/s}}, "ratio": {...}}.
 """
 
@@ -20,6 +23,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -69,16 +73,28 @@ def main() -> None:
         "--settings", nargs="+", default=["xla=conv,pool,norm,dense", "all=all"],
         help="name=value of $ABLAB_LOWERINGS; the first is the reference",
     )  # fmt: skip
+    parser.add_argument("--cases", default=None, help="bench/peers.py cases, comma-separated")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seeds", type=int, default=10_000)
+    parser.add_argument("--seeds", type=int, default=None, help="default 10,000 / the case's")
     args = parser.parse_args()
-    study = ablab.load_study(STUDY)
     settings = dict(s.split("=", 1) for s in args.settings)
-    variants = args.variants.split(",")
+    if args.cases:
+        from peers import build_cases  # bench/peers.py (imports torch)
+
+        known = {c.name: c for c in build_cases(Path(tempfile.mkdtemp()))}
+        names = args.cases.split(",")
+        jobs = {n: (known[n].study, known[n].variant, known[n].seeds) for n in names}
+    else:
+        study = ablab.load_study(STUDY)
+        jobs = {v: (study, v, 10_000) for v in args.variants.split(",")}
+    seeds = {v: args.seeds or n for v, (_, _, n) in jobs.items()}
+    variants = list(jobs)
     programs = {}
-    for variant in variants:
+    for variant, (study, name_in_study, _) in jobs.items():
         for name, value in settings.items():
-            program, cells, compile_s, val, calls = build(study, variant, value, args.seeds)
+            program, cells, compile_s, val, calls = build(
+                study, name_in_study, value, seeds[variant]
+            )
             programs[(variant, name)] = (program, cells)
             print(
                 f"{variant} {name} ({LOWERINGS}={value}): chunk {len(cells[0].seed_ids)}, "
@@ -92,11 +108,11 @@ def main() -> None:
             t0 = time.perf_counter()
             train_cells(program, cells, 2)
             times[key].append(time.perf_counter() - t0)
-        row = {f"{v}/{n}": round(args.seeds / t[-1]) for (v, n), t in times.items()}
+        row = {f"{v}/{n}": round(seeds[v] / t[-1]) for (v, n), t in times.items()}
         print(f"round {r + 1}: {row}", flush=True)
     first = next(iter(settings))
     rates = {
-        v: {n: args.seeds / statistics.median(times[(v, n)]) for n in settings} for v in variants
+        v: {n: seeds[v] / statistics.median(times[(v, n)]) for n in settings} for v in variants
     }
     ratio = {v: {n: rates[v][n] / rates[v][first] for n in settings} for v in variants}
     for v in variants:
@@ -105,7 +121,7 @@ def main() -> None:
     print(
         json.dumps(
             {
-                "seeds": args.seeds,
+                "seeds": seeds,
                 "rounds": args.rounds,
                 "settings": settings,
                 "runs_per_s": rates,

@@ -28,12 +28,18 @@ nn = keras_backend_nn()
 RNG = np.random.default_rng(0)
 
 
-def _values_and_grads(fn: Any, args: tuple, argnums: tuple[int, ...], lowered: bool) -> tuple:
+def _values_and_grads(
+    fn: Any,
+    args: tuple,
+    argnums: tuple[int, ...],
+    lowered: bool,
+    names: frozenset[str] = lowering.ALL,
+) -> tuple:
     def loss(*a: Any) -> jax.Array:
         return jnp.sum(jnp.sin(fn(*a)))
 
     if lowered:
-        with lowering.lowered(lowering.ALL):
+        with lowering.lowered(names):
             return fn(*args), jax.grad(loss, argnums)(*args)
     return fn(*args), jax.grad(loss, argnums)(*args)
 
@@ -87,10 +93,17 @@ POOLS = [  # input shape, pool size, strides, padding, data format
 
 
 @pytest.mark.parametrize(("shape", "pool", "strides", "padding", "fmt"), POOLS)
-@pytest.mark.parametrize("kind", ["max_pool", "average_pool"])
-def test_pooling_as_reshape_matches_keras(
-    kind: str, shape: tuple, pool: Any, strides: Any, padding: str, fmt: str
+@pytest.mark.parametrize(
+    ("kind", "names"),
+    [("max_pool", {"pool"}), ("max_pool", {"maxpool"}), ("average_pool", {"pool"})],
+)
+def test_pooling_as_reshape_or_on_the_kernel_matches_keras(
+    kind: str, names: set[str], shape: tuple, pool: Any, strides: Any, padding: str, fmt: str
 ) -> None:
+    """``pool``: reshape + reduce; ``maxpool``: max pooling on the compiled kernel (the first
+    maximum's offset kept for the gradient). Both against Keras' ``reduce_window``."""
+    if "maxpool" in names:
+        require_kernel()
     x = RNG.normal(size=shape).astype(np.float32)
     x[0, :4] = 1.0  # ties inside windows: the max's gradient goes to the first, as XLA's
     x[1] = 0.0  # all-equal windows (ReLU's zeros)
@@ -99,16 +112,115 @@ def test_pooling_as_reshape_matches_keras(
     def pooled(x: jax.Array) -> jax.Array:
         return f(x, pool, strides, padding, fmt)
 
-    want, (want_grad,) = _values_and_grads(pooled, (jnp.asarray(x),), (0,), lowered=False)
-    got, (got_grad,) = _values_and_grads(pooled, (jnp.asarray(x),), (0,), lowered=True)
+    xj = jnp.asarray(x)
+    want, (want_grad,) = _values_and_grads(pooled, (xj,), (0,), lowered=False)
+    got, (got_grad,) = _values_and_grads(pooled, (xj,), (0,), True, frozenset(names))
     if kind == "max_pool":  # a selection: bit-identical values and gradient
         np.testing.assert_array_equal(got, want)
         np.testing.assert_array_equal(got_grad, want_grad)
     else:  # a mean of pool-size values summed in another order
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
         np.testing.assert_allclose(got_grad, want_grad, rtol=1e-6, atol=1e-7)
-    with lowering.lowered(lowering.ALL):
-        assert not any("reduce_window" in p for p in _primitives(pooled, jnp.asarray(x)))
+    with lowering.lowered(frozenset(names)):
+        assert not any("reduce_window" in p for p in _primitives(pooled, xj))
+        text = jax.jit(jax.grad(lambda x: jnp.sum(pooled(x)))).lower(xj).as_text()
+    on_kernel = "maxpool" in names
+    assert (f"@{small_products.MAX_POOL_TARGET}" in text) == on_kernel
+    assert (f"@{small_products.MAX_POOL_GRAD_TARGET}" in text) == on_kernel
+
+
+def test_max_pool_on_the_kernel_under_vmap_with_nan() -> None:
+    """Over seeds (``vmap``) as the engine calls it: Keras' values and gradients, a window
+    with a NaN included (NaN out; Keras sends its gradient to the first element too)."""
+    require_kernel()
+    x = RNG.normal(size=(3, 4, 6, 6, 8)).astype(np.float32)
+    x[1, 0, 2, 3, 5] = np.nan
+
+    def pooled(x: jax.Array) -> jax.Array:
+        return jax.vmap(lambda a: nn.max_pool(a, 2, 2, "valid", "channels_last"))(x)
+
+    want, (want_grad,) = _values_and_grads(pooled, (jnp.asarray(x),), (0,), lowered=False)
+    got, (got_grad,) = _values_and_grads(pooled, (jnp.asarray(x),), (0,), True, {"maxpool"})
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got_grad, want_grad)
+    assert np.isnan(np.asarray(got)).sum() == 1
+
+
+CONVS_ON_KERNEL = [  # input shape (per seed), kernel size, strides, padding, dilation
+    ((4, 8, 8, 1), (3, 3), 1, "same", 1),  # the digits CNN: 9 x 8, rows of 4 x 64
+    ((3, 9, 7, 2), (2, 3), 2, "valid", 1),  # 12 inputs
+    ((2, 12, 3), (5,), 1, "same", 2),  # 1-d, 15 inputs
+]
+
+
+@pytest.mark.parametrize(("shape", "ks", "strides", "padding", "dilation"), CONVS_ON_KERNEL)
+@pytest.mark.parametrize("shared", [True, False])
+def test_small_convolutions_product_runs_on_the_kernel(
+    shape: tuple, ks: tuple, strides: Any, padding: str, dilation: int, shared: bool
+) -> None:
+    """``conv`` + ``small``: a convolution whose im2col product is small (at most 16 window
+    elements x channels, 16 filters) computes it per seed on the compiled kernel: with the
+    input shared by every seed (a first layer: the forward product and the kernel gradient)
+    or per seed (the input gradient too). Values and gradients are Keras' convolution's
+    (float32 sums in another order)."""
+    require_kernel()
+    seeds = 3
+    k = jnp.asarray(RNG.normal(size=(seeds, *ks, shape[-1], 8)), jnp.float32)
+    x = jnp.asarray(RNG.normal(size=shape if shared else (seeds, *shape)), jnp.float32)
+
+    def conv(x: jax.Array, k: jax.Array) -> jax.Array:
+        one = lambda x, k: nn.conv(x, k, strides, padding, "channels_last", dilation)  # noqa: E731
+        return jax.vmap(one, in_axes=(None if shared else 0, 0))(x, k)
+
+    argnums = (1,) if shared else (0, 1)
+    want, want_grads = _values_and_grads(conv, (x, k), argnums, lowered=False)
+    names = frozenset({"conv", "small"})
+    got, got_grads = _values_and_grads(conv, (x, k), argnums, True, names)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=5e-5)
+    with lowering.lowered(names):
+        loss = lambda x, k: jnp.sum(jnp.sin(conv(x, k)))  # noqa: E731
+        text = jax.jit(jax.grad(loss, argnums)).lower(x, k).as_text()
+    assert text.count(f"@{small_products.TARGET}") == (2 if shared else 3)
+    assert "convolution" not in text
+
+
+def test_a_convolution_too_wide_for_the_kernel_keeps_the_gemm() -> None:
+    """3 x 3 windows of 2 channels are 18 inputs (more than 16): the im2col GEMM."""
+    require_kernel()
+    x = jnp.asarray(RNG.normal(size=(4, 8, 8, 2)), jnp.float32)
+    k = jnp.asarray(RNG.normal(size=(3, 3, 3, 2, 8)), jnp.float32)
+    conv = jax.vmap(lambda k: nn.conv(x, k, 1, "same", "channels_last", 1))
+    with lowering.lowered(frozenset({"conv", "small"})):
+        text = jax.jit(conv).lower(k).as_text()
+        got = jax.jit(conv)(k)
+    assert small_products.TARGET not in text and "convolution" not in text
+    np.testing.assert_allclose(got, conv(k), rtol=1e-5, atol=2e-6)
+
+
+def test_a_feature_maps_bias_gradient_is_a_wide_channel_sum() -> None:
+    """``bias``: ``x + b`` with one bias per channel of rank >= 4 feature maps (a Conv2D's)
+    has its bias gradient summed over a wide minor axis (``channel_sum``); the values and
+    gradients are Keras' add's (the sum in another order). A Dense layer's bias (rank 2)
+    keeps Keras' add."""
+    from ablab._keras import keras_backend_numpy
+
+    add = keras_backend_numpy().add
+    x = jnp.asarray(RNG.normal(size=(3, 64, 8, 8, 8)), jnp.float32)
+    b = jnp.asarray(RNG.normal(size=(3, 1, 1, 1, 8)), jnp.float32)
+    biased = jax.vmap(add)
+    want, want_grads = _values_and_grads(biased, (x, b), (0, 1), lowered=False)
+    got, got_grads = _values_and_grads(biased, (x, b), (0, 1), True, {"bias"})
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got_grads[0], want_grads[0])
+    np.testing.assert_allclose(got_grads[1], want_grads[1], rtol=1e-5, atol=1e-4)  # 4,096 terms
+    with lowering.lowered(frozenset({"bias"})):
+        assert "custom_vjp_call" in _primitives(biased, x, b)
+        dense = _primitives(jax.vmap(add), x[:, 0, 0], b[:, 0, 0, 0])  # (seeds, rows, 8) + (8,)
+        assert "custom_vjp_call" not in dense
+        other = _primitives(jax.vmap(add), x, x)  # not a bias
+        assert "custom_vjp_call" not in other
 
 
 def test_what_does_not_tile_or_groups_keeps_keras_lowering() -> None:
@@ -135,7 +247,8 @@ def test_env_selects_lowerings(monkeypatch: pytest.MonkeyPatch) -> None:
     cases = [("", lowering.DEFAULT), ("1", lowering.DEFAULT), ("all", lowering.ALL),
              ("0", frozenset()), ("off", frozenset()), ("pool", {"pool"}),
              ("conv, pool", {"conv", "pool"}), ("dense", {"dense"}),
-             ("norm", {"norm"}), ("dense,small", {"dense", "small"})]  # fmt: skip
+             ("norm", {"norm"}), ("dense,small", {"dense", "small"}),
+             ("maxpool,bias", {"maxpool", "bias"})]  # fmt: skip
     for value, want in cases:
         monkeypatch.setenv(lowering.ENV, value)
         assert lowering.enabled() == want, value
@@ -520,6 +633,35 @@ def test_engine_traces_with_the_lowerings_and_fit_agrees(
     assert "convolution" not in text and "reduce_window" not in text
     assert "32x256xf32>" in text
     assert np.isfinite(engine["val_loss"]).all()
+    if small_products.available():  # the convolution's product and the max pool on the kernel
+        assert f"@{small_products.TARGET}" in text
+        assert f"@{small_products.MAX_POOL_TARGET}" in text
+
+
+def test_the_digits_cnn_on_the_kernels_agrees_with_fit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """examples/digits_cnn.toml's ``none`` layers (Conv2D 8 filters 3 x 3 with relu, max
+    pool, Dense) on synthetic 8 x 8 images, the default lowerings: the convolution's products
+    and the max pool run on the compiled kernel, the bias gradient as a wide channel sum, and
+    the history is ``model.fit``'s at tests/test_reference.py's tolerance (1e-5)."""
+    require_kernel()
+    monkeypatch.setenv(lowering.ENV, "")
+    layers = [
+        {"layer": "Reshape", "target_shape": [8, 8, 1]},
+        {"layer": "Conv2D", "filters": 8, "kernel_size": 3, "padding": "same",
+         "activation": "relu"},
+        {"layer": "MaxPooling2D", "pool_size": 2},
+        {"layer": "Flatten"},
+        {"layer": "Dense", "units": 64},
+    ]  # fmt: skip
+    data = {"synthetic": {"kind": "normal", "shape": [96, 64], "seed": 3}}
+    study = _study(tmp_path, data, {"layers": layers}, batch_size=32, epochs=2, shuffle=False)
+    _assert_fidelity(study)
+    text = make_program(study, "v").lower("train", 2).as_text()
+    assert text.count(f"@{small_products.TARGET}") >= 2  # forward product, kernel gradient
+    assert f"@{small_products.MAX_POOL_TARGET}" in text
+    assert f"@{small_products.MAX_POOL_GRAD_TARGET}" in text
 
 
 def test_lowerings_switch_off_for_a_b(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

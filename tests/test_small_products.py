@@ -54,8 +54,8 @@ def _kernel(mode: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.asarray(jax.jit(lambda x, y: sp.call(mode, x, y))(a, b))
 
 
-# seeds, output rows M, contraction K, output width N: every width, row counts around the
-# kernel's blocks of four, contractions of one to a batch of 40 rows
+# seeds, output rows M, contraction K, output width N: every width (8-lane vectors up to 8,
+# 16 above), row counts around the kernel's blocks of 8, contractions of one to 300 rows
 SHAPES = [
     (1, 1, 1, 1),
     (3, 4, 8, 12),
@@ -65,6 +65,9 @@ SHAPES = [
     (3, 9, 40, 2),
     (1, 16, 1, 13),
     (2, 2, 9, 11),
+    (2, 17, 9, 8),  # blocks of 8 rows and one more; a kernel gradient of 17 rows (> 16)
+    (3, 300, 9, 8),  # a convolution's im2col rows (3 x 3 windows, 8 filters)
+    (2, 20, 5, 7),
 ]
 
 
@@ -207,3 +210,107 @@ def test_adams_update_matches_its_formula() -> None:
     assert not sp.adam_fits(g.astype(np.float16), m, v, p, alpha)
     with pytest.raises(ValueError, match="do not fit"):
         sp.adam(g[None], m[None], v[None], p[None], alpha, c1, c2, eps)
+
+
+# -- max pooling over tiling windows -----------------------------------------------------------
+
+
+def _numpy_max_pool(x: np.ndarray, pool: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """numpy: each window's maximum (NaN if it holds one), cropped as ``valid``, and the offset
+    XLA's ``select_and_scatter`` with ``>=`` selects: the elements in row-major order, the
+    selected one kept while it is ``>=`` the next -- the first maximum without NaN (checked
+    against ``np.argmax(window == max)`` below)."""
+    ph, pw = pool
+    *lead, h, w, c = x.shape
+    oh, ow = h // ph, w // pw
+    win = x[..., : oh * ph, : ow * pw, :].reshape(*lead, oh, ph, ow, pw, c)
+    win = np.moveaxis(win, -4, -3).reshape(*lead, oh, ow, ph * pw, c)  # (.., oh, ow, p, c)
+    y = win.max(axis=-2)
+    selected, first = win[..., 0, :], np.zeros(y.shape, np.int64)
+    for i in range(1, ph * pw):
+        with np.errstate(invalid="ignore"):
+            keep = selected >= win[..., i, :]
+        selected = np.where(keep, selected, win[..., i, :])
+        first = np.where(keep, first, i)
+    no_nan = ~np.isnan(win).any(axis=-2)
+    np.testing.assert_array_equal(first[no_nan], np.argmax(win == y[..., None, :], axis=-2)[no_nan])
+    return y, first.astype(np.uint8)
+
+
+def _numpy_max_pool_grad(
+    g: np.ndarray, first: np.ndarray, pool: tuple[int, int], size: tuple[int, int]
+) -> np.ndarray:
+    ph, pw = pool
+    *lead, oh, ow, c = g.shape
+    dx = np.zeros((*lead, *size, c), np.float32)
+    for idx in np.ndindex(*lead, oh, ow, c):
+        *n, i, j, ch = idx
+        k = int(first[idx])
+        dx[(*n, i * ph + k // pw, j * pw + k % pw, ch)] = g[idx]
+    return dx
+
+
+# leading axes, (H, W), channels, pool: 8-channel vectors, the one-at-a-time rest, cropping,
+# a window of one row (a 1-d pool), windows of 9 elements
+POOLS = [
+    ((2, 3), (8, 8), 8, (2, 2)),
+    ((4,), (9, 7), 3, (2, 2)),
+    ((2,), (6, 6), 11, (3, 3)),
+    ((3,), (1, 12), 16, (1, 3)),
+    ((), (4, 6), 5, (2, 3)),
+]
+
+
+@pytest.mark.parametrize(("lead", "size", "c", "pool"), POOLS)
+def test_max_pool_and_its_gradient_match_numpy(
+    lead: tuple, size: tuple, c: int, pool: tuple[int, int]
+) -> None:
+    """The maximum of each window and, for the gradient, its first maximum in row-major
+    order: exact (a selection), ties included; rows and columns past the last whole window
+    get no gradient."""
+    require_kernel()
+    x = RNG.normal(size=(*lead, *size, c)).astype(np.float32)
+    x.reshape(-1, c)[::3] = 0.5  # ties inside windows (and ReLU-like all-equal ones)
+    y, first = jax.jit(lambda a: sp.max_pool(a, pool))(x)
+    want_y, want_first = _numpy_max_pool(x, pool)
+    np.testing.assert_array_equal(np.asarray(y), want_y)
+    np.testing.assert_array_equal(np.asarray(first), want_first)
+    g = RNG.normal(size=want_y.shape).astype(np.float32)
+    dx = jax.jit(lambda g, f: sp.max_pool_grad(g, f, pool, size))(g, first)
+    np.testing.assert_array_equal(np.asarray(dx), _numpy_max_pool_grad(g, want_first, pool, size))
+
+
+def test_max_pool_spreads_nan_and_runs_under_vmap() -> None:
+    """A NaN makes its window's maximum NaN; the gradient goes where XLA's select_and_scatter
+    sends it (tests/test_lowering.py checks that against Keras); under ``vmap`` the seeds are
+    one more leading axis of the same call."""
+    require_kernel()
+    x = RNG.normal(size=(3, 2, 4, 4, 9)).astype(np.float32)
+    x[0, 1, 1, 0, 2] = np.nan  # window (0, 0) of channel 2: offset 2
+    x[2, 0, 3, 3, 8] = np.nan  # the last lane of the vector's rest
+    y, first = jax.jit(jax.vmap(lambda a: sp.max_pool(a, (2, 2))))(x)
+    want_y, want_first = _numpy_max_pool(x, (2, 2))
+    np.testing.assert_array_equal(np.asarray(y), want_y)  # NaN where numpy's max is NaN
+    assert np.isnan(np.asarray(y)[0, 1, 0, 0, 2]) and np.isnan(np.asarray(y)[2, 0, 1, 1, 8])
+    np.testing.assert_array_equal(np.asarray(first), want_first)
+    g = RNG.normal(size=want_y.shape).astype(np.float32)
+    grad = jax.vmap(lambda g, f: sp.max_pool_grad(g, f, (2, 2), (4, 4)))
+    np.testing.assert_array_equal(
+        np.asarray(jax.jit(grad)(g, first)), _numpy_max_pool_grad(g, want_first, (2, 2), (4, 4))
+    )
+
+
+def test_max_pools_that_do_not_fit_are_refused() -> None:
+    x = jnp.zeros((2, 8, 8, 3), jnp.float32)
+    assert sp.max_pool_fits(x, (2, 2)) and sp.max_pool_fits(x[0], (8, 8))
+    for a, pool in (
+        (x.astype(jnp.float16), (2, 2)),  # float32 only
+        (x, (9, 1)),  # taller than the input
+        (jnp.zeros((1, 16, 16, 1), jnp.float32), (16, 16)),  # 256 elements: offsets are bytes
+        (x[0, 0], (1, 2)),  # rank 2: no (H, W, C)
+    ):
+        assert not sp.max_pool_fits(a, pool), (a.shape, a.dtype, pool)
+        with pytest.raises(ValueError, match="does not fit the kernel"):
+            sp.max_pool(a, pool)
+    with pytest.raises(ValueError, match="max_pool_grad"):
+        sp.max_pool_grad(x, jnp.zeros((2, 8, 8, 3), jnp.int32), (2, 2), (16, 16))

@@ -11,11 +11,9 @@
 // (AblabSmallProductsFusedMultiplyAdd says; else a rounded product, then the add). XLA's CPU
 // backend runs these thousands of tiny products (K, N of 8 or 12) on its GEMM library at ~15
 // GFLOP/s; here a seed's operands stay in registers (issue 17).
-#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -28,119 +26,150 @@ namespace ffi = xla::ffi;
 namespace {
 
 typedef float v16 __attribute__((vector_size(64)));
+typedef float v8 __attribute__((vector_size(32)));
 constexpr int64_t kLanes = 16;
 
-// The first N floats at p in a vector, the other lanes zero.
-template <int N>
-inline v16 load_row(const float* p) {
-#ifdef __AVX512F__
-  return (v16)_mm512_maskz_loadu_ps((__mmask16)((1u << N) - 1u), p);
+// An output row of N floats is one vector: of 8 lanes where N <= 8 (a CPU that runs 512-bit
+// operations as two 256-bit halves, as AMD's Zen 4, does twice the 8-lane multiply-adds a
+// cycle), else of 16. The lanes compute the same arithmetic either way. N is a run-time
+// width (a lane mask): the code is instantiated per vector type, not per width.
+template <typename V>
+constexpr int kWidth = sizeof(V) / sizeof(float);
+
+// The first n floats at p in a vector, the other lanes zero.
+template <typename V>
+inline V load_row(const float* p, int64_t n) {
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+  if constexpr (kWidth<V> == 8)
+    return (v8)_mm256_maskz_loadu_ps((__mmask8)((1u << n) - 1u), p);
+  else
+    return (v16)_mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1u), p);
 #else
-  v16 row = {};
-  for (int j = 0; j < N; ++j) row[j] = p[j];
+  V row = {};
+  for (int64_t j = 0; j < n; ++j) row[j] = p[j];
   return row;
 #endif
 }
 
-// The first N lanes of row to p.
-template <int N>
-inline void store_row(float* p, v16 row) {
-#ifdef __AVX512F__
-  _mm512_mask_storeu_ps(p, (__mmask16)((1u << N) - 1u), (__m512)row);
+// The first n lanes of row to p.
+template <typename V>
+inline void store_row(float* p, V row, int64_t n) {
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+  if constexpr (kWidth<V> == 8)
+    _mm256_mask_storeu_ps(p, (__mmask8)((1u << n) - 1u), (__m256)row);
+  else
+    _mm512_mask_storeu_ps(p, (__mmask16)((1u << n) - 1u), (__m512)row);
 #else
-  std::memcpy(p, &row, sizeof(float) * N);
+  std::memcpy(p, &row, sizeof(float) * n);
 #endif
 }
 
-// C (M, N) = A (M, K) @ T, T a (K, 16) tile zero past lane N, A row-major.
-// Four output rows at a time: four independent chains of multiply-adds.
-template <int N>
-inline void times_tile(const float* __restrict a, const v16* __restrict t, float* __restrict c,
-                       int64_t M, int64_t K) {
-  int64_t i = 0;
-  for (; i + 4 <= M; i += 4) {
-    v16 c0 = {}, c1 = {}, c2 = {}, c3 = {};
-    const float* ai = a + i * K;
-    for (int64_t k = 0; k < K; ++k) {
-      const v16 b = t[k];
-      c0 += ai[k] * b;
-      c1 += ai[K + k] * b;
-      c2 += ai[2 * K + k] * b;
-      c3 += ai[3 * K + k] * b;
-    }
-    store_row<N>(c + (i + 0) * N, c0);
-    store_row<N>(c + (i + 1) * N, c1);
-    store_row<N>(c + (i + 2) * N, c2);
-    store_row<N>(c + (i + 3) * N, c3);
+// Rows [0, R) of C (., N) = A (., K) @ T, T a (K, lanes) tile zero past lane N, A row-major:
+// R independent chains of multiply-adds (R a constant: the accumulators stay in registers).
+template <typename V, int R>
+inline void times_tile_rows(const float* __restrict a, const V* __restrict t,
+                            float* __restrict c, int64_t K, int64_t N) {
+  V acc[R];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) acc[r] = V{};
+  for (int64_t k = 0; k < K; ++k) {
+    const V b = t[k];
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) acc[r] += a[r * K + k] * b;
   }
-  for (; i < M; ++i) {
-    v16 c0 = {};
-    for (int64_t k = 0; k < K; ++k) c0 += a[i * K + k] * t[k];
-    store_row<N>(c + i * N, c0);
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) store_row<V>(c + r * N, acc[r], N);
+}
+
+// Rows [0, R) of C (., N) = A^T B, A (Rows, lda), B (Rows, N): C's row r sums over A's column
+// r; B's rows loaded as they lie.
+template <typename V, int R>
+inline void transposed_times_rows(const float* __restrict a, const float* __restrict b,
+                                  float* __restrict c, int64_t rows, int64_t lda, int64_t N) {
+  V acc[R];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) acc[r] = V{};
+  for (int64_t i = 0; i < rows; ++i) {
+    const V bi = load_row<V>(b + i * N, N);
+    const float* ai = a + i * lda;
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) acc[r] += ai[r] * bi;
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) store_row<V>(c + r * N, acc[r], N);
+}
+
+constexpr int kBlock = 8;  // output rows a pass: 8 chains hide the multiply-add's latency
+
+// C (M, N) = A (M, K) @ T: kBlock output rows at a time, then the rest in one pass.
+template <typename V>
+inline void times_tile(const float* __restrict a, const V* __restrict t, float* __restrict c,
+                       int64_t M, int64_t K, int64_t N) {
+  int64_t i = 0;
+  for (; i + kBlock <= M; i += kBlock)
+    times_tile_rows<V, kBlock>(a + i * K, t, c + i * N, K, N);
+  const float* ai = a + i * K;
+  float* ci = c + i * N;
+  switch (M - i) {
+#define ABLAB_ROWS(r)                            \
+  case r:                                        \
+    times_tile_rows<V, r>(ai, t, ci, K, N);      \
+    break;
+    ABLAB_ROWS(7) ABLAB_ROWS(6) ABLAB_ROWS(5) ABLAB_ROWS(4) ABLAB_ROWS(3) ABLAB_ROWS(2)
+    ABLAB_ROWS(1)
+#undef ABLAB_ROWS
+    default: break;
   }
 }
 
-// C (M, N) = A^T B, A (R, M), B (R, N): B's rows loaded as they lie, four output rows at a time.
-template <int N>
+// C (M, N) = A^T B, A (R, M), B (R, N): up to 16 output rows in one pass over B (a small
+// kernel's gradient: M is its inputs), more in passes of kBlock.
+template <typename V>
 inline void transposed_times(const float* __restrict a, const float* __restrict b,
-                             float* __restrict c, int64_t R, int64_t M) {
+                             float* __restrict c, int64_t R, int64_t M, int64_t N) {
   int64_t m = 0;
-  for (; m + 4 <= M; m += 4) {
-    v16 c0 = {}, c1 = {}, c2 = {}, c3 = {};
-    for (int64_t r = 0; r < R; ++r) {
-      const v16 br = load_row<N>(b + r * N);
-      const float* ar = a + r * M + m;
-      c0 += ar[0] * br;
-      c1 += ar[1] * br;
-      c2 += ar[2] * br;
-      c3 += ar[3] * br;
-    }
-    store_row<N>(c + (m + 0) * N, c0);
-    store_row<N>(c + (m + 1) * N, c1);
-    store_row<N>(c + (m + 2) * N, c2);
-    store_row<N>(c + (m + 3) * N, c3);
-  }
-  for (; m < M; ++m) {
-    v16 c0 = {};
-    for (int64_t r = 0; r < R; ++r) c0 += a[r * M + m] * load_row<N>(b + r * N);
-    store_row<N>(c + m * N, c0);
+  if (M > kLanes)
+    for (; m + kBlock <= M; m += kBlock)
+      transposed_times_rows<V, kBlock>(a + m, b, c + m * N, R, M, N);
+  const float* am = a + m;
+  float* cm = c + m * N;
+  switch (M - m) {
+#define ABLAB_ROWS(r)                                  \
+  case r:                                              \
+    transposed_times_rows<V, r>(am, b, cm, R, M, N);   \
+    break;
+    ABLAB_ROWS(16) ABLAB_ROWS(15) ABLAB_ROWS(14) ABLAB_ROWS(13) ABLAB_ROWS(12) ABLAB_ROWS(11)
+    ABLAB_ROWS(10) ABLAB_ROWS(9) ABLAB_ROWS(8) ABLAB_ROWS(7) ABLAB_ROWS(6) ABLAB_ROWS(5)
+    ABLAB_ROWS(4) ABLAB_ROWS(3) ABLAB_ROWS(2) ABLAB_ROWS(1)
+#undef ABLAB_ROWS
+    default: break;
   }
 }
 
 // a_stride: A's size per seed, or 0 when every seed shares one A (a first layer's data)
-template <int N>
+template <typename V>
 void products(int64_t mode, const float* A, const float* B, float* C, int64_t S, int64_t M,
-              int64_t K, int64_t a_stride) {
+              int64_t K, int64_t N, int64_t a_stride) {
   if (mode == 2) {
     for (int64_t s = 0; s < S; ++s)
-      transposed_times<N>(A + s * a_stride, B + s * K * N, C + s * M * N, K, M);
+      transposed_times<V>(A + s * a_stride, B + s * K * N, C + s * M * N, K, M, N);
     return;
   }
-  std::vector<v16> tile(K > 0 ? K : 1);
+  std::vector<V> tile(K > 0 ? K : 1);
   for (int64_t s = 0; s < S; ++s) {
     const float* b = B + s * K * N;
     for (int64_t k = 0; k < K; ++k) {
       if (mode == 1) {  // B (N, K): column k of it
-        v16 row = {};
-        for (int j = 0; j < N; ++j) row[j] = b[j * K + k];
+        V row = {};
+        for (int64_t j = 0; j < N; ++j) row[j] = b[j * K + k];
         tile[k] = row;
       } else {
-        tile[k] = load_row<N>(b + k * N);
+        tile[k] = load_row<V>(b + k * N, N);
       }
     }
-    times_tile<N>(A + s * a_stride, tile.data(), C + s * M * N, M, K);
+    times_tile<V>(A + s * a_stride, tile.data(), C + s * M * N, M, K, N);
   }
 }
-
-typedef void (*products_t)(int64_t, const float*, const float*, float*, int64_t, int64_t,
-                           int64_t, int64_t);
-
-template <int... I>
-constexpr std::array<products_t, kLanes> table(std::integer_sequence<int, I...>) {
-  return {products<I + 1>...};
-}
-
-const std::array<products_t, kLanes> kProducts = table(std::make_integer_sequence<int, kLanes>{});
 
 ffi::Error Impl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> c,
                 int64_t mode) {
@@ -160,8 +189,8 @@ ffi::Error Impl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::ResultBuf
   if (mode == 1) fits = fits && a0 == M && bd[1] == N && bd[2] == K;
   if (mode == 2) fits = fits && a1 == M && bd[1] == K && bd[2] == N;
   if (!fits) return ffi::Error::InvalidArgument("ablab small products: shapes do not match");
-  kProducts[N - 1](mode, a.typed_data(), b.typed_data(), c->typed_data(), S, M, K,
-                   shared ? 0 : a0 * a1);
+  auto run = N <= 8 ? products<v8> : products<v16>;
+  run(mode, a.typed_data(), b.typed_data(), c->typed_data(), S, M, K, N, shared ? 0 : a0 * a1);
   return ffi::Error::Success();
 }
 
@@ -208,6 +237,126 @@ ffi::Error AdamImpl(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> m, ffi::Buffe
   return ffi::Error::Success();
 }
 
+// x (.., H, W, C) and y / first (.., OH, OW, C) with the same leading axes (N: their
+// product), windows of PH x PW (at most 255 elements: an offset is a byte) that fit.
+template <typename D>
+bool pool_shapes(D xd, D yd, D fd, int64_t ph, int64_t pw, int64_t& N, int64_t& H, int64_t& W,
+                 int64_t& C, int64_t& OH, int64_t& OW) {
+  const size_t r = xd.size();
+  if (r < 3 || yd.size() != r || fd.size() != r || ph < 1 || pw < 1 || ph * pw > 255)
+    return false;
+  N = 1;
+  for (size_t i = 0; i + 3 < r; ++i) {
+    if (yd[i] != xd[i] || fd[i] != xd[i]) return false;
+    N *= xd[i];
+  }
+  H = xd[r - 3], W = xd[r - 2], C = xd[r - 1], OH = yd[r - 3], OW = yd[r - 2];
+  for (size_t i = r - 3; i < r; ++i)
+    if (fd[i] != yd[i]) return false;
+  return yd[r - 1] == C && OH * ph <= H && OW * pw <= W;
+}
+
+// Max pooling over windows that tile a channels-last input (stride = pool size), per window
+// element over the channels: x (.., H, W, C) -> y (.., OH, OW, C), the maximum (NaN where the
+// window holds one, as XLA's max), and per output the offset inside its window (row-major)
+// that reduce_window's gradient (select_and_scatter with >=) sends the gradient to: the
+// window's elements in order, the selected one replaced by the next unless selected >= next
+// -- the first maximum (NaN-free windows). Rows and columns past OH * PH / OW * PW are not read.
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef uint8_t v8b __attribute__((vector_size(8)));
+
+ffi::Error MaxPoolImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y,
+                       ffi::ResultBuffer<ffi::U8> first, int64_t ph, int64_t pw) {
+  int64_t N, H, W, C, OH, OW;
+  if (!pool_shapes(x.dimensions(), y->dimensions(), first->dimensions(), ph, pw, N, H, W, C, OH,
+                   OW))
+    return ffi::Error::InvalidArgument("ablab max pool: x (.., H, W, C), y (.., OH, OW, C)");
+  const float* X = x.typed_data();
+  float* Y = y->typed_data();
+  uint8_t* F = first->typed_data();
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t i = 0; i < OH; ++i)
+      for (int64_t j = 0; j < OW; ++j) {
+        const int64_t o = ((n * OH + i) * OW + j) * C;
+        const float* x0 = X + ((n * H + i * ph) * W + j * pw) * C;
+        int64_t c = 0;
+        for (; c + 8 <= C; c += 8) {  // 8 channels a vector
+          v8 m, sel;
+          std::memcpy(&m, x0 + c, sizeof m);
+          sel = m;
+          v8i k = {};
+          for (int64_t a = 0; a < ph; ++a)
+            for (int64_t b = a == 0 ? 1 : 0; b < pw; ++b) {
+              v8 v;
+              std::memcpy(&v, x0 + (a * W + b) * C + c, sizeof v);
+              m = (v > m || v != v) ? v : m;
+              const v8i keep = sel >= v;
+              sel = keep ? sel : v;
+              k = keep ? k : (v8i{} + static_cast<int32_t>(a * pw + b));
+            }
+          std::memcpy(Y + o + c, &m, sizeof m);
+          const v8b kb = __builtin_convertvector(k, v8b);
+          std::memcpy(F + o + c, &kb, sizeof kb);
+        }
+        for (; c < C; ++c) {  // the rest one at a time, the same arithmetic
+          float m = x0[c], sel = m;
+          uint8_t k = 0;
+          for (int64_t a = 0; a < ph; ++a)
+            for (int64_t b = a == 0 ? 1 : 0; b < pw; ++b) {
+              const float v = x0[(a * W + b) * C + c];
+              m = (v > m || v != v) ? v : m;
+              if (!(sel >= v)) {
+                sel = v;
+                k = static_cast<uint8_t>(a * pw + b);
+              }
+            }
+          Y[o + c] = m;
+          F[o + c] = k;
+        }
+      }
+  return ffi::Error::Success();
+}
+
+// The gradient of MaxPoolImpl: g (.., OH, OW, C) to each window's first maximum, zero
+// elsewhere (the rows and columns no window covers included): dx (.., H, W, C).
+ffi::Error MaxPoolGradImpl(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::U8> first,
+                           ffi::ResultBuffer<ffi::F32> dx, int64_t ph, int64_t pw) {
+  int64_t N, H, W, C, OH, OW;
+  if (!pool_shapes(dx->dimensions(), g.dimensions(), first.dimensions(), ph, pw, N, H, W, C, OH,
+                   OW))
+    return ffi::Error::InvalidArgument("ablab max pool grad: g (.., OH, OW, C), dx (.., H, W, C)");
+  const float* G = g.typed_data();
+  const uint8_t* F = first.typed_data();
+  float* D = dx->typed_data();
+  for (int64_t n = 0; n < N; ++n) {
+    float* dn = D + n * H * W * C;
+    if (OH * ph < H || OW * pw < W) std::memset(dn, 0, sizeof(float) * H * W * C);
+    for (int64_t i = 0; i < OH; ++i)
+      for (int64_t j = 0; j < OW; ++j) {
+        const int64_t o = ((n * OH + i) * OW + j) * C;
+        float* d0 = dn + ((i * ph) * W + j * pw) * C;
+        int64_t c = 0;
+        for (; c + 8 <= C; c += 8) {
+          v8 gv;
+          std::memcpy(&gv, G + o + c, sizeof gv);
+          v8b kb;
+          std::memcpy(&kb, F + o + c, sizeof kb);
+          const v8i k = __builtin_convertvector(kb, v8i);
+          for (int64_t a = 0; a < ph; ++a)
+            for (int64_t b = 0; b < pw; ++b) {
+              const v8 d = (k == static_cast<int32_t>(a * pw + b)) ? gv : v8{};
+              std::memcpy(d0 + (a * W + b) * C + c, &d, sizeof d);
+            }
+        }
+        for (; c < C; ++c)
+          for (int64_t a = 0; a < ph; ++a)
+            for (int64_t b = 0; b < pw; ++b)
+              d0[(a * W + b) * C + c] = F[o + c] == a * pw + b ? G[o + c] : 0.0f;
+      }
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AblabAdam, AdamImpl,
@@ -240,3 +389,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AblabSmallProducts, Impl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("mode"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AblabMaxPool, MaxPoolImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::U8>>()
+                                  .Attr<int64_t>("ph")
+                                  .Attr<int64_t>("pw"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AblabMaxPoolGrad, MaxPoolGradImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("ph")
+                                  .Attr<int64_t>("pw"));

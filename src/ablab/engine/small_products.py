@@ -8,14 +8,16 @@ tiny products (the seed autoencoder's are 32 x 8 x 12) on its GEMM library at ~1
 a third of the program's op time. ``small_products.cc`` keeps each seed's operands in
 registers (an output row of at most 16 floats is one vector) and ran them 1.6-7x as fast; the
 seed autoencoder's whole program 1.35x, + BN 1.3x (issue 17, docs/performance.md). A shared
-operand (the data) is read by every seed's product.
+operand (the data) is read by every seed's product. The same library holds Keras' Adam update
+in one pass (:func:`adam`) and max pooling over tiling windows with its gradient
+(:func:`max_pool`, :func:`max_pool_grad`).
 
 The kernel is C++ built here with the machine's compiler (``$CXX``, else ``c++`` / ``g++``)
 against jaxlib's FFI headers, once per machine: into ``<kernels>/<key>/`` where the key
 covers the source, compiler, flags, jaxlib version and CPU, and ``<kernels>`` is
 ``$ABLAB_KERNELS``, else ``$XDG_CACHE_HOME/ablab/kernels`` or ``~/.cache/ablab/kernels``.
 ``make`` builds it when it sets up the ``.venv``; elsewhere the first program that uses it
-builds it (~3 s, once). Without a compiler, or if the build fails, the engine
+builds it (~4 s, once). Without a compiler, or if the build fails, the engine
 keeps XLA's products (:func:`available` is False; :func:`unavailable_reason` says why) --
 the same values up to float32 rounding, only slower. ``$ABLAB_LOWERINGS`` without ``small``
 turns it off (``ablab.engine.lowering``).
@@ -51,7 +53,15 @@ SYMBOL = "AblabSmallProducts"
 ADAM_TARGET = "ablab_adam_v1"
 """The same library's fused Adam update (:func:`adam`)."""
 ADAM_SYMBOL = "AblabAdam"
+MAX_POOL_TARGET = "ablab_max_pool_v1"
+"""The same library's max pooling over tiling windows (:func:`max_pool`) and its gradient
+(``ablab_max_pool_grad_v1``, :func:`max_pool_grad`)."""
+MAX_POOL_SYMBOL = "AblabMaxPool"
+MAX_POOL_GRAD_TARGET = "ablab_max_pool_grad_v1"
+MAX_POOL_GRAD_SYMBOL = "AblabMaxPoolGrad"
 FMA_SYMBOL = "AblabSmallProductsFusedMultiplyAdd"
+TARGETS = (TARGET, ADAM_TARGET, MAX_POOL_TARGET, MAX_POOL_GRAD_TARGET)
+"""Every FFI target of the library (a kept trace may call any of them)."""
 MAX_WIDTH = 16
 """The widest output row (one vector of 16 float32 lanes)."""
 FORWARD, INPUT_GRAD, KERNEL_GRAD = 0, 1, 2
@@ -166,7 +176,12 @@ def _load(path: Path) -> ctypes.CDLL:
 
 
 def _register(library: ctypes.CDLL) -> None:
-    for target, symbol in ((TARGET, SYMBOL), (ADAM_TARGET, ADAM_SYMBOL)):
+    for target, symbol in (
+        (TARGET, SYMBOL),
+        (ADAM_TARGET, ADAM_SYMBOL),
+        (MAX_POOL_TARGET, MAX_POOL_SYMBOL),
+        (MAX_POOL_GRAD_TARGET, MAX_POOL_GRAD_SYMBOL),
+    ):
         handler = getattr(library, symbol)
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
 
@@ -282,6 +297,57 @@ def adam(
     scalars = {"c1": np.float32(c1), "c2": np.float32(c2), "eps": np.float32(eps)}
     m2, v2, p2 = call(g, m, v, p, alpha, **scalars)
     return m2, v2, p2
+
+
+MAX_POOL_WINDOW = 255
+"""The most elements a window may have (an offset inside it is a byte)."""
+
+
+def max_pool_fits(x: Any, pool: tuple[int, int]) -> bool:
+    """Can :func:`max_pool` pool ``x`` (float32, ``(.., H, W, C)``) by ``pool`` windows?"""
+    ph, pw = pool
+    return (
+        x.dtype == jnp.float32
+        and x.ndim >= 3
+        and 1 <= ph <= x.shape[-3]
+        and 1 <= pw <= x.shape[-2]
+        and ph * pw <= MAX_POOL_WINDOW
+        and x.shape[-1] >= 1
+    )
+
+
+def max_pool(x: jax.Array, pool: tuple[int, int]) -> tuple[jax.Array, jax.Array]:
+    """Max pooling of channels-last ``x`` ``(.., H, W, C)`` over the ``pool`` windows that tile
+    it (stride = pool; rows and columns past the last whole window are left out, as ``valid``
+    padding does): ``(y, first)``, ``y`` ``(.., H // ph, W // pw, C)`` and ``first`` (uint8,
+    the same shape) the offset inside each window, row-major, of its first maximum (0 where
+    the window holds a NaN; ``y`` is then NaN). Raises ValueError where :func:`max_pool_fits`
+    does not hold or the kernel is not :func:`available`."""
+    if not max_pool_fits(x, pool):
+        raise ValueError(f"max_pool: {x.shape} {x.dtype} by {pool} does not fit the kernel")
+    if not available():
+        raise ValueError(f"the small-products kernel is not available: {unavailable_reason()}")
+    ph, pw = pool
+    shape = (*x.shape[:-3], x.shape[-3] // ph, x.shape[-2] // pw, x.shape[-1])
+    out = (jax.ShapeDtypeStruct(shape, jnp.float32), jax.ShapeDtypeStruct(shape, jnp.uint8))
+    # every leading axis is a batch axis of the kernel's: a vmap adds one
+    call = jax.ffi.ffi_call(MAX_POOL_TARGET, out, vmap_method="expand_dims")
+    y, first = call(x, ph=np.int64(ph), pw=np.int64(pw))
+    return y, first
+
+
+def max_pool_grad(
+    g: jax.Array, first: jax.Array, pool: tuple[int, int], size: tuple[int, int]
+) -> jax.Array:
+    """The gradient of :func:`max_pool`: ``g`` ``(.., OH, OW, C)`` sent to each window's first
+    maximum (``first``), zero elsewhere: ``(.., H, W, C)`` with ``size = (H, W)``."""
+    if g.dtype != jnp.float32 or first.dtype != jnp.uint8 or g.shape != first.shape:
+        raise ValueError(f"max_pool_grad: g {g.shape} {g.dtype}, first {first.shape} {first.dtype}")
+    if not available():
+        raise ValueError(f"the small-products kernel is not available: {unavailable_reason()}")
+    out = jax.ShapeDtypeStruct((*g.shape[:-3], *size, g.shape[-1]), jnp.float32)
+    call = jax.ffi.ffi_call(MAX_POOL_GRAD_TARGET, out, vmap_method="broadcast_all")
+    return call(g, first, ph=np.int64(pool[0]), pw=np.int64(pool[1]))
 
 
 def main() -> int:

@@ -252,10 +252,10 @@ def exported_program(
         if found is not None and found.in_tree == jax.tree.structure((args, {})):
             return found
     specs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)
-    from ablab.engine.small_products import ADAM_TARGET, TARGET
+    from ablab.engine.small_products import TARGETS
 
     # the engine's own kernels (``small_products``) are custom calls JAX's export would refuse
-    allowed = [jax.export.DisabledSafetyCheck.custom_call(t) for t in (TARGET, ADAM_TARGET)]
+    allowed = [jax.export.DisabledSafetyCheck.custom_call(t) for t in TARGETS]
     with trace():
         exported = jax.export.export(jax.jit(fn), disabled_checks=allowed)(*specs)
     if folder is not None and path is not None:
