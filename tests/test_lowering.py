@@ -89,6 +89,7 @@ POOLS = [  # input shape, pool size, strides, padding, data format
     ((4, 8, 8, 3), (2, 4), (2, 4), "same", "channels_last"),
     ((2, 3, 8, 8), 2, 2, "valid", "channels_first"),
     ((2, 9, 3), 3, 3, "valid", "channels_last"),
+    ((3, 9, 7, 11), 2, 2, "valid", "channels_last"),  # cropped; the kernel's 8-channel vector + 3
 ]
 
 
@@ -144,6 +145,44 @@ def test_max_pool_on_the_kernel_under_vmap_with_nan() -> None:
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(got_grad, want_grad)
     assert np.isnan(np.asarray(got)).sum() == 1
+
+
+def test_max_pool_on_the_kernel_keeps_xlas_bits_and_a_shared_input() -> None:
+    """Bit patterns, not just values: reduce_window's max gives +0 over -0 in either order and
+    keeps the first NaN's payload; the kernel's do too. A pool of an input every seed shares,
+    followed by per-seed weights (its gradient: a shared offset, per-seed gradients)."""
+    require_kernel()
+    x = np.zeros((1, 2, 8, 9), np.float32)
+    x[0, 0, 0], x[0, 1, 0] = -0.0, 0.0  # window (0, 0): -0 then +0
+    x[0, 0, 3], x[0, 1, 2] = 0.0, -0.0  # window (0, 1): +0 then -0
+    nans = np.array([0x7FC00001, 0x7FC00002], np.uint32).view(np.float32)
+    x[0, 0, 4], x[0, 1, 5] = nans  # window (0, 2): two NaNs, the first one's payload
+    x[0, 0, 6:8, 8] = -0.0  # the scalar tail (channel 8): -0 and -0 stays -0
+
+    def pool(a: Any) -> jax.Array:
+        return nn.max_pool(a, 2, 2, "valid", "channels_last")
+
+    want = np.asarray(jax.jit(pool)(x))
+    with lowering.lowered(frozenset({"maxpool"})):
+        got = np.asarray(jax.jit(lambda a: pool(a))(x))
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+    assert got.view(np.uint32)[0, 0, 0, 0] == 0 and got.view(np.uint32)[0, 0, 1, 0] == 0
+    assert got.view(np.uint32)[0, 0, 2, 0] == 0x7FC00001
+
+    shared = jnp.asarray(RNG.normal(size=(2, 6, 6, 4)), jnp.float32)
+    w = jnp.asarray(RNG.normal(size=(3, 4)), jnp.float32)  # 3 seeds' per-channel weights
+
+    def with_input(x: jax.Array, w: jax.Array) -> jax.Array:
+        return jax.vmap(lambda w: jnp.sum(jnp.sin(pool(x) * w)), in_axes=0)(w)
+
+    want_grads = jax.grad(lambda x, w: jnp.sum(with_input(x, w)), (0, 1))(shared, w)
+    with lowering.lowered(frozenset({"maxpool"})):
+        grad_fn = jax.jit(jax.grad(lambda x, w: jnp.sum(with_input(x, w)), (0, 1)))
+        got_grads = grad_fn(shared, w)
+        text = grad_fn.lower(shared, w).as_text()
+    assert f"@{small_products.MAX_POOL_GRAD_TARGET}" in text
+    for g, wg in zip(got_grads, want_grads, strict=True):  # the seeds' sums, another order
+        np.testing.assert_allclose(g, wg, rtol=1e-6, atol=1e-6)
 
 
 CONVS_ON_KERNEL = [  # input shape (per seed), kernel size, strides, padding, dilation
@@ -215,12 +254,20 @@ def test_a_feature_maps_bias_gradient_is_a_wide_channel_sum() -> None:
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(got_grads[0], want_grads[0])
     np.testing.assert_allclose(got_grads[1], want_grads[1], rtol=1e-5, atol=1e-4)  # 4,096 terms
+    flat_b = b.reshape(3, 8)  # a bias of shape (C,), as a Dense layer's or any add's
+    want_flat = _values_and_grads(biased, (x, flat_b), (0, 1), lowered=False)
+    got_flat = _values_and_grads(biased, (x, flat_b), (0, 1), True, {"bias"})
+    for g, w in zip(jax.tree.leaves(got_flat), jax.tree.leaves(want_flat), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-4)
     with lowering.lowered(frozenset({"bias"})):
         assert "custom_vjp_call" in _primitives(biased, x, b)
+        assert "custom_vjp_call" in _primitives(biased, x, flat_b)
         dense = _primitives(jax.vmap(add), x[:, 0, 0], b[:, 0, 0, 0])  # (seeds, rows, 8) + (8,)
         assert "custom_vjp_call" not in dense
         other = _primitives(jax.vmap(add), x, x)  # not a bias
         assert "custom_vjp_call" not in other
+        reversed_order = _primitives(jax.vmap(add), b, x)  # the bias first: Keras' add
+        assert "custom_vjp_call" not in reversed_order
 
 
 def test_what_does_not_tile_or_groups_keeps_keras_lowering() -> None:

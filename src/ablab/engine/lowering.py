@@ -573,9 +573,16 @@ def _is_bias(x: jax.Array, b: jax.Array) -> bool:
     )
 
 
+def _sparse(*xs: Any) -> bool:
+    """Is any of ``xs`` a JAX sparse array (Keras' sparse-aware functions take those)?"""
+    from jax.experimental import sparse
+
+    return any(isinstance(x, sparse.JAXSparse) for x in xs)
+
+
 def _add(original: Callable) -> Callable:
     def add(x1: Any, x2: Any) -> Any:
-        if "bias" not in _ACTIVE.get():
+        if "bias" not in _ACTIVE.get() or _sparse(x1, x2):
             return original(x1, x2)
         a, b = jnp.asarray(x1), jnp.asarray(x2)
         if not _is_bias(a, b):
@@ -713,7 +720,7 @@ _matmul_small.defvjp(_matmul_small_fwd, _matmul_small_bwd)
 def _matmul(original: Callable) -> Callable:
     def matmul(x1: Any, x2: Any) -> Any:
         active = _ACTIVE.get()
-        if "dense" not in active and "small" not in active:
+        if ("dense" not in active and "small" not in active) or _sparse(x1, x2):
             return original(x1, x2)
         a, b = jnp.asarray(x1), jnp.asarray(x2)
         if (

@@ -257,13 +257,37 @@ bool pool_shapes(D xd, D yd, D fd, int64_t ph, int64_t pw, int64_t& N, int64_t& 
 }
 
 // Max pooling over windows that tile a channels-last input (stride = pool size), per window
-// element over the channels: x (.., H, W, C) -> y (.., OH, OW, C), the maximum (NaN where the
-// window holds one, as XLA's max), and per output the offset inside its window (row-major)
+// element over the channels: x (.., H, W, C) -> y (.., OH, OW, C), the maximum (xla_max over
+// the window in row-major order: its bits are reduce_window's), and per output the offset
+// inside its window (row-major)
 // that reduce_window's gradient (select_and_scatter with >=) sends the gradient to: the
 // window's elements in order, the selected one replaced by the next unless selected >= next
 // -- the first maximum (NaN-free windows). Rows and columns past OH * PH / OW * PW are not read.
 typedef int32_t v8i __attribute__((vector_size(32)));
 typedef uint8_t v8b __attribute__((vector_size(8)));
+
+// XLA's maximum, as reduce_window's max computes it (LLVM's maximum): a NaN wins and the first
+// NaN is kept; +0 is greater than -0 (the bits of two equal values and-ed: +0 where either is
+// +0, the same value otherwise).
+inline v8 xla_max(v8 m, v8 v) {
+  const v8 both = (v8)((v8i)m & (v8i)v);
+  const v8 larger = v > m ? v : (v == m ? both : m);
+  return m != m ? m : (v != v ? v : larger);
+}
+
+inline float xla_max(float m, float v) {
+  if (m != m) return m;
+  if (v != v) return v;
+  if (v > m) return v;
+  if (v == m) {
+    uint32_t a, b;
+    std::memcpy(&a, &m, sizeof a);
+    std::memcpy(&b, &v, sizeof b);
+    a &= b;
+    std::memcpy(&m, &a, sizeof m);
+  }
+  return m;
+}
 
 ffi::Error MaxPoolImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y,
                        ffi::ResultBuffer<ffi::U8> first, int64_t ph, int64_t pw) {
@@ -289,7 +313,7 @@ ffi::Error MaxPoolImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y,
             for (int64_t b = a == 0 ? 1 : 0; b < pw; ++b) {
               v8 v;
               std::memcpy(&v, x0 + (a * W + b) * C + c, sizeof v);
-              m = (v > m || v != v) ? v : m;
+              m = xla_max(m, v);
               const v8i keep = sel >= v;
               sel = keep ? sel : v;
               k = keep ? k : (v8i{} + static_cast<int32_t>(a * pw + b));
@@ -304,7 +328,7 @@ ffi::Error MaxPoolImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y,
           for (int64_t a = 0; a < ph; ++a)
             for (int64_t b = a == 0 ? 1 : 0; b < pw; ++b) {
               const float v = x0[(a * W + b) * C + c];
-              m = (v > m || v != v) ? v : m;
+              m = xla_max(m, v);
               if (!(sel >= v)) {
                 sel = v;
                 k = static_cast<uint8_t>(a * pw + b);

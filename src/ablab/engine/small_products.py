@@ -19,8 +19,8 @@ covers the source, compiler, flags, jaxlib version and CPU, and ``<kernels>`` is
 ``make`` builds it when it sets up the ``.venv``; elsewhere the first program that uses it
 builds it (~4 s, once). Without a compiler, or if the build fails, the engine
 keeps XLA's products (:func:`available` is False; :func:`unavailable_reason` says why) --
-the same values up to float32 rounding, only slower. ``$ABLAB_LOWERINGS`` without ``small``
-turns it off (``ablab.engine.lowering``).
+the same values up to float32 rounding, only slower. ``$ABLAB_LOWERINGS`` without ``small``,
+``adam`` and ``maxpool`` leaves it unused (``ablab.engine.lowering``).
 
 ``python -c 'from ablab.engine.small_products import main; main()'`` (what ``make`` runs) builds
 it and prints where it is, or why not.
@@ -319,10 +319,13 @@ def max_pool_fits(x: Any, pool: tuple[int, int]) -> bool:
 def max_pool(x: jax.Array, pool: tuple[int, int]) -> tuple[jax.Array, jax.Array]:
     """Max pooling of channels-last ``x`` ``(.., H, W, C)`` over the ``pool`` windows that tile
     it (stride = pool; rows and columns past the last whole window are left out, as ``valid``
-    padding does): ``(y, first)``, ``y`` ``(.., H // ph, W // pw, C)`` and ``first`` (uint8,
-    the same shape) the offset inside each window, row-major, of its first maximum (0 where
-    the window holds a NaN; ``y`` is then NaN). Raises ValueError where :func:`max_pool_fits`
-    does not hold or the kernel is not :func:`available`."""
+    padding does): ``(y, first)``, ``y`` ``(.., H // ph, W // pw, C)`` -- each window's
+    maximum, bit for bit ``reduce_window``'s (NaN where the window holds one, +0 over -0) --
+    and ``first`` (uint8, the same shape) the offset inside each window, row-major, that XLA's
+    ``select_and_scatter`` with ``>=`` picks for the gradient: the elements in order, the
+    selected one kept while it is ``>=`` the next (the first maximum where there is no NaN).
+    Raises ValueError where :func:`max_pool_fits` does not hold or the kernel is not
+    :func:`available`."""
     if not max_pool_fits(x, pool):
         raise ValueError(f"max_pool: {x.shape} {x.dtype} by {pool} does not fit the kernel")
     if not available():
