@@ -55,6 +55,10 @@ CELL_WORKING_SET_BYTES = 12 * 2**20
 # ... but never below this many seeds per cell: each call has a fixed cost (dispatch, the
 # cell's results copied out and stored), and below ~8 seeds the CNN cases stopped gaining.
 MIN_WORKING_SET_CHUNK = 8
+# Evening the study's count of cells may cut a variant's cells down to this many seeds (the
+# digits CNN, 50 seeds on 2 workers: 8 cells of 7 321 runs/s, 10 of 5 345, against 7 of 8
+# 186: the odd count's last call runs alone, and alone it ran 3.4x slower -- below).
+MIN_EVEN_CHUNK = 4
 
 
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
@@ -121,20 +125,25 @@ def even_cell_count(
     n_seeds: int, chunks: dict[str, int], per_seed_bytes: dict[str, int]
 ) -> dict[str, int]:
     """The study's chunk sizes (``{variant: seeds per cell}``, each variant ``n_seeds``
-    seeds), with one variant cut into one more cell where that makes the study's count of
-    cells even; on a CPU backend only.
+    seeds), with one variant cut into more, smaller cells where that makes the study's count
+    of cells even; on a CPU backend only.
 
     Every variant's cells go to one queue of workers. An odd count leaves a worker idle for
-    the queue's last round (5 cells on 2 workers: 3 rounds, the last half empty); one more,
-    smaller cell takes no more rounds on an even number of workers (the usual 2, 4, 8 cores),
-    and each round is shorter. The variant cut is the one with the biggest cells (seeds x
-    per-seed memory, the proxy for a call's time) among those where one more cell exists
-    (``ceil(n / ceil(n / (k + 1))) == k + 1``) and keeps at least ``MIN_WORKING_SET_CHUNK``
-    seeds a cell (or the size it had, if smaller); a variant in one cell keeps it (below
-    ``MIN_CELLS * MIN_CELL_SEEDS`` seeds a second call costs more than it gives). Like
-    :func:`choose_chunk_size`, it depends on the study and the kind of backend only.
-    Measured (issue #17, MLP 64-128-10, 200 seeds, 2 workers, median of 5 rounds): 5 cells of
-    40 seeds 271 runs/s, 6 cells of 34 303 runs/s (1.12x), 8 of 25 303.
+    the queue's last round (5 cells on 2 workers: 3 rounds, the last half empty), and worse:
+    a call running alone ran ~3.4x slower than beside another on this 2-core VM (the digits
+    CNN's 8-seed call, 143 ms alone, 42 ms for two at once: XLA's threads, split between two
+    calls, wait less for each other). More, smaller cells take no more rounds on an even
+    number of workers (the usual 2, 4, 8 cores), and each round is shorter. A variant's
+    smallest change of count that flips its parity is taken: the fewest cells past its own
+    count ``k`` with balanced sizes (``ceil(n / k')`` seeds for ``k' = k + 1, k + 2, ..``)
+    whose count is odd apart from ``k``, at least ``MIN_EVEN_CHUNK`` seeds a cell (or the
+    size it had, if smaller). Among the variants that can, the one with the biggest cells
+    (seeds x per-seed memory, the proxy for a call's time) is cut; a variant in one cell
+    keeps it (below ``MIN_CELLS * MIN_CELL_SEEDS`` seeds a second call costs more than it
+    gives). Like :func:`choose_chunk_size`, it depends on the study and the kind of backend
+    only. Measured (issue #17, MLP 64-128-10, 200 seeds, 2 workers, median of 5 rounds): 5
+    cells of 40 seeds 271 runs/s, 6 cells of 34 303 runs/s (1.12x), 8 of 25 303; the digits
+    CNN, 50 seeds (7 cells of 8 -> 8 of 7): 186 -> 321 runs/s in a quiet hour.
     """
     evened = dict(chunks)
     counts = {v: math.ceil(n_seeds / c) for v, c in chunks.items()}
@@ -142,14 +151,16 @@ def even_cell_count(
         return evened
     candidates = []
     for variant, chunk in chunks.items():
-        if counts[variant] < 2:
+        k = counts[variant]
+        if k < 2:
             continue
-        smaller = math.ceil(n_seeds / (counts[variant] + 1))
-        if math.ceil(n_seeds / smaller) != counts[variant] + 1:
-            continue  # no size gives exactly one more cell (200 seeds: 25 x 8, 26 -> 25 x 8)
-        if smaller < min(MIN_WORKING_SET_CHUNK, chunk):
-            continue
-        candidates.append((chunk * per_seed_bytes[variant], variant, smaller))
+        floor = min(MIN_EVEN_CHUNK, chunk)
+        target = k + 1
+        while (smaller := math.ceil(n_seeds / target)) >= floor:
+            if (math.ceil(n_seeds / smaller) - k) % 2:  # 200 seeds: 26 cells -> 25 x 8
+                candidates.append((chunk * per_seed_bytes[variant], variant, smaller))
+                break
+            target += 1
     if candidates:
         # the biggest cells; ties: the first variant (max keeps the first maximum)
         _, variant, smaller = max(candidates, key=lambda c: c[0])

@@ -111,7 +111,7 @@ def make_plan(
 
     chunk_sizes: the stored plan's (a resumed run cuts exactly the cells it started with);
     else each variant's from the memory budget (``choose_chunk_size``), the study's count of
-    cells then made even where one more cell does it (``even_cell_count``). A probed variant
+    cells then made even where smaller cells do it (``even_cell_count``). A probed variant
     probes its first chunks covering ``[probes] seeds`` seeds; the rest run probe-free.
     workers: overrides ``[engine] workers`` (default: ``default_workers()``), then bounded so
     the cells in flight together fit the memory budget.
