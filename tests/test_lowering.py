@@ -34,12 +34,13 @@ def _values_and_grads(
     argnums: tuple[int, ...],
     lowered: bool,
     names: frozenset[str] = lowering.ALL,
+    library_fusions: bool = False,
 ) -> tuple:
     def loss(*a: Any) -> jax.Array:
         return jnp.sum(jnp.sin(fn(*a)))
 
     if lowered:
-        with lowering.lowered(names):
+        with lowering.lowered(names, library_fusions=library_fusions):
             return fn(*args), jax.grad(loss, argnums)(*args)
     return fn(*args), jax.grad(loss, argnums)(*args)
 
@@ -240,9 +241,10 @@ def test_a_convolution_too_wide_for_the_kernel_keeps_the_gemm() -> None:
 
 def test_a_feature_maps_bias_gradient_is_a_wide_channel_sum() -> None:
     """``bias``: ``x + b`` with one bias per channel of rank >= 4 feature maps (a Conv2D's)
-    has its bias gradient summed over a wide minor axis (``channel_sum``); the values and
-    gradients are Keras' add's (the sum in another order). A Dense layer's bias (rank 2)
-    keeps Keras' add."""
+    has its bias gradient summed over a wide minor axis (``channel_sum``) in a program
+    compiled with YNNPACK's fusions; the values and gradients are Keras' add's (the sum in
+    another order). A Dense layer's bias (rank 2), and any bias in a program without those
+    fusions, keeps Keras' add."""
     from ablab._keras import keras_backend_numpy
 
     add = keras_backend_numpy().add
@@ -250,16 +252,18 @@ def test_a_feature_maps_bias_gradient_is_a_wide_channel_sum() -> None:
     b = jnp.asarray(RNG.normal(size=(3, 1, 1, 1, 8)), jnp.float32)
     biased = jax.vmap(add)
     want, want_grads = _values_and_grads(biased, (x, b), (0, 1), lowered=False)
-    got, got_grads = _values_and_grads(biased, (x, b), (0, 1), True, {"bias"})
+    got, got_grads = _values_and_grads(biased, (x, b), (0, 1), True, {"bias"}, True)
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(got_grads[0], want_grads[0])
     np.testing.assert_allclose(got_grads[1], want_grads[1], rtol=1e-5, atol=1e-4)  # 4,096 terms
     flat_b = b.reshape(3, 8)  # a bias of shape (C,), as a Dense layer's or any add's
     want_flat = _values_and_grads(biased, (x, flat_b), (0, 1), lowered=False)
-    got_flat = _values_and_grads(biased, (x, flat_b), (0, 1), True, {"bias"})
+    got_flat = _values_and_grads(biased, (x, flat_b), (0, 1), True, {"bias"}, True)
     for g, w in zip(jax.tree.leaves(got_flat), jax.tree.leaves(want_flat), strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-4)
-    with lowering.lowered(frozenset({"bias"})):
+    with lowering.lowered(frozenset({"bias"})):  # a program without YNNPACK's fusions
+        assert "custom_vjp_call" not in _primitives(biased, x, b)
+    with lowering.lowered(frozenset({"bias"}), library_fusions=True):
         assert "custom_vjp_call" in _primitives(biased, x, b)
         assert "custom_vjp_call" in _primitives(biased, x, flat_b)
         dense = _primitives(jax.vmap(add), x[:, 0, 0], b[:, 0, 0, 0])  # (seeds, rows, 8) + (8,)
@@ -690,8 +694,9 @@ def test_the_digits_cnn_on_the_kernels_agrees_with_fit(
 ) -> None:
     """examples/digits_cnn.toml's ``none`` layers (Conv2D 8 filters 3 x 3 with relu, max
     pool, Dense) on synthetic 8 x 8 images, the default lowerings: the convolution's products
-    and the max pool run on the compiled kernel, the bias gradient as a wide channel sum, and
-    the history is ``model.fit``'s at tests/test_reference.py's tolerance (1e-5)."""
+    and the max pool run on the compiled kernel, the bias keeps Keras' add (no BN on feature
+    maps: no YNNPACK fusions, where the wide channel sum ran slower), and the history is
+    ``model.fit``'s at tests/test_reference.py's tolerance (1e-5)."""
     require_kernel()
     monkeypatch.setenv(lowering.ENV, "")
     layers = [
@@ -709,6 +714,8 @@ def test_the_digits_cnn_on_the_kernels_agrees_with_fit(
     assert text.count(f"@{small_products.TARGET}") >= 2  # forward product, kernel gradient
     assert f"@{small_products.MAX_POOL_TARGET}" in text
     assert f"@{small_products.MAX_POOL_GRAD_TARGET}" in text
+    # no sum folded to 256 floats wide: 32 x 8 x 8 rows of 8 channels would be 64 x 256
+    assert "x256xf32>" not in text
 
 
 def test_lowerings_switch_off_for_a_b(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

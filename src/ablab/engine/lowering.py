@@ -61,11 +61,17 @@ matrix products and reshapes runs on the GEMM library instead:
   digits CNN's 3 x 3 x 1 -> 8): the patches laid out ``(rows, window x channels)`` and the
   product per seed, written in the per-seed channels-last layout the bias, activation and
   pooling read (the transposed GEMM above left a relayout of the whole feature map per step).
-* ``add`` of a feature map's bias (``bias``) -- **the bias gradient as a wide channel sum**:
+* ``add`` of a feature map's bias (``bias``) -- **the bias gradient as a wide channel sum**,
+  in a program compiled with YNNPACK's fusions (BatchNormalization on feature maps,
+  ``ablab.engine.xla.wants_library_fusions``; :func:`lowered`'s ``library_fusions``):
   ``x + b`` with ``x`` of rank >= 4 (a Conv2D's / Conv3D's output, channels last) and one
   ``b`` per channel has a custom VJP whose bias gradient is :func:`channel_sum` (XLA rewrote
-  Keras' sum over batch x height x width into a windowed reduction, ~1 GB/s). A Dense layer's
-  bias keeps Keras' add: there it ran slower.
+  Keras' sum over batch x height x width into a windowed reduction, ~1 GB/s): digits CNN +
+  BN 1.04-1.06x. Without those fusions it ran slower -- the digits CNN 0.82x, its
+  LayerNormalization variant 0.88x: the gradient feeding the sum also feeds the
+  convolution's kernel gradient, and XLA computed it twice, once in each consumer's shape
+  (the LayerNorm backward, 0.57 ms in the folded shape beside 0.13 ms in the other) -- so
+  there Keras' add stays. A Dense layer's bias keeps Keras' add too: there it ran slower.
 * ``max_pool`` on the compiled kernel (``maxpool``) -- **max pooling in one pass, forward and
   backward**: 1-d / 2-d windows that tile the input (as for ``pool``), float32; the forward
   pass keeps, per output, the byte offset XLA's ``select_and_scatter`` (``>=``) would send
@@ -126,6 +132,11 @@ NEEDS_KERNEL = frozenset({"small", "adam", "maxpool"})
 _ACTIVE: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar(
     "ablab_lowerings", default=frozenset()
 )
+_LIBRARY_FUSIONS: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "ablab_library_fusions", default=False
+)
+"""Is the program being traced compiled with XLA's YNNPACK fusions
+(``ablab.engine.xla.wants_library_fusions``)? ``bias`` applies only there."""
 
 
 def enabled() -> frozenset[str]:
@@ -190,13 +201,19 @@ def _with_kernel(names: frozenset[str]) -> frozenset[str]:
 
 
 @contextmanager
-def lowered(names: frozenset[str] | None = None) -> Iterator[frozenset[str]]:
-    """Trace with the lowerings ``names`` (default :func:`enabled`) in this thread."""
+def lowered(
+    names: frozenset[str] | None = None, *, library_fusions: bool = False
+) -> Iterator[frozenset[str]]:
+    """Trace with the lowerings ``names`` (default :func:`enabled`) in this thread, for a
+    program compiled with (``library_fusions``) or without XLA's YNNPACK fusions: ``bias``
+    applies only with them (measured faster there and slower without)."""
     active = enabled() if names is None else frozenset(names)
     token = _ACTIVE.set(active)
+    fusions = _LIBRARY_FUSIONS.set(library_fusions)
     try:
         yield active
     finally:
+        _LIBRARY_FUSIONS.reset(fusions)
         _ACTIVE.reset(token)
 
 
@@ -582,7 +599,7 @@ def _sparse(*xs: Any) -> bool:
 
 def _add(original: Callable) -> Callable:
     def add(x1: Any, x2: Any) -> Any:
-        if "bias" not in _ACTIVE.get() or _sparse(x1, x2):
+        if "bias" not in _ACTIVE.get() or not _LIBRARY_FUSIONS.get() or _sparse(x1, x2):
             return original(x1, x2)
         a, b = jnp.asarray(x1), jnp.asarray(x2)
         if not _is_bias(a, b):

@@ -707,7 +707,8 @@ class VariantProgram:
             recorder = self._recorder(program)
             fn = functools.partial(self._all_seeds, recorder=recorder)
             # traced with conv / pooling lowerings XLA runs well
-            args, context = (ids, self._data), lowering.lowered
+            args = (ids, self._data)
+            context = functools.partial(lowering.lowered, library_fusions=self.library_fusions)
         key = None
         if self._exportable:
             try:
