@@ -88,6 +88,7 @@ import ablab
 from ablab.engine.build import build_program
 from ablab.engine.program import VariantProgram
 from ablab.engine.sizing import DEFAULT_MAX_CHUNK, default_workers
+from ablab.execution.env import cpu_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import fresh_fit_runs_per_s, prepared_cells, train_cells  # bench/ is not a package
@@ -126,7 +127,7 @@ def device_peak_mb() -> float | None:
 def machine() -> dict[str, Any]:
     dev = jax.devices()[0]
     return {
-        "processor": platform.processor() or platform.machine(),
+        "processor": cpu_model() or platform.machine(),
         "cores": os.cpu_count(),
         "device": dev.platform,
         "device_kind": dev.device_kind,

@@ -95,6 +95,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from ablab.engine.build import build_program
 from ablab.engine.program import VariantProgram
 from ablab.engine.sizing import chunk_size_alone, default_workers, seed_chunks
+from ablab.execution.env import cpu_model
 from ablab.execution.executors import Cell, LocalExecutor
 from ablab.study.loading import study_from_dict
 from ablab.study.schema import Study
@@ -844,7 +845,7 @@ def main() -> None:
 
     sgemm = {1: sgemm_gflops(1), cores: sgemm_gflops(cores)}
     print(
-        f"# {platform.processor() or platform.machine()}, {cores} cores, load "
+        f"# {cpu_model() or platform.machine()}, {cores} cores, load "
         f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}; jax {jax.__version__} "
         f"({jax.devices()[0].platform}), keras {keras.__version__}, torch {torch.__version__}"
     )

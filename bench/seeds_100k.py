@@ -32,6 +32,7 @@ import jax
 import keras
 
 import ablab
+from ablab.execution.env import cpu_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import STUDY, fresh_fit_runs_per_s  # bench/ is not a package
@@ -75,7 +76,7 @@ def main() -> None:
         ("model.fit, fresh model per seed (runs/s)", f"{fit_rps:.3f}"),
     ]
     print(
-        f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"# {cpu_model() or platform.machine()}, {os.cpu_count()} cores, "
         f"jax {jax.__version__} ({jax.devices()[0].platform}), keras {keras.__version__}"
     )
     for label, value in rows:

@@ -50,6 +50,7 @@ from ablab.engine.sizing import (
     seed_chunks,
     workers_within_budget,
 )
+from ablab.execution.env import cpu_model
 from ablab.execution.executors import Cell, LocalExecutor
 
 STUDY = Path(__file__).resolve().parents[1] / "examples" / "bn_yes_or_no.toml"
@@ -241,7 +242,7 @@ def main() -> None:
         ("chunk (seeds per program call)", eng["chunk"]),
     ]
     print(
-        f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"# {cpu_model() or platform.machine()}, {os.cpu_count()} cores, "
         f"jax {jax.__version__} ({jax.devices()[0].platform}), keras {keras.__version__}"
     )
     for label, value in rows:

@@ -8,7 +8,7 @@ import pytest
 
 import ablab
 from ablab._source import source_root
-from ablab.execution.env import differing_keys, environment_fingerprint
+from ablab.execution.env import cpu_model, differing_keys, environment, environment_fingerprint
 
 
 def test_the_source_digest_covers_every_subpackage_and_the_templates() -> None:
@@ -82,3 +82,21 @@ def test_the_data_digest_covers_sample_weights_and_validation_rows(tmp_path: Pat
         s = study(weights, val_w)
         digests.add(study_data_digest(s, load_dataset(s)))
     assert len(digests) == 3  # a changed sample_weight or validation source is noticed
+
+
+def test_the_cpu_model_comes_from_cpuinfo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Benchmarks and the run document name the CPU: Linux's ``model name`` line (the
+    processor's first), else ``platform.processor()``, else None."""
+    info = tmp_path / "cpuinfo"
+    info.write_text(
+        "processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Processor\n"
+        "processor\t: 1\nmodel name\t: another\n"
+    )
+    assert cpu_model(str(info)) == "Intel(R) Xeon(R) Processor"
+    import platform
+
+    monkeypatch.setattr(platform, "processor", lambda: "")
+    assert cpu_model(str(tmp_path / "missing")) is None
+    info.write_text("processor\t: 0\nmodel name\t:\n")  # listed empty
+    assert cpu_model(str(info)) is None
+    assert "cpu_model" in environment()

@@ -22,6 +22,20 @@ _VERSIONED = ("ablab", "keras", "jax", "jaxlib", "numpy")
 _PACKAGES = ("ablab", "keras", "jax", "jaxlib", "numpy", "scipy", "pyarrow", "duckdb")
 
 
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str | None:
+    """The CPU's model name as Linux lists it (``model name`` in ``cpuinfo``), else what
+    ``platform.processor()`` says (often empty on Linux), else None. Benchmarks print it:
+    VMs of one pool may be different CPUs (an AMD EPYC one day, an Intel Xeon the next)."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name") and ":" in line:
+                    return line.split(":", 1)[1].strip() or None
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
 def environment() -> dict[str, Any]:
     """Versions of python, keras, jax, numpy, ... and a description of the machine."""
     import jax
@@ -38,6 +52,7 @@ def environment() -> dict[str, Any]:
         "platform": platform.platform(),
         "machine": platform.machine(),
         "processor": platform.processor() or None,
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "jax_devices": [str(d) for d in jax.devices()],
         "executable": sys.executable,
