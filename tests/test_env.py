@@ -85,18 +85,21 @@ def test_the_data_digest_covers_sample_weights_and_validation_rows(tmp_path: Pat
 
 
 def test_the_cpu_model_comes_from_cpuinfo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Benchmarks and the run document name the CPU: Linux's ``model name`` line (the
-    processor's first), else ``platform.processor()``, else None."""
+    """Benchmarks and the run document name the CPU: Linux's first non-empty ``model name``
+    line, else ``platform.processor()``, else None."""
+    import platform
+
     info = tmp_path / "cpuinfo"
     info.write_text(
         "processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Processor\n"
         "processor\t: 1\nmodel name\t: another\n"
     )
     assert cpu_model(str(info)) == "Intel(R) Xeon(R) Processor"
-    import platform
-
+    monkeypatch.setattr(platform, "processor", lambda: "x86_64")
+    assert cpu_model(str(tmp_path / "missing")) == "x86_64"
+    info.write_text("processor\t: 0\nmodel name\t:\n")  # listed empty: the fallback
+    assert cpu_model(str(info)) == "x86_64"
+    info.write_text("processor\t: 0\nCPU implementer\t: 0x41\nCPU part\t: 0xd40\n")  # ARM
     monkeypatch.setattr(platform, "processor", lambda: "")
-    assert cpu_model(str(tmp_path / "missing")) is None
-    info.write_text("processor\t: 0\nmodel name\t:\n")  # listed empty
     assert cpu_model(str(info)) is None
     assert "cpu_model" in environment()

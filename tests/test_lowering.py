@@ -252,13 +252,14 @@ def test_a_feature_maps_bias_gradient_is_a_wide_channel_sum() -> None:
     b = jnp.asarray(RNG.normal(size=(3, 1, 1, 1, 8)), jnp.float32)
     biased = jax.vmap(add)
     want, want_grads = _values_and_grads(biased, (x, b), (0, 1), lowered=False)
-    got, got_grads = _values_and_grads(biased, (x, b), (0, 1), True, {"bias"}, True)
+    bias = {"names": frozenset({"bias"}), "library_fusions": True}
+    got, got_grads = _values_and_grads(biased, (x, b), (0, 1), lowered=True, **bias)
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(got_grads[0], want_grads[0])
     np.testing.assert_allclose(got_grads[1], want_grads[1], rtol=1e-5, atol=1e-4)  # 4,096 terms
     flat_b = b.reshape(3, 8)  # a bias of shape (C,), as a Dense layer's or any add's
     want_flat = _values_and_grads(biased, (x, flat_b), (0, 1), lowered=False)
-    got_flat = _values_and_grads(biased, (x, flat_b), (0, 1), True, {"bias"}, True)
+    got_flat = _values_and_grads(biased, (x, flat_b), (0, 1), lowered=True, **bias)
     for g, w in zip(jax.tree.leaves(got_flat), jax.tree.leaves(want_flat), strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-4)
     with lowering.lowered(frozenset({"bias"})):  # a program without YNNPACK's fusions
@@ -714,8 +715,29 @@ def test_the_digits_cnn_on_the_kernels_agrees_with_fit(
     assert text.count(f"@{small_products.TARGET}") >= 2  # forward product, kernel gradient
     assert f"@{small_products.MAX_POOL_TARGET}" in text
     assert f"@{small_products.MAX_POOL_GRAD_TARGET}" in text
-    # no sum folded to 256 floats wide: 32 x 8 x 8 rows of 8 channels would be 64 x 256
-    assert "x256xf32>" not in text
+    # no BN on feature maps: the bias keeps Keras' add, the program is the one without `bias`
+    monkeypatch.setenv(lowering.ENV, ",".join(sorted(lowering.enabled() - {"bias"})))
+    assert make_program(study, "v").lower("train", 2).as_text() == text
+
+
+def test_the_bias_lowering_follows_the_programs_library_fusions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``bias`` alone (BN's moments not lowered): a conv + BN program (compiled with YNNPACK's
+    fusions) sums its bias gradient folded -- 32 x 8 x 8 rows of 4 channels as 32 x 256 --
+    and the same layers with LayerNormalization (no such fusions) do not."""
+    monkeypatch.setenv(lowering.ENV, "bias")
+    bn = make_program(_cnn_study(tmp_path), "v")
+    assert bn.library_fusions
+    assert "32x256xf32>" in bn.lower("train", 1).as_text()
+    layers = [{"layer": "LayerNormalization"} if spec["layer"] == "BatchNormalization" else spec
+              for spec in (*CNN_BN[:-1], {"layer": "Dense", "units": 64})]  # fmt: skip
+    data = {"synthetic": {"kind": "normal", "shape": [96, 64], "seed": 2}}
+    ln_study = _study(tmp_path / "ln", data, {"layers": layers}, batch_size=32, epochs=2,
+                      shuffle=False)  # fmt: skip
+    ln = make_program(ln_study, "v")
+    assert not ln.library_fusions
+    assert "x256xf32>" not in ln.lower("train", 1).as_text()
 
 
 def test_lowerings_switch_off_for_a_b(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -145,7 +145,8 @@ def enabled() -> frozenset[str]:
     GPU's compiler has its own convolution and reduction kernels, and nothing was measured
     there); :data:`DEFAULT` for ``1``, every one for ``all``, none for ``0`` / ``off``, else
     the comma-separated names (``conv``, ``pool``, ``norm``, ``dense``, ``bias``, ``small``,
-    ``adam``, ``maxpool``). ``small``, ``adam`` and ``maxpool`` need their kernel
+    ``adam``, ``maxpool``; ``bias`` changes only programs compiled with YNNPACK's fusions,
+    see :func:`lowered`). ``small``, ``adam`` and ``maxpool`` need their kernel
     (``ablab.engine.small_products``, a CPU custom call): left out of the default and ``all``
     where it cannot be built or the backend is not a CPU, an error when named there."""
     setting = os.environ.get(ENV, "").strip().lower()

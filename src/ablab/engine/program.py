@@ -472,7 +472,8 @@ class VariantProgram:
         ``build_program`` for a model built from one; the key of its kept traces."""
         self._seconds: dict[tuple[str, int], float] = {}  # (program, seeds) -> to compile
         self.library_fusions = wants_library_fusions(model)
-        """Compiled with XLA's default YNNPACK fusions (``ablab.engine.xla``: BN, feature maps)."""
+        """Compiled with XLA's default YNNPACK fusions (``ablab.engine.xla``: BN, feature maps;
+        on a CPU backend only -- an accelerator compiles with XLA's defaults)."""
 
     # -- the traced program --------------------------------------------------------------
     def _train_seed(
@@ -708,7 +709,8 @@ class VariantProgram:
             fn = functools.partial(self._all_seeds, recorder=recorder)
             # traced with conv / pooling lowerings XLA runs well
             args = (ids, self._data)
-            context = functools.partial(lowering.lowered, library_fusions=self.library_fusions)
+            fusions = self.library_fusions and jax.default_backend() == "cpu"  # (YNNPACK: CPU)
+            context = functools.partial(lowering.lowered, library_fusions=fusions)
         key = None
         if self._exportable:
             try:
@@ -757,6 +759,7 @@ class VariantProgram:
                     ],
                 },
                 "model": self.model_description,
+                "library_fusions": self.library_fusions,  # (the `bias` lowering follows it)
                 "train": train_json,
                 "ids": [prepared.trainable_ids, prepared.non_trainable_ids, prepared.seed_state],
                 "output_shape": list(prepared.output_shape),

@@ -23,14 +23,16 @@ _PACKAGES = ("ablab", "keras", "jax", "jaxlib", "numpy", "scipy", "pyarrow", "du
 
 
 def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str | None:
-    """The CPU's model name as Linux lists it (``model name`` in ``cpuinfo``), else what
-    ``platform.processor()`` says (often empty on Linux), else None. Benchmarks print it:
+    """The CPU's model name as Linux lists it (the first non-empty ``model name`` in
+    ``cpuinfo``), else what ``platform.processor()`` says, else None (e.g. Linux on ARM lists
+    no model name, and ``platform.processor()`` is often empty there). Benchmarks print it:
     VMs of one pool may be different CPUs (an AMD EPYC one day, an Intel Xeon the next)."""
     try:
         with open(cpuinfo, encoding="utf-8", errors="replace") as f:
             for line in f:
-                if line.startswith("model name") and ":" in line:
-                    return line.split(":", 1)[1].strip() or None
+                key, sep, value = line.partition(":")
+                if sep and key.strip() == "model name" and value.strip():
+                    return value.strip()
     except OSError:
         pass
     return platform.processor() or None
