@@ -55,7 +55,7 @@ Sanity: the mean final val_loss over seeds of ablab and of the best peer must ag
 own initial weights for 8 seeds, must reproduce ablab's per-seed final val_loss
 (``exact`` = the largest relative difference; float32 summation order only).
 
-The last line printed is JSON: {"sgemm_gflops": {"1": .., "all": ..}, "cases": {name:
+The last line printed is JSON: {"sgemm_gflops": {"1": .., "all": ..}, "cpu", "cases": {name:
 {"seeds", "epochs", "ablab_runs_per_s", "peer_runs_per_s", "ratio", "best_peer",
 "ablab_gflops", "peer_gflops", "ablab_pct_sgemm", "peer_pct_sgemm", "val_loss_ablab",
 "val_loss_peer", "val_loss_agree", "exact_max_rel", "compile_s", "ablab_warmup_s",
@@ -898,6 +898,7 @@ def main() -> None:
                   f"{r['val_loss_peer']:.5f}")  # fmt: skip
     doc = {
         "sgemm_gflops": {"1": round(sgemm[1], 2), "all": round(sgemm[cores], 2)},
+        "cpu": cpu_model() or platform.machine(),
         "cores": cores,
         "threads": threads,
         "rounds": args.rounds,
