@@ -432,8 +432,7 @@ def _max_pool_kernel(x: jax.Array, pool: tuple[int, ...]) -> jax.Array:
         return small_products.max_pool(x2, p2)[0]
 
     def fwd(x2: jax.Array) -> tuple[jax.Array, jax.Array]:
-        y, first = small_products.max_pool(x2, p2)
-        return y, first
+        return small_products.max_pool(x2, p2)  # (y, first: the residual)
 
     def bwd(first: jax.Array, g: jax.Array) -> tuple[jax.Array]:
         size = (x2.shape[-3], x2.shape[-2])

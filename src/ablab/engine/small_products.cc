@@ -256,13 +256,6 @@ bool pool_shapes(D xd, D yd, D fd, int64_t ph, int64_t pw, int64_t& N, int64_t& 
   return yd[r - 1] == C && OH * ph <= H && OW * pw <= W;
 }
 
-// Max pooling over windows that tile a channels-last input (stride = pool size), per window
-// element over the channels: x (.., H, W, C) -> y (.., OH, OW, C), the maximum (xla_max over
-// the window in row-major order: its bits are reduce_window's), and per output the offset
-// inside its window (row-major)
-// that reduce_window's gradient (select_and_scatter with >=) sends the gradient to: the
-// window's elements in order, the selected one replaced by the next unless selected >= next
-// -- the first maximum (NaN-free windows). Rows and columns past OH * PH / OW * PW are not read.
 typedef int32_t v8i __attribute__((vector_size(32)));
 typedef uint8_t v8b __attribute__((vector_size(8)));
 
@@ -289,6 +282,13 @@ inline float xla_max(float m, float v) {
   return m;
 }
 
+// Max pooling over windows that tile a channels-last input (stride = pool size), per window
+// element over the channels: x (.., H, W, C) -> y (.., OH, OW, C), the maximum (xla_max over
+// the window in row-major order: its bits are reduce_window's), and per output the offset
+// inside its window (row-major) that reduce_window's gradient (select_and_scatter with >=)
+// sends the gradient to: the window's elements in order, the selected one replaced by the next
+// unless selected >= next -- the first maximum (NaN-free windows). Rows and columns past
+// OH * PH / OW * PW are not read.
 ffi::Error MaxPoolImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y,
                        ffi::ResultBuffer<ffi::U8> first, int64_t ph, int64_t pw) {
   int64_t N, H, W, C, OH, OW;

@@ -60,7 +60,14 @@ MAX_POOL_SYMBOL = "AblabMaxPool"
 MAX_POOL_GRAD_TARGET = "ablab_max_pool_grad_v1"
 MAX_POOL_GRAD_SYMBOL = "AblabMaxPoolGrad"
 FMA_SYMBOL = "AblabSmallProductsFusedMultiplyAdd"
-TARGETS = (TARGET, ADAM_TARGET, MAX_POOL_TARGET, MAX_POOL_GRAD_TARGET)
+_HANDLERS = (
+    (TARGET, SYMBOL),
+    (ADAM_TARGET, ADAM_SYMBOL),
+    (MAX_POOL_TARGET, MAX_POOL_SYMBOL),
+    (MAX_POOL_GRAD_TARGET, MAX_POOL_GRAD_SYMBOL),
+)
+"""Each FFI target of the library and the handler symbol registered under it."""
+TARGETS = tuple(target for target, _ in _HANDLERS)
 """Every FFI target of the library (a kept trace may call any of them)."""
 MAX_WIDTH = 16
 """The widest output row (one vector of 16 float32 lanes)."""
@@ -176,14 +183,15 @@ def _load(path: Path) -> ctypes.CDLL:
 
 
 def _register(library: ctypes.CDLL) -> None:
-    for target, symbol in (
-        (TARGET, SYMBOL),
-        (ADAM_TARGET, ADAM_SYMBOL),
-        (MAX_POOL_TARGET, MAX_POOL_SYMBOL),
-        (MAX_POOL_GRAD_TARGET, MAX_POOL_GRAD_SYMBOL),
-    ):
+    for target, symbol in _HANDLERS:
         handler = getattr(library, symbol)
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
+
+
+def _require_available() -> None:
+    """Raise ValueError (with :func:`unavailable_reason`) unless :func:`available`."""
+    if not available():
+        raise ValueError(f"the small-products kernel is not available: {unavailable_reason()}")
 
 
 def available() -> bool:
@@ -257,8 +265,7 @@ def call(mode: int, a: jax.Array, b: jax.Array) -> jax.Array:
             f"matching, output width <= "
             f"{MAX_WIDTH})"
         )
-    if not available():
-        raise ValueError(f"the small-products kernel is not available: {unavailable_reason()}")
+    _require_available()
     out = jax.ShapeDtypeStruct(output_shape(mode, a.shape, b.shape), jnp.float32)
     # under a further vmap (the engine has none): one call per outer element
     call = jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")
@@ -290,8 +297,7 @@ def adam(
     if not adam_fits(g, m, v, p, alpha):
         shapes = [(a.shape, str(a.dtype)) for a in (g, m, v, p, alpha)]
         raise ValueError(f"adam: arrays {shapes} do not fit (float32 (seeds, n), alpha (seeds,))")
-    if not available():
-        raise ValueError(f"the small-products kernel is not available: {unavailable_reason()}")
+    _require_available()
     out = jax.ShapeDtypeStruct(g.shape, jnp.float32)
     call = jax.ffi.ffi_call(ADAM_TARGET, (out, out, out), vmap_method="sequential")
     scalars = {"c1": np.float32(c1), "c2": np.float32(c2), "eps": np.float32(eps)}
@@ -328,8 +334,7 @@ def max_pool(x: jax.Array, pool: tuple[int, int]) -> tuple[jax.Array, jax.Array]
     :func:`available`."""
     if not max_pool_fits(x, pool):
         raise ValueError(f"max_pool: {x.shape} {x.dtype} by {pool} does not fit the kernel")
-    if not available():
-        raise ValueError(f"the small-products kernel is not available: {unavailable_reason()}")
+    _require_available()
     ph, pw = pool
     shape = (*x.shape[:-3], x.shape[-3] // ph, x.shape[-2] // pw, x.shape[-1])
     out = (jax.ShapeDtypeStruct(shape, jnp.float32), jax.ShapeDtypeStruct(shape, jnp.uint8))
@@ -346,8 +351,7 @@ def max_pool_grad(
     maximum (``first``), zero elsewhere: ``(.., H, W, C)`` with ``size = (H, W)``."""
     if g.dtype != jnp.float32 or first.dtype != jnp.uint8 or g.shape != first.shape:
         raise ValueError(f"max_pool_grad: g {g.shape} {g.dtype}, first {first.shape} {first.dtype}")
-    if not available():
-        raise ValueError(f"the small-products kernel is not available: {unavailable_reason()}")
+    _require_available()
     out = jax.ShapeDtypeStruct((*g.shape[:-3], *size, g.shape[-1]), jnp.float32)
     call = jax.ffi.ffi_call(MAX_POOL_GRAD_TARGET, out, vmap_method="broadcast_all")
     return call(g, first, ph=np.int64(pool[0]), pw=np.int64(pool[1]))
